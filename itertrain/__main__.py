@@ -1,0 +1,3 @@
+from itertrain.cli import entry
+
+entry()

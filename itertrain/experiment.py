@@ -1,0 +1,124 @@
+"""The experiment record `itertrain.json`: what defines the experiment, compared on every resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from itertrain.args import RunConfig, dataclass_dict
+from itertrain.errors import RecoveryRefused, UsageError
+from itertrain.fsutil import atomic_write_json
+from itertrain.recovery.discover import BASE_MODEL_DIR, CHECKPOINT_RE, EXPERIMENT_RECORD, ITERATION_RE
+from itertrain.recovery.manifest import MANIFEST_NAME
+
+SCHEMA_VERSION = 1
+# A change to these is a different experiment (model, strategy, data): refused without --allow_config_change.
+DEFINING = (
+    "model_name", "tokenizer_name", "strategy", "task", "iteration_init", "train_file", "eval_file",
+    "prompts_file", "reward_fn", "data_policy",
+)
+# Changes to these are expected and not worth a warning.
+_QUIET = {
+    "resume_from", "resume_from_iteration", "overwrite_output_dir", "allow_config_change", "output_dir",
+    "logging_dir", "local_rank", "run_name", "disable_tqdm", "log_level", "log_level_replica",
+}
+_MAX_LAUNCHES = 100
+_PATHS = ("model_name", "tokenizer_name", "train_file", "eval_file", "prompts_file")
+
+
+def load_record(root: Path) -> dict[str, Any]:
+    """The experiment record, {} when the directory has none. A corrupt record is an error."""
+    path = Path(root) / EXPERIMENT_RECORD
+    try:
+        raw = path.read_text()
+    except FileNotFoundError:
+        return {}
+    try:
+        record = json.loads(raw)
+        if not isinstance(record, dict) or record.get("schema") != SCHEMA_VERSION:
+            raise ValueError("unexpected schema")
+        return record
+    except ValueError as e:
+        raise UsageError(
+            f"{path} is unreadable ({e}); it records what this experiment is. Restore it from a backup, or "
+            "move it away to treat the directory's artifacts as written by another tool"
+        ) from e
+
+
+def resolved_arguments(cfg: RunConfig) -> dict[str, Any]:
+    """The arguments worth recording (JSON-safe)."""
+    args: dict[str, Any] = {}
+    for group in (cfg.model, cfg.loop, cfg.recovery):
+        args.update(dataclass_dict(group))
+    training = json.loads(cfg.training.to_json_string())
+    args.update({k: v for k, v in training.items() if k not in args})
+    for key in _PATHS:  # the same file spelled relative or absolute is the same experiment
+        if args.get(key):
+            args[key] = os.path.abspath(args[key])
+    return args
+
+
+def foreign_dirs(root: Path) -> list[str]:
+    """Artifact directories without a manifest that exist before itertrain first runs here."""
+    out = []
+    if not root.is_dir():
+        return out
+    for entry in sorted(os.listdir(root)):
+        if CHECKPOINT_RE.match(entry) or ITERATION_RE.match(entry) or entry == BASE_MODEL_DIR:
+            if (root / entry).is_dir() and not (root / entry / MANIFEST_NAME).exists():
+                out.append(entry)
+    return out
+
+
+def new_record(cfg: RunConfig, root: Path) -> dict[str, Any]:
+    return {
+        "schema": SCHEMA_VERSION,
+        "experiment_id": uuid.uuid4().hex,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "arguments": resolved_arguments(cfg),
+        "adopted": foreign_dirs(root),
+        "launches": [],
+    }
+
+
+def compare(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(defining changes, harmless changes) between recorded and current arguments."""
+    defining, harmless = [], []
+    for key in sorted(set(old) | set(new)):
+        if key in _QUIET or old.get(key) == new.get(key):
+            continue
+        line = f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+        (defining if key in DEFINING else harmless).append(line)
+    return defining, harmless
+
+
+def check_resume(record: dict[str, Any], cfg: RunConfig) -> list[str]:
+    """Refuse a resume whose defining arguments changed; return warnings for the rest."""
+    if not record:
+        return []
+    defining, harmless = compare(record.get("arguments", {}), resolved_arguments(cfg))
+    if defining and not cfg.recovery.allow_config_change:
+        raise RecoveryRefused(
+            "the arguments that define this experiment changed since it was created ("
+            + "; ".join(defining)
+            + "). Resuming would continue a different experiment. Use the original values, a new --output_dir, "
+            "or --allow_config_change if this is intended."
+        )
+    warnings = [f"argument changed: {line}" for line in harmless]
+    warnings += [f"argument changed (allowed by --allow_config_change): {line}" for line in defining]
+    return warnings
+
+
+def record_launch(root: Path, record: dict[str, Any], cfg: RunConfig, summary: dict[str, Any]) -> dict[str, Any]:
+    """Write the record with this launch appended (rank 0)."""
+    record = dict(record) if record else new_record(cfg, root)
+    record["arguments"] = resolved_arguments(cfg)
+    launches = list(record.get("launches", []))
+    launches.append({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **summary})
+    record["launches"] = launches[-_MAX_LAUNCHES:]
+    atomic_write_json(Path(root) / EXPERIMENT_RECORD, record)
+    return record

@@ -1,0 +1,78 @@
+"""Named fault points for the crash harness and the fault tests.
+
+Production code calls `point("name")` at the moments that matter (inside a checkpoint save, inside
+the manifest write, inside an iteration commit, between stages). Normally this does nothing. The
+environment variable ITERTRAIN_FAULT arms points, comma-separated:
+
+    NAME=ACTION[#HIT][@RANK]
+
+ACTION is `kill` (SIGKILL the whole process group: torchrun and every rank, like a node dying),
+`kill_self` (SIGKILL this process only), `enospc` / `eio` (raise that OSError, as a full disk or a
+failing device would). HIT (default 1) fires on the HIT-th time the point is reached in this
+process; RANK (default any) restricts it to one rank. Example:
+`ITERTRAIN_FAULT=checkpoint.optimizer=kill#2@1`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+from dataclasses import dataclass
+
+ENV = "ITERTRAIN_FAULT"
+
+
+@dataclass
+class _Fault:
+    name: str
+    action: str
+    hit: int
+    rank: int | None
+
+
+_counts: dict[str, int] = {}
+_parsed: tuple[str, list[_Fault]] | None = None
+
+
+def _faults() -> list[_Fault]:
+    global _parsed
+    spec = os.environ.get(ENV, "")
+    if _parsed is not None and _parsed[0] == spec:
+        return _parsed[1]
+    faults: list[_Fault] = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, _, action = item.partition("=")
+        rank = None
+        hit = 1
+        if "@" in action:
+            action, _, r = action.partition("@")
+            rank = int(r)
+        if "#" in action:
+            action, _, h = action.partition("#")
+            hit = int(h)
+        faults.append(_Fault(name.strip(), action.strip(), hit, rank))
+    _parsed = (spec, faults)
+    return faults
+
+
+def point(name: str) -> None:
+    """Reach the named fault point; fire an armed fault if this is its moment."""
+    faults = _faults()
+    if not faults:
+        return
+    _counts[name] = _counts.get(name, 0) + 1
+    rank = int(os.environ.get("RANK", "0"))
+    for f in faults:
+        if f.name != name or _counts[name] != f.hit or (f.rank is not None and f.rank != rank):
+            continue
+        if f.action == "kill":
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+        elif f.action == "kill_self":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif f.action == "enospc":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), name)
+        elif f.action == "eio":
+            raise OSError(errno.EIO, os.strerror(errno.EIO), name)
+        else:
+            raise ValueError(f"{ENV}: unknown action {f.action!r} for point {name!r}")

@@ -1,0 +1,125 @@
+"""Durable, careful file operations: atomic writes, fsync, and deletion that stays inside output_dir."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from itertrain.errors import ArtifactWriteError
+from itertrain import faults
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so that renames and creations inside it are durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes, *, fault_point: str | None = None) -> None:
+    """Write `data` to `path` so that a reader sees either the old file or the complete new one.
+
+    temp file in the same directory -> fsync -> rename -> fsync(directory).
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            if fault_point:
+                faults.point(fault_point)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as e:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise ArtifactWriteError(describe_write_error(e, path)) from e
+
+
+def atomic_write_json(path: Path, obj: Any, *, fault_point: str | None = None) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode(), fault_point=fault_point)
+
+
+def describe_write_error(e: OSError, path: Path) -> str:
+    """One readable sentence for a failed write."""
+    if e.errno == errno.ENOSPC:
+        what = "the disk is full (ENOSPC)"
+    elif e.errno == errno.EIO:
+        what = "an I/O error occurred (EIO)"
+    elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        what = f"the location is not writable ({errno.errorcode.get(e.errno, e.errno)})"
+    else:
+        what = f"{e.strerror or e} ({errno.errorcode.get(e.errno or 0, e.errno)})"
+    return f"could not write {path}: {what}"
+
+
+def is_inside(path: Path, root: Path) -> bool:
+    """True when `path` lies strictly inside `root` without passing through a symlink."""
+    root = Path(os.path.abspath(root))
+    path = Path(os.path.abspath(path))
+    if path == root or root not in path.parents:
+        return False
+    # Every component between root and path must be a real directory, and path itself not a link.
+    # The root itself may be a link (output_dir on scratch storage); nothing below it may be.
+    cur = path
+    while cur != root:
+        if cur.is_symlink():
+            return False
+        cur = cur.parent
+    return True
+
+
+def safe_rmtree(path: Path, root: Path) -> None:
+    """Delete `path` only if it is a real directory inside `root` (never through a symlink).
+
+    Symlinks inside the tree are unlinked, never followed.
+    """
+    path = Path(path)
+    if not is_inside(path, root):
+        raise ValueError(f"refusing to delete {path}: it is not a real directory inside {root}")
+    if path.is_symlink() or not path.is_dir():
+        raise ValueError(f"refusing to delete {path}: not a real directory")
+    shutil.rmtree(path)
+
+
+def safe_move(src: Path, dst: Path, root: Path) -> None:
+    """Rename `src` to `dst`, both inside `root` (atomic on one file system)."""
+    if not is_inside(src, root) or not is_inside(dst, root):
+        raise ValueError(f"refusing to move {src} -> {dst}: outside {root}")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(src, dst)
+    fsync_dir(dst.parent)
+    if src.parent != dst.parent:
+        fsync_dir(src.parent)
+
+
+def tree_files(root: Path, exclude: set[str] = frozenset()) -> list[str]:
+    """Relative paths (posix) of all regular files below `root`, sorted, skipping names in `exclude`."""
+    out: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        rel_dir = os.path.relpath(dirpath, root)
+        for name in sorted(filenames):
+            rel = name if rel_dir == "." else f"{rel_dir}/{name}"
+            if rel in exclude or name.startswith(".") and ".tmp-" in name:
+                continue
+            out.append(rel.replace(os.sep, "/"))
+    return out

@@ -1,0 +1,88 @@
+"""The run lock `.itertrain.lock` (SPEC §7): one live run per output dir.
+
+fcntl.flock is released by the kernel when the holder dies, so a SIGKILLed run never blocks the
+next launch. The file names the holder (pid, host, start time) for the error message. On release
+the file is put back as it was, so a refused launch leaves the directory byte-for-byte unchanged.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from itertrain.errors import LockHeld
+
+LOCK_NAME = ".itertrain.lock"
+
+
+class RunLock:
+    def __init__(self, output_dir: Path):
+        self.path = Path(output_dir) / LOCK_NAME
+        self._fd: int | None = None
+        self._previous: bytes | None = None
+        self._created_dir = False
+
+    def acquire(self) -> None:
+        """Take the lock or raise LockHeld naming the holder."""
+        if not self.path.parent.exists():
+            self.path.parent.mkdir(parents=True)
+            self._created_dir = True
+        while True:
+            try:
+                self._previous = self.path.read_bytes()
+            except FileNotFoundError:
+                self._previous = None
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _read_holder(fd)
+                os.close(fd)
+                raise LockHeld(
+                    f"{self.path.parent} is in use by another itertrain run ({holder}). Wait for it to finish or "
+                    "stop it; a run that died releases the lock by itself."
+                ) from None
+            # The file may have been unlinked and recreated between open and flock: lock the live one.
+            try:
+                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        self._fd = fd
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+
+    def release(self, restore: bool = False) -> None:
+        """Release; with `restore`, put the lock file (and a directory we created) back as they were."""
+        if self._fd is None:
+            return
+        try:
+            if restore:
+                if self._previous is None:
+                    os.unlink(self.path)
+                    if self._created_dir:
+                        try:
+                            self.path.parent.rmdir()
+                        except OSError:
+                            pass
+                else:
+                    os.ftruncate(self._fd, 0)
+                    os.pwrite(self._fd, self._previous, 0)
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        return f"pid {info.get('pid')} on {info.get('host')}, started {info.get('started')}"
+    except (OSError, ValueError):
+        return "holder unknown"

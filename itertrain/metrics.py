@@ -1,0 +1,94 @@
+"""Metrics outputs under runs/: metrics.jsonl (one line per committed iteration) and TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from itertrain.fsutil import atomic_write_bytes
+from itertrain.recovery.discover import ITERATION_RE
+from itertrain.recovery.manifest import ManifestError, read_manifest
+
+
+def committed_metrics(root: Path) -> list[dict[str, Any]]:
+    """Per-iteration metrics, read from the committed iteration models' manifests."""
+    rows = []
+    for name in os.listdir(root):
+        if ITERATION_RE.match(name):
+            try:
+                m = read_manifest(root / name)
+            except ManifestError:
+                continue
+            if m is not None and "metrics" in m.extra:
+                rows.append(m.extra["metrics"])
+    return sorted(rows, key=lambda r: r.get("iteration", 0))
+
+
+def _writer(log_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard not installed: events are optional
+        return None
+    return SummaryWriter(log_dir=str(log_dir))
+
+
+class MetricsLog:
+    """Rank 0: keeps runs/metrics.jsonl equal to what the committed iterations recorded.
+
+    Rebuilding from the manifests (instead of appending) makes it idempotent: a crash between an
+    iteration's commit and this write can neither lose nor duplicate a line.
+    """
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.path = self.root / "runs" / "metrics.jsonl"
+
+    def rebuild(self) -> list[dict[str, Any]]:
+        rows = committed_metrics(self.root)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
+        writer = _writer(self.root / "runs" / "tensorboard" / "iterations")
+        if writer is not None and rows:
+            last = rows[-1]
+            for key, value in last.items():
+                if isinstance(value, (int, float)) and key != "iteration":
+                    writer.add_scalar(f"iteration/{key}", value, last["iteration"])
+            writer.close()
+        return rows
+
+    def describe(self, iteration: int) -> str:
+        for row in committed_metrics(self.root):
+            if row.get("iteration") == iteration:
+                shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "iteration"}
+                return f"📈 iter_{iteration}: " + ", ".join(f"{k}={v}" for k, v in shown.items())
+        return f"📈 iter_{iteration}: no metrics recorded"
+
+
+class TensorBoardCallback(TrainerCallback):
+    """Rank 0: HF Trainer's step logs as TensorBoard scalars, one run per iteration (runs/tensorboard/iter_K)."""
+
+    def __init__(self, root: Path, iteration: int):
+        self.log_dir = Path(root) / "runs" / "tensorboard" / f"iter_{iteration}"
+        self.writer = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return control
+        if self.writer is None:
+            self.writer = _writer(self.log_dir)
+            if self.writer is None:
+                return control
+        for key, value in logs.items():
+            if isinstance(value, (int, float)):
+                self.writer.add_scalar(f"train/{key}", value, state.global_step)
+        self.writer.flush()
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.writer is not None:
+            self.writer.close()
+        return control

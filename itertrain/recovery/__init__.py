@@ -1,0 +1,1 @@
+"""The checkpoint recovery system: discover -> plan (pure) -> verify -> restore, plus manifests and the report."""

@@ -1,0 +1,196 @@
+"""Manifests: the commit record of every artifact directory (SPEC §2).
+
+A directory is *committed* when its manifest exists and matches the bytes on disk. The manifest is
+written last, by rank 0, after a barrier, through temp file + fsync + rename + fsync(dir).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+from itertrain import faults
+from itertrain.fsutil import atomic_write_json, tree_files
+
+MANIFEST_NAME = "itertrain.manifest.json"
+SCHEMA_VERSION = 1
+_CHUNK = 8 << 20  # 8 MiB reads keep xxh3 at memory speed without a large buffer
+
+TRAINER_CHECKPOINT = "trainer_checkpoint"
+ITERATION_MODEL = "iteration_model"
+DATA = "data"
+KINDS = (TRAINER_CHECKPOINT, ITERATION_MODEL, DATA)
+
+
+class ManifestError(Exception):
+    """The manifest file exists but cannot be parsed or has the wrong schema."""
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    size: int
+    xxh3: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    kind: str
+    iteration: int
+    step: int
+    files: dict[str, FileEntry]
+    lineage: dict[str, Any] = field(default_factory=dict)
+    world_size: int = 1
+    created: float = 0.0
+    versions: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    schema: int = SCHEMA_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["files"] = {k: asdict(v) for k, v in self.files.items()}
+        return {"format": "itertrain-manifest", **d}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Manifest":
+        if d.get("format") != "itertrain-manifest":
+            raise ManifestError("not an itertrain manifest (missing format marker)")
+        if d.get("schema") != SCHEMA_VERSION:
+            raise ManifestError(f"unsupported manifest schema {d.get('schema')!r}")
+        if d.get("kind") not in KINDS:
+            raise ManifestError(f"unknown artifact kind {d.get('kind')!r}")
+        try:
+            files = {str(k): FileEntry(int(v["size"]), str(v["xxh3"])) for k, v in d["files"].items()}
+            return cls(
+                kind=d["kind"],
+                iteration=int(d["iteration"]),
+                step=int(d["step"]),
+                files=files,
+                lineage=dict(d.get("lineage") or {}),
+                world_size=int(d.get("world_size", 1)),
+                created=float(d.get("created", 0.0)),
+                versions=dict(d.get("versions") or {}),
+                extra=dict(d.get("extra") or {}),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ManifestError(f"malformed manifest: {e}") from e
+
+
+def library_versions() -> dict[str, str]:
+    """Versions recorded in every manifest, so a reader can tell what wrote an artifact."""
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for name in ("itertrain", "torch", "transformers", "safetensors"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def hash_file(path: Path, *, fsync: bool = False) -> FileEntry:
+    """Size and xxh3-128 of a file, reading it once (optionally fsyncing it in the same open)."""
+    h = xxhash.xxh3_128()
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    size = 0
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])
+            size += n
+        if fsync:
+            os.fsync(f.fileno())
+    return FileEntry(size, h.hexdigest())
+
+
+def build_manifest(
+    directory: Path,
+    *,
+    kind: str,
+    iteration: int,
+    step: int,
+    lineage: dict[str, Any] | None = None,
+    world_size: int = 1,
+    extra: dict[str, Any] | None = None,
+    fsync: bool = True,
+) -> Manifest:
+    """Hash every file below `directory` (fsyncing each) and describe it as a manifest."""
+    files: dict[str, FileEntry] = {}
+    for rel in tree_files(directory, exclude={MANIFEST_NAME}):
+        files[rel] = hash_file(directory / rel, fsync=fsync)
+    return Manifest(
+        kind=kind,
+        iteration=iteration,
+        step=step,
+        files=files,
+        lineage=dict(lineage or {}),
+        world_size=world_size,
+        created=time.time(),
+        versions=library_versions(),
+        extra=dict(extra or {}),
+    )
+
+
+def write_manifest(directory: Path, manifest: Manifest) -> None:
+    """Commit `directory`: the manifest lands atomically and durably, last."""
+    faults.point(f"manifest.{manifest.kind}.before")
+    atomic_write_json(directory / MANIFEST_NAME, manifest.to_json(), fault_point=f"manifest.{manifest.kind}.write")
+    faults.point(f"manifest.{manifest.kind}.after")
+
+
+def commit_directory(directory: Path, **kwargs: Any) -> Manifest:
+    """build_manifest + write_manifest."""
+    manifest = build_manifest(directory, **kwargs)
+    write_manifest(directory, manifest)
+    return manifest
+
+
+def read_manifest(directory: Path) -> Manifest | None:
+    """The directory's manifest, None when it has none; ManifestError when it is unreadable."""
+    path = Path(directory) / MANIFEST_NAME
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise ManifestError(f"cannot read {MANIFEST_NAME}: {e}") from e
+    try:
+        return Manifest.from_json(json.loads(raw))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{MANIFEST_NAME} is not valid JSON: {e}") from e
+
+
+def check_sizes(directory: Path, manifest: Manifest) -> list[str]:
+    """Metadata-only check: every listed file exists with the listed size. Returns problems."""
+    problems = []
+    for rel, entry in manifest.files.items():
+        try:
+            size = os.stat(Path(directory) / rel).st_size
+        except FileNotFoundError:
+            problems.append(f"{rel} is listed in the manifest but missing")
+            continue
+        if size != entry.size:
+            problems.append(f"{rel} has {size} bytes, the manifest says {entry.size}")
+    return problems
+
+
+def verify_checksums(directory: Path, manifest: Manifest) -> list[str]:
+    """Deep check: sizes and xxh3 of every listed file. Returns problems (empty when intact)."""
+    problems = check_sizes(directory, manifest)
+    if problems:
+        return problems
+    for rel, entry in manifest.files.items():
+        got = hash_file(Path(directory) / rel)
+        if got.xxh3 != entry.xxh3:
+            problems.append(f"{rel} checksum mismatch (xxh3 {got.xxh3[:12]}…, manifest {entry.xxh3[:12]}…)")
+    return problems

@@ -1,0 +1,155 @@
+"""The recovery shell: discover -> decide -> verify -> load and probe on every rank -> fall back.
+
+Rank 0 discovers and decides (the pure `decide`), deep-verifies what the plan chose, and
+broadcasts the plan. Every rank then loads the weights and probes the training state it will
+read; the outcomes are gathered, and a failure anywhere moves all ranks together to the next older
+candidate (auto) or ends the run with exit 2 (explicit values).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from itertrain import distributed
+from itertrain.errors import RecoveryRefused
+from itertrain.recovery.discover import Inventory, IterationModel, discover
+from itertrain.recovery.manifest import ITERATION_MODEL, TRAINER_CHECKPOINT, ManifestError, read_manifest
+from itertrain.recovery.plan import BASE, Mode, RecoveryFlags, RecoveryPlan, decide
+from itertrain.recovery.restore import (
+    describe_load_error,
+    load_model,
+    probe_state,
+    repair_iteration_model,
+    weights_dir,
+)
+from itertrain.recovery.verify import deep_problems
+
+
+@dataclass
+class Resolved:
+    plan: RecoveryPlan
+    inventory: Inventory
+    model: Any = None  # the loaded starting weights (None when complete)
+    notes: list[str] = field(default_factory=list)  # repairs and other actions taken
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    base_model: str
+    tokenizer_dir: str | None
+    dtype: str
+    trust_remote_code: bool
+
+
+def _kind_of(inv: Inventory, rel: str) -> tuple[str, Any]:
+    for m in inv.iteration_models:
+        if m.path == rel:
+            return ITERATION_MODEL, m
+    for c in inv.checkpoints:
+        if c.path == rel:
+            return TRAINER_CHECKPOINT, c
+    raise KeyError(rel)
+
+
+def verify_chosen(root: Path, inv: Inventory, plan: RecoveryPlan) -> dict[str, str]:
+    """Deep-verify the plan's artifacts (rank 0). Returns {path: reason} for failures."""
+    failures: dict[str, str] = {}
+    for rel in plan.to_verify:
+        kind, artifact = _kind_of(inv, rel)
+        try:
+            manifest = None if getattr(artifact, "foreign", False) else read_manifest(root / rel)
+        except ManifestError as e:
+            failures[rel] = f"manifest unreadable: {e}"
+            continue
+        if manifest is not None and isinstance(artifact, IterationModel) and artifact.missing_aux:
+            files = {k: v for k, v in manifest.files.items() if k not in artifact.missing_aux}
+            manifest = dataclasses.replace(manifest, files=files)
+        problems = deep_problems(root / rel, manifest, kind)
+        if problems:
+            failures[rel] = "verification failed: " + "; ".join(problems)
+    return failures
+
+
+def decide_verified(
+    root: Path, flags: RecoveryFlags, rejected: dict[str, str], record: dict | None
+) -> tuple[RecoveryPlan, Inventory]:
+    """Rank 0: the newest plan whose chosen artifacts pass deep verification."""
+    inv = discover(root, record)
+    rejected = dict(rejected)
+    while True:
+        plan = decide(flags, inv, rejected)  # raises RecoveryRefused for explicit values that failed
+        failures = verify_chosen(root, inv, plan)
+        if not failures:
+            return plan, inv
+        rejected.update(failures)
+
+
+def repair(root: Path, plan: RecoveryPlan, opts: LoadOptions) -> tuple[list[str], dict[str, str]]:
+    """Rank 0: recreate missing config/tokenizer files of the chosen iteration model."""
+    model = plan.iteration_model
+    if model is None or not model.missing_aux or plan.weights_from != model.path:
+        return [], {}
+    try:
+        return repair_iteration_model(model, root, opts.base_model, opts.tokenizer_dir), {}
+    except (ValueError, OSError) as e:
+        return [], {model.path: str(e)}
+
+
+def load_and_probe(root: Path, plan: RecoveryPlan, opts: LoadOptions) -> tuple[Any, dict[str, str], list[str]]:
+    """Every rank: load the starting weights and check the state files. (model, failures, warnings)."""
+    failures: dict[str, str] = {}
+    try:
+        model = load_model(weights_dir(plan, root, opts.base_model), opts.dtype, opts.trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - any load failure rejects the candidate
+        key = plan.weights_from if plan.weights_from != BASE else BASE
+        failures[key] = f"loading weights failed on rank {distributed.rank()}: " + describe_load_error(
+            Path(weights_dir(plan, root, opts.base_model)), e
+        )
+        return None, failures, []
+    problems, warnings = probe_state(plan, root, model, distributed.rank(), distributed.world_size())
+    if problems:
+        assert plan.state_from is not None
+        failures[plan.state_from] = f"rank {distributed.rank()}: " + "; ".join(problems)
+    return model, failures, warnings
+
+
+def resolve(
+    root: Path,
+    flags: RecoveryFlags,
+    record: dict | None,
+    opts: LoadOptions,
+    *,
+    before_load=None,
+) -> Resolved:
+    """The plan every rank will follow, with its starting weights loaded. Raises RecoveryRefused.
+
+    `before_load(plan)` runs on every rank once per candidate plan, before anything is written
+    (used for the experiment-record comparison, which may refuse).
+    """
+    rejected: dict[str, str] = {}
+    notes: list[str] = []
+    while True:
+        plan, inv = distributed.run_on_main(decide_verified, root, flags, rejected, record)
+        if plan.mode == Mode.COMPLETE:
+            return Resolved(plan, inv, None, notes)
+        if before_load is not None:
+            before_load(plan)
+        repaired, failed = distributed.run_on_main(repair, root, plan, opts)
+        notes += repaired
+        if failed:
+            rejected.update(failed)
+            continue
+        model, failures, warnings = load_and_probe(root, plan, opts)
+        outcomes = distributed.all_gather((failures, warnings))
+        failures = {k: v for f, _ in outcomes for k, v in f.items()}
+        if not failures:
+            all_warnings = sorted({w for _, ws in outcomes for w in ws})
+            plan = dataclasses.replace(plan, warnings=plan.warnings + tuple(all_warnings))
+            return Resolved(plan, inv, model, notes)
+        if BASE in failures:
+            raise RecoveryRefused(f"the base model {opts.base_model} cannot be loaded: {failures[BASE]}")
+        del model
+        rejected.update(failures)

@@ -1,0 +1,206 @@
+"""Restore: apply a RecoveryPlan to a fresh process (the thin shell around the plan).
+
+- weights: from the base model, an iteration model or a trainer checkpoint, loaded once;
+- training state: full restore goes through HF Trainer's own resume (with its weight load skipped,
+  since we loaded the weights); optimizer moments across an iteration boundary go through
+  `OptimizerMomentsCallback`;
+- `probe_state` checks, on every rank, that the state files it will read load safely
+  (`weights_only=True`) and fit the model, before anything is applied.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from itertrain.recovery.discover import IterationModel
+from itertrain.recovery.manifest import ITERATION_MODEL, MANIFEST_NAME, commit_directory, read_manifest
+from itertrain.recovery.plan import BASE, RecoveryPlan, StateScope
+from itertrain.recovery.verify import weight_shapes
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+def safe_load(path: Path) -> Any:
+    """torch.load with weights_only=True (numpy RNG state allowlisted, as HF does); never runs pickled code."""
+    from transformers.trainer_pt_utils import safe_globals
+
+    with safe_globals():
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def describe_load_error(path: Path, e: Exception) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if isinstance(e, __import__("pickle").UnpicklingError) or "weights_only" in str(e):
+        return f"{path.name} was refused: it holds a pickle that is not plain tensors and would run code ({text[:160]})"
+    return f"{path.name} cannot be loaded: {text[:200]}"
+
+
+def weights_dir(plan: RecoveryPlan, root: Path, base_model: str) -> Path:
+    return Path(base_model) if plan.weights_from == BASE else root / plan.weights_from
+
+
+def load_model(directory: Path, dtype: str, trust_remote_code: bool):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        directory, dtype=_DTYPES[dtype], local_files_only=True, trust_remote_code=trust_remote_code
+    )
+
+
+def model_shapes_for_config(config_dir: Path) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of the architecture described by `config_dir`/config.json (no memory used)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(config_dir, local_files_only=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def shape_mismatch(weights: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]]) -> str | None:
+    """Why these weights do not fit that architecture (None when they fit). Tied weights may be absent."""
+    for name, shape in weights.items():
+        if name not in expected:
+            return f"tensor {name} does not exist in the base model's architecture"
+        if expected[name] != shape:
+            return f"tensor {name} has shape {list(shape)}, the base model's config needs {list(expected[name])}"
+    missing = [n for n in expected if n not in weights and not n.startswith("lm_head.")]
+    if missing:
+        return f"{len(missing)} tensors of the architecture are missing (e.g. {missing[0]})"
+    return None
+
+
+def repair_iteration_model(model: IterationModel, root: Path, base_model: str, tokenizer_dir: str | None) -> list[str]:
+    """Recreate missing config/tokenizer/generation files from the base model (SPEC §3). Rank 0.
+
+    Returns report lines; raises ValueError when the weights do not fit the base architecture.
+    """
+    directory = root / model.path
+    base = Path(base_model)
+    notes: list[str] = []
+    if "config.json" in model.missing_aux:
+        problem = shape_mismatch(weight_shapes(directory), model_shapes_for_config(base))
+        if problem:
+            raise ValueError(f"config.json is missing and the base model's config does not fit: {problem}")
+    tok_src = Path(tokenizer_dir) if tokenizer_dir else base
+    for name in model.missing_aux:
+        src = (base if name in ("config.json", "generation_config.json") else tok_src) / name
+        if src.exists():
+            shutil.copyfile(src, directory / name)
+            notes.append(f"🔧 created missing {name} in {model.path} from {src.parent} (weight shapes checked)")
+        else:
+            notes.append(f"⚠️  {name} is missing in {model.path} and the base model has none to copy")
+    if not model.foreign:
+        old = read_manifest(directory)
+        assert old is not None
+        commit_directory(
+            directory, kind=ITERATION_MODEL, iteration=old.iteration, step=old.step, lineage=old.lineage,
+            world_size=old.world_size, extra={**old.extra, "repaired": list(model.missing_aux)},
+        )
+    return notes
+
+
+def optimizer_state_problems(state: dict, model: torch.nn.Module) -> list[str]:
+    """Does a saved optimizer state fit this model's trainable parameters? (shapes only)"""
+    try:
+        groups, saved = state["param_groups"], state["state"]
+    except (KeyError, TypeError):
+        return ["optimizer state has no param_groups/state"]
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_saved = sum(len(g["params"]) for g in groups)
+    if n_saved != len(params):
+        return [f"optimizer state covers {n_saved} parameters, the model has {len(params)}"]
+    expected = Counter(tuple(p.shape) for p in params)
+    got: Counter = Counter()
+    for entry in saved.values():
+        tensors = [v for v in entry.values() if torch.is_tensor(v) and v.dim() > 0]
+        if tensors:
+            got[tuple(tensors[0].shape)] += 1
+    for shape, n in got.items():
+        if n > expected.get(shape, 0):
+            return [f"optimizer state holds tensors of shape {list(shape)} that no parameter of the model has"]
+    return []
+
+
+def probe_state(plan: RecoveryPlan, root: Path, model: torch.nn.Module, rank: int, world_size: int) -> tuple[list[str], list[str]]:
+    """(problems, warnings) for loading the plan's training state on this rank."""
+    if plan.state_from is None or plan.state_scope == StateScope.NONE:
+        return [], []
+    directory = root / plan.state_from
+    problems: list[str] = []
+    warnings: list[str] = []
+    try:
+        problems += optimizer_state_problems(safe_load(directory / "optimizer.pt"), model)
+    except FileNotFoundError:
+        problems.append("optimizer.pt is missing")
+    except Exception as e:  # noqa: BLE001 - any failure to load is a reason to reject the candidate
+        problems.append(describe_load_error(directory / "optimizer.pt", e))
+    if plan.state_scope != StateScope.FULL:
+        return problems, warnings
+    for name in ("scheduler.pt",):
+        try:
+            safe_load(directory / name)
+        except Exception as e:  # noqa: BLE001
+            problems.append(describe_load_error(directory / name, e))
+    try:
+        json.loads((directory / "trainer_state.json").read_text())["global_step"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        problems.append(f"trainer_state.json does not parse: {e}")
+    saved_ws = (plan.checkpoint.world_size if plan.checkpoint else None) or _rng_world_size(directory)
+    rng = directory / (f"rng_state_{rank}.pth" if world_size > 1 else "rng_state.pth")
+    if saved_ws is not None and saved_ws != world_size:
+        warnings.append(
+            f"{plan.state_from} was written by {saved_ws} rank(s), this run has {world_size}: training continues "
+            "but is no longer bit-identical to an uninterrupted run (data order and RNG streams differ)"
+        )
+    elif not rng.exists():
+        problems.append(f"{rng.name} (the RNG state of rank {rank}) is missing")
+    else:
+        try:
+            safe_load(rng)
+        except Exception as e:  # noqa: BLE001
+            problems.append(describe_load_error(rng, e))
+    return problems, warnings
+
+
+def _rng_world_size(directory: Path) -> int | None:
+    if (directory / "rng_state.pth").exists():
+        return 1
+    n = len(list(directory.glob("rng_state_*.pth")))
+    return n or None
+
+
+class OptimizerMomentsCallback(TrainerCallback):
+    """Across an iteration boundary: load only the optimizer state (moments and their step counts)
+    into the new optimizer; learning rate and other hyperparameters, the scheduler and progress stay
+    those of the new iteration. Runs at on_train_begin, after HF created optimizer and scheduler."""
+
+    def __init__(self, checkpoint_dir: Path):
+        self.checkpoint_dir = Path(checkpoint_dir)
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        if optimizer is None:
+            return control
+        saved = torch.load(self.checkpoint_dir / "optimizer.pt", map_location="cpu", weights_only=True)
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        optimizer.load_state_dict(saved)
+        for group, hyper in zip(optimizer.param_groups, fresh):
+            group.update(hyper)
+        return control
+
+
+def manifest_id(directory: Path) -> str | None:
+    """A fingerprint of a committed artifact (its manifest's bytes), for lineage checks."""
+    import xxhash
+
+    try:
+        return xxhash.xxh3_64_hexdigest((Path(directory) / MANIFEST_NAME).read_bytes())
+    except OSError:
+        return None

@@ -1,0 +1,126 @@
+"""Verification of artifacts.
+
+Two depths:
+- `structural_problems`: metadata-level checks for directories that have no manifest (written by
+  plain HF Trainer, `save_pretrained`, or the guide's `base_model/`). Reads headers and archive
+  directories, never tensor data.
+- `deep_problems`: for committed artifacts, every byte against the manifest's xxh3 checksums.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zipfile
+from pathlib import Path
+
+from itertrain.recovery.manifest import Manifest, verify_checksums
+
+WEIGHT_FILES = ("model.safetensors",)
+WEIGHT_INDEX = "model.safetensors.index.json"
+TRAINER_STATE = "trainer_state.json"
+TORCH_ARCHIVES = ("optimizer.pt", "scheduler.pt")
+_MAX_HEADER = 100 << 20
+
+
+def safetensors_header(path: Path) -> dict:
+    """Parse a safetensors file's JSON header (tensor names, dtypes, shapes, offsets) without reading tensors."""
+    with open(path, "rb") as f:
+        raw_len = f.read(8)
+        if len(raw_len) != 8:
+            raise ValueError("file is shorter than a safetensors header")
+        (n,) = struct.unpack("<Q", raw_len)
+        if n > _MAX_HEADER:
+            raise ValueError(f"implausible safetensors header length {n}")
+        header = f.read(n)
+        if len(header) != n:
+            raise ValueError("safetensors header is truncated")
+        meta = json.loads(header)
+        f.seek(0, 2)
+        size = f.tell()
+    end = max((v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise ValueError(f"truncated: tensors need {8 + n + end} bytes, the file has {size}")
+    return meta
+
+
+def weight_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape for a directory's safetensors weights (single file or sharded with index)."""
+    directory = Path(directory)
+    files: list[Path]
+    index = directory / WEIGHT_INDEX
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = [directory / f for f in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise ValueError(f"sharded weights incomplete: missing {', '.join(missing)}")
+    elif (directory / "model.safetensors").exists():
+        files = [directory / "model.safetensors"]
+    else:
+        raise ValueError("no safetensors weights (model.safetensors or an index)")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in files:
+        for name, info in safetensors_header(f).items():
+            if name != "__metadata__":
+                shapes[name] = tuple(info["shape"])
+    if index.exists():
+        listed = set(json.loads(index.read_text())["weight_map"])
+        absent = listed - set(shapes)
+        if absent:
+            raise ValueError(f"index names {len(absent)} tensors that no shard holds (e.g. {sorted(absent)[0]})")
+    return shapes
+
+
+def _torch_archive_problem(path: Path) -> str | None:
+    if not zipfile.is_zipfile(path):
+        return f"{path.name} is not a readable torch archive"
+    try:
+        with zipfile.ZipFile(path) as z:
+            if not any(n.endswith("data.pkl") for n in z.namelist()):
+                return f"{path.name} is not a torch archive (no data.pkl)"
+    except (zipfile.BadZipFile, OSError) as e:
+        return f"{path.name} is not a readable archive: {e}"
+    return None
+
+
+def structural_problems(directory: Path, kind: str) -> list[str]:
+    """Problems that make a manifest-less directory unusable. `kind`: trainer_checkpoint | iteration_model."""
+    directory = Path(directory)
+    problems: list[str] = []
+    try:
+        weight_shapes(directory)
+    except (ValueError, OSError, KeyError, json.JSONDecodeError) as e:
+        problems.append(f"weights: {e}")
+    if kind == "trainer_checkpoint":
+        try:
+            state = json.loads((directory / TRAINER_STATE).read_text())
+            int(state["global_step"])
+        except FileNotFoundError:
+            problems.append(f"{TRAINER_STATE} is missing")
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            problems.append(f"{TRAINER_STATE} does not parse: {e}")
+        for name in TORCH_ARCHIVES:
+            if not (directory / name).exists():
+                problems.append(f"{name} is missing")
+            else:
+                p = _torch_archive_problem(directory / name)
+                if p:
+                    problems.append(p)
+        for rng in sorted(directory.glob("rng_state*.pth")):
+            p = _torch_archive_problem(rng)
+            if p:
+                problems.append(p)
+    elif (directory / "config.json").exists():
+        try:
+            json.loads((directory / "config.json").read_text())
+        except (ValueError, OSError) as e:
+            problems.append(f"config.json does not parse: {e}")
+    return problems
+
+
+def deep_problems(directory: Path, manifest: Manifest | None, kind: str) -> list[str]:
+    """Full verification: checksums for committed artifacts, structure for foreign ones."""
+    if manifest is None:
+        return structural_problems(directory, kind)
+    return verify_checksums(directory, manifest)

@@ -1,0 +1,44 @@
+"""The strategy interface: a strategy supplies data (and may generate it) and task metrics."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from itertrain.args import RunConfig
+from itertrain.checkpointing import CheckpointManager
+
+
+@dataclass
+class LoopContext:
+    """What every stage of an iteration can see."""
+
+    cfg: RunConfig
+    root: Path
+    tokenizer: Any
+    manager: CheckpointManager
+
+
+class Strategy(ABC):
+    name = "base"
+
+    def __init__(self, ctx: LoopContext):
+        self.ctx = ctx
+
+    def generate(self, iteration: int, model, weights_id: str | None) -> dict[str, Any] | None:
+        """The `generate` stage (sample, score, filter, commit data/iter_K). None: no such stage."""
+        return None
+
+    @abstractmethod
+    def train_rows(self, iteration: int) -> list[dict[str, Any]]:
+        """Rows (prompt/completion or text) to train iteration `iteration` on."""
+
+    def eval_rows(self, iteration: int) -> list[dict[str, Any]] | None:
+        """Rows for the held-out loss, None for none."""
+        return None
+
+    def task_metrics(self, iteration: int, model) -> dict[str, float]:
+        """Extra held-out metrics (e.g. exact-match accuracy). Called on every rank."""
+        return {}

@@ -1,0 +1,39 @@
+"""`--strategy sft`: iteration K trains on --train_file (which may contain {iteration})."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from itertrain.data import read_jsonl, resolve_path
+from itertrain.strategies.base import Strategy
+
+
+class SFTStrategy(Strategy):
+    name = "sft"
+
+    def _task(self):
+        from itertrain.tasks import get_task
+
+        return get_task(self.ctx.cfg.loop.task, self.ctx.cfg.training.seed) if self.ctx.cfg.loop.task else None
+
+    def train_rows(self, iteration: int) -> list[dict[str, Any]]:
+        loop = self.ctx.cfg.loop
+        if loop.train_file:
+            return read_jsonl(resolve_path(loop.train_file, iteration))
+        return self._task().labeled_rows()
+
+    def eval_rows(self, iteration: int) -> list[dict[str, Any]] | None:
+        loop = self.ctx.cfg.loop
+        if loop.eval_file:
+            return read_jsonl(resolve_path(loop.eval_file, iteration))
+        if loop.task:
+            return self._task().eval_rows()
+        return None
+
+    def task_metrics(self, iteration: int, model) -> dict[str, float]:
+        if not self.ctx.cfg.loop.task:
+            return {}
+        task = self._task()
+        from itertrain.generation import heldout_accuracy
+
+        return heldout_accuracy(task, model, self.ctx)

@@ -1,0 +1,80 @@
+"""Built-in task `arithmetic`: addition, easy labeled problems first, harder unlabeled ones later.
+
+Numbers are written least-significant digit first ("reversed"), operands and answer alike:
+123 + 989 = 1112 reads `321+989=2111`. With that order, each answer digit depends on the digits
+just read plus a carry, which a ~1M-parameter model can learn; it is the usual setup of
+easy-to-hard self-improvement studies. Iteration 0 trains on labeled problems of 1..`base_digits`
+digits; expert iteration K samples answers to unlabeled `base_digits + K`-digit problems, keeps the
+ones the exact-match verifier accepts, and trains on them.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+
+def rev(n: int) -> str:
+    return str(n)[::-1]
+
+
+def problem(a: int, b: int) -> dict[str, str]:
+    return {"prompt": f"{rev(a)}+{rev(b)}=", "answer": rev(a + b)}
+
+
+def _number(rng: random.Random, digits: int) -> int:
+    return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10**digits - 1)
+
+
+@dataclass
+class ArithmeticTask:
+    seed: int = 0
+    base_digits: int = 3  # labeled problems have 1..base_digits digits
+    labeled_examples: int = 2000
+    prompts_per_iteration: int = 200
+    heldout_per_level: int = 100
+    heldout_levels: int = 4  # held-out sets for base_digits .. base_digits + heldout_levels - 1
+
+    def _rng(self, *parts: Any) -> random.Random:
+        return random.Random("/".join(map(str, ("arithmetic", self.seed, *parts))))
+
+    def _problems(self, rng: random.Random, n: int, digits: tuple[int, int], seen: set[str]) -> list[dict[str, str]]:
+        out: list[dict[str, str]] = []
+        while len(out) < n:
+            p = problem(_number(rng, rng.randint(*digits)), _number(rng, rng.randint(*digits)))
+            if p["prompt"] not in seen:
+                seen.add(p["prompt"])
+                out.append(p)
+        return out
+
+    def _heldout_prompts(self) -> set[str]:
+        return {r["prompt"] for rows in self.heldout_sets().values() for r in rows}
+
+    def heldout_sets(self) -> dict[str, list[dict[str, str]]]:
+        """Exact-match evaluation sets, one per number of digits (never trained on)."""
+        sets = {}
+        for d in range(self.base_digits, self.base_digits + self.heldout_levels):
+            sets[f"{d}digit"] = self._problems(self._rng("heldout", d), self.heldout_per_level, (d, d), set())
+        return sets
+
+    def labeled_rows(self) -> list[dict[str, str]]:
+        """Iteration 0's supervised data: prompt/completion with 1..base_digits digit operands."""
+        seen = self._heldout_prompts()
+        rows = self._problems(self._rng("labeled"), self.labeled_examples, (1, self.base_digits), seen)
+        return [{"prompt": r["prompt"], "completion": r["answer"]} for r in rows]
+
+    def prompts(self, iteration: int) -> list[dict[str, str]]:
+        """Unlabeled problems for expert iteration `iteration` (the answer is for the verifier only)."""
+        d = self.base_digits + iteration
+        return self._problems(self._rng("prompts", iteration), self.prompts_per_iteration, (d, d),
+                              self._heldout_prompts())
+
+    def eval_rows(self) -> list[dict[str, str]]:
+        """Labeled held-out rows for the eval loss (base difficulty)."""
+        rows = self.heldout_sets()[f"{self.base_digits}digit"]
+        return [{"prompt": r["prompt"], "completion": r["answer"]} for r in rows]
+
+    @staticmethod
+    def is_correct(completion: str, answer: str) -> bool:
+        return completion.strip() == answer.strip()
