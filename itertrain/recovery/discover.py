@@ -96,9 +96,9 @@ class Inventory:
 
     @property
     def has_committed_progress(self) -> bool:
-        return any(c.status in (Status.COMMITTED, Status.STALE) for c in self.checkpoints) or any(
-            m.status == Status.COMMITTED for m in self.iteration_models
-        )
+        """Anything but torn directories counts: committed work, work adopted from other tools, and
+        damaged work that someone may still want to repair (never silently trained over)."""
+        return any(a.status != Status.TORN for a in (*self.checkpoints, *self.iteration_models))
 
     @property
     def torn(self) -> list[str]:

@@ -133,9 +133,14 @@ class _Candidates:
     rejected: list[Rejection] = field(default_factory=list)
 
 
+def _checkpoint_order(c: TrainerCheckpoint) -> tuple:
+    """Newest = highest iteration; within it, committed ones by step, and (older, adopted) checkpoints
+    written by other tools by modification time (SPEC §3). Top-level copies before kept ones."""
+    return (c.iteration, not c.foreign, c.mtime if c.foreign else c.step, "/" not in c.path)
+
+
 def _newest_checkpoint(cands: list[TrainerCheckpoint]) -> TrainerCheckpoint | None:
-    # Committed before foreign at equal (iteration, step); top level before kept-in-iter copies.
-    return max(cands, key=lambda c: (c.iteration, c.step, not c.foreign, "/" not in c.path, c.mtime), default=None)
+    return max(cands, key=_checkpoint_order, default=None)
 
 
 def _newest_model(cands: list[IterationModel]) -> IterationModel | None:
@@ -332,6 +337,16 @@ def _table(
         )
         return RecoveryPlan(Mode.BOTH, k + 1, 0, weights, state, scope, reason, ckpt, model,
                             supersedes=_superseded(inv, k + 1, -1, None))
+
+    # The checkpoint is newer than anything the newest usable iteration model can continue into (the
+    # model its iteration started from is damaged or gone): it holds the latest weights -> full restore.
+    if ckpt.iteration > k + 1 and flags.resume_from_iteration == AUTO:
+        return RecoveryPlan(
+            Mode.CHECKPOINT, ckpt.iteration, ckpt.step, ckpt.path, ckpt.path, StateScope.FULL,
+            f"{ckpt.path} holds the latest weights (step {ckpt.step} of iteration {ckpt.iteration}); the newest "
+            f"usable iteration model, {model.path}, is older than the model that iteration started from",
+            ckpt, None, supersedes=_superseded(inv, ckpt.iteration, ckpt.step, ckpt.path),
+        )
 
     if ckpt.iteration == k + 1:
         # Row 5: the checkpoint is newer and a flag is auto -> weights and full state from it.
