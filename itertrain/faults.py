@@ -6,9 +6,9 @@ environment variable ITERTRAIN_FAULT arms points, comma-separated:
 
     NAME=ACTION[#HIT][@RANK]
 
-ACTION is `kill` (SIGKILL the whole process group: torchrun and every rank, like a node dying),
-`kill_self` (SIGKILL this process only), `enospc` / `eio` (raise that OSError, as a full disk or a
-failing device would). HIT (default 1) fires on the HIT-th time the point is reached in this
+ACTION is `kill` (SIGKILL the whole job at once: the torchrun agent and every rank, like a node dying),
+`kill_self` (SIGKILL this process only), `enospc` / `eio` / `erofs` (raise that OSError, as a full
+disk, a failing device or a file system remounted read-only would). HIT (default 1) fires on the HIT-th time the point is reached in this
 process; RANK (default any) restricts it to one rank. Example:
 `ITERTRAIN_FAULT=checkpoint.optimizer=kill#2@1`.
 """
@@ -67,12 +67,56 @@ def point(name: str) -> None:
         if f.name != name or _counts[name] != f.hit or (f.rank is not None and f.rank != rank):
             continue
         if f.action == "kill":
-            os.killpg(os.getpgrp(), signal.SIGKILL)
+            kill_job()
         elif f.action == "kill_self":
             os.kill(os.getpid(), signal.SIGKILL)
         elif f.action == "enospc":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), name)
         elif f.action == "eio":
             raise OSError(errno.EIO, os.strerror(errno.EIO), name)
+        elif f.action == "erofs":
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), name)
         else:
             raise ValueError(f"{ENV}: unknown action {f.action!r} for point {name!r}")
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        tree.setdefault(ppid, []).append(int(entry))
+    return tree
+
+
+def kill_tree(root: int) -> None:
+    """SIGKILL `root` and all its descendants (torchrun puts every rank in a session of its own, so
+    killing one process group is not enough to take a whole job down)."""
+    tree = _children()
+    todo, pids = [root], []
+    while todo:
+        pid = todo.pop()
+        pids.append(pid)
+        todo.extend(tree.get(pid, []))
+    me = os.getpid()
+    for pid in pids:
+        if pid != me:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    if me in pids:
+        os.kill(me, signal.SIGKILL)
+
+
+def kill_job() -> None:
+    """SIGKILL the job this process belongs to: under torchrun the agent and every rank, otherwise
+    this process's group."""
+    if "TORCHELASTIC_RUN_ID" in os.environ or "TORCHELASTIC_RESTART_COUNT" in os.environ:
+        kill_tree(os.getppid())
+    os.killpg(os.getpgrp(), signal.SIGKILL)

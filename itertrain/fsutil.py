@@ -68,7 +68,8 @@ def describe_write_error(e: OSError, path: Path) -> str:
         what = f"the location is not writable ({errno.errorcode.get(e.errno, e.errno)})"
     else:
         what = f"{e.strerror or e} ({errno.errorcode.get(e.errno or 0, e.errno)})"
-    return f"could not write {path}: {what}"
+    where = f" ({e.filename})" if e.filename and str(e.filename) not in str(path) else ""
+    return f"could not write {path}{where}: {what}"
 
 
 def is_inside(path: Path, root: Path) -> bool:

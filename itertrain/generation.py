@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from itertrain import distributed
+from itertrain import distributed, faults
 
 
 def example_seed(*parts: int | str) -> int:
@@ -97,6 +97,7 @@ def sample_completions(
     results: dict[tuple[int, int], str] = {}
     bar = tqdm(total=len(requests), desc=desc, unit="sample", disable=rank != 0, dynamic_ncols=True)
     for batch in mine:
+        faults.point("generation.batch")
         texts = _generate_batch(model, tokenizer, batch, seed_parts=seed_parts, temperature=temperature,
                                 top_p=top_p, max_new_tokens=max_new_tokens)
         for r, t in zip(batch, texts):

@@ -28,6 +28,15 @@ class RunLock:
 
     def acquire(self) -> None:
         """Take the lock or raise LockHeld naming the holder."""
+        try:
+            self._acquire()
+        except OSError as e:
+            from itertrain.errors import ArtifactWriteError
+            from itertrain.fsutil import describe_write_error
+
+            raise ArtifactWriteError(describe_write_error(e, self.path) + "; nothing was changed") from e
+
+    def _acquire(self) -> None:
         if not self.path.parent.exists():
             self.path.parent.mkdir(parents=True)
             self._created_dir = True

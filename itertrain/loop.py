@@ -148,6 +148,23 @@ def iteration_training_args(cfg: RunConfig, iteration: int):
     return args
 
 
+def _finished_state(checkpoint: str | None):
+    """The TrainerState of a checkpoint taken at the iteration's final step, else None."""
+    if checkpoint is None:
+        return None
+    from transformers import TrainerState
+
+    state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+    return state if state.max_steps and state.global_step >= state.max_steps else None
+
+
+def iteration_train_loss(state, fallback: float) -> float:
+    """Mean of the logged training losses of the whole iteration. HF's own `training_loss` covers only
+    the steps of the last train() call, so after a resume it would differ from an uninterrupted run."""
+    losses = [e["loss"] for e in state.log_history if "loss" in e]
+    return sum(losses) / len(losses) if losses else fallback
+
+
 def run_iteration(ctx: LoopContext, strategy, resolved: Resolved, record: dict, metrics) -> None:
     """One iteration's stages: generate -> train -> evaluate -> commit."""
     cfg, root, plan = ctx.cfg, ctx.root, resolved.plan
@@ -187,7 +204,14 @@ def run_iteration(ctx: LoopContext, strategy, resolved: Resolved, record: dict, 
     )
     resume = str(root / plan.state_from) if plan.state_scope == StateScope.FULL and plan.state_from else None
     try:
-        out = trainer.train(resume_from_checkpoint=resume)
+        finished = _finished_state(resume)
+        if finished is not None:
+            # The checkpoint is the iteration's last step: nothing is left to train. (HF Trainer would
+            # run one extra step when resumed at max_steps.)
+            trainer.state = finished
+            training_loss = iteration_train_loss(finished, float("nan"))
+        else:
+            training_loss = trainer.train(resume_from_checkpoint=resume).training_loss
     except ArtifactWriteError:
         raise
     except OSError as e:
@@ -198,7 +222,8 @@ def run_iteration(ctx: LoopContext, strategy, resolved: Resolved, record: dict, 
 
     say(f"🔁 iteration {k + 1}/{n} (iter_{k}) · stage: evaluate")
     faults.point("stage.evaluate")
-    results: dict[str, Any] = {"iteration": k, "train_loss": out.training_loss, "steps": trainer.state.global_step}
+    results: dict[str, Any] = {"iteration": k, "train_loss": iteration_train_loss(trainer.state, training_loss),
+                               "steps": trainer.state.global_step}
     if eval_ds is not None:
         results.update({key: v for key, v in trainer.evaluate().items() if key.startswith("eval_")})
     results.update(strategy.task_metrics(k, trainer.model))

@@ -1,0 +1,301 @@
+#!/usr/bin/env python
+"""Crash harness: kill an itertrain run anywhere, relaunch with auto/auto, demand identical results.
+
+1. Runs a reference experiment uninterrupted (torchrun, N ranks).
+2. Runs the same experiment again, SIGKILLing the whole process group (torchrun and every rank) at
+   chosen moments: at named fault points inside saves, manifest writes, iteration commits, between
+   stages and during generation (ITERTRAIN_FAULT, see itertrain/faults.py), and at random times
+   (timer kills). After every kill it relaunches with `--resume_from auto --resume_from_iteration auto`.
+3. Checks that every relaunch resumed at or after the newest committed point (no lost work), then
+   compares every iteration model (the safetensors bytes), the generated data and the evaluation
+   metrics with the reference. Any difference fails with the seed and the kill sequence.
+
+    python scripts/chaos.py --kills 8 --seed 3          # a soak
+    python scripts/chaos.py --ci                         # the bounded set CI runs (>= 6 kills)
+
+Prints a JSON summary last (also written to --report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from itertrain.faults import kill_tree  # noqa: E402
+
+# Named kill points and what they interrupt (hit = which arrival in that launch fires it).
+POINTS = {
+    "checkpoint.save": "inside a trainer-checkpoint save, before any file is written",
+    "checkpoint.optimizer": "inside a trainer-checkpoint save: weights written, optimizer not",
+    "checkpoint.commit": "after every rank wrote its files, before the manifest",
+    "manifest.trainer_checkpoint.write": "inside a checkpoint manifest write (temp file)",
+    "manifest.trainer_checkpoint.after": "after a checkpoint manifest, before rotation",
+    "iteration.save": "inside an iteration-model commit, before any file",
+    "iteration.before_manifest": "iteration model written, manifest not",
+    "manifest.iteration_model.write": "inside the iteration manifest write",
+    "iteration.after_manifest": "iteration committed, its checkpoints not retired",
+    "iteration.retire": "while retiring an iteration's checkpoints",
+    "stage.generate": "between stages: before generate",
+    "stage.train": "between stages: before train",
+    "stage.evaluate": "between stages: before evaluate",
+    "stage.commit": "between stages: before commit",
+    "generation.batch": "during generation, between batches",
+    "manifest.data.write": "inside the generated-data commit",
+}
+# The bounded sequence CI runs: every save path at least once, in the order the run reaches them.
+CI_SEQUENCE = [
+    ("checkpoint.optimizer", 2),
+    ("manifest.trainer_checkpoint.write", 1),
+    ("iteration.before_manifest", 1),
+    ("iteration.after_manifest", 1),
+    ("manifest.data.write", 1),
+    ("generation.batch", 2),
+    ("timer", 0),
+    ("manifest.iteration_model.write", 1),
+]
+
+
+@dataclass
+class Launch:
+    kill: str  # point name, "timer", or "none"
+    hit: int
+    delay_s: float
+    returncode: int
+    killed: bool
+    resumed_at: tuple[int, int] | None  # (iteration, step) the launch continued at
+    committed_before: tuple[int, int]  # newest committed point before the launch
+    wall_s: float
+
+
+@dataclass
+class Summary:
+    seed: int
+    nproc: int
+    kills_requested: int
+    launches: list[Launch] = field(default_factory=list)
+    kills_done: int = 0
+    progress_ok: bool = True
+    identical_iterations: int = 0
+    total_iterations: int = 0
+    identical_data: int = 0
+    total_data: int = 0
+    differences: list[str] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return (self.progress_ok and not self.differences and self.identical_iterations == self.total_iterations
+                and self.total_iterations > 0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env_for(fault: str | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("ITERTRAIN_FAULT",)}
+    env.update({"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"})
+    if fault:
+        env["ITERTRAIN_FAULT"] = fault
+    return env
+
+
+def prepare(work: Path, iterations: int) -> list[str]:
+    """Tiny model, data, and the experiment's flags (without --output_dir)."""
+    model = work / "tiny-model"
+    if not model.exists():
+        subprocess.run([sys.executable, "-m", "itertrain", "init-model", str(model)], check=True,
+                       stdout=subprocess.DEVNULL, env=env_for(None))
+    rng = random.Random(0)
+    train, prompts = work / "train.jsonl", work / "prompts.jsonl"
+    with open(train, "w") as f:
+        for _ in range(64):
+            a, b = rng.randint(0, 99), rng.randint(0, 99)
+            f.write(json.dumps({"prompt": f"{a}+{b}=", "completion": str(a + b)}) + "\n")
+    with open(prompts, "w") as f:
+        for _ in range(24):
+            a, b = rng.randint(0, 999), rng.randint(0, 999)
+            f.write(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) + "\n")
+    return [
+        "--model_name", str(model), "--strategy", "expert_iteration", "--train_file", str(train),
+        "--prompts_file", str(prompts), "--samples_per_prompt", "2", "--temperature", "1.0",
+        "--reward_threshold", "0", "--max_new_tokens", "4", "--generation_batch_size", "8",
+        "--num_iterations", str(iterations), "--max_steps", "12", "--save_steps", "4", "--logging_steps", "2",
+        "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--disable_tqdm", "true",
+        "--report_to", "none", "--resume_from", "auto", "--resume_from_iteration", "auto",
+    ]
+
+
+def launch(args: list[str], out: Path, nproc: int, fault: str | None, timer: float | None, log) -> tuple[int, bool]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           f"--master_port={free_port()}", str(REPO / "train_iterative.py"), *args, "--output_dir", str(out)]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env_for(fault), cwd=REPO,
+                            start_new_session=True)
+    try:
+        rc = proc.wait(timeout=timer if timer is not None else 900)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc.pid)  # the timer kill: torchrun and every rank, at once
+        proc.wait()
+        if timer is None:
+            raise
+        return proc.returncode, True
+    return rc, rc != 0 and fault is not None
+
+
+def committed_point(out: Path) -> tuple[int, int]:
+    """Newest committed progress: (iteration, step) a correct resume must not fall behind."""
+    from itertrain.recovery.discover import Status, discover
+
+    if not out.exists():
+        return (0, 0)
+    inv = discover(out)
+    best = (0, 0)
+    for m in inv.iteration_models:
+        if m.status == Status.COMMITTED:
+            best = max(best, (m.iteration + 1, 0))
+    for c in inv.checkpoints:
+        if c.status == Status.COMMITTED:
+            best = max(best, (c.iteration, c.step))
+    return best
+
+
+def resumed_at(out: Path, seen: set[str]) -> tuple[int, int] | None:
+    runs = out / "runs"
+    new = sorted(p for p in runs.glob("recovery-*.json") if p.name not in seen) if runs.exists() else []
+    if not new:
+        return None
+    seen.update(p.name for p in new)
+    plan = json.loads(new[-1].read_text())["plan"]
+    return (plan["iteration"], plan["step"])
+
+
+_VOLATILE = ("wall_time_s", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second")
+
+
+def compare(ref: Path, got: Path, summary: Summary) -> None:
+    refs = sorted(p.name for p in ref.glob("iter_*"))
+    summary.total_iterations = len(refs)
+    for name in refs:
+        a, b = ref / name / "model.safetensors", got / name / "model.safetensors"
+        if b.exists() and a.read_bytes() == b.read_bytes():
+            summary.identical_iterations += 1
+        else:
+            summary.differences.append(f"{name}/model.safetensors differs from the reference")
+        ma = json.loads((ref / name / "itertrain.manifest.json").read_text())["extra"]["metrics"]
+        mb = json.loads((got / name / "itertrain.manifest.json").read_text())["extra"]["metrics"] if b.exists() else {}
+        for key, value in ma.items():
+            if key not in _VOLATILE and mb.get(key) != value:
+                summary.differences.append(f"{name} metric {key}: reference {value!r}, resumed {mb.get(key)!r}")
+    for d in sorted((ref / "data").glob("iter_*")) if (ref / "data").exists() else []:
+        summary.total_data += 1
+        other = got / "data" / d.name / "accepted.jsonl"
+        if other.exists() and other.read_bytes() == (d / "accepted.jsonl").read_bytes():
+            summary.identical_data += 1
+        else:
+            summary.differences.append(f"data/{d.name}/accepted.jsonl differs from the reference")
+
+
+def schedule(kills: int, seed: int, ci: bool) -> list[tuple[str, int]]:
+    if ci:
+        return CI_SEQUENCE[:max(kills, 6)] if kills <= len(CI_SEQUENCE) else CI_SEQUENCE
+    rng = random.Random(seed)
+    names = sorted(POINTS)
+    return [("timer", 0) if rng.random() < 0.3 else (rng.choice(names), rng.randint(1, 2)) for _ in range(kills)]
+
+
+def run(kills: int, seed: int, nproc: int, work: Path, ci: bool, iterations: int) -> Summary:
+    started = time.time()
+    work.mkdir(parents=True, exist_ok=True)
+    args = prepare(work, iterations)
+    summary = Summary(seed, nproc, kills)
+    ref, out = work / "reference", work / "chaos"
+    shutil.rmtree(ref, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
+    with open(work / "reference.log", "w") as log:
+        t = time.time()
+        rc, _ = launch(args, ref, nproc, None, None, log)
+    if rc != 0:
+        raise SystemExit(f"reference run failed (exit {rc}); see {work / 'reference.log'}")
+    reference_s = time.time() - t
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    plan = schedule(kills, seed, ci)
+    with open(work / "chaos.log", "w") as log:
+        for i, (point, hit) in enumerate([*plan, ("none", 0)]):
+            before = committed_point(out)
+            fault = f"{point}=kill#{hit}" if point not in ("timer", "none") else None
+            timer = rng.uniform(0.3, 1.0) * reference_s if point == "timer" else None
+            log.write(f"\n===== launch {i}: kill at {point}#{hit} timer={timer} =====\n")
+            log.flush()
+            t = time.time()
+            rc, killed = launch(args, out, nproc, fault, timer, log)
+            at = resumed_at(out, seen)
+            summary.launches.append(Launch(point, hit, round(timer or 0, 2), rc, killed, at, before,
+                                           round(time.time() - t, 2)))
+            summary.kills_done += killed
+            if at is not None and at < before:
+                summary.progress_ok = False
+                summary.differences.append(f"launch {i} resumed at {at}, behind committed {before}: work was lost")
+            if rc == 0:
+                break  # the experiment completed (a kill point that was not reached does this too)
+            if not killed:
+                summary.progress_ok = False
+                summary.differences.append(f"launch {i} failed with exit {rc} without being killed")
+                break
+        else:
+            pass
+    if not (out / f"iter_{iterations - 1}" / "itertrain.manifest.json").exists():
+        summary.differences.append("the killed experiment never completed")
+    else:
+        compare(ref, out, summary)
+    summary.wall_s = round(time.time() - started, 1)
+    return summary
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kills", type=int, default=6)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--iterations", type=int, default=None, help="default: enough for the kills (>= 3)")
+    p.add_argument("--ci", action="store_true", help="the bounded CI sequence (every save path, >= 6 kills)")
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--report", default=None, help="also write the JSON summary here")
+    ns = p.parse_args()
+    work = Path(ns.workdir) if ns.workdir else Path(tempfile.mkdtemp(prefix="itertrain-chaos-"))
+    iterations = ns.iterations or (3 if ns.ci else max(3, (ns.kills + 1) // 2))
+    summary = run(ns.kills, ns.seed, ns.nproc, work, ns.ci, iterations)
+    result = {**asdict(summary), "ok": summary.ok, "workdir": str(work)}
+    text = json.dumps(result, indent=2)
+    if ns.report:
+        Path(ns.report).write_text(text + "\n")
+    for launch_ in summary.launches:
+        print(f"  kill {launch_.kill:<36} #{launch_.hit} -> exit {launch_.returncode:>4}, resumed at "
+              f"{launch_.resumed_at}, committed before {launch_.committed_before}, {launch_.wall_s}s")
+    print(f"kills {summary.kills_done}/{summary.kills_requested}, identical iterations "
+          f"{summary.identical_iterations}/{summary.total_iterations}, identical data "
+          f"{summary.identical_data}/{summary.total_data}, wall {summary.wall_s}s, seed {ns.seed}")
+    for d in summary.differences:
+        print(f"  DIFFERENCE: {d}")
+    print(text)
+    return 0 if summary.ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
