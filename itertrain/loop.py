@@ -175,7 +175,7 @@ def run_iteration(ctx: LoopContext, strategy, resolved: Resolved, record: dict, 
 
     say(f"🔁 iteration {k + 1}/{n} (iter_{k}) · stage: generate")
     faults.point("stage.generate")
-    gen_stats = strategy.generate(k, model, weights_id) or {}
+    gen_stats = strategy.generate(k, model, plan.weights_from) or {}
 
     say(f"🔁 iteration {k + 1}/{n} (iter_{k}) · stage: train"
         + (f" (continuing at step {plan.step})" if plan.step else ""))

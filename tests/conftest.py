@@ -51,15 +51,17 @@ def base_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def itertrain(*args: str, fault: str | None = None, timeout: int = 300, cwd: Path | None = None) -> Result:
+def itertrain(*args: str, fault: str | None = None, timeout: int = 300, cwd: Path | None = None,
+              env: dict[str, str] | None = None) -> Result:
     """Run `python -m itertrain ARGS` as a real process (its own process group, like a shell job)."""
-    env = base_env({"ITERTRAIN_FAULT": fault} if fault else None)
+    env = base_env({**({"ITERTRAIN_FAULT": fault} if fault else {}), **(env or {})})
     return _run([PY, "-m", "itertrain", *args], env, timeout, cwd)
 
 
-def torchrun(*args: str, nproc: int = 2, fault: str | None = None, timeout: int = 300) -> Result:
+def torchrun(*args: str, nproc: int = 2, fault: str | None = None, timeout: int = 300,
+             env: dict[str, str] | None = None) -> Result:
     """Run `torchrun --nproc_per_node=N train_iterative.py ARGS`, as in the guide."""
-    env = base_env({"ITERTRAIN_FAULT": fault} if fault else None)
+    env = base_env({**({"ITERTRAIN_FAULT": fault} if fault else {}), **(env or {})})
     cmd = [PY, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
            str(REPO / "train_iterative.py"), *args]
     return _run(cmd, env, timeout, None)

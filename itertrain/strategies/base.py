@@ -27,8 +27,10 @@ class Strategy(ABC):
     def __init__(self, ctx: LoopContext):
         self.ctx = ctx
 
-    def generate(self, iteration: int, model, weights_id: str | None) -> dict[str, Any] | None:
-        """The `generate` stage (sample, score, filter, commit data/iter_K). None: no such stage."""
+    def generate(self, iteration: int, model, weights_from: str) -> dict[str, Any] | None:
+        """The `generate` stage (sample, score, filter, commit data/iter_K). None: no such stage.
+
+        `model` holds the weights this launch starts from (`weights_from`, relative to the output dir)."""
         return None
 
     @abstractmethod
