@@ -20,7 +20,7 @@ from itertrain import distributed, faults
 from itertrain.args import RunConfig
 from itertrain.checkpointing import CheckpointConfig, CheckpointManager, CommitCallback
 from itertrain.data import PadCollator, build_dataset
-from itertrain.errors import ArtifactWriteError, TrainingFailed
+from itertrain.errors import ArtifactWriteError, TrainingFailed, UsageError
 from itertrain.experiment import check_resume, load_record, record_launch
 from itertrain.fsutil import atomic_write_json, describe_write_error
 from itertrain.lock import RunLock
@@ -46,6 +46,7 @@ def run(cfg: RunConfig) -> int:
     hf_logging.disable_progress_bar()  # per-file load/save bars; the training bar stays
     distributed.init()
     root = cfg.output_dir
+    tokenizer = _load_tokenizer(cfg)  # a bad tokenizer is a usage error: found before anything is written
     lock = RunLock(root)
     distributed.run_on_main(lock.acquire)
     wrote = False
@@ -62,7 +63,7 @@ def run(cfg: RunConfig) -> int:
         resolved = resolve(root, cfg.recovery_flags(), record, opts, before_load=check_config)
         plan = resolved.plan
         if distributed.is_main():
-            print(render(replace(plan, warnings=plan.warnings + tuple(config_warnings)), str(root),
+            print(render(replace(plan, warnings=plan.warnings + tuple(config_warnings)), cfg.training.output_dir,
                          cfg.model.model_name, resolved.notes), flush=True)
         if plan.mode == Mode.COMPLETE:
             say(f"✅ {root}: all {cfg.loop.num_iterations} iterations are committed; nothing to do.")
@@ -79,7 +80,7 @@ def run(cfg: RunConfig) -> int:
         record = distributed.run_on_main(
             _after_plan, cfg, resolved, record, manager, config_warnings
         )
-        ctx = LoopContext(cfg, root, _load_tokenizer(cfg), manager)
+        ctx = LoopContext(cfg, root, tokenizer, manager)
         strategy = make_strategy(ctx)
         metrics = MetricsLog(root) if distributed.is_main() else None
         auto = RecoveryFlags(AUTO, AUTO, False, cfg.loop.num_iterations, cfg.loop.iteration_init)
@@ -132,10 +133,15 @@ def _after_plan(cfg: RunConfig, resolved: Resolved, record: dict, manager: Check
 def _load_tokenizer(cfg: RunConfig):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(
-        cfg.model.tokenizer_name or cfg.model.model_name, local_files_only=True,
-        trust_remote_code=cfg.model.trust_remote_code,
-    )
+    source = cfg.model.tokenizer_name or cfg.model.model_name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True,
+                                                  trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"no usable tokenizer in {source} ({str(e).splitlines()[0]}); pass --tokenizer_name DIR") from e
+    if tokenizer.pad_token_id is None:  # batches need padding; EOS is the usual stand-in
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def iteration_training_args(cfg: RunConfig, iteration: int):

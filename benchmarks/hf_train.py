@@ -1,0 +1,53 @@
+"""The baseline: the same training job written as a plain Hugging Face Trainer script.
+
+What a user without itertrain would run: load the model and tokenizer, tokenize the same JSONL the
+same way, `Trainer(...).train(resume_from_checkpoint=True|None)`, then `save_model` the result
+(itertrain's equivalent is the iteration model `iter_0`). No manifests, no fsync, no recovery.
+
+    python benchmarks/hf_train.py --model_name DIR --train_file F.jsonl --output_dir OUT [--resume] [HF flags]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+@dataclass
+class JobArguments:
+    model_name: str = field(default=None)  # type: ignore[assignment]
+    train_file: str = field(default=None)  # type: ignore[assignment]
+    max_seq_length: int = 256  # itertrain's default
+    resume: bool = False  # resume_from_checkpoint=True (HF finds the newest checkpoint-* in output_dir)
+
+
+def main() -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
+
+    # The data pipeline is shared with itertrain on purpose: identical token sequences and batches.
+    from itertrain.data import PadCollator, build_dataset, read_jsonl
+
+    job, args = HfArgumentParser((JobArguments, TrainingArguments)).parse_args_into_dataclasses()
+    tokenizer = AutoTokenizer.from_pretrained(job.model_name, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(job.model_name, dtype=torch.float32, local_files_only=True)
+    dataset = build_dataset(read_jsonl(job.train_file), tokenizer, job.max_seq_length)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=PadCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+    )
+    trainer.train(resume_from_checkpoint=True if job.resume else None)
+    final = os.path.join(args.output_dir, "final")
+    trainer.save_model(final)  # the trained model, as itertrain's iter_0 (config, weights, tokenizer)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
