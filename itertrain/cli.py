@@ -6,10 +6,8 @@ Errors are ItertrainError subclasses; this is the one place that turns them into
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-from pathlib import Path
 
 from itertrain.errors import ItertrainError, UsageError
 

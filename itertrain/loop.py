@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import json
 import os
 import time
 from dataclasses import replace
@@ -25,7 +24,6 @@ from itertrain.experiment import check_resume, load_record, record_launch
 from itertrain.fsutil import atomic_write_json, describe_write_error
 from itertrain.lock import RunLock
 from itertrain.metrics import MetricsLog, TensorBoardCallback
-from itertrain.recovery.manifest import MANIFEST_NAME
 from itertrain.recovery.plan import AUTO, BASE, Mode, RecoveryFlags, StateScope
 from itertrain.recovery.report import render, report_json
 from itertrain.recovery.resolve import LoadOptions, Resolved, resolve

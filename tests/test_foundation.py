@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import itertrain, manifest, torchrun, tree_hash, weights
+from conftest import itertrain, manifest, torchrun, weights
 
 
 def _assert_committed_experiment(out: Path, base: Path) -> None:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, base_env, itertrain, manifest, torchrun, tree_hash, weights
+from conftest import REPO, base_env, itertrain, manifest, torchrun, tree_hash
 
 
 def test_kills_at_every_save_path_give_byte_identical_iteration_models(tmp_path):

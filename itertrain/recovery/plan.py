@@ -21,7 +21,7 @@ from enum import Enum
 from typing import Mapping
 
 from itertrain.errors import RecoveryRefused, UsageError
-from itertrain.recovery.discover import Inventory, IterationModel, Status, TrainerCheckpoint
+from itertrain.recovery.discover import Inventory, IterationModel, TrainerCheckpoint
 
 AUTO, NONE = "auto", "none"
 _STEP_RE = re.compile(r"^[0-9]+$")
