@@ -244,7 +244,8 @@ class RunResult:
     marks: dict[str, float] = field(default_factory=dict)  # first line matching each mark regex, s after launch
     mark_hwm_kb: dict[str, int] = field(default_factory=dict)  # VmHWM when the mark was seen
     windows: list[SaveWindow] = field(default_factory=list)
-    killed: bool = False
+    killed: bool = False  # stopped on purpose (stop_at / stop_after_windows)
+    timed_out: bool = False
 
     @property
     def text(self) -> str:
@@ -258,8 +259,9 @@ def run_monitored(
     cmd: list[str],
     *,
     env: dict[str, str],
-    marks: dict[str, str] | None = None,
+    marks: dict[str, str | tuple[str, int]] | None = None,
     stop_at: str | None = None,
+    stop_after_windows: int | None = None,
     watch_dir: Path | None = None,
     window_end: str | None = None,
     timeout: float = 1800,
@@ -268,15 +270,20 @@ def run_monitored(
     """Run `cmd` as its own process group and observe it from outside only.
 
     - every output line (stdout+stderr) is timestamped on arrival (the child runs unbuffered);
-    - `marks`: name -> regex; the first matching line's time and the process's VmHWM at that moment;
+    - `marks`: name -> regex (or (regex, n): the n-th matching line); that line's arrival time and the
+      process's VmHWM at that moment;
     - `stop_at`: a mark name; the process group is SIGKILLed as soon as that mark is seen;
     - `watch_dir`: polled every 10 ms for `checkpoint-*` directories: a save window opens when the
       directory appears (the peak-RSS mark is reset), `trainer_state.json` marks HF's last file and
-      `window_end` (default trainer_state.json) closes it (the peak RSS of the window is read).
+      `window_end` (default trainer_state.json) closes it (the peak RSS of the window is read);
+      `stop_after_windows`: SIGKILL the process group once that many windows have closed.
     Peak RSS of the whole life comes from wait4()'s rusage.
     """
-    marks = dict(marks or {})
-    compiled = {k: re.compile(v) for k, v in marks.items()}
+    compiled: dict[str, tuple[re.Pattern, int]] = {}
+    for k, v in (marks or {}).items():
+        rx, nth = (v, 1) if isinstance(v, str) else v
+        compiled[k] = (re.compile(rx), nth)
+    counts = {k: 0 for k in compiled}
     result = RunResult(cmd, None, 0.0, [], 0)
     stop_event = threading.Event()
     t0 = time.monotonic()
@@ -297,8 +304,11 @@ def run_monitored(
             for raw in complete:
                 line = raw.decode("utf-8", "replace")
                 result.lines.append((now, line))
-                for name, rx in compiled.items():
-                    if name not in result.marks and rx.search(line):
+                for name, (rx, nth) in compiled.items():
+                    if name in result.marks or not rx.search(line):
+                        continue
+                    counts[name] += 1
+                    if counts[name] == nth:
                         result.marks[name] = now
                         hwm = _status_kb(pid, "VmHWM")
                         if hwm is not None:
@@ -324,9 +334,12 @@ def run_monitored(
         if wpid == pid:
             break
         now = time.monotonic() - t0
-        if now > timeout:
-            os.killpg(pid, signal.SIGKILL)
-            result.killed = True
+        if now > timeout and not result.timed_out:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            result.timed_out = True
         if watch_dir is not None:
             try:
                 names = [e.name for e in os.scandir(watch_dir) if e.name.startswith("checkpoint-")]
@@ -347,10 +360,16 @@ def run_monitored(
                     w.hwm_kb = _status_kb(pid, "VmHWM")
                     result.windows.append(w)
                     del open_windows[name]
+                    if stop_after_windows is not None and len(result.windows) >= stop_after_windows:
+                        stop_event.set()
+                        try:
+                            os.killpg(pid, signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
         time.sleep(0.01)
     result.wall = time.monotonic() - t0
     th.join(timeout=10)
-    result.killed = result.killed or stop_event.is_set()
+    result.killed = stop_event.is_set()
     result.returncode = os.waitstatus_to_exitcode(status)
     proc.returncode = result.returncode
     result.maxrss_kb = rusage.ru_maxrss if rusage is not None else 0
@@ -362,7 +381,7 @@ class BenchError(RuntimeError):
 
 
 def check_ok(r: RunResult, what: str) -> None:
-    if r.returncode != 0 and not r.killed:
+    if r.timed_out or (r.returncode != 0 and not r.killed):
         raise BenchError(f"{what} failed (exit {r.returncode}): {' '.join(r.cmd)}\n{r.tail()}")
 
 

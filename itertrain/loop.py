@@ -152,6 +152,9 @@ def iteration_training_args(cfg: RunConfig, iteration: int):
     return args
 
 
+_TIMING = ("_runtime", "_per_second")  # wall-clock figures: not part of the iteration's results
+
+
 def _finished_state(checkpoint: str | None):
     """The TrainerState of a checkpoint taken at the iteration's final step, else None."""
     if checkpoint is None:
@@ -229,7 +232,8 @@ def run_iteration(ctx: LoopContext, strategy, resolved: Resolved, record: dict, 
     results: dict[str, Any] = {"iteration": k, "train_loss": iteration_train_loss(trainer.state, training_loss),
                                "steps": trainer.state.global_step}
     if eval_ds is not None:
-        results.update({key: v for key, v in trainer.evaluate().items() if key.startswith("eval_")})
+        results.update({key: v for key, v in trainer.evaluate().items()
+                        if key.startswith("eval_") and not key.endswith(_TIMING)})
     results.update(strategy.task_metrics(k, trainer.model))
     results.update(gen_stats)
     results["wall_time_s"] = round(time.time() - started, 2)

@@ -63,7 +63,8 @@ class MetricsLog:
     def describe(self, iteration: int) -> str:
         for row in committed_metrics(self.root):
             if row.get("iteration") == iteration:
-                shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k != "iteration"}
+                shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
+                         if k not in ("iteration", "prompts", "prompts_solved")}
                 return f"📈 iter_{iteration}: " + ", ".join(f"{k}={v}" for k, v in shown.items())
         return f"📈 iter_{iteration}: no metrics recorded"
 
