@@ -79,7 +79,9 @@ class CheckpointManager:
         except ManifestError:
             manifest = None
         if manifest is None:
-            safe_rmtree(target, self.root)  # a torn leftover: never committed
+            # Torn directories were removed after the plan; one without a manifest here was written
+            # by another tool (adopted): never delete it.
+            self.move_aside([target.name])
         elif manifest.iteration < self.iteration and (self.root / f"iter_{manifest.iteration}").is_dir() and not (
             self.root / f"iter_{manifest.iteration}" / target.name
         ).exists():

@@ -232,8 +232,9 @@ def run_iteration(ctx: LoopContext, strategy, resolved: Resolved, record: dict, 
     results: dict[str, Any] = {"iteration": k, "train_loss": iteration_train_loss(trainer.state, training_loss),
                                "steps": trainer.state.global_step}
     if eval_ds is not None:
-        results.update({key: v for key, v in trainer.evaluate().items()
-                        if key.startswith("eval_") and not key.endswith(_TIMING)})
+        prefix = strategy.eval_prefix
+        results.update({key: v for key, v in trainer.evaluate(metric_key_prefix=prefix).items()
+                        if key.startswith(prefix + "_") and not key.endswith(_TIMING)})
     results.update(strategy.task_metrics(k, trainer.model))
     results.update(gen_stats)
     results["wall_time_s"] = round(time.time() - started, 2)

@@ -38,7 +38,9 @@ def test_two_iteration_sft_commits_two_self_contained_models(tmp_path, sft_args,
     assert r.returncode == 0, r.output
     assert "CHECKPOINT RECOVERY SYSTEM" in r.stdout
     _assert_committed_experiment(out, tiny_model)
-    assert len((out / "runs" / "metrics.jsonl").read_text().splitlines()) == 2
+    rows = [json.loads(x) for x in (out / "runs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0, 1]
+    assert all(r["eval_train_loss"] > 0 for r in rows)  # no --eval_file: the loss on training rows, named so
 
 
 def test_two_rank_torchrun_run_commits_the_same_layout(tmp_path, sft_args, tiny_model):

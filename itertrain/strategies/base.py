@@ -23,6 +23,7 @@ class LoopContext:
 
 class Strategy(ABC):
     name = "base"
+    eval_prefix = "eval"  # metric prefix of the loss on eval_rows()
 
     def __init__(self, ctx: LoopContext):
         self.ctx = ctx

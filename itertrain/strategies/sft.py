@@ -28,7 +28,9 @@ class SFTStrategy(Strategy):
             return read_jsonl(resolve_path(loop.eval_file, iteration))
         if loop.task:
             return self._task().eval_rows()
-        return None
+        # No held-out file: report the loss on (at most 128 of) the training rows, under its own name.
+        self.eval_prefix = "eval_train"
+        return self.train_rows(iteration)[:128]
 
     def task_metrics(self, iteration: int, model) -> dict[str, float]:
         if not self.ctx.cfg.loop.task:
