@@ -14,25 +14,26 @@ from itertrain.errors import UsageError
 from itertrain.tiny_model import TinyModelSpec
 
 # The demo's model: small enough for a 2-core CPU, large enough to learn multi-digit addition.
-DEMO_MODEL = TinyModelSpec()
+DEMO_MODEL = TinyModelSpec(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+                           max_position_embeddings=64)
 
 # The demo's flags: read as an ordinary `itertrain train` command line.
 DEMO_FLAGS = [
     "--strategy", "expert_iteration",
     "--task", "arithmetic",
     "--num_iterations", "4",
-    "--samples_per_prompt", "8",
+    "--samples_per_prompt", "16",
     "--temperature", "1.0",
-    "--max_new_tokens", "9",
-    "--generation_batch_size", "200",
+    "--max_new_tokens", "8",
+    "--generation_batch_size", "1000",
     "--data_policy", "cumulative",
     "--max_steps", "600",
-    "--per_device_train_batch_size", "32",
+    "--per_device_train_batch_size", "128",
     "--learning_rate", "3e-3",
-    "--warmup_steps", "30",
+    "--warmup_steps", "60",
     "--weight_decay", "0.0",
     "--lr_scheduler_type", "cosine",
-    "--save_steps", "200",
+    "--save_steps", "300",
     "--logging_steps", "100",
     "--seed", "0",
     "--disable_tqdm", "true",

@@ -15,7 +15,8 @@ from itertrain.recovery.manifest import (
     TRAINER_CHECKPOINT,
     Manifest,
     ManifestError,
-    check_sizes,
+    ManifestHeader,
+    read_header,
     read_manifest,
 )
 from itertrain.recovery.verify import TRAINER_STATE, structural_problems
@@ -32,10 +33,10 @@ _AUX_RE = re.compile(
 
 
 class Status(str, Enum):
-    COMMITTED = "committed"  # manifest present and matches the files' sizes
+    COMMITTED = "committed"  # manifest present (its files are checked when the artifact is chosen)
     STALE = "stale"  # committed checkpoint of an iteration whose model is committed
     TORN = "torn"  # no manifest inside an itertrain experiment: a crash mid-save
-    CORRUPT = "corrupt"  # manifest unreadable, or files missing / of the wrong size
+    CORRUPT = "corrupt"  # manifest unreadable or of the wrong kind
     UNVERIFIED = "unverified"  # written by another tool; structural check passed
     INVALID = "invalid"  # written by another tool; structural check failed
 
@@ -52,14 +53,10 @@ class TrainerCheckpoint:
     step: int
     iteration: int  # from the manifest; inferred for foreign checkpoints
     status: Status
-    mtime: float
+    mtime: float  # only read for foreign checkpoints (0.0 for committed ones: not needed)
     problem: str | None = None
     world_size: int | None = None
     foreign: bool = False
-
-    @property
-    def name(self) -> str:
-        return self.path
 
 
 @dataclass(frozen=True)
@@ -121,27 +118,36 @@ def _mtime(path: Path) -> float:
         return 0.0
 
 
-def _committed_status(directory: Path, kind: str) -> tuple[Status, Manifest | None, str | None, tuple[str, ...]]:
+_NO_MANIFEST = "no manifest (the save never completed)"
+
+
+def _header_status(directory: str, kind: str) -> tuple[Status, ManifestHeader | None, str | None]:
+    """Status from the manifest's header only (no file list, no stat of every file: thousands of
+    checkpoints are listed in milliseconds). Sizes and checksums are checked when an artifact is
+    chosen (deep verification), where a damaged one is rejected and the next one tried."""
+    try:
+        header = read_header(directory)
+    except ManifestError as e:
+        return Status.CORRUPT, None, str(e)
+    if header is None:
+        return Status.TORN, None, _NO_MANIFEST
+    if header.kind != kind:
+        return Status.CORRUPT, header, f"manifest says kind {header.kind!r}, expected {kind!r}"
+    return Status.COMMITTED, header, None
+
+
+def _model_status(directory: Path) -> tuple[Status, Manifest | None, str | None, tuple[str, ...]]:
+    """An iteration model's status, and which of its config/tokenizer files are missing."""
     try:
         manifest = read_manifest(directory)
     except ManifestError as e:
         return Status.CORRUPT, None, str(e), ()
     if manifest is None:
-        return Status.TORN, None, "no manifest (the save never completed)", ()
-    if manifest.kind != kind:
-        return Status.CORRUPT, manifest, f"manifest says kind {manifest.kind!r}, expected {kind!r}", ()
-    problems = check_sizes(directory, manifest)
-    missing_aux: tuple[str, ...] = ()
-    if kind == ITERATION_MODEL:
-        aux = tuple(
-            rel for rel in manifest.files if _AUX_RE.match(rel) and not (directory / rel).exists()
-        )
-        if aux:
-            missing_aux = aux
-            problems = [p for p in problems if not any(p.startswith(f"{a} ") for a in aux)]
-    if problems:
-        return Status.CORRUPT, manifest, "; ".join(problems), ()
-    return Status.COMMITTED, manifest, None, missing_aux
+        return Status.TORN, None, _NO_MANIFEST, ()
+    if manifest.kind != ITERATION_MODEL:
+        return Status.CORRUPT, manifest, f"manifest says kind {manifest.kind!r}, expected {ITERATION_MODEL!r}", ()
+    aux = tuple(rel for rel in manifest.files if _AUX_RE.match(rel) and not (directory / rel).exists())
+    return Status.COMMITTED, manifest, None, aux
 
 
 def _foreign_status(directory: Path, kind: str) -> tuple[Status, str | None]:
@@ -156,32 +162,31 @@ def _foreign_step(directory: Path, fallback: int) -> int:
         return fallback
 
 
-def _scan_checkpoints(
-    root: Path, base: Path, treat_as_foreign: bool, adopted: set[str]
-) -> list[tuple[TrainerCheckpoint, Manifest | None]]:
+def _scan_checkpoints(root: str, base: str, treat_as_foreign: bool, adopted: set[str]) -> list[TrainerCheckpoint]:
     out = []
     try:
         entries = list(os.scandir(base))
     except OSError:
         return out
+    prefix = "" if base == root else os.path.relpath(base, root) + "/"
     for entry in entries:
         m = CHECKPOINT_RE.match(entry.name)
         if not m or not entry.is_dir(follow_symlinks=False):
             continue
-        directory = Path(entry.path)
-        rel = os.path.relpath(directory, root)
+        rel = prefix + entry.name
         step = int(m.group(1))
-        mtime = _mtime(directory)
-        status, manifest, problem, _ = _committed_status(directory, TRAINER_CHECKPOINT)
+        status, header, problem = _header_status(entry.path, TRAINER_CHECKPOINT)
         if status == Status.TORN and (treat_as_foreign or rel in adopted):
+            # Only foreign checkpoints are ordered by modification time: stat just those.
+            directory = Path(entry.path)
+            mtime = entry.stat(follow_symlinks=False).st_mtime
             status, problem = _foreign_status(directory, TRAINER_CHECKPOINT)
             step = _foreign_step(directory, step)
-            ckpt = TrainerCheckpoint(rel, step, -1, status, mtime, problem, None, foreign=True)
+            out.append(TrainerCheckpoint(rel, step, -1, status, mtime, problem, None, foreign=True))
         else:
-            iteration = manifest.iteration if manifest else -1
-            ws = manifest.world_size if manifest else None
-            ckpt = TrainerCheckpoint(rel, step, iteration, status, mtime, problem, ws)
-        out.append((ckpt, manifest))
+            iteration = header.iteration if header else -1
+            ws = header.world_size if header else None
+            out.append(TrainerCheckpoint(rel, step, iteration, status, 0.0, problem, ws))
     return out
 
 
@@ -210,7 +215,7 @@ def discover(output_dir: str | Path, record: dict | None = None) -> Inventory:
             continue
         directory = Path(entry.path)
         iteration = int(m.group(1)) if m else 0
-        status, manifest, problem, aux = _committed_status(directory, ITERATION_MODEL)
+        status, manifest, problem, aux = _model_status(directory)
         foreign = False
         if status == Status.TORN and (foreign_everywhere or entry.name in adopted or m is None):
             status, problem = _foreign_status(directory, ITERATION_MODEL)
@@ -221,14 +226,14 @@ def discover(output_dir: str | Path, record: dict | None = None) -> Inventory:
             status, problem = Status.CORRUPT, f"manifest says iteration {manifest.iteration}, the name says {iteration}"
         models.append(IterationModel(entry.name, iteration, status, _mtime(directory), problem, aux, foreign))
 
-    scanned = _scan_checkpoints(root, root, foreign_everywhere, adopted)
+    scanned = _scan_checkpoints(str(root), str(root), foreign_everywhere, adopted)
     for model in models:
         if model.status.usable and not model.foreign:
-            scanned += _scan_checkpoints(root, root / model.path, False, set())
+            scanned += _scan_checkpoints(str(root), str(root / model.path), False, set())
 
     newest_model = max((m for m in models if m.status.usable), key=lambda m: m.iteration, default=None)
     checkpoints = []
-    for ckpt, _ in scanned:
+    for ckpt in scanned:
         if ckpt.foreign and ckpt.status.usable:
             ckpt = _with_inferred_iteration(ckpt, newest_model)
         if ckpt.status == Status.COMMITTED and newest_model is not None and ckpt.iteration <= newest_model.iteration:
@@ -242,7 +247,7 @@ def discover(output_dir: str | Path, record: dict | None = None) -> Inventory:
             m = ITERATION_RE.match(entry.name)
             if not m or not entry.is_dir(follow_symlinks=False):
                 continue
-            status, _, problem, _ = _committed_status(Path(entry.path), DATA)
+            status, _, problem = _header_status(entry.path, DATA)
             data.append(DataArtifact(f"data/{entry.name}", int(m.group(1)), status, problem))
 
     return Inventory(

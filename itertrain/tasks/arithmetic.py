@@ -1,11 +1,16 @@
 """Built-in task `arithmetic`: addition, easy labeled problems first, harder unlabeled ones later.
 
-Numbers are written least-significant digit first ("reversed"), operands and answer alike:
-123 + 989 = 1112 reads `321+989=2111`. With that order, each answer digit depends on the digits
-just read plus a carry, which a ~1M-parameter model can learn; it is the usual setup of
-easy-to-hard self-improvement studies. Iteration 0 trains on labeled problems of 1..`base_digits`
-digits; expert iteration K samples answers to unlabeled `base_digits + K`-digit problems, keeps the
-ones the exact-match verifier accepts, and trains on them.
+Numbers are written least-significant digit first ("reversed") and zero-padded to a fixed width,
+operands to `width` digits and the answer to `width + 1`: with width 6, 123 + 989 = 1112 reads
+`321000+989000=2111000`. With that order, each answer digit depends on the digits just read plus a
+carry, which a tiny model can learn; it is the usual setup of easy-to-hard self-improvement
+studies. The fixed width puts answer digit i at the same distance from operand digits i in every
+problem, so what the model learns on short numbers carries over to a few longer ones (without the
+padding, a model trained on 1..3 digits solves no 4-digit problem at all, not even by sampling, and
+expert iteration has nothing to start from). Iteration 0 trains on labeled problems of
+1..`base_digits` digits; expert iteration K samples answers to unlabeled `base_digits + K`-digit
+problems, keeps the ones the exact-match verifier accepts, and trains on them. Numbers with more
+than `width` digits are padded to their own length (a layout the model has not seen).
 """
 
 from __future__ import annotations
@@ -15,12 +20,13 @@ from dataclasses import dataclass
 from typing import Any
 
 
-def rev(n: int) -> str:
-    return str(n)[::-1]
+def rev(n: int, width: int = 0) -> str:
+    """`n` least-significant digit first, zero-padded to `width` digits."""
+    return str(n).zfill(width)[::-1]
 
 
-def problem(a: int, b: int) -> dict[str, str]:
-    return {"prompt": f"{rev(a)}+{rev(b)}=", "answer": rev(a + b)}
+def problem(a: int, b: int, width: int = 0) -> dict[str, str]:
+    return {"prompt": f"{rev(a, width)}+{rev(b, width)}=", "answer": rev(a + b, width + 1)}
 
 
 def _number(rng: random.Random, digits: int) -> int:
@@ -31,10 +37,11 @@ def _number(rng: random.Random, digits: int) -> int:
 class ArithmeticTask:
     seed: int = 0
     base_digits: int = 3  # labeled problems have 1..base_digits digits
-    labeled_examples: int = 2000
-    prompts_per_iteration: int = 200
+    labeled_examples: int = 3000
+    prompts_per_iteration: int = 1500
     heldout_per_level: int = 100
     heldout_levels: int = 4  # held-out sets for base_digits .. base_digits + heldout_levels - 1
+    width: int = 6  # operands are written with this many digits, the answer with one more
 
     def _rng(self, *parts: Any) -> random.Random:
         return random.Random("/".join(map(str, ("arithmetic", self.seed, *parts))))
@@ -42,7 +49,7 @@ class ArithmeticTask:
     def _problems(self, rng: random.Random, n: int, digits: tuple[int, int], seen: set[str]) -> list[dict[str, str]]:
         out: list[dict[str, str]] = []
         while len(out) < n:
-            p = problem(_number(rng, rng.randint(*digits)), _number(rng, rng.randint(*digits)))
+            p = problem(_number(rng, rng.randint(*digits)), _number(rng, rng.randint(*digits)), self.width)
             if p["prompt"] not in seen:
                 seen.add(p["prompt"])
                 out.append(p)
