@@ -58,6 +58,9 @@ class LoopArguments:
         default=False, metadata={"help": "Move an iteration's trainer checkpoints into iter_K/ instead of deleting them."}
     )
     fsync: bool = field(default=True, metadata={"help": "fsync every file of an artifact before its manifest commits it."})
+    async_commit: bool = field(
+        default=True, metadata={"help": "Write checkpoint manifests (fsync + checksums) on a thread while training goes on."}
+    )
     task: str | None = field(default=None, metadata={"help": "Built-in task providing data and metrics.", "choices": [None, *TASKS]})
     prompts_file: str | None = field(
         default=None, metadata={"help": "expert_iteration: JSONL prompt/answer to sample from (may contain {iteration})."}

@@ -8,6 +8,7 @@ commit sits behind a barrier that waits for all ranks' files (SPEC §2, §5).
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ class CheckpointConfig:
     keep_iteration_checkpoints: bool = False
     carry_optimizer: bool = True  # keep the newest checkpoint of iteration K until K+1 has its own
     fsync: bool = True
+    async_commit: bool = True  # hash, fsync and write manifests on a thread while training goes on
     world_size: int = 1
     lineage: dict[str, Any] = field(default_factory=dict)
 
@@ -59,15 +61,27 @@ class CheckpointManager:
         self.root = Path(config.output_dir)
         self.iteration = 0
         self.lineage: dict[str, Any] = dict(config.lineage)
+        self._pending: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     # ---- trainer checkpoints -------------------------------------------------------------
     def start_iteration(self, iteration: int, lineage: dict[str, Any]) -> None:
         self.iteration = iteration
         self.lineage = {**self.config.lineage, **lineage}
 
+    def wait(self) -> None:
+        """Rank 0: finish the checkpoint commit running in the background; raise its error, if any."""
+        if self._pending is not None:
+            self._pending.join()
+            self._pending = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
     def before_save(self, step: int) -> None:
         """Make sure `checkpoint-step` is free before HF writes into it (all ranks call this)."""
         if distributed.is_main():
+            self.wait()  # commits land in order; rotation never races a save
             target = self.root / f"checkpoint-{step}"
             if target.exists():
                 self._clear_occupied(target)
@@ -90,14 +104,34 @@ class CheckpointManager:
             self.move_aside([target.name])
 
     def commit_checkpoint(self, step: int, best: str | None = None) -> None:
-        """After HF saved `checkpoint-step` on every rank: manifest (rank 0), rotation, retirement."""
+        """After HF saved `checkpoint-step` on every rank: manifest (rank 0), rotation, retirement.
+
+        With async_commit the manifest work (fsync + xxh3 of every file, the manifest, rotation) runs
+        on a thread while training continues; the checkpoint counts as committed only when its
+        manifest lands, so a crash before that leaves it torn and the previous one is used."""
         distributed.barrier()  # every rank's rng file and rank 0's weights/optimizer are on disk
-        if distributed.is_main():
-            directory = self.root / f"checkpoint-{step}"
-            faults.point("checkpoint.commit")
-            self._commit(directory, TRAINER_CHECKPOINT, self.iteration, step, {})
-            self._rotate(exclude={directory.name, Path(best).name if best else ""})
-            self._retire_stale(before_iteration=self.iteration)
+        if not distributed.is_main():
+            return
+        self.wait()
+        if self.config.async_commit:
+            self._pending = threading.Thread(target=self._commit_in_background, args=(step, best),
+                                             name=f"itertrain-commit-{step}")
+            self._pending.start()
+        else:
+            self._commit_checkpoint(step, best)
+
+    def _commit_in_background(self, step: int, best: str | None) -> None:
+        try:
+            self._commit_checkpoint(step, best)
+        except BaseException as e:  # noqa: BLE001 - re-raised on the training thread by wait()
+            self._error = e
+
+    def _commit_checkpoint(self, step: int, best: str | None) -> None:
+        directory = self.root / f"checkpoint-{step}"
+        faults.point("checkpoint.commit")
+        self._commit(directory, TRAINER_CHECKPOINT, self.iteration, step, {})
+        self._rotate(exclude={directory.name, Path(best).name if best else ""})
+        self._retire_stale(before_iteration=self.iteration)
 
     def _commit(self, directory: Path, kind: str, iteration: int, step: int, extra: dict[str, Any]) -> Manifest:
         try:
@@ -164,6 +198,7 @@ class CheckpointManager:
     ) -> None:
         """Write iter_K (rank 0), commit it, then retire iteration K's checkpoints. All ranks call."""
         def write() -> None:
+            self.wait()
             directory = self.root / f"iter_{iteration}"
             if (directory / MANIFEST_NAME).exists():
                 raise ArtifactWriteError(f"{directory} is already committed; refusing to overwrite it")
@@ -249,4 +284,9 @@ class CommitCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         self.manager.commit_checkpoint(state.global_step, state.best_model_checkpoint)
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if distributed.is_main():
+            self.manager.wait()  # the last checkpoint is committed before training returns
         return control

@@ -73,6 +73,7 @@ def run(cfg: RunConfig) -> int:
             keep_iteration_checkpoints=cfg.loop.keep_iteration_checkpoints,
             carry_optimizer=cfg.loop.iteration_init == "previous",
             fsync=cfg.loop.fsync,
+            async_commit=cfg.loop.async_commit,
             world_size=distributed.world_size(),
         ))
         record = distributed.run_on_main(

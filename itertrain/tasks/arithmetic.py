@@ -46,10 +46,16 @@ class ArithmeticTask:
     def _rng(self, *parts: Any) -> random.Random:
         return random.Random("/".join(map(str, ("arithmetic", self.seed, *parts))))
 
-    def _problems(self, rng: random.Random, n: int, digits: tuple[int, int], seen: set[str]) -> list[dict[str, str]]:
+    def _problems(self, rng: random.Random, n: int, digits: tuple[int, int], seen: set[str],
+                  other: tuple[int, int] | None = None) -> list[dict[str, str]]:
+        """n distinct problems whose operands have `digits` digits (a range); with `other`, one operand
+        has `digits` and the other `other` digits, in random order."""
         out: list[dict[str, str]] = []
         while len(out) < n:
-            p = problem(_number(rng, rng.randint(*digits)), _number(rng, rng.randint(*digits)), self.width)
+            a, b = _number(rng, rng.randint(*digits)), _number(rng, rng.randint(*(other or digits)))
+            if other is not None and rng.random() < 0.5:
+                a, b = b, a
+            p = problem(a, b, self.width)
             if p["prompt"] not in seen:
                 seen.add(p["prompt"])
                 out.append(p)
@@ -72,10 +78,11 @@ class ArithmeticTask:
         return [{"prompt": r["prompt"], "completion": r["answer"]} for r in rows]
 
     def prompts(self, iteration: int) -> list[dict[str, str]]:
-        """Unlabeled problems for expert iteration `iteration` (the answer is for the verifier only)."""
+        """Unlabeled problems for expert iteration `iteration` (the answer is for the verifier only): one
+        operand has base_digits + iteration digits, the other 1..base_digits + iteration."""
         d = self.base_digits + iteration
         return self._problems(self._rng("prompts", iteration), self.prompts_per_iteration, (d, d),
-                              self._heldout_prompts())
+                              self._heldout_prompts(), other=(1, d))
 
     def eval_rows(self) -> list[dict[str, str]]:
         """Labeled held-out rows for the eval loss (base difficulty)."""
