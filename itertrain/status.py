@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from argparse import ArgumentParser
 from pathlib import Path
 
 from itertrain.errors import ItertrainError, UsageError
 from itertrain.experiment import load_record
-from itertrain.recovery.discover import Status, discover
+from itertrain.recovery.discover import Status, discover, missing_aux
 from itertrain.recovery.manifest import ManifestError, read_manifest
 from itertrain.recovery.plan import RecoveryFlags, decide
 from itertrain.recovery.report import inventory_to_json, plan_to_json, render
-from itertrain.recovery.resolve import verify_chosen
+from itertrain.recovery.resolve import verify_chosen, with_missing_aux
 from itertrain.recovery.verify import deep_problems
 
 
@@ -51,10 +52,11 @@ def status(argv: list[str]) -> int:
         ns.iteration_init or args.get("iteration_init", "previous"),
     )
     inv = discover(root, record)
+    inv = dataclasses.replace(inv, iteration_models=tuple(missing_aux(root, m) for m in inv.iteration_models))
     rejected: dict[str, str] = {}
     try:
         while True:
-            plan = decide(flags, inv, rejected)
+            plan = with_missing_aux(root, decide(flags, inv, rejected))
             failures = verify_chosen(root, inv, plan)
             if not failures:
                 break

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 
@@ -13,7 +13,6 @@ from itertrain.recovery.manifest import (
     DATA,
     ITERATION_MODEL,
     TRAINER_CHECKPOINT,
-    Manifest,
     ManifestError,
     ManifestHeader,
     read_header,
@@ -136,18 +135,22 @@ def _header_status(directory: str, kind: str) -> tuple[Status, ManifestHeader | 
     return Status.COMMITTED, header, None
 
 
-def _model_status(directory: Path) -> tuple[Status, Manifest | None, str | None, tuple[str, ...]]:
-    """An iteration model's status, and which of its config/tokenizer files are missing."""
+def missing_aux(root: str | Path, model: IterationModel) -> IterationModel:
+    """`model` with `missing_aux` filled: the config/tokenizer files its manifest lists that are gone.
+
+    Not part of discovery (that would read every model's full manifest); the recovery shell asks
+    for the model it chose, `itertrain status` for every model it shows."""
+    if model.foreign or model.status != Status.COMMITTED:
+        return model
+    directory = Path(root) / model.path
     try:
         manifest = read_manifest(directory)
-    except ManifestError as e:
-        return Status.CORRUPT, None, str(e), ()
+    except ManifestError:
+        return model
     if manifest is None:
-        return Status.TORN, None, _NO_MANIFEST, ()
-    if manifest.kind != ITERATION_MODEL:
-        return Status.CORRUPT, manifest, f"manifest says kind {manifest.kind!r}, expected {ITERATION_MODEL!r}", ()
-    aux = tuple(rel for rel in manifest.files if _AUX_RE.match(rel) and not (directory / rel).exists())
-    return Status.COMMITTED, manifest, None, aux
+        return model
+    aux = tuple(rel for rel in manifest.files if _AUX_RE.match(rel) and not os.path.exists(directory / rel))
+    return replace(model, missing_aux=aux)
 
 
 def _foreign_status(directory: Path, kind: str) -> tuple[Status, str | None]:
@@ -215,15 +218,16 @@ def discover(output_dir: str | Path, record: dict | None = None) -> Inventory:
             continue
         directory = Path(entry.path)
         iteration = int(m.group(1)) if m else 0
-        status, manifest, problem, aux = _model_status(directory)
+        status, header, problem = _header_status(entry.path, ITERATION_MODEL)
         foreign = False
+        aux: tuple[str, ...] = ()
         if status == Status.TORN and (foreign_everywhere or entry.name in adopted or m is None):
             status, problem = _foreign_status(directory, ITERATION_MODEL)
             foreign = True
             if not (directory / "config.json").exists() and status == Status.UNVERIFIED:
                 aux = ("config.json",)
-        elif manifest is not None and manifest.iteration != iteration:
-            status, problem = Status.CORRUPT, f"manifest says iteration {manifest.iteration}, the name says {iteration}"
+        elif header is not None and header.iteration != iteration:
+            status, problem = Status.CORRUPT, f"manifest says iteration {header.iteration}, the name says {iteration}"
         models.append(IterationModel(entry.name, iteration, status, _mtime(directory), problem, aux, foreign))
 
     scanned = _scan_checkpoints(str(root), str(root), foreign_everywhere, adopted)
@@ -261,8 +265,6 @@ def discover(output_dir: str | Path, record: dict | None = None) -> Inventory:
 
 
 def _replace(ckpt: TrainerCheckpoint, **changes) -> TrainerCheckpoint:
-    from dataclasses import replace
-
     return replace(ckpt, **changes)
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from itertrain import distributed
 from itertrain.errors import RecoveryRefused
-from itertrain.recovery.discover import Inventory, IterationModel, discover
+from itertrain.recovery.discover import Inventory, IterationModel, discover, missing_aux
 from itertrain.recovery.manifest import ITERATION_MODEL, TRAINER_CHECKPOINT, ManifestError, read_manifest
 from itertrain.recovery.plan import BASE, Mode, RecoveryFlags, RecoveryPlan, decide
 from itertrain.recovery.restore import (
@@ -59,6 +59,8 @@ def verify_chosen(root: Path, inv: Inventory, plan: RecoveryPlan) -> dict[str, s
     failures: dict[str, str] = {}
     for rel in plan.to_verify:
         kind, artifact = _kind_of(inv, rel)
+        if plan.iteration_model is not None and rel == plan.iteration_model.path:
+            artifact = plan.iteration_model  # with its missing config/tokenizer files looked up
         try:
             manifest = None if getattr(artifact, "foreign", False) else read_manifest(root / rel)
         except ManifestError as e:
@@ -73,6 +75,13 @@ def verify_chosen(root: Path, inv: Inventory, plan: RecoveryPlan) -> dict[str, s
     return failures
 
 
+def with_missing_aux(root: Path, plan: RecoveryPlan) -> RecoveryPlan:
+    """The plan with its iteration model's missing config/tokenizer files looked up."""
+    if plan.iteration_model is None:
+        return plan
+    return dataclasses.replace(plan, iteration_model=missing_aux(root, plan.iteration_model))
+
+
 def decide_verified(
     root: Path, flags: RecoveryFlags, rejected: dict[str, str], record: dict | None
 ) -> tuple[RecoveryPlan, Inventory]:
@@ -80,7 +89,8 @@ def decide_verified(
     inv = discover(root, record)
     rejected = dict(rejected)
     while True:
-        plan = decide(flags, inv, rejected)  # raises RecoveryRefused for explicit values that failed
+        # decide() raises RecoveryRefused when an explicit value is among the rejected
+        plan = with_missing_aux(root, decide(flags, inv, rejected))
         failures = verify_chosen(root, inv, plan)
         if not failures:
             return plan, inv
