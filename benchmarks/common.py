@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -37,7 +37,8 @@ class ModelSpec:
 
     @property
     def key(self) -> str:
-        return f"llama-h{self.hidden_size}-i{self.intermediate_size}-l{self.num_hidden_layers}-a{self.num_attention_heads}"
+        return (f"llama-h{self.hidden_size}-i{self.intermediate_size}-l{self.num_hidden_layers}"
+                f"-a{self.num_attention_heads}")
 
 
 # ~103M parameters: 411 MB of fp32 weights, 823 MB of AdamW state -> a 1.23 GB trainer checkpoint.
@@ -67,8 +68,8 @@ class Settings:
         if quick:
             return cls(quick, repeats or 3, work, cold, QUICK_MODEL, seq_chars=62, batch_size=1, max_steps=30,
                        save_steps=10, logging_steps=5, plan_sizes=((100, 10), (1000, 100)), verbose=verbose)
-        return cls(quick, repeats or 5, work, cold, FULL_MODEL, seq_chars=62, batch_size=1, max_steps=60,
-                   save_steps=20, logging_steps=10, plan_sizes=((100, 10), (1000, 100), (10000, 1000)), verbose=verbose)
+        return cls(quick, repeats or 5, work, cold, FULL_MODEL, seq_chars=62, batch_size=1, max_steps=100,
+                   save_steps=50, logging_steps=10, plan_sizes=((100, 10), (1000, 100), (10000, 1000)), verbose=verbose)
 
 
 def child_env(**extra: str) -> dict[str, str]:
@@ -164,15 +165,24 @@ def hf_cmd(flags: list[str], resume: bool = False) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # page cache and files
 # ---------------------------------------------------------------------------------------------
-def drop_caches() -> bool:
-    """sync + drop the page cache (root only). True when it worked."""
+COLD_SETTLE_S = 5.0
+
+
+def drop_caches(settle: float = COLD_SETTLE_S) -> bool:
+    """sync + drop the page cache (root only), then wait `settle` seconds. True when it worked.
+
+    The wait matters on this VM: memory freed by the drop is handed back to the host after a second
+    or two, and a read that starts before that runs ~3x faster (0.19 s vs 0.6 s for 411 MB) than one
+    that starts after. Waiting puts every cold measurement in the same, fully cold, state.
+    """
     try:
         os.sync()
         with open("/proc/sys/vm/drop_caches", "w") as f:
             f.write("3\n")
-        return True
     except OSError:
         return False
+    time.sleep(settle)
+    return True
 
 
 def link_tree(src: Path, dst: Path, min_link: int = 1 << 20) -> None:
@@ -249,10 +259,10 @@ class RunResult:
 
     @property
     def text(self) -> str:
-        return "\n".join(l for _, l in self.lines)
+        return "\n".join(line for _, line in self.lines)
 
     def tail(self, n: int = 40) -> str:
-        return "\n".join(l for _, l in self.lines[-n:])
+        return "\n".join(line for _, line in self.lines[-n:])
 
 
 def run_monitored(
@@ -374,6 +384,21 @@ def run_monitored(
     proc.returncode = result.returncode
     result.maxrss_kb = rusage.ru_maxrss if rusage is not None else 0
     return result
+
+
+def save_log(s: "Settings", name: str, r: RunResult) -> Path:
+    """The run's timestamped output, marks and save windows, for looking into a number later."""
+    d = s.work / "logs"
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"{name}.log"
+    with open(path, "w") as f:
+        f.write(f"# cmd: {' '.join(r.cmd)}\n# exit {r.returncode} killed={r.killed} wall={r.wall:.3f}s "
+                f"maxrss={r.maxrss_kb} kB\n# marks: {r.marks}\n# mark_hwm_kb: {r.mark_hwm_kb}\n")
+        for w in r.windows:
+            f.write(f"# save {w.name}: start {w.start:.3f} hf_end {w.hf_end} end {w.end} hwm {w.hwm_kb} kB\n")
+        for t, line in r.lines:
+            f.write(f"{t:9.3f} {line}\n")
+    return path
 
 
 class BenchError(RuntimeError):

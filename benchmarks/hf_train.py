@@ -1,8 +1,10 @@
 """The baseline: the same training job written as a plain Hugging Face Trainer script.
 
 What a user without itertrain would run: load the model and tokenizer, tokenize the same JSONL the
-same way, `Trainer(...).train(resume_from_checkpoint=True|None)`, then `save_model` the result
-(itertrain's equivalent is the iteration model `iter_0`). No manifests, no fsync, no recovery.
+same way, `Trainer(...).train(resume_from_checkpoint=True|None)`, then the two things an itertrain
+iteration does after training: the loss on the first 128 training rows (itertrain's `evaluate`
+stage when there is no --eval_file: `eval_train_loss`) and `save_model` (itertrain's `iter_0`).
+No manifests, no fsync, no recovery.
 
     python benchmarks/hf_train.py --model_name DIR --train_file F.jsonl --output_dir OUT [--resume] [HF flags]
 """
@@ -23,11 +25,18 @@ class JobArguments:
     train_file: str = field(default=None)  # type: ignore[assignment]
     max_seq_length: int = 256  # itertrain's default
     resume: bool = False  # resume_from_checkpoint=True (HF finds the newest checkpoint-* in output_dir)
+    eval_train_rows: int = 128  # as itertrain's sft strategy without --eval_file (0: no evaluation)
 
 
 def main() -> int:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        HfArgumentParser,
+        Trainer,
+        TrainingArguments,
+    )
 
     # The data pipeline is shared with itertrain on purpose: identical token sequences and batches.
     from itertrain.data import PadCollator, build_dataset, read_jsonl
@@ -35,15 +44,22 @@ def main() -> int:
     job, args = HfArgumentParser((JobArguments, TrainingArguments)).parse_args_into_dataclasses()
     tokenizer = AutoTokenizer.from_pretrained(job.model_name, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(job.model_name, dtype=torch.float32, local_files_only=True)
-    dataset = build_dataset(read_jsonl(job.train_file), tokenizer, job.max_seq_length)
+    rows = read_jsonl(job.train_file)
+    dataset = build_dataset(rows, tokenizer, job.max_seq_length)
+    eval_dataset = None
+    if job.eval_train_rows:
+        eval_dataset = build_dataset(rows[: job.eval_train_rows], tokenizer, job.max_seq_length)
     trainer = Trainer(
         model=model,
         args=args,
         train_dataset=dataset,
+        eval_dataset=eval_dataset,
         data_collator=PadCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
     )
     trainer.train(resume_from_checkpoint=True if job.resume else None)
+    if eval_dataset is not None:
+        trainer.evaluate(metric_key_prefix="eval_train")
     final = os.path.join(args.output_dir, "final")
     trainer.save_model(final)  # the trained model, as itertrain's iter_0 (config, weights, tokenizer)
     return 0

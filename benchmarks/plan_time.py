@@ -16,7 +16,6 @@ kernel's caches, the usual case for a relaunch) as the figure; cold (page cache 
 from __future__ import annotations
 
 import json
-import os
 import random
 import time
 from pathlib import Path
@@ -43,11 +42,28 @@ def _write_artifact(directory: Path, files: dict[str, int], manifest_json: dict)
     (directory / "itertrain.manifest.json").write_text(json.dumps(manifest_json, indent=2) + "\n")
 
 
+def _format_key() -> str:
+    """A fingerprint of how `Manifest.to_json()` lays a manifest out (field order, schema): cached
+    synthetic dirs are rebuilt when the product changes its manifest format."""
+    import hashlib
+
+    from itertrain.recovery.manifest import TRAINER_CHECKPOINT, FileEntry, Manifest
+
+    sample = Manifest(kind=TRAINER_CHECKPOINT, iteration=0, step=0, files={"a": FileEntry(0, "0")}, world_size=1)
+    return hashlib.sha1(json.dumps(sample.to_json(), indent=2).encode()).hexdigest()[:8]
+
+
 def build(root: Path, n_ckpt: int, n_models: int) -> Path:
     """The synthetic output dir (cached; a `.complete` marker says it is whole)."""
-    from itertrain.recovery.manifest import ITERATION_MODEL, TRAINER_CHECKPOINT, FileEntry, Manifest, library_versions
+    from itertrain.recovery.manifest import (
+        ITERATION_MODEL,
+        TRAINER_CHECKPOINT,
+        FileEntry,
+        Manifest,
+        library_versions,
+    )
 
-    out = root / "plan" / f"c{n_ckpt}-m{n_models}"
+    out = root / "plan" / f"c{n_ckpt}-m{n_models}-{_format_key()}"
     if (out / ".complete").exists():
         return out
     import shutil
@@ -119,7 +135,7 @@ def collect(s: Settings, session: dict) -> dict:
             raise RuntimeError(f"unexpected plan on the synthetic dir: {plan}")
         cold = []
         if s.cold:
-            for _ in range(min(n, 3)):
+            for _ in range(1 if s.quick else min(n, 3)):
                 if not drop_caches():
                     break
                 cold.append(timed_plan(root, n_models))
@@ -148,12 +164,12 @@ def figures(s: Settings, session: dict) -> list[Figure]:
         if r["cold"]:
             detail["cold_total_s"] = round(median([a + b for a, b in r["cold"]]), 4)
             detail["cold_discover_s"] = round(median([a for a, _ in r["cold"]]), 4)
-        largest = (n_ckpt, n_models) == max(results)
-        met = None
-        if largest:
-            met = t < 0.2 and (growth is None or growth <= 1.25)
+        # The target is stated for 10k checkpoints + 1k models; smaller sizes show the scaling.
+        # "Linear": the growth from the previous size is within 1.25x of proportional.
+        is_target = n_ckpt >= 10000
+        met = (t < 0.2 and (growth is None or growth <= 1.25)) if is_target else None
         figs.append(Figure(f"plan time (discover + decide), {n_ckpt:,} checkpoints + {n_models:,} iteration models",
-                           t, None, None, "< 0.2 s at 10k, linear" if largest else "(scaling)", met, len(total), "s",
+                           t, None, None, "< 0.2 s, linear" if is_target else "(scaling)", met, len(total), "s",
                            detail))
         prev = (n_ckpt + n_models, t)
     return figs

@@ -6,13 +6,19 @@ is made once by itertrain itself (killed right after `checkpoint-2` committed). 
 holds hard links to the very same files (without the manifest), so both read the same bytes.
 
 Each run gets a fresh copy of its pristine directory (big files hard-linked, small ones copied), is
-launched with `--log_level info --logging_steps 1`, and is observed from outside only:
+launched with `--log_level info --logging_steps 1`, and is observed from outside only (no hook in
+either program):
+- the first logged step (`{'loss': ...}`, printed by HF after step 3, the first step after the
+  resume, completes): the figure. It is the fair end point: transformers 5 loads weights lazily
+  (parameters stay mmap-backed until first written), so itertrain, which loads the weights straight
+  from the checkpoint, pays ~0.4 s of page faults in the first optimizer step, while HF pays them
+  before the loop when it copies the checkpoint's weights into the base model it loaded;
 - `***** Running training *****`: HF logs it after every part of the resume (itertrain's discovery,
   plan, checksum verification, weight load and state probe; HF's weight, optimizer and scheduler
-  load), right before the loop: the primary "first training step starts" signal;
-- the first logged step (`{'loss': ...}` after step 3): the first step is complete (info);
-then the process group is SIGKILLed (the rest of the job is not measured).
-Peak RSS up to the loop start is read from /proc/PID/status (VmHWM) when that line arrives.
+  load), right before the loop (info, for the reason above it flatters itertrain);
+then, after the second logged step, the process group is SIGKILLed (the rest is not measured).
+Peak RSS (VmHWM) is read from /proc/PID/status as each of these lines arrives.
+Cold runs drop the page cache (and wait for it to settle) before each launch.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from benchmarks.common import (
     ratio_figure,
     rmtree,
     run_monitored,
+    save_log,
 )
 
 MANIFEST = "itertrain.manifest.json"
@@ -112,6 +119,7 @@ def one_resume(s: Settings, variant: str, tag: str, cold: bool) -> RunResult:
     else:
         _warm(out / f"checkpoint-{RESUME_STEP}")
     r = run_monitored(cmd, env=child_env(), marks=MARKS, stop_at="step2", timeout=900)
+    save_log(s, f"resume-{'cold' if cold else 'warm'}-{variant}-{tag}", r)
     check_ok(r, f"{variant} resume")
     missing = [m for m in MARKS if m not in r.marks]
     if missing:
@@ -154,12 +162,12 @@ def figures(s: Settings, session: dict) -> list[Figure]:
                   "step_s_itertrain": round(sorted(r.marks["step2"] - r.marks["step1"] for r in it)[len(it) // 2], 3),
                   "step_s_hf": round(sorted(r.marks["step2"] - r.marks["step1"] for r in hf)[len(hf) // 2], 3)}
         figs.append(ratio_figure(
-            f"resume: launch -> training loop starts ({label})",
-            [r.marks["loop_start"] for r in it], [r.marks["loop_start"] for r in hf],
-            target="<= 1.10x" if not cold else "(<= 1.10x, cold)", unit="s", limit=1.10, detail=detail,
+            f"resume: launch -> first training step done ({label})",
+            [r.marks["step1"] for r in it], [r.marks["step1"] for r in hf],
+            target="<= 1.10x" if not cold else "<= 1.10x (cold)", unit="s", limit=1.10, detail=detail,
         ))
         figs.append(ratio_figure(
-            f"resume: launch -> first step logged ({label})",
-            [r.marks["step1"] for r in it], [r.marks["step1"] for r in hf], target="(info)", unit="s",
+            f"resume: launch -> training loop starts ({label})",
+            [r.marks["loop_start"] for r in it], [r.marks["loop_start"] for r in hf], target="(info)", unit="s",
         ))
     return figs

@@ -55,7 +55,7 @@ def collect(s: Settings, session: dict) -> dict:
     manifest = read_manifest(d)
     names = list(manifest.files)
     nbytes = sum(e.size for e in manifest.files.values())
-    n = max(s.repeats, 5)
+    n = s.repeats if s.quick else max(s.repeats, 5)
     log(s, f"verify: {nbytes / 1e9:.2f} GB in {len(names)} files, {n} interleaved pairs per cache state")
     out: dict = {"bytes": nbytes, "files": len(names)}
     modes = ("warm", "cold") if s.cold else ("warm",)
