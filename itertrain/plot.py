@@ -24,16 +24,17 @@ def _accuracy_keys(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def metrics_table(exp_dir: Path) -> str:
-    """Markdown table: samples, acceptance rate, train loss, held-out accuracy per difficulty, wall time."""
+    """Markdown table: samples, acceptance rate, distinct samples kept, train loss, held-out accuracy per difficulty, wall time."""
     rows = read_metrics(exp_dir)
     acc = _accuracy_keys(rows)
-    head = ["iter", "samples", "accepted", "train loss", *[k.removeprefix("accuracy_") + " acc" for k in acc], "wall s"]
+    head = ["iter", "samples", "accepted", "kept", "train loss", *[k.removeprefix("accuracy_") + " acc" for k in acc], "wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [
             str(r["iteration"]),
             str(r.get("samples", "—")),
             f"{r['acceptance_rate']:.1%}" if "acceptance_rate" in r else "—",
+            str(r.get("accepted", "—")),
             f"{r['train_loss']:.3f}" if "train_loss" in r else "—",
             *[f"{r[k]:.0%}" if k in r else "—" for k in acc],
             f"{r.get('wall_time_s', 0):.0f}",

@@ -162,9 +162,10 @@ class ExpertIterationStrategy(Strategy):
                         accepted.append({"prompt": row["prompt"], "completion": completion})
             solved += ok_any
         n = len(samples)
-        stats = {"samples": n, "accepted": len(accepted), "acceptance_rate": sum(
-            s["reward"] >= loop.reward_threshold for s in samples) / max(n, 1),
-            "prompts_solved": solved, "prompts": len(rows)}
+        passed = sum(s["reward"] >= loop.reward_threshold for s in samples)
+        # acceptance_rate counts every passing sample; `accepted` is what is kept after deduplication.
+        stats = {"samples": n, "accepted": len(accepted), "acceptance_rate": passed / max(n, 1),
+                 "prompts_solved": solved, "prompts": len(rows)}
         directory = self._data_dir(iteration)
         directory.mkdir(parents=True, exist_ok=True)
         write_jsonl(directory / SAMPLES, samples)
@@ -172,8 +173,9 @@ class ExpertIterationStrategy(Strategy):
         (directory / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
         self.ctx.manager.commit_data(directory, iteration, {"weights_id": weights_id, "stats": stats,
                                                            "settings": self._settings(iteration)})
-        print(f"   📦 data/iter_{iteration}: {len(accepted)} accepted of {n} samples "
-              f"({stats['acceptance_rate']:.1%}), {solved}/{len(rows)} prompts solved", flush=True)
+        print(f"   📦 data/iter_{iteration}: {passed} of {n} samples passed the verifier "
+              f"({stats['acceptance_rate']:.1%}), {len(accepted)} distinct kept, {solved}/{len(rows)} prompts "
+              "solved", flush=True)
         return stats
 
     def _labeled_rows(self) -> list[dict[str, Any]]:

@@ -1,0 +1,54 @@
+"""`itertrain demo`, shortened: the main job's plumbing (model creation, expert iteration on the built-in
+task, table, plot, resume on rerun). Whether accuracy rises is measured by the full demo, not here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from conftest import itertrain, manifest
+
+from itertrain.tasks.arithmetic import ArithmeticTask
+
+# The demo's own flags, cut down to seconds: 2 iterations of a few steps, one sample per prompt. A model
+# trained for 6 steps solves no 4-digit addition, so every sample is kept (threshold 0) to have data.
+SHORT = ["--num_iterations", "2", "--max_steps", "6", "--save_steps", "3", "--logging_steps", "3",
+         "--samples_per_prompt", "1", "--reward_threshold", "0", "--disable_tqdm", "true"]
+
+
+def test_demo_creates_model_runs_expert_iteration_prints_table_and_plot(tmp_path: Path) -> None:
+    r = itertrain("demo", "--output_dir", str(tmp_path / "demo"), *SHORT, timeout=600)
+    assert r.returncode == 0, r.output
+    exp = tmp_path / "demo" / "experiment"
+    assert (tmp_path / "demo" / "tiny-model" / "config.json").exists()
+    rows = [json.loads(line) for line in (exp / "runs" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["iteration"] for row in rows] == [0, 1]
+    # one sample per prompt of the task's 4-digit problems
+    assert rows[1]["samples"] == len(ArithmeticTask(seed=0).prompts(1))
+    assert {"accuracy_3digit", "accuracy_4digit", "accuracy_5digit", "accuracy_6digit"} <= rows[1].keys()
+    # the table printed at the end has one line per iteration, with the generated-sample count of iteration 1
+    table = [line for line in r.stdout.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| iter | samples | accepted | kept | train loss | 3digit acc")
+    assert table[1].startswith("| 0 | — |") and table[2].startswith(f"| 1 | {rows[1]['samples']} |")
+    png = exp / "runs" / "metrics.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (exp / "data" / "iter_1" / "itertrain.manifest.json").exists()
+
+    # rerunning the same command finds the experiment complete and trains nothing
+    before = manifest(exp / "iter_1")
+    again = itertrain("demo", "--output_dir", str(tmp_path / "demo"), *SHORT)
+    assert again.returncode == 0, again.output
+    assert "all 2 iterations are committed; nothing to do" in again.stdout
+    assert "stage: train" not in again.stdout
+    assert manifest(exp / "iter_1") == before
+
+
+def test_demo_refuses_a_model_directory_that_holds_something_else(tmp_path: Path) -> None:
+    model = tmp_path / "demo" / "tiny-model"
+    model.mkdir(parents=True)
+    (model / "notes.txt").write_text("mine")
+    r = itertrain("demo", "--output_dir", str(tmp_path / "demo"), *SHORT)
+    assert r.returncode == 2, r.output
+    assert "holds no model" in r.stderr
+    assert (model / "notes.txt").read_text() == "mine"
+    assert not (tmp_path / "demo" / "experiment").exists()
