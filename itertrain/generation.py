@@ -81,6 +81,7 @@ def sample_completions(
     batch_size: int = 64,
     seed_parts: tuple = (0,),
     desc: str = "generate",
+    progress: bool = True,
 ) -> list[list[str]]:
     """completions[i][s] for prompt i, sample s, on every rank. temperature 0 means greedy."""
     from tqdm.auto import tqdm
@@ -91,18 +92,23 @@ def sample_completions(
     requests.sort(key=lambda r: (len(r.prompt), r.example, r.sample))
     batches = [requests[i:i + batch_size] for i in range(0, len(requests), batch_size)]
     rank, world = distributed.rank(), distributed.world_size()
-    mine = batches[rank::world]
     was_training = model.training
     model.eval()
     results: dict[tuple[int, int], str] = {}
-    bar = tqdm(total=len(requests), desc=desc, unit="sample", disable=rank != 0, dynamic_ncols=True)
-    for batch in mine:
+    bar = tqdm(total=len(requests), desc=desc, unit="sample", disable=rank != 0 or not progress,
+               dynamic_ncols=True)
+    for first in range(0, len(batches), world):
+        # one round: every rank takes one batch; the bar (rank 0) counts the whole round
+        round_ = batches[first:first + world]
+        if rank >= len(round_):
+            break
+        batch = round_[rank]
         faults.point("generation.batch")
         texts = _generate_batch(model, tokenizer, batch, seed_parts=seed_parts, temperature=temperature,
                                 top_p=top_p, max_new_tokens=max_new_tokens)
         for r, t in zip(batch, texts):
             results[(r.example, r.sample)] = t
-        bar.update(len(batch) * world)
+        bar.update(sum(map(len, round_)))
     bar.close()
     if was_training:
         model.train()
@@ -119,6 +125,7 @@ def heldout_accuracy(task, model, ctx) -> dict[str, float]:
         outs = sample_completions(
             model, ctx.tokenizer, [r["prompt"] for r in rows], max_new_tokens=ctx.cfg.loop.max_new_tokens,
             batch_size=ctx.cfg.loop.generation_batch_size, desc=f"eval {name}",
+            progress=not ctx.cfg.training.disable_tqdm,
         )
         correct = sum(task.is_correct(o[0], r["answer"]) for o, r in zip(outs, rows))
         metrics[f"accuracy_{name}"] = correct / max(len(rows), 1)

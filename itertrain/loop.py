@@ -181,9 +181,11 @@ def run_iteration(ctx: LoopContext, strategy, resolved: Resolved, record: dict, 
     started = time.time()
     weights_id = manifest_id(root / plan.weights_from) if plan.weights_from != BASE else "base"
 
-    say(f"🔁 iteration {k + 1}/{n} (iter_{k}) · stage: generate")
-    faults.point("stage.generate")
-    gen_stats = strategy.generate(k, model, plan.weights_from) or {}
+    gen_stats: dict[str, Any] = {}
+    if strategy.generates(k):
+        say(f"🔁 iteration {k + 1}/{n} (iter_{k}) · stage: generate")
+        faults.point("stage.generate")
+        gen_stats = strategy.generate(k, model, plan.weights_from) or {}
 
     say(f"🔁 iteration {k + 1}/{n} (iter_{k}) · stage: train"
         + (f" (continuing at step {plan.step})" if plan.step else ""))

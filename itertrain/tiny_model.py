@@ -47,7 +47,9 @@ def init_model(directory: str | Path, spec: TinyModelSpec = TinyModelSpec()) -> 
     """Write the tiny model + tokenizer to `directory` (created; must be empty or absent)."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a one-file save of a tiny model needs no progress bar
     out = Path(directory)
     if out.exists() and any(out.iterdir()):
         from itertrain.errors import UsageError

@@ -28,6 +28,10 @@ class Strategy(ABC):
     def __init__(self, ctx: LoopContext):
         self.ctx = ctx
 
+    def generates(self, iteration: int) -> bool:
+        """Whether iteration `iteration` has a `generate` stage."""
+        return False
+
     def generate(self, iteration: int, model, weights_from: str) -> dict[str, Any] | None:
         """The `generate` stage (sample, score, filter, commit data/iter_K). None: no such stage.
 

@@ -117,11 +117,14 @@ class ExpertIterationStrategy(Strategy):
             safe_rmtree(directory, self.ctx.root)
         return None
 
+    def generates(self, iteration: int) -> bool:
+        return iteration > 0  # iteration 0 learns from labeled data
+
     def generate(self, iteration: int, model, weights_from: str) -> dict[str, Any] | None:
         """Sample from iter_{K-1}, the newest model when iteration K starts, whatever this launch
         resumes from (a checkpoint mid-iteration must not change the iteration's data)."""
-        if iteration == 0:
-            return None  # iteration 0 learns from labeled data
+        if not self.generates(iteration):
+            return None
         cfg, loop = self.ctx.cfg, self.ctx.cfg.loop
         source = f"iter_{iteration - 1}"
         weights_id = manifest_id(self.ctx.root / source)
@@ -141,6 +144,7 @@ class ExpertIterationStrategy(Strategy):
             samples_per_prompt=loop.samples_per_prompt, temperature=loop.temperature, top_p=loop.top_p,
             max_new_tokens=loop.max_new_tokens, batch_size=loop.generation_batch_size,
             seed_parts=(cfg.training.seed, iteration), desc=f"generate iter_{iteration}",
+            progress=not cfg.training.disable_tqdm,
         )
         return distributed.run_on_main(self._score_and_commit, iteration, rows, completions, weights_id)
 
