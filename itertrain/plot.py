@@ -12,6 +12,8 @@ from itertrain.errors import UsageError
 
 def read_metrics(exp_dir: Path) -> list[dict[str, Any]]:
     path = Path(exp_dir) / "runs" / "metrics.jsonl"
+    if not Path(exp_dir).is_dir():
+        raise UsageError(f"{exp_dir} is not a directory: pass an experiment's --output_dir")
     if not path.exists():
         raise UsageError(f"{path} does not exist: no iteration of this experiment has committed yet")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

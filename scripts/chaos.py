@@ -232,6 +232,11 @@ def run(kills: int, seed: int, nproc: int, work: Path, ci: bool, iterations: int
     if rc != 0:
         raise SystemExit(f"reference run failed (exit {rc}); see {work / 'reference.log'}")
     reference_s = time.time() - t
+    # Timer kills land in the work, not in the start-up: a random moment within about two iterations
+    # after the plan (the plan's report file marks the end of the start-up).
+    plan_files = sorted((ref / "runs").glob("recovery-*.json"))
+    startup_s = min(max(plan_files[0].stat().st_mtime - t, 0.0), reference_s) if plan_files else 0.0
+    per_iteration_s = (reference_s - startup_s) / iterations
     rng = random.Random(seed)
     seen: set[str] = set()
     plan = schedule(kills, seed, ci)
@@ -239,7 +244,7 @@ def run(kills: int, seed: int, nproc: int, work: Path, ci: bool, iterations: int
         for i, (point, hit) in enumerate([*plan, ("none", 0)]):
             before = committed_point(out)
             fault = f"{point}=kill#{hit}" if point not in ("timer", "none") else None
-            timer = rng.uniform(0.3, 1.0) * reference_s if point == "timer" else None
+            timer = startup_s + rng.uniform(0.0, 2.0) * per_iteration_s if point == "timer" else None
             log.write(f"\n===== launch {i}: kill at {point}#{hit} timer={timer} =====\n")
             log.flush()
             t = time.time()
@@ -272,13 +277,14 @@ def main() -> int:
     p.add_argument("--kills", type=int, default=6)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--nproc", type=int, default=2)
-    p.add_argument("--iterations", type=int, default=None, help="default: enough for the kills (>= 3)")
+    p.add_argument("--iterations", type=int, default=None, help="default: one per kill (>= 3); 3 with --ci")
     p.add_argument("--ci", action="store_true", help="the bounded CI sequence (every save path, >= 6 kills)")
     p.add_argument("--workdir", default=None)
     p.add_argument("--report", default=None, help="also write the JSON summary here")
     ns = p.parse_args()
     work = Path(ns.workdir) if ns.workdir else Path(tempfile.mkdtemp(prefix="itertrain-chaos-"))
-    iterations = ns.iterations or (3 if ns.ci else max(3, (ns.kills + 1) // 2))
+    # named kills fire early in a launch, so a soak needs about one iteration of work per kill
+    iterations = ns.iterations or (3 if ns.ci else max(3, ns.kills))
     summary = run(ns.kills, ns.seed, ns.nproc, work, ns.ci, iterations)
     result = {**asdict(summary), "ok": summary.ok, "workdir": str(work)}
     text = json.dumps(result, indent=2)
