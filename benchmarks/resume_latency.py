@@ -28,9 +28,7 @@ from pathlib import Path
 
 from benchmarks.common import (
     Figure,
-    RunResult,
     Settings,
-    check_ok,
     child_env,
     dir_bytes,
     drop_caches,
@@ -43,9 +41,8 @@ from benchmarks.common import (
     make_model,
     ratio_figure,
     rmtree,
-    run_monitored,
-    save_log,
 )
+from benchmarks.monitor import RunResult, check_ok, run_monitored, save_log
 
 MANIFEST = "itertrain.manifest.json"
 RESUME_STEP = 2

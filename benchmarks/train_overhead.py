@@ -22,9 +22,7 @@ import re
 
 from benchmarks.common import (
     Figure,
-    RunResult,
     Settings,
-    check_ok,
     child_env,
     hf_cmd,
     itertrain_cmd,
@@ -35,10 +33,9 @@ from benchmarks.common import (
     median,
     ratio_figure,
     rmtree,
-    run_monitored,
-    save_log,
     spread,
 )
+from benchmarks.monitor import RunResult, check_ok, run_monitored, save_log
 
 MANIFEST = "itertrain.manifest.json"
 _RUNTIME_RE = re.compile(r"'train_runtime':\s*'?([0-9.]+)")
