@@ -30,24 +30,32 @@ from benchmarks.common import Settings, rmtree  # noqa: E402
 from benchmarks.verify_throughput import raw_read  # noqa: E402
 
 
+def _time_plan(D, root: Path, flags, label: str, n: int) -> None:
+    """Median of n timed discover + decide runs on the 10k synthetic dir (after one warm-up, which
+    also fills a cache variant), with the patched discovery module D."""
+    from itertrain.experiment import load_record
+    from itertrain.recovery.plan import decide
+
+    D.discover(root, load_record(root))
+    ts = []
+    for _ in range(n):
+        t = time.perf_counter()
+        plan = decide(flags, D.discover(root, load_record(root)))
+        ts.append(time.perf_counter() - t)
+    assert plan.state_from == "checkpoint-100000", plan
+    print(f"  {label:72s} {statistics.median(ts):.3f} s", flush=True)
+
+
 def plan_prototypes(s: Settings) -> None:
     import itertrain.recovery.discover as D
-    from itertrain.experiment import load_record
     from itertrain.recovery import manifest as M
-    from itertrain.recovery.plan import AUTO, RecoveryFlags, decide
+    from itertrain.recovery.plan import AUTO, RecoveryFlags
 
     root = plan_time.build(s.work, 10000, 1000)
     flags = RecoveryFlags(AUTO, AUTO, False, 1010, "previous")
 
-    def bench(label: str, n: int = 5) -> None:
-        D.discover(root, load_record(root))  # warm (and fill the cache variant)
-        ts = []
-        for _ in range(n):
-            t = time.perf_counter()
-            plan = decide(flags, D.discover(root, load_record(root)))
-            ts.append(time.perf_counter() - t)
-        assert plan.state_from == "checkpoint-100000", plan
-        print(f"  {label:72s} {statistics.median(ts):.3f} s", flush=True)
+    def bench(label: str) -> None:
+        _time_plan(D, root, flags, label, n=5)
 
     if not all(hasattr(D, name) for name in ("check_sizes", "_committed_status", "read_manifest")):
         print("plan prototypes: not applicable, itertrain/recovery/discover.py has changed since they were "
@@ -129,9 +137,8 @@ def plan_prototypes_headers(s: Settings) -> None:
     """For the header-only discovery (commit 8c18176 and later): iteration models read by header too,
     their missing config/tokenizer check left to the model the plan picks."""
     import itertrain.recovery.discover as D
-    from itertrain.experiment import load_record
     from itertrain.recovery import manifest as M
-    from itertrain.recovery.plan import AUTO, RecoveryFlags, decide
+    from itertrain.recovery.plan import AUTO, RecoveryFlags
 
     if not all(hasattr(D, n) for n in ("_model_status", "read_header")):
         print("header plan prototypes: not applicable to this version of itertrain/recovery/discover.py")
@@ -139,15 +146,8 @@ def plan_prototypes_headers(s: Settings) -> None:
     root = plan_time.build(s.work, 10000, 1000)
     flags = RecoveryFlags(AUTO, AUTO, False, 1010, "previous")
 
-    def bench(label: str, n: int = 7) -> None:
-        D.discover(root, load_record(root))
-        ts = []
-        for _ in range(n):
-            t = time.perf_counter()
-            plan = decide(flags, D.discover(root, load_record(root)))
-            ts.append(time.perf_counter() - t)
-        assert plan.state_from == "checkpoint-100000", plan
-        print(f"  {label:72s} {statistics.median(ts):.3f} s", flush=True)
+    def bench(label: str) -> None:
+        _time_plan(D, root, flags, label, n=7)
 
     def model_status_by_header(directory):
         try:
