@@ -47,7 +47,7 @@ def _format_key() -> str:
     synthetic dirs are rebuilt when the product changes its manifest format."""
     import hashlib
 
-    from itertrain.recovery.manifest import TRAINER_CHECKPOINT, FileEntry, Manifest
+    from itertrain.artifacts.manifest import TRAINER_CHECKPOINT, FileEntry, Manifest
 
     sample = Manifest(kind=TRAINER_CHECKPOINT, iteration=0, step=0, files={"a": FileEntry(0, "0")}, world_size=1)
     return hashlib.sha1(json.dumps(sample.to_json(), indent=2).encode()).hexdigest()[:8]
@@ -55,7 +55,7 @@ def _format_key() -> str:
 
 def build(root: Path, n_ckpt: int, n_models: int) -> Path:
     """The synthetic output dir (cached; a `.complete` marker says it is whole)."""
-    from itertrain.recovery.manifest import (
+    from itertrain.artifacts.manifest import (
         ITERATION_MODEL,
         TRAINER_CHECKPOINT,
         FileEntry,

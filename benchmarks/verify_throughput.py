@@ -30,7 +30,7 @@ def raw_read(directory: Path, names: list[str]) -> int:
 
 
 def timed_verify(directory: Path) -> float:
-    from itertrain.recovery.manifest import read_manifest, verify_checksums
+    from itertrain.artifacts.manifest import read_manifest, verify_checksums
 
     t = time.perf_counter()
     problems = verify_checksums(directory, read_manifest(directory))
@@ -49,7 +49,7 @@ def timed_raw(directory: Path, names: list[str]) -> float:
 def collect(s: Settings, session: dict) -> dict:
     if "verify" in session:
         return session["verify"]
-    from itertrain.recovery.manifest import read_manifest
+    from itertrain.artifacts.manifest import read_manifest
 
     d = checkpoint_dir(s)
     manifest = read_manifest(d)

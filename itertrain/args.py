@@ -1,29 +1,45 @@
-"""Command-line arguments: dataclasses parsed by HfArgumentParser, with --config FILE.yaml.
+"""The run's configuration: dataclasses on the ground floor of the package.
 
-Every HF `TrainingArguments` flag passes through; itertrain adds the model, loop and recovery
-groups. Values from the YAML file come first and the command line overrides them.
+The CLI layer (`itertrain.parser`) parses them with HfArgumentParser, each group under its own title
+in `--help`; the loop, the recovery shell and the strategies read them. Nothing here imports a
+strategy, the parser or torch.
 """
 
 from __future__ import annotations
 
-import os
-import sys
-from argparse import ArgumentParser
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
+from itertrain.recovery.flags import RecoveryFlags, parse_resume_from, parse_resume_from_iteration
 
-from itertrain.errors import UsageError
-from itertrain.recovery.plan import RecoveryFlags, parse_resume_from, parse_resume_from_iteration
 
-STRATEGIES = ("sft", "expert_iteration")
-TASKS = ("arithmetic",)
+@dataclass
+class RecoveryArguments:
+    _argument_group_name = "recovery (the guide's flags)"
+
+    resume_from: str = field(
+        default="none", metadata={"help": "Trainer checkpoint to resume: auto (newest committed) | none | S (checkpoint-S)."}
+    )
+    resume_from_iteration: str = field(
+        default="none", metadata={"help": "Iteration model to resume from: auto (newest complete) | none | iter_K."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Start from scratch over committed progress (old artifacts are moved to superseded/)."}
+    )
+    allow_config_change: bool = field(
+        default=False, metadata={"help": "Resume even though model, strategy or data differ from itertrain.json."}
+    )
+
+    def __post_init__(self) -> None:
+        self.resume_from = parse_resume_from(self.resume_from)
+        self.resume_from_iteration = parse_resume_from_iteration(self.resume_from_iteration)
 
 
 @dataclass
 class ModelArguments:
+    _argument_group_name = "model"
+
     model_name: str = field(
         default=None,  # type: ignore[assignment]
         metadata={"help": "Base model: a local Hugging Face model directory (nothing is downloaded)."},
@@ -40,11 +56,17 @@ class ModelArguments:
 
 @dataclass
 class LoopArguments:
+    _argument_group_name = "iteration loop"
+
     num_iterations: int = field(default=1, metadata={"help": "Iterations 0..N-1 to run."})
-    strategy: str = field(default="sft", metadata={"help": "What each iteration trains on.", "choices": list(STRATEGIES)})
+    strategy: str = field(
+        default="sft",
+        metadata={"help": "What each iteration trains on: a registered name, or package.module:ClassName "
+                          "(`itertrain strategies` lists them)."},
+    )
     train_file: str | None = field(
         default=None,
-        metadata={"help": "JSONL with prompt/completion or text; may contain {iteration}. For expert_iteration: "
+        metadata={"help": "JSONL with prompt/completion or text; may contain {iteration}. For strategies that generate: "
                           "labeled data for iteration 0."},
     )
     eval_file: str | None = field(default=None, metadata={"help": "JSONL for the held-out loss (may contain {iteration})."})
@@ -61,17 +83,25 @@ class LoopArguments:
     async_commit: bool = field(
         default=True, metadata={"help": "Write checkpoint manifests (fsync + checksums) on a thread while training goes on."}
     )
-    task: str | None = field(default=None, metadata={"help": "Built-in task providing data and metrics.", "choices": [None, *TASKS]})
-    prompts_file: str | None = field(
-        default=None, metadata={"help": "expert_iteration: JSONL prompt/answer to sample from (may contain {iteration})."}
+    task: str | None = field(
+        default=None, metadata={"help": "Built-in task providing data and metrics.", "choices": [None, "arithmetic"]}
     )
-    samples_per_prompt: int = field(default=4, metadata={"help": "expert_iteration: completions sampled per prompt."})
-    temperature: float = field(default=1.0, metadata={"help": "expert_iteration: sampling temperature."})
-    top_p: float = field(default=1.0, metadata={"help": "expert_iteration: nucleus sampling."})
-    max_new_tokens: int = field(default=16, metadata={"help": "expert_iteration: tokens generated per sample."})
-    generation_batch_size: int = field(default=64, metadata={"help": "expert_iteration: prompts per generate() call."})
+
+
+@dataclass
+class GenerationArguments:
+    _argument_group_name = "generation and reward (strategies that sample their own data)"
+
+    prompts_file: str | None = field(
+        default=None, metadata={"help": "JSONL prompt/answer to sample from (may contain {iteration})."}
+    )
+    samples_per_prompt: int = field(default=4, metadata={"help": "Completions sampled per prompt."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling."})
+    max_new_tokens: int = field(default=16, metadata={"help": "Tokens generated per sample."})
+    generation_batch_size: int = field(default=64, metadata={"help": "Prompts per generate() call."})
     reward_fn: str | None = field(
-        default=None, metadata={"help": "expert_iteration: module:function(prompt, completion, answer) -> float."}
+        default=None, metadata={"help": "module:function(prompt, completion, answer) -> float (default: exact match)."}
     )
     reward_threshold: float = field(default=1.0, metadata={"help": "expert_iteration: keep samples with reward >= this."})
     data_policy: str = field(
@@ -82,38 +112,25 @@ class LoopArguments:
 
 
 @dataclass
-class RecoveryArguments:
-    resume_from: str = field(
-        default="none", metadata={"help": "Trainer checkpoint to resume: auto | none | S (checkpoint-S)."}
-    )
-    resume_from_iteration: str = field(
-        default="none", metadata={"help": "Iteration model to resume from: auto | none | iter_K."}
-    )
-    overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Start from scratch over committed progress (old artifacts are moved aside)."}
-    )
-    allow_config_change: bool = field(
-        default=False, metadata={"help": "Resume even though model, strategy or data differ from itertrain.json."}
-    )
-
-    def __post_init__(self) -> None:
-        self.resume_from = parse_resume_from(self.resume_from)
-        self.resume_from_iteration = parse_resume_from_iteration(self.resume_from_iteration)
-
-
-@dataclass
 class RunConfig:
     """Everything one launch needs, parsed and validated."""
 
     model: ModelArguments
     loop: LoopArguments
+    generation: GenerationArguments
     recovery: RecoveryArguments
-    training: Any  # transformers.TrainingArguments
+    training: Any  # transformers.TrainingArguments, or the strategy's subclass of it (e.g. trl.DPOConfig)
+    strategy_args: Any = None  # the strategy's own arguments dataclass, when it declares one
     argv: list[str] = field(default_factory=list)
 
     @property
     def output_dir(self) -> Path:
         return Path(self.training.output_dir)
+
+    def groups(self) -> list[Any]:
+        """The argument dataclasses, itertrain's first."""
+        extra = [self.strategy_args] if self.strategy_args is not None else []
+        return [self.model, self.loop, self.generation, self.recovery, *extra, self.training]
 
     def recovery_flags(self) -> RecoveryFlags:
         return RecoveryFlags(
@@ -125,135 +142,7 @@ class RunConfig:
         )
 
 
-def _make_parser():
-    from transformers import HfArgumentParser, TrainingArguments
-
-    class Parser(HfArgumentParser):
-        def error(self, message: str):  # argparse would print usage and exit; we raise one clear error
-            raise UsageError(f"{message} (see `itertrain train --help`)")
-
-    return Parser((ModelArguments, LoopArguments, RecoveryArguments, TrainingArguments))
-
-
-def _yaml_to_argv(path: str) -> list[str]:
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"--config {path}: no such file")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UsageError(f"--config {path} is not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise UsageError(f"--config {path} must hold a mapping of flag names to values")
-    argv: list[str] = []
-    for key, value in data.items():
-        flag = f"--{key}"
-        if isinstance(value, bool):
-            argv += [flag, str(value).lower()]
-        elif isinstance(value, (list, tuple)):
-            argv += [flag, *map(str, value)]
-        elif isinstance(value, dict):
-            import json
-
-            argv += [flag, json.dumps(value)]
-        elif value is not None:
-            argv += [flag, str(value)]
-    return argv
-
-
-def _split_config(argv: list[str]) -> tuple[str | None, list[str]]:
-    pre = ArgumentParser(add_help=False)
-    pre.add_argument("--config")
-    ns, rest = pre.parse_known_args(argv)
-    return ns.config, rest
-
-
-def parse_train_args(argv: list[str] | None = None) -> RunConfig:
-    """Parse and validate the flags of `itertrain train`; raises UsageError (exit 2)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    config, rest = _split_config(argv)
-    full = _platform_defaults() + (_yaml_to_argv(config) if config else []) + rest
-    parser = _make_parser()
-    if any(a in ("-h", "--help") for a in rest):
-        parser.print_help()
-        raise SystemExit(0)
-    try:
-        model, loop, recovery, training = parser.parse_args_into_dataclasses(args=full)
-    except UsageError:
-        raise
-    except (ValueError, TypeError) as e:
-        raise UsageError(str(e).strip().splitlines()[0]) from e
-    cfg = RunConfig(model, loop, recovery, training, argv)
-    validate(cfg)
-    return cfg
-
-
-def _platform_defaults() -> list[str]:
-    """Defaults that depend on the machine; the YAML file and the command line override them."""
-    import torch
-
-    if torch.cuda.is_available():
-        return []
-    # Without a GPU, accelerate only sets up a multi-process (gloo) run when told it is a CPU run.
-    return ["--use_cpu", "true", "--dataloader_pin_memory", "false"]
-
-
-def _is_local_model(name: str) -> bool:
-    return Path(name).is_dir() and (Path(name) / "config.json").is_file()
-
-
-def validate(cfg: RunConfig) -> None:
-    """Checks that need no lock and write nothing."""
-    m, loop, t = cfg.model, cfg.loop, cfg.training
-    if not m.model_name:
-        raise UsageError("--model_name is required: a local model directory (create one with `itertrain init-model DIR`)")
-    if not _is_local_model(m.model_name):
-        what = "does not exist" if not Path(m.model_name).exists() else "is not a model directory (no config.json)"
-        raise UsageError(
-            f"--model_name {m.model_name} {what}. itertrain never downloads models: pass a local Hugging Face "
-            f"model directory, or create a tiny one with `itertrain init-model {m.model_name}`"
-        )
-    if m.tokenizer_name and not Path(m.tokenizer_name).is_dir():
-        raise UsageError(f"--tokenizer_name {m.tokenizer_name} does not exist (pass a local tokenizer directory)")
-    if not t.output_dir or t.output_dir == "trainer_output" and "--output_dir" not in cfg.argv:
-        raise UsageError("--output_dir is required: the experiment directory (created if missing)")
-    if loop.num_iterations < 1:
-        raise UsageError(f"--num_iterations {loop.num_iterations}: must be at least 1")
-    if getattr(t, "resume_from_checkpoint", None):
-        raise UsageError(
-            "--resume_from_checkpoint is HF Trainer's flag; itertrain decides with --resume_from auto|S|none "
-            "and --resume_from_iteration auto|iter_K|none"
-        )
-    if t.save_only_model:
-        raise UsageError("--save_only_model writes checkpoints without optimizer state, which cannot be resumed")
-    if loop.strategy == "sft" and not loop.train_file and not loop.task:
-        raise UsageError("--strategy sft needs --train_file (JSONL with prompt/completion or text) or --task arithmetic")
-    if loop.strategy == "expert_iteration" and not loop.task and not (loop.prompts_file and loop.train_file):
-        raise UsageError(
-            "--strategy expert_iteration needs --task arithmetic, or --train_file (labeled data for iteration 0) "
-            "and --prompts_file (prompt/answer JSONL to sample from)"
-        )
-    for name in ("train_file", "eval_file", "prompts_file"):
-        value = getattr(loop, name)
-        if value and "{iteration}" not in value and not Path(value).is_file():
-            raise UsageError(f"--{name} {value}: no such file")
-    if loop.reward_fn and ":" not in loop.reward_fn:
-        raise UsageError(f"--reward_fn {loop.reward_fn!r}: expected module:function")
-    if loop.samples_per_prompt < 1 or loop.generation_batch_size < 1 or loop.max_new_tokens < 1:
-        raise UsageError("--samples_per_prompt, --generation_batch_size and --max_new_tokens must be at least 1")
-    if os.path.islink(t.output_dir) and not os.path.isdir(t.output_dir):
-        raise UsageError(f"--output_dir {t.output_dir} is a dangling symlink")
-
-
-def parse_recovery_only(argv: list[str]) -> RecoveryArguments:
-    """`itertrain status DIR --resume_from ... --resume_from_iteration ...`."""
-    p = ArgumentParser(add_help=False)
-    p.add_argument("--resume_from", default="auto")
-    p.add_argument("--resume_from_iteration", default="auto")
-    ns, rest = p.parse_known_args(argv)
-    if rest:
-        raise UsageError(f"unrecognized arguments: {' '.join(rest)}")
-    return RecoveryArguments(resume_from=ns.resume_from, resume_from_iteration=ns.resume_from_iteration)
+ARGUMENT_GROUPS = (RecoveryArguments, ModelArguments, LoopArguments, GenerationArguments)
 
 
 def dataclass_dict(obj: Any) -> dict[str, Any]:

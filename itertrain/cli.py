@@ -15,6 +15,7 @@ USAGE = """usage: itertrain COMMAND [ARGS]
 
 commands:
   train [flags]                 run or resume an iterative training experiment (= train_iterative.py)
+  strategies                    the strategies --strategy accepts (built in, installed, registered)
   status DIR [--resume_from X --resume_from_iteration Y] [--json]
                                 what exists in DIR and the recovery plan (writes nothing)
   verify DIR [--json]           deep-verify every artifact (checksums); exit 1 if any is corrupt
@@ -32,11 +33,22 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
-def cmd_train(argv: list[str]) -> int:
-    from itertrain.args import parse_train_args
-    from itertrain.loop import run
+def cmd_train(argv: list[str], strategy=None) -> int:
+    from itertrain.loop import run_experiment
+    from itertrain.parser import parse_train_args
 
-    return run(parse_train_args(argv))
+    return run_experiment(parse_train_args(argv, strategy))
+
+
+def cmd_strategies(argv: list[str]) -> int:
+    if argv:
+        raise UsageError("usage: itertrain strategies")
+    from itertrain.strategies import available
+
+    for name, origin in available().items():
+        print(f"{name:<20} {origin}")
+    print("\nAlso: --strategy package.module:ClassName (a subclass of itertrain.Strategy)")
+    return 0
 
 
 def cmd_status(argv: list[str]) -> int:
@@ -75,6 +87,7 @@ def cmd_plot(argv: list[str]) -> int:
 
 COMMANDS = {
     "train": cmd_train,
+    "strategies": cmd_strategies,
     "status": cmd_status,
     "verify": cmd_verify,
     "init-model": cmd_init_model,
@@ -96,16 +109,36 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"itertrain: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
             return 2
+    return guarded(COMMANDS[command], rest)
+
+
+def guarded(fn, *args, **kwargs) -> int:
+    """Run a command; an ItertrainError becomes its exit code and one line, printed by rank 0 only."""
+    main_rank = os.environ.get("RANK", "0") == "0"
     try:
-        return COMMANDS[command](rest)
+        return fn(*args, **kwargs)
     except ItertrainError as e:
-        rank = os.environ.get("RANK", "0")
-        if rank == "0":
+        if main_rank:
             print(f"itertrain: error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
     except KeyboardInterrupt:
-        print("itertrain: interrupted; relaunch with --resume_from auto --resume_from_iteration auto", file=sys.stderr)
+        if main_rank:
+            print("itertrain: interrupted; relaunch with --resume_from auto --resume_from_iteration auto",
+                  file=sys.stderr, flush=True)
         return 130
+
+
+def run(argv: list[str] | None = None, *, strategy=None) -> int:
+    """Run `itertrain train` from Python (e.g. a script launched by torchrun); returns the exit code.
+
+    `argv`: the flags (default: sys.argv[1:]); `strategy`: a Strategy subclass to run."""
+    _quiet_libraries()
+    try:
+        return guarded(cmd_train, list(sys.argv[1:] if argv is None else argv), strategy)
+    finally:
+        from itertrain import distributed
+
+        distributed.shutdown()
 
 
 def entry() -> None:

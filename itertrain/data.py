@@ -44,6 +44,15 @@ def resolve_path(template: str, iteration: int) -> str:
     return template.replace("{iteration}", str(iteration))
 
 
+def check_rows(rows: list[dict[str, Any]], source: str) -> None:
+    """Training rows must exist and each have prompt+completion or text (checked before anything is written)."""
+    if not rows:
+        raise UsageError(f"{source}: no training examples")
+    for n, row in enumerate(rows):
+        if not ("prompt" in row and "completion" in row) and "text" not in row:
+            raise UsageError(f"{source}: row {n} needs prompt+completion or text, got keys {sorted(row)}")
+
+
 def tokenize_example(row: dict[str, Any], tokenizer, max_length: int) -> dict[str, list[int]]:
     """prompt/completion (loss on the completion only) or text (loss on everything); BOS and EOS added."""
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
@@ -61,12 +70,11 @@ def tokenize_example(row: dict[str, Any], tokenizer, max_length: int) -> dict[st
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 
-def build_dataset(rows: list[dict[str, Any]], tokenizer, max_length: int):
+def build_dataset(rows: list[dict[str, Any]], tokenizer, max_length: int, *, source: str = "training rows"):
     """A datasets.Dataset of tokenized examples (built in memory: no cache files, deterministic)."""
     from datasets import Dataset
 
-    if not rows:
-        raise UsageError("no training examples")
+    check_rows(rows, source)
     return Dataset.from_list([tokenize_example(r, tokenizer, max_length) for r in rows])
 
 

@@ -55,11 +55,11 @@ def demo(argv: list[str]) -> int:
             raise UsageError(f"{model_dir} exists but holds no model; remove it and rerun the demo")
         init_model(model_dir, DEMO_MODEL)
         print(f"created the tiny model in {model_dir}")
-    from itertrain.args import parse_train_args
-    from itertrain.loop import run
+    from itertrain.loop import run_experiment
+    from itertrain.parser import parse_train_args
 
     cfg = parse_train_args(["--model_name", str(model_dir), "--output_dir", str(exp_dir), *DEMO_FLAGS, *extra])
-    code = run(cfg)
+    code = run_experiment(cfg)
     if code == 0:
         from itertrain.plot import metrics_table, plot_metrics
 

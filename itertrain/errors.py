@@ -39,12 +39,6 @@ class ArtifactWriteError(ItertrainError):
     exit_code = 1
 
 
-class CorruptArtifact(ItertrainError):
-    """An artifact failed verification (size, checksum, structure)."""
-
-    exit_code = 1
-
-
 class RewardFunctionError(ItertrainError):
     """A user reward function raised or returned something that is not a number."""
 

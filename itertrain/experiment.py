@@ -10,17 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from itertrain.args import RunConfig, dataclass_dict
-from itertrain.errors import RecoveryRefused, UsageError
+from itertrain.errors import RecoveryRefused
 from itertrain.fsutil import atomic_write_json
-from itertrain.recovery.discover import BASE_MODEL_DIR, CHECKPOINT_RE, EXPERIMENT_RECORD, ITERATION_RE
-from itertrain.recovery.manifest import MANIFEST_NAME
+from itertrain.layout import EXPERIMENT_RECORD, MANIFEST_NAME, Kind, scan
 
 SCHEMA_VERSION = 1
-# A change to these is a different experiment (model, strategy, data): refused without --allow_config_change.
-DEFINING = (
-    "model_name", "tokenizer_name", "strategy", "task", "iteration_init", "train_file", "eval_file",
-    "prompts_file", "reward_fn", "data_policy",
-)
+# A change to these is a different experiment (model, strategy, data): refused without
+# --allow_config_change. Each strategy adds its own (`Strategy.defining_fields`).
+DEFINING = ("model_name", "tokenizer_name", "strategy", "task", "iteration_init", "train_file", "eval_file")
 # Changes to these are expected and not worth a warning.
 _QUIET = {
     "resume_from", "resume_from_iteration", "overwrite_output_dir", "allow_config_change", "output_dir",
@@ -31,19 +28,24 @@ _PATHS = ("model_name", "tokenizer_name", "train_file", "eval_file", "prompts_fi
 
 
 def load_record(root: Path) -> dict[str, Any]:
-    """The experiment record, {} when the directory has none. A corrupt record is an error."""
+    """The experiment record, {} when the directory has none; the one reader of itertrain.json.
+    A corrupt record is refused (exit 2): it decides what counts as torn and what as adopted."""
     path = Path(root) / EXPERIMENT_RECORD
     try:
         raw = path.read_text()
     except FileNotFoundError:
         return {}
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecoveryRefused(f"{path} cannot be read ({e}); it records what this experiment is") from e
     try:
         record = json.loads(raw)
         if not isinstance(record, dict) or record.get("schema") != SCHEMA_VERSION:
-            raise ValueError("unexpected schema")
+            raise ValueError(f"unexpected content (schema {record.get('schema') if isinstance(record, dict) else None!r})")
+        if not isinstance(record.get("arguments", {}), dict) or not isinstance(record.get("adopted", []), list):
+            raise ValueError("unexpected content (arguments or adopted)")
         return record
     except ValueError as e:
-        raise UsageError(
+        raise RecoveryRefused(
             f"{path} is unreadable ({e}); it records what this experiment is. Restore it from a backup, or "
             "move it away to treat the directory's artifacts as written by another tool"
         ) from e
@@ -52,7 +54,7 @@ def load_record(root: Path) -> dict[str, Any]:
 def resolved_arguments(cfg: RunConfig) -> dict[str, Any]:
     """The arguments worth recording (JSON-safe)."""
     args: dict[str, Any] = {}
-    for group in (cfg.model, cfg.loop, cfg.recovery):
+    for group in cfg.groups()[:-1]:
         args.update(dataclass_dict(group))
     training = json.loads(cfg.training.to_json_string())
     args.update({k: v for k, v in training.items() if k not in args})
@@ -63,15 +65,11 @@ def resolved_arguments(cfg: RunConfig) -> dict[str, Any]:
 
 
 def foreign_dirs(root: Path) -> list[str]:
-    """Artifact directories without a manifest that exist before itertrain first runs here."""
-    out = []
+    """Top-level artifact directories without a manifest that exist before itertrain first runs here."""
     if not root.is_dir():
-        return out
-    for entry in sorted(os.listdir(root)):
-        if CHECKPOINT_RE.match(entry) or ITERATION_RE.match(entry) or entry == BASE_MODEL_DIR:
-            if (root / entry).is_dir() and not (root / entry / MANIFEST_NAME).exists():
-                out.append(entry)
-    return out
+        return []
+    return sorted(e.rel for e in scan(root, inside_models=False)
+                  if e.kind != Kind.DATA and not (root / e.rel / MANIFEST_NAME).exists())
 
 
 def new_record(cfg: RunConfig, root: Path) -> dict[str, Any]:
@@ -85,22 +83,23 @@ def new_record(cfg: RunConfig, root: Path) -> dict[str, Any]:
     }
 
 
-def compare(old: dict[str, Any], new: dict[str, Any]) -> tuple[list[str], list[str]]:
+def compare(old: dict[str, Any], new: dict[str, Any], defining_keys: tuple[str, ...] = DEFINING
+            ) -> tuple[list[str], list[str]]:
     """(defining changes, harmless changes) between recorded and current arguments."""
     defining, harmless = [], []
     for key in sorted(set(old) | set(new)):
         if key in _QUIET or old.get(key) == new.get(key):
             continue
         line = f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
-        (defining if key in DEFINING else harmless).append(line)
+        (defining if key in defining_keys else harmless).append(line)
     return defining, harmless
 
 
-def check_resume(record: dict[str, Any], cfg: RunConfig) -> list[str]:
+def check_resume(record: dict[str, Any], cfg: RunConfig, defining_keys: tuple[str, ...] = DEFINING) -> list[str]:
     """Refuse a resume whose defining arguments changed; return warnings for the rest."""
     if not record:
         return []
-    defining, harmless = compare(record.get("arguments", {}), resolved_arguments(cfg))
+    defining, harmless = compare(record.get("arguments", {}), resolved_arguments(cfg), defining_keys)
     if defining and not cfg.recovery.allow_config_change:
         raise RecoveryRefused(
             "the arguments that define this experiment changed since it was created ("
@@ -122,3 +121,14 @@ def record_launch(root: Path, record: dict[str, Any], cfg: RunConfig, summary: d
     record["launches"] = launches[-_MAX_LAUNCHES:]
     atomic_write_json(Path(root) / EXPERIMENT_RECORD, record)
     return record
+
+
+def record_iteration(root: Path, iteration: int, hyperparameters: dict[str, Any]) -> None:
+    """Record the hyperparameters iteration K actually trained with (rank 0, after it committed)."""
+    record = load_record(root)
+    if not record:
+        return
+    used = dict(record.get("iterations") or {})
+    used[str(iteration)] = {"hyperparameters": hyperparameters}
+    record["iterations"] = used
+    atomic_write_json(Path(root) / EXPERIMENT_RECORD, record)

@@ -8,7 +8,8 @@ environment variable ITERTRAIN_FAULT arms points, comma-separated:
 
 ACTION is `kill` (SIGKILL the whole job at once: the torchrun agent and every rank, like a node dying),
 `kill_self` (SIGKILL this process only), `enospc` / `eio` / `erofs` (raise that OSError, as a full
-disk, a failing device or a file system remounted read-only would). HIT (default 1) fires on the HIT-th time the point is reached in this
+disk, a failing device or a file system remounted read-only would), `sleep:SECONDS` (hold this
+moment open, for tests that act while it lasts). HIT (default 1) fires on the HIT-th time the point is reached in this
 process; RANK (default any) restricts it to one rank. Example:
 `ITERTRAIN_FAULT=checkpoint.optimizer=kill#2@1`.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
 from dataclasses import dataclass
 
 ENV = "ITERTRAIN_FAULT"
@@ -76,6 +78,8 @@ def point(name: str) -> None:
             raise OSError(errno.EIO, os.strerror(errno.EIO), name)
         elif f.action == "erofs":
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), name)
+        elif f.action.startswith("sleep:"):
+            time.sleep(float(f.action.split(":", 1)[1]))
         else:
             raise ValueError(f"{ENV}: unknown action {f.action!r} for point {name!r}")
 

@@ -22,14 +22,6 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def atomic_write_bytes(path: Path, data: bytes, *, fault_point: str | None = None) -> None:
     """Write `data` to `path` so that a reader sees either the old file or the complete new one.
 
@@ -70,6 +62,43 @@ def describe_write_error(e: OSError, path: Path) -> str:
         what = f"{e.strerror or e} ({errno.errorcode.get(e.errno or 0, e.errno)})"
     where = f" ({e.filename})" if e.filename and str(e.filename) not in str(path) else ""
     return f"could not write {path}{where}: {what}"
+
+
+# How torch and safetensors report a failed write: no OSError, the errno only in the text (if at all).
+_LIBRARY_WRITE_ERRORS = ("PytorchStreamWriter", "inline_container", "unexpected pos", "file write failed",
+                         "No space left on device", "Input/output error", "Read-only file system",
+                         "File too large", "Disk quota exceeded")
+_ERRNO_TEXTS = {"No space left on device": errno.ENOSPC, "Input/output error": errno.EIO,
+                "Read-only file system": errno.EROFS, "File too large": errno.EFBIG,
+                "Disk quota exceeded": errno.EDQUOT}
+
+
+def _free_bytes(path: Path) -> int | None:
+    for p in (Path(path), *Path(path).parents):
+        try:
+            st = os.statvfs(p)
+            return st.f_bavail * st.f_frsize
+        except OSError:
+            continue
+    return None
+
+
+def describe_library_write_error(e: BaseException, path: Path) -> str | None:
+    """One readable sentence for a write that failed inside torch/safetensors/HF, or None when `e` is
+    not a failed write. Their errors carry no errno: it is read from the text, or from the disk."""
+    if isinstance(e, OSError) and e.errno is not None:
+        return describe_write_error(e, path)
+    text = str(e)
+    if not any(marker in text for marker in _LIBRARY_WRITE_ERRORS):
+        return None
+    for marker, code in _ERRNO_TEXTS.items():
+        if marker in text:
+            return describe_write_error(OSError(code, os.strerror(code)), path)
+    free = _free_bytes(path)
+    if free is not None and free < (1 << 20):
+        return describe_write_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), path)
+    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    return f"could not write {path}: the write failed ({first[:160]})"
 
 
 def is_inside(path: Path, root: Path) -> bool:

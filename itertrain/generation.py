@@ -123,8 +123,8 @@ def heldout_accuracy(task, model, ctx) -> dict[str, float]:
     metrics: dict[str, float] = {}
     for name, rows in task.heldout_sets().items():
         outs = sample_completions(
-            model, ctx.tokenizer, [r["prompt"] for r in rows], max_new_tokens=ctx.cfg.loop.max_new_tokens,
-            batch_size=ctx.cfg.loop.generation_batch_size, desc=f"eval {name}",
+            model, ctx.tokenizer, [r["prompt"] for r in rows], max_new_tokens=ctx.cfg.generation.max_new_tokens,
+            batch_size=ctx.cfg.generation.generation_batch_size, desc=f"eval {name}",
             progress=not ctx.cfg.training.disable_tqdm,
         )
         correct = sum(task.is_correct(o[0], r["answer"]) for o, r in zip(outs, rows))

@@ -15,8 +15,7 @@ import time
 from pathlib import Path
 
 from itertrain.errors import LockHeld
-
-LOCK_NAME = ".itertrain.lock"
+from itertrain.layout import LOCK_NAME
 
 
 class RunLock:
@@ -37,6 +36,11 @@ class RunLock:
             raise ArtifactWriteError(describe_write_error(e, self.path) + "; nothing was changed") from e
 
     def _acquire(self) -> None:
+        if self.path.is_symlink():
+            from itertrain.errors import UsageError
+
+            raise UsageError(f"{self.path} is a symbolic link; itertrain never writes through one. Remove it "
+                             "(it is recreated by the next run)")
         if not self.path.parent.exists():
             self.path.parent.mkdir(parents=True)
             self._created_dir = True
@@ -45,9 +49,9 @@ class RunLock:
                 self._previous = self.path.read_bytes()
             except FileNotFoundError:
                 self._previous = None
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                _lock_exclusive(fd)
             except BlockingIOError:
                 holder = _read_holder(fd)
                 os.close(fd)
@@ -63,7 +67,7 @@ class RunLock:
                 pass
             os.close(fd)
         self._fd = fd
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
 
@@ -87,6 +91,46 @@ class RunLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+def _lock_exclusive(fd: int, attempts: int = 20) -> None:
+    """flock(LOCK_EX | LOCK_NB), retried for a moment: `itertrain status` holds a shared lock for
+    microseconds to see whether a run is alive, and must not make a launch fail."""
+    for i in range(attempts):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if i == attempts - 1:
+                raise
+            time.sleep(0.05)
+
+
+def live_holder(output_dir: Path) -> dict | None:
+    """The run holding `output_dir` now ({"pid", "host", "started"}), None when no run is alive.
+    Reads only: the lock file is never created or changed."""
+    path = Path(output_dir) / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+            except ValueError:
+                info = {}
+            return info if isinstance(info, dict) else {}
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def describe_holder(info: dict) -> str:
+    return f"pid {info.get('pid')} on {info.get('host')}, started {info.get('started')}"
 
 
 def _read_holder(fd: int) -> str:

@@ -1,35 +1,37 @@
 """The iteration loop (SPEC §4): recover, then for each iteration generate -> train -> evaluate -> commit.
 
-Read top to bottom: `run` is the whole experiment; `run_iteration` is one iteration's stages.
-Moving from iteration K to K+1 goes through the same recovery path a relaunch takes (discover,
-plan with auto/auto, verify, load), so an uninterrupted run and a resumed one do the same thing.
+Read top to bottom: `run_experiment` is the whole experiment; `run_iteration` is one iteration's
+stages. Moving from iteration K to K+1 goes through the recovery path a relaunch takes (discover,
+plan with auto/auto, verify, load on every rank), so an uninterrupted run and a resumed one start
+each iteration from the same bytes. What a relaunch does besides (the lock, the report file, the
+launch record, housekeeping after a crash) has nothing to do in between iterations of one launch.
 """
 
 from __future__ import annotations
 
 import copy
 import gc
-import os
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from itertrain import distributed, faults
 from itertrain.args import RunConfig
-from itertrain.checkpointing import CheckpointConfig, CheckpointManager, CommitCallback
-from itertrain.data import PadCollator, build_dataset
+from itertrain.artifacts.manager import CheckpointConfig, CheckpointManager
+from itertrain.artifacts.manifest import fingerprint
+from itertrain.artifacts.retention import RetentionPolicy
 from itertrain.errors import ArtifactWriteError, TrainingFailed, UsageError
-from itertrain.experiment import check_resume, load_record, record_launch
-from itertrain.fsutil import atomic_write_json, describe_write_error
+from itertrain.experiment import DEFINING, check_resume, load_record, record_iteration
+from itertrain.fsutil import describe_library_write_error
 from itertrain.lock import RunLock
 from itertrain.metrics import MetricsLog, TensorBoardCallback
-from itertrain.recovery.plan import AUTO, BASE, Mode, RecoveryFlags, StateScope
-from itertrain.recovery.report import render, report_json
+from itertrain.recovery.flags import AUTO, BASE, RecoveryFlags
+from itertrain.recovery.plan import Mode, RecoveryPlan, StateScope
+from itertrain.recovery.prepare import check_writes, hyperparameters, prepare_output_dir, print_report, resume_changes
 from itertrain.recovery.resolve import LoadOptions, Resolved, resolve
-from itertrain.recovery.restore import OptimizerMomentsCallback, manifest_id
-from itertrain.strategies import LoopContext, make_strategy
-from itertrain.trainer import IterationTrainer
+from itertrain.recovery.restore import OptimizerMomentsCallback, load_model
+from itertrain.strategies import ModelSource, Strategy, StrategyContext, load_strategy
+from itertrain.trainer import attach, with_recovery_hooks
 
 
 def say(msg: str) -> None:
@@ -37,7 +39,7 @@ def say(msg: str) -> None:
         print(msg, flush=True)
 
 
-def run(cfg: RunConfig) -> int:
+def run_experiment(cfg: RunConfig) -> int:
     """The whole experiment. Returns the exit code (errors are raised as ItertrainError)."""
     from transformers.utils import logging as hf_logging
 
@@ -45,6 +47,15 @@ def run(cfg: RunConfig) -> int:
     distributed.init()
     root = cfg.output_dir
     tokenizer = _load_tokenizer(cfg)  # a bad tokenizer is a usage error: found before anything is written
+    manager = CheckpointManager(CheckpointConfig(
+        output_dir=root,
+        retention=RetentionPolicy(cfg.training.save_total_limit, cfg.loop.keep_iteration_checkpoints,
+                                  carry_optimizer=cfg.loop.iteration_init == "previous"),
+        fsync=cfg.loop.fsync, async_commit=cfg.loop.async_commit, world_size=distributed.world_size(),
+    ))
+    strategy_cls = load_strategy(cfg.loop.strategy)
+    ctx = StrategyContext(cfg, root, tokenizer, commit_data=manager.commit_data, move_aside=manager.move_aside)
+    strategy = strategy_cls(ctx)
     lock = RunLock(root)
     distributed.run_on_main(lock.acquire)
     wrote = False
@@ -52,39 +63,34 @@ def run(cfg: RunConfig) -> int:
         record = distributed.run_on_main(load_record, root)
         opts = LoadOptions(cfg.model.model_name, cfg.model.tokenizer_name, cfg.model.model_dtype,
                            cfg.model.trust_remote_code)
+        defining = (*DEFINING, *strategy_cls.defining_fields)
         config_warnings: list[str] = []
 
-        def check_config(plan) -> None:
+        def before_load(plan: RecoveryPlan) -> None:
+            """Everything checkable, before anything is written (SPEC §3): the experiment record, the
+            iteration's data and reward function, and what this plan would write through a symlink."""
+            if plan.mode == Mode.COMPLETE:
+                return
             if plan.mode != Mode.FRESH:
-                config_warnings[:] = distributed.run_on_main(check_resume, record, cfg)
+                config_warnings[:] = distributed.run_on_main(check_resume, record, cfg, defining)
+                config_warnings.extend(distributed.run_on_main(resume_changes, plan, root, cfg))
+            data_iterations = [k for k in range(plan.iteration, cfg.loop.num_iterations) if strategy.generates(k)]
+            distributed.run_on_main(check_writes, plan, root, cfg, data_iterations)
+            with_recovery_hooks(strategy.trainer_class())  # a Trainer class that would bypass the hooks: exit 2
+            distributed.run_on_main(strategy.preflight, plan.iteration)
 
-        resolved = resolve(root, cfg.recovery_flags(), record, opts, before_load=check_config)
+        resolved = resolve(root, cfg.recovery_flags(), record, opts, before_load=before_load)
         plan = resolved.plan
-        if distributed.is_main():
-            print(render(replace(plan, warnings=plan.warnings + tuple(config_warnings)), cfg.training.output_dir,
-                         cfg.model.model_name, resolved.notes), flush=True)
+        distributed.run_on_main(print_report, resolved, cfg, config_warnings)
         if plan.mode == Mode.COMPLETE:
             say(f"✅ {root}: all {cfg.loop.num_iterations} iterations are committed; nothing to do.")
             return 0
         wrote = True
-        manager = CheckpointManager(CheckpointConfig(
-            output_dir=root,
-            save_total_limit=cfg.training.save_total_limit,
-            keep_iteration_checkpoints=cfg.loop.keep_iteration_checkpoints,
-            carry_optimizer=cfg.loop.iteration_init == "previous",
-            fsync=cfg.loop.fsync,
-            async_commit=cfg.loop.async_commit,
-            world_size=distributed.world_size(),
-        ))
-        record = distributed.run_on_main(
-            _after_plan, cfg, resolved, record, manager, config_warnings
-        )
-        ctx = LoopContext(cfg, root, tokenizer, manager)
-        strategy = make_strategy(ctx)
+        record = distributed.run_on_main(prepare_output_dir, cfg, resolved, record, manager, config_warnings)
         metrics = MetricsLog(root) if distributed.is_main() else None
         auto = RecoveryFlags(AUTO, AUTO, False, cfg.loop.num_iterations, cfg.loop.iteration_init)
         while True:
-            run_iteration(ctx, strategy, resolved, record, metrics)
+            run_iteration(ctx, strategy, manager, resolved, record, metrics)
             if resolved.plan.iteration + 1 >= cfg.loop.num_iterations:
                 break
             resolved = resolve(root, auto, record, opts)
@@ -95,38 +101,9 @@ def run(cfg: RunConfig) -> int:
         return 0
     finally:
         if distributed.is_main():
+            manager.close()  # a background commit finishes before the lock goes (SPEC §3)
             lock.release(restore=not wrote)
 
-
-def _after_plan(cfg: RunConfig, resolved: Resolved, record: dict, manager: CheckpointManager,
-                config_warnings: list[str]) -> dict:
-    """Rank 0, once the plan is final: housekeeping, report file, experiment record."""
-    plan, inv, root = resolved.plan, resolved.inventory, cfg.output_dir
-    notes = list(resolved.notes)
-    if plan.mode == Mode.FRESH and inv.has_committed_progress:
-        old = [p.name for p in sorted(root.iterdir()) if p.name.startswith(("iter_", "checkpoint-"))
-               or p.name in ("data", "base_model", "itertrain.json")]
-        dest = manager.move_aside(old)
-        notes.append(f"--overwrite_output_dir: moved {len(old)} previous artifact(s) to {dest}")
-        record = {}
-    for rel in manager.clean_torn(inv):
-        notes.append(f"removed torn {rel} (its save never completed)")
-    if plan.supersedes:
-        dest = manager.move_aside(list(plan.supersedes))
-        notes.append(f"moved {', '.join(plan.supersedes)} to {dest} (this run replaces them)")
-    for rel in manager.finish_interrupted_retirement(inv, plan.state_from):
-        notes.append(f"retired stale {rel} (left by an interrupted iteration commit)")
-    runs = root / "runs"
-    runs.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    report = report_json(plan, inv, cfg.recovery_flags(), world_size=distributed.world_size(),
-                         notes=notes + config_warnings)
-    atomic_write_json(runs / f"recovery-{stamp}-{os.getpid()}.json", report)
-    for n in notes:
-        print(f"   {n}", flush=True)
-    summary = {"world_size": distributed.world_size(), "mode": plan.mode.value, "iteration": plan.iteration,
-               "step": plan.step, "weights_from": plan.weights_from, "state_from": plan.state_from}
-    return record_launch(root, record, cfg, summary)
 
 
 def _load_tokenizer(cfg: RunConfig):
@@ -156,14 +133,16 @@ def iteration_training_args(cfg: RunConfig, iteration: int):
 _TIMING = ("_runtime", "_per_second")  # wall-clock figures: not part of the iteration's results
 
 
-def _finished_state(checkpoint: str | None):
-    """The TrainerState of a checkpoint taken at the iteration's final step, else None."""
+def finished_state(checkpoint: str | None, max_steps: int):
+    """The TrainerState of a checkpoint taken at (or past) the iteration's final step under the
+    current --max_steps, else None. (HF Trainer would run one extra step when resumed at max_steps.)"""
     if checkpoint is None:
         return None
     from transformers import TrainerState
 
     state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
-    return state if state.max_steps and state.global_step >= state.max_steps else None
+    limit = max_steps if max_steps and max_steps > 0 else state.max_steps
+    return state if limit and state.global_step >= limit else None
 
 
 def iteration_train_loss(state, fallback: float) -> float:
@@ -173,62 +152,92 @@ def iteration_train_loss(state, fallback: float) -> float:
     return sum(losses) / len(losses) if losses else fallback
 
 
-def run_iteration(ctx: LoopContext, strategy, resolved: Resolved, record: dict, metrics) -> None:
+def _source(ctx: StrategyContext, resolved: Resolved) -> ModelSource:
+    """The previous iteration's model, as the plan names it: what this iteration's data comes from."""
+    plan, root = resolved.plan, ctx.root
+    path = plan.previous_model
+    if path is None:
+        lineage = resolved.restored or {}
+        return ModelSource(lineage.get("previous_model") or "unknown", lineage.get("previous_id"),
+                           load=lambda: _missing(plan))
+    loaded = resolved.model if plan.weights_from == path and plan.state_scope != StateScope.FULL else None
+    cfg = ctx.cfg
+
+    def load():
+        nonlocal loaded
+        if loaded is None:
+            loaded = load_model(root / path, cfg.model.model_dtype, cfg.model.trust_remote_code)
+        return loaded
+
+    return ModelSource(path, fingerprint(root / path), load)
+
+
+def _missing(plan: RecoveryPlan):
+    raise TrainingFailed(f"iteration {plan.iteration}'s generated data must be made again, but the model of "
+                         f"iteration {plan.iteration - 1} it comes from is gone; resume from an iteration model "
+                         f"(--resume_from_iteration) instead")
+
+
+def build_trainer(strategy: Strategy, manager: CheckpointManager, resolved: Resolved, k: int, train_ds, eval_ds):
+    """The strategy's Trainer class with itertrain's hooks, for iteration k."""
+    cfg, root, plan = strategy.ctx.cfg, strategy.ctx.root, resolved.plan
+    args = iteration_training_args(cfg, k)
+    callbacks: list[Any] = []
+    if plan.state_scope == StateScope.OPTIMIZER and plan.state_from:
+        callbacks.append(OptimizerMomentsCallback(root / plan.state_from))
+    if distributed.is_main():
+        callbacks.append(TensorBoardCallback(root, k))
+    cls = with_recovery_hooks(strategy.trainer_class())
+    trainer = cls(model=resolved.model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, callbacks=callbacks,
+                  **strategy.trainer_kwargs(k, resolved.model, args))
+    return attach(trainer, manager)
+
+
+def run_iteration(ctx: StrategyContext, strategy: Strategy, manager: CheckpointManager, resolved: Resolved,
+                  record: dict, metrics) -> None:
     """One iteration's stages: generate -> train -> evaluate -> commit."""
     cfg, root, plan = ctx.cfg, ctx.root, resolved.plan
     k, n = plan.iteration, cfg.loop.num_iterations
-    model = resolved.model
     started = time.time()
-    weights_id = manifest_id(root / plan.weights_from) if plan.weights_from != BASE else "base"
+    source = _source(ctx, resolved)
 
     gen_stats: dict[str, Any] = {}
     if strategy.generates(k):
         say(f"🔁 iteration {k + 1}/{n} (iter_{k}) · stage: generate")
         faults.point("stage.generate")
-        gen_stats = strategy.generate(k, model, plan.weights_from) or {}
+        gen_stats = strategy.generate(k, source) or {}
 
     say(f"🔁 iteration {k + 1}/{n} (iter_{k}) · stage: train"
         + (f" (continuing at step {plan.step})" if plan.step else ""))
     faults.point("stage.train")
-    ctx.manager.start_iteration(k, {
+    weights_id = fingerprint(root / plan.weights_from) if plan.weights_from != BASE else "base"
+    manager.start_iteration(k, {
         "weights_from": plan.weights_from, "weights_id": weights_id, "state_from": plan.state_from,
-        "state_scope": plan.state_scope.value, "experiment_id": record.get("experiment_id"),
+        "state_scope": plan.state_scope.value, "previous_model": source.path, "previous_id": source.fingerprint,
+        "experiment_id": record.get("experiment_id"), "hyperparameters": hyperparameters(cfg, resolved.restored),
     })
-    train_ds = build_dataset(strategy.train_rows(k), ctx.tokenizer, cfg.loop.max_seq_length)
-    eval_rows = strategy.eval_rows(k)
-    eval_ds = build_dataset(eval_rows, ctx.tokenizer, cfg.loop.max_seq_length) if eval_rows else None
-    callbacks: list[Any] = [CommitCallback(ctx.manager)]
-    if plan.state_scope == StateScope.OPTIMIZER and plan.state_from:
-        callbacks.append(OptimizerMomentsCallback(root / plan.state_from))
-    if distributed.is_main():
-        callbacks.append(TensorBoardCallback(root, k))
-    trainer = IterationTrainer(
-        model=model,
-        args=iteration_training_args(cfg, k),
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        data_collator=PadCollator(ctx.tokenizer.pad_token_id),
-        processing_class=ctx.tokenizer,
-        callbacks=callbacks,
-        checkpoints=ctx.manager,
-    )
+    train_ds, eval_ds = strategy.train_dataset(k), strategy.eval_dataset(k)
+    trainer = build_trainer(strategy, manager, resolved, k, train_ds, eval_ds)
     resume = str(root / plan.state_from) if plan.state_scope == StateScope.FULL and plan.state_from else None
     try:
-        finished = _finished_state(resume)
+        finished = finished_state(resume, trainer.args.max_steps)
         if finished is not None:
-            # The checkpoint is the iteration's last step: nothing is left to train. (HF Trainer would
-            # run one extra step when resumed at max_steps.)
+            # The checkpoint is the iteration's last step: nothing is left to train (HF Trainer would
+            # run one extra step when resumed at max_steps). An iteration model rebuilt this way is
+            # byte-identical to the one the iteration committed.
             trainer.state = finished
             training_loss = iteration_train_loss(finished, float("nan"))
         else:
             training_loss = trainer.train(resume_from_checkpoint=resume).training_loss
     except ArtifactWriteError:
         raise
-    except OSError as e:
-        raise ArtifactWriteError(f"training of iteration {k} failed while writing: "
-                                 f"{describe_write_error(e, root)}") from e
-    except RuntimeError as e:
-        raise TrainingFailed(f"training of iteration {k} failed: {e}") from e
+    except Exception as e:  # noqa: BLE001 - a failed write inside a library, or training itself failed
+        message = describe_library_write_error(e, root)
+        if message is not None:
+            raise ArtifactWriteError(f"training of iteration {k} failed while writing: {message}") from e
+        if isinstance(e, RuntimeError):
+            raise TrainingFailed(f"training of iteration {k} failed: {str(e).splitlines()[0] if str(e) else e}") from e
+        raise
 
     say(f"🔁 iteration {k + 1}/{n} (iter_{k}) · stage: evaluate")
     faults.point("stage.evaluate")
@@ -244,14 +253,15 @@ def run_iteration(ctx: LoopContext, strategy, resolved: Resolved, record: dict, 
 
     say(f"🔁 iteration {k + 1}/{n} (iter_{k}) · stage: commit")
     faults.point("stage.commit")
-    ctx.manager.commit_iteration_model(
+    manager.commit_iteration_model(
         trainer.model, ctx.tokenizer, k, trainer.state.global_step, last=k + 1 >= n,
-        max_shard_size=cfg.model.max_shard_size, extra={"metrics": results},
+        max_shard_size=cfg.model.max_shard_size, metrics=results, replaces=resolved.replaces,
     )
     if metrics is not None:
         metrics.rebuild()
+        record_iteration(root, k, manager.lineage.get("hyperparameters", {}))
         say("   " + metrics.describe(k))
     distributed.barrier()
-    del trainer, model
+    del trainer
     resolved.model = None
     gc.collect()

@@ -10,13 +10,15 @@ from typing import Any
 from transformers import TrainerCallback
 
 from itertrain.fsutil import atomic_write_bytes
-from itertrain.recovery.discover import ITERATION_RE
-from itertrain.recovery.manifest import ManifestError, read_manifest
+from itertrain.artifacts.manifest import ManifestError, read_manifest
+from itertrain.layout import ITERATION_RE
 
 
 def committed_metrics(root: Path) -> list[dict[str, Any]]:
     """Per-iteration metrics, read from the committed iteration models' manifests."""
     rows = []
+    if not Path(root).is_dir():
+        return rows
     for name in os.listdir(root):
         if ITERATION_RE.match(name):
             try:

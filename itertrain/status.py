@@ -1,20 +1,32 @@
-"""`itertrain status DIR` (inventory + plan, a dry run) and `itertrain verify DIR` (deep verification)."""
+"""`itertrain status DIR` (inventory + plan, a dry run) and `itertrain verify DIR` (deep verification).
+
+Both only read. While a run holds the directory they name it (pid, host, start time) and show a
+checkpoint without a manifest as being written, not torn.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from argparse import ArgumentParser
 from pathlib import Path
+from typing import Any
 
+from itertrain.artifacts.manifest import ManifestError, read_manifest
 from itertrain.errors import ItertrainError, UsageError
 from itertrain.experiment import load_record
-from itertrain.recovery.discover import Status, discover, missing_aux
-from itertrain.recovery.manifest import ManifestError, read_manifest
-from itertrain.recovery.plan import RecoveryFlags, decide
+from itertrain.lock import describe_holder, live_holder
+from itertrain.metrics import committed_metrics
+from itertrain.recovery.decide import decide
+from itertrain.recovery.discover import Inventory, Status, discover, missing_aux
+from itertrain.recovery.flags import RecoveryFlags
 from itertrain.recovery.report import inventory_to_json, plan_to_json, render
 from itertrain.recovery.resolve import verify_chosen, with_missing_aux
 from itertrain.recovery.verify import deep_problems
+
+STATUS_SCHEMA = 2
+IN_FLIGHT = "being written"
 
 
 def _parser(prog: str, with_flags: bool) -> ArgumentParser:
@@ -22,14 +34,19 @@ def _parser(prog: str, with_flags: bool) -> ArgumentParser:
         def error(self, message):
             raise UsageError(f"{message} (usage: {self.format_usage().strip()})")
 
-    p = P(prog=f"itertrain {prog}")
-    p.add_argument("output_dir")
+    p = P(prog=f"itertrain {prog}", allow_abbrev=False,
+          description="What exists in an experiment directory and the recovery plan a launch would take "
+                      "(writes nothing)." if with_flags else
+          "Deep-verify every artifact of an experiment directory (checksums; writes nothing).")
+    p.add_argument("output_dir", help="the experiment's --output_dir")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     if with_flags:
-        p.add_argument("--resume_from", default="auto")
-        p.add_argument("--resume_from_iteration", default="auto")
-        p.add_argument("--num_iterations", type=int, default=None)
-        p.add_argument("--iteration_init", default=None, choices=["previous", "base"])
+        p.add_argument("--resume_from", default="auto", help="as for train: auto | none | S (default auto)")
+        p.add_argument("--resume_from_iteration", default="auto", help="as for train: auto | none | iter_K (default auto)")
+        p.add_argument("--num_iterations", type=int, default=None,
+                       help="target number of iterations (default: the experiment's own)")
+        p.add_argument("--iteration_init", default=None, choices=["previous", "base"],
+                       help="as for train (default: the experiment's own)")
     return p
 
 
@@ -40,19 +57,25 @@ def _existing_dir(path: str) -> Path:
     return root
 
 
+def _in_flight(inv: Inventory, holder: dict | None) -> set[str]:
+    """Manifest-less directories while a run is alive: saves in progress (torn ones were removed when
+    that run started)."""
+    return set(inv.torn) if holder is not None else set()
+
+
 def status(argv: list[str]) -> int:
     """Inventory and the plan the given flags would produce (default auto/auto). Writes nothing."""
     ns = _parser("status", True).parse_args(argv)
     root = _existing_dir(ns.output_dir)
     record = load_record(root)
     args = record.get("arguments", {})
-    flags = RecoveryFlags(
-        ns.resume_from, ns.resume_from_iteration, False,
-        ns.num_iterations or int(args.get("num_iterations", 1 << 30)),
-        ns.iteration_init or args.get("iteration_init", "previous"),
-    )
+    target = ns.num_iterations or int(args.get("num_iterations", 1 << 30))
+    flags = RecoveryFlags(ns.resume_from, ns.resume_from_iteration, False, target,
+                          ns.iteration_init or args.get("iteration_init", "previous"))
+    holder = live_holder(root)
     inv = discover(root, record)
     inv = dataclasses.replace(inv, iteration_models=tuple(missing_aux(root, m) for m in inv.iteration_models))
+    flying = _in_flight(inv, holder)
     rejected: dict[str, str] = {}
     try:
         while True:
@@ -65,31 +88,67 @@ def status(argv: list[str]) -> int:
     except ItertrainError as e:
         plan, error = None, e
     if ns.json:
-        print(json.dumps({"inventory": inventory_to_json(inv), "plan": plan_to_json(plan) if plan else None,
-                          "error": str(error) if error else None}, indent=2))
+        print(json.dumps(_status_json(root, record, inv, plan, error, holder, flying, target), indent=2))
+        return error.exit_code if error else 0
+    print(f"{root}: {'itertrain experiment' if inv.is_experiment else 'no itertrain.json (artifacts from other tools)'}"
+          + (f", {record['arguments'].get('num_iterations')} iterations planned" if record.get("arguments") else ""))
+    if holder is not None:
+        print(f"  🔒 a run is alive here: {describe_holder(holder)}; the plan below is what a relaunch would do "
+              "after it stops")
+    for m in inv.iteration_models:
+        extra = f" — {m.problem}" if m.problem else ""
+        aux = f" (missing {', '.join(m.missing_aux)}: recreated from the base model on resume)" if m.missing_aux else ""
+        print(f"  🎯 {m.path:<24} iteration {m.iteration:<4} {_label(m, flying)}{aux}{extra}")
+    for c in inv.checkpoints:
+        extra = f" — {c.problem}" if c.problem and c.path not in flying else ""
+        print(f"  📁 {c.path:<24} iteration {c.iteration:<4} step {c.step:<7} {_label(c, flying)}{extra}")
+    for d in inv.data:
+        print(f"  📦 {d.path:<24} iteration {d.iteration:<4} {_label(d, flying)}")
+    if plan is not None:
+        print(render(plan, str(root), args.get("model_name", "--model_name")))
     else:
-        print(f"{root}: {'itertrain experiment' if inv.is_experiment else 'no itertrain.json (artifacts from other tools)'}")
-        for m in inv.iteration_models:
-            extra = f" — {m.problem}" if m.problem else ""
-            aux = f" (missing {', '.join(m.missing_aux)}: recreated from the base model on resume)" if m.missing_aux else ""
-            print(f"  🎯 {m.path:<24} iteration {m.iteration:<4} {m.status.value}{aux}{extra}")
-        for c in inv.checkpoints:
-            extra = f" — {c.problem}" if c.problem else ""
-            print(f"  📁 {c.path:<24} iteration {c.iteration:<4} step {c.step:<7} {c.status.value}{extra}")
-        for d in inv.data:
-            print(f"  📦 {d.path:<24} iteration {d.iteration:<4} {d.status.value}")
-        if plan is not None:
-            print(render(plan, str(root), args.get("model_name", "--model_name")))
-        else:
-            print(f"plan: refused — {error}")
+        print(f"plan: refused — {error}")
     return error.exit_code if error else 0
 
 
+def _label(artifact: Any, flying: set[str]) -> str:
+    label = IN_FLIGHT if artifact.path in flying else artifact.status.value
+    return label + (" (symlink)" if getattr(artifact, "symlink", False) else "")
+
+
+def _status_json(root: Path, record: dict, inv: Inventory, plan, error, holder: dict | None, flying: set[str],
+                 target: int) -> dict[str, Any]:
+    absolute = os.path.abspath(root)
+    inventory = inventory_to_json(inv)
+    for group in ("iteration_models", "checkpoints", "data"):
+        for a in inventory[group]:
+            a["absolute_path"] = os.path.join(absolute, a["path"])
+            if a["path"] in flying:
+                a["status"] = "in_flight"
+    return {
+        "schema": STATUS_SCHEMA,
+        "output_dir": absolute,
+        "is_experiment": inv.is_experiment,
+        "experiment_id": record.get("experiment_id"),
+        "created": record.get("created"),
+        "num_iterations": record.get("arguments", {}).get("num_iterations"),
+        "target_num_iterations": target if target != 1 << 30 else None,
+        "live_run": holder,
+        "inventory": inventory,
+        "iterations": committed_metrics(root),
+        "plan": plan_to_json(plan) if plan else None,
+        "error": str(error) if error else None,
+    }
+
+
 def verify(argv: list[str]) -> int:
-    """Deep-verify every artifact; exit 1 when any is corrupt, torn or fails its checks."""
+    """Deep-verify every artifact; exit 1 when any is corrupt, torn or fails its checks (a save in
+    progress under a live run is shown, not counted)."""
     ns = _parser("verify", False).parse_args(argv)
     root = _existing_dir(ns.output_dir)
+    holder = live_holder(root)
     inv = discover(root, load_record(root))
+    flying = _in_flight(inv, holder)
     results = []
     bad = 0
     for artifact, kind in (
@@ -98,6 +157,9 @@ def verify(argv: list[str]) -> int:
         *((d, "data") for d in inv.data),
     ):
         problems: list[str] = []
+        if artifact.path in flying:
+            results.append({"path": artifact.path, "kind": kind, "status": "in_flight", "ok": None, "problems": []})
+            continue
         if artifact.status in (Status.TORN, Status.CORRUPT, Status.INVALID):
             problems = [artifact.problem or artifact.status.value]
         else:
@@ -109,12 +171,18 @@ def verify(argv: list[str]) -> int:
         ok = not problems
         bad += not ok
         results.append({"path": artifact.path, "kind": kind, "status": artifact.status.value, "ok": ok,
-                        "problems": problems})
+                        "problems": problems, "symlink": getattr(artifact, "symlink", False)})
+    checked = [r for r in results if r["ok"] is not None]
     if ns.json:
-        print(json.dumps({"output_dir": str(root), "ok": bad == 0, "artifacts": results}, indent=2))
+        print(json.dumps({"output_dir": os.path.abspath(root), "ok": bad == 0, "live_run": holder,
+                          "artifacts": results}, indent=2))
     else:
+        if holder is not None:
+            print(f"🔒 a run is alive here: {describe_holder(holder)}")
         for r in results:
-            mark = "✅" if r["ok"] else "❌"
-            print(f"{mark} {r['path']:<28} {r['status']:<11}" + (" " + "; ".join(r["problems"]) if r["problems"] else ""))
-        print(f"{len(results) - bad} of {len(results)} artifacts verified" + (f", {bad} failed" if bad else ""))
+            mark = "⏳" if r["ok"] is None else "✅" if r["ok"] else "❌"
+            status_text = IN_FLIGHT if r["ok"] is None else r["status"]
+            print(f"{mark} {r['path']:<28} {status_text:<13}" + (" " + "; ".join(r["problems"]) if r["problems"] else ""))
+        print(f"{len(checked) - bad} of {len(checked)} artifacts verified" + (f", {bad} failed" if bad else "")
+              + (f", {len(results) - len(checked)} being written" if len(checked) < len(results) else ""))
     return 1 if bad else 0

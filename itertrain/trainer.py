@@ -1,37 +1,115 @@
-"""IterationTrainer: HF Trainer with three small hooks and nothing else.
+"""itertrain's hooks into HF Trainer, for any Trainer subclass (TRL's included): a mixin and a callback.
 
-1. `_load_from_checkpoint`: skipped when the weights were already loaded from the plan's weights
-   source (an iteration model while the training state comes from a checkpoint: scenario 5), so HF
-   does not overwrite them with the checkpoint's weights.
+`RecoveryHooks` overrides three private Trainer methods, each a few lines around `super()`:
+1. `_load_from_checkpoint`: a no-op. itertrain loads the starting weights from
+   `RecoveryPlan.weights_from` before training (scenario 5 takes them from an iteration model while
+   the training state comes from a checkpoint), so HF must not overwrite them.
 2. `_save_checkpoint`: the CheckpointManager frees the target directory first (a stale checkpoint
-   of an older iteration with the same step is moved into its iter_K/, never overwritten in place).
-3. Fault points inside the save, for the crash harness.
+   of an older iteration with the same step moves into its iter_K/, never overwritten in place), and
+   a failed write becomes one line naming the path and the cause.
+3. `_save_optimizer_and_scheduler`: a fault point inside the save, for the crash harness.
+`CommitCallback` commits each checkpoint after HF wrote it. `with_recovery_hooks(cls)` puts the
+mixin in front of any Trainer class; tests on the lowest supported transformers guard the overrides.
 """
 
 from __future__ import annotations
 
-from transformers import Trainer
+import os
+from typing import Any
 
-from itertrain import faults
-from itertrain.checkpointing import CheckpointManager
+from transformers import Trainer, TrainerCallback
+
+from itertrain import distributed, faults
+from itertrain.artifacts.manager import CheckpointManager
+from itertrain.errors import ArtifactWriteError, UsageError
+from itertrain.fsutil import describe_library_write_error
+from itertrain.layout import checkpoint_name
+
+HOOKED = ("_load_from_checkpoint", "_save_checkpoint", "_save_optimizer_and_scheduler")
 
 
-class IterationTrainer(Trainer):
-    def __init__(self, *args, checkpoints: CheckpointManager, weights_preloaded: bool = True, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._checkpoints = checkpoints
-        self._weights_preloaded = weights_preloaded
+class RecoveryHooks:
+    """Mixin: `class MyTrainer(RecoveryHooks, SomeTrainer)`. The loop sets `itertrain_checkpoints`."""
+
+    itertrain_checkpoints: CheckpointManager | None = None
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        if self._weights_preloaded:
-            return  # the weights came from RecoveryPlan.weights_from, loaded once before training
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        return  # the weights came from RecoveryPlan.weights_from, loaded once before training
 
     def _save_checkpoint(self, model, trial):
-        self._checkpoints.before_save(self.state.global_step)
+        manager = self.itertrain_checkpoints
+        if manager is None:
+            raise RuntimeError("RecoveryHooks: the trainer was built without itertrain's CheckpointManager")
+        step = self.state.global_step  # type: ignore[attr-defined]
+        manager.before_save(step)
         faults.point("checkpoint.save")
-        super()._save_checkpoint(model, trial)
+        try:
+            super()._save_checkpoint(model, trial)  # type: ignore[misc]
+        except ArtifactWriteError:
+            raise
+        except Exception as e:  # noqa: BLE001 - torch/safetensors report a full disk as their own errors
+            message = describe_library_write_error(e, manager.root / checkpoint_name(step))
+            if message is None:
+                raise
+            raise ArtifactWriteError(message) from e
 
     def _save_optimizer_and_scheduler(self, output_dir):
         faults.point("checkpoint.optimizer")  # the weights are written, the optimizer is not yet
-        super()._save_optimizer_and_scheduler(output_dir)
+        super()._save_optimizer_and_scheduler(output_dir)  # type: ignore[misc]
+
+
+def check_hooks(trainer_class: type) -> None:
+    """Refuse a trainer class in which another class overrides a hooked method ahead of the mixin:
+    its saves would bypass the commit protocol silently."""
+    if not (isinstance(trainer_class, type) and issubclass(trainer_class, Trainer)):
+        raise UsageError(f"{trainer_class!r} is not a transformers.Trainer subclass")
+    for name in HOOKED:
+        owner = next(c for c in trainer_class.__mro__ if name in vars(c))
+        if owner is not RecoveryHooks:
+            raise UsageError(
+                f"{trainer_class.__module__}.{trainer_class.__qualname__}: {owner.__qualname__}.{name} comes before "
+                "itertrain's RecoveryHooks in the method order, so checkpoints would bypass the commit protocol. "
+                "Put RecoveryHooks first (class MyTrainer(RecoveryHooks, ...)) or let itertrain wrap the class."
+            )
+
+
+def with_recovery_hooks(trainer_class: type) -> type:
+    """`trainer_class` with RecoveryHooks first in its method order (a subclass is made when needed)."""
+    if not (isinstance(trainer_class, type) and issubclass(trainer_class, Trainer)):
+        raise UsageError(f"{trainer_class!r} is not a transformers.Trainer subclass")
+    if not issubclass(trainer_class, RecoveryHooks):
+        trainer_class = type(trainer_class.__name__, (RecoveryHooks, trainer_class),
+                             {"__module__": trainer_class.__module__, "__doc__": trainer_class.__doc__})
+    check_hooks(trainer_class)
+    return trainer_class
+
+
+def attach(trainer: Any, manager: CheckpointManager) -> Any:
+    """Give a constructed trainer its CheckpointManager and the commit callback; refuse one without the hooks."""
+    if not isinstance(trainer, RecoveryHooks):
+        raise UsageError(
+            f"the strategy's trainer is a {type(trainer).__qualname__}, without itertrain's RecoveryHooks: "
+            "return a Trainer class from trainer_class() (itertrain adds the hooks), or derive from "
+            "itertrain.RecoveryHooks"
+        )
+    check_hooks(type(trainer))
+    trainer.itertrain_checkpoints = manager
+    trainer.add_callback(CommitCallback(manager))
+    return trainer
+
+
+class CommitCallback(TrainerCallback):
+    """Commits each trainer checkpoint right after HF Trainer wrote it."""
+
+    def __init__(self, manager: CheckpointManager):
+        self.manager = manager
+
+    def on_save(self, args, state, control, **kwargs):
+        best = state.best_model_checkpoint
+        self.manager.commit_checkpoint(state.global_step, os.path.basename(best) if best else None)
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if distributed.is_main():
+            self.manager.wait()  # the last checkpoint is committed before training returns
+        return control

@@ -59,12 +59,12 @@ def itertrain(*args: str, fault: str | None = None, timeout: int = 300, cwd: Pat
 
 
 def torchrun(*args: str, nproc: int = 2, fault: str | None = None, timeout: int = 300,
-             env: dict[str, str] | None = None) -> Result:
+             env: dict[str, str] | None = None, cwd: Path | None = None, script: Path | None = None) -> Result:
     """Run `torchrun --nproc_per_node=N train_iterative.py ARGS`, as in the guide."""
     env = base_env({**({"ITERTRAIN_FAULT": fault} if fault else {}), **(env or {})})
     cmd = [PY, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-           str(REPO / "train_iterative.py"), *args]
-    return _run(cmd, env, timeout, None)
+           str(script or REPO / "train_iterative.py"), *args]
+    return _run(cmd, env, timeout, cwd)
 
 
 def _run(cmd: list[str], env: dict[str, str], timeout: int, cwd: Path | None) -> Result:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from itertrain.recovery.discover import Inventory, IterationModel, Status, TrainerCheckpoint
-from itertrain.recovery.plan import RecoveryFlags
+from itertrain.recovery.discover import DataArtifact, Inventory, IterationModel, Status, TrainerCheckpoint, mark_stale
+from itertrain.recovery.flags import RecoveryFlags
 
 OUT = "./experiments/exp"
 TORN = "no manifest (the save never completed)"
@@ -38,19 +38,13 @@ def model(path, iteration, status=Status.COMMITTED, mtime=None, foreign=False, p
 
 
 def inventory(*artifacts, experiment=True):
-    """An Inventory as discover() returns it: committed checkpoints of an iteration whose model is
-    usable are marked STALE, and both lists are sorted the same way."""
+    """An Inventory as discover() returns it: discover's own rule marks stale checkpoints, and both
+    lists are sorted the same way."""
     models = sorted((a for a in artifacts if isinstance(a, IterationModel)), key=lambda m: (m.iteration, m.path))
-    newest = max((m.iteration for m in models if m.status.usable), default=None)
-    ckpts = []
-    for c in artifacts:
-        if not isinstance(c, TrainerCheckpoint):
-            continue
-        if c.status == Status.COMMITTED and newest is not None and c.iteration <= newest:
-            c = TrainerCheckpoint(c.path, c.step, c.iteration, Status.STALE, c.mtime, c.problem, c.world_size, c.foreign)
-        ckpts.append(c)
+    ckpts = mark_stale([a for a in artifacts if isinstance(a, TrainerCheckpoint)], models)
     ckpts.sort(key=lambda c: (c.iteration, c.step, c.path))
-    return Inventory(OUT, experiment, tuple(ckpts), tuple(models))
+    data = tuple(a for a in artifacts if isinstance(a, DataArtifact))
+    return Inventory(OUT, experiment, tuple(ckpts), tuple(models), data)
 
 
 def flags(resume_from="none", resume_from_iteration="none", **kw):

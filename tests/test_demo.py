@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conftest import itertrain, manifest
+import pytest
 
+from conftest import itertrain, manifest
 from itertrain.tasks.arithmetic import ArithmeticTask
+
+pytestmark = pytest.mark.slow  # real processes: torchrun, training, kills
 
 # The demo's own flags, cut down to seconds: 2 iterations of a few steps, one sample per prompt. A model
 # trained for 6 steps solves no 4-digit addition, so every sample is kept (threshold 0) to have data.

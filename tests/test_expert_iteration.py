@@ -10,6 +10,8 @@ import pytest
 
 from conftest import FAST_FLAGS, itertrain, manifest, torchrun
 
+pytestmark = pytest.mark.slow  # real processes: torchrun, training, kills
+
 
 @pytest.fixture(scope="module")
 def ei_files(tmp_path_factory) -> tuple[Path, Path]:

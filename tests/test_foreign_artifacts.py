@@ -13,6 +13,8 @@ import pytest
 
 from conftest import PY, base_env, itertrain, manifest
 
+pytestmark = pytest.mark.slow  # real processes: torchrun, training, kills
+
 PLAIN_HF = """
 import json, sys
 from datasets import Dataset

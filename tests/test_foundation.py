@@ -10,6 +10,8 @@ import torch
 
 from conftest import itertrain, manifest, torchrun, weights
 
+pytestmark = pytest.mark.slow  # real processes: torchrun, training, kills
+
 
 def _assert_committed_experiment(out: Path, base: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -62,13 +64,40 @@ def test_keep_iteration_checkpoints_moves_them_into_the_iteration_model(tmp_path
     assert itertrain("verify", str(out)).returncode == 0
 
 
-def test_save_total_limit_rotates_only_after_commit_and_keeps_the_newest(tmp_path, sft_args):
+@pytest.mark.parametrize("point", ["checkpoint.save", "checkpoint.commit"])
+def test_save_total_limit_rotates_only_after_commit_and_keeps_the_newest(tmp_path, sft_args, point):
+    """Killed at the third save (before HF writes it, or after HF wrote it and before its manifest):
+    limit 1 has rotated checkpoint-4 away after checkpoint-8 committed, and nothing more."""
     out = tmp_path / "exp"
-    # Killed when iteration 0 is about to save its third checkpoint: limit 1 keeps only checkpoint-8.
-    r = itertrain("train", *sft_args(out, "--save_total_limit", "1"), fault="checkpoint.save=kill#3")
-    assert r.returncode != 0
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-8"]
+    r = itertrain("train", *sft_args(out, "--save_total_limit", "1", "--async_commit", "false"),
+                  fault=f"{point}=kill#3")
+    assert r.returncode == -9, r.output
+    committed = sorted(p.name for p in out.glob("checkpoint-*") if (p / "itertrain.manifest.json").exists())
+    assert committed == ["checkpoint-8"]
     assert manifest(out / "checkpoint-8")["step"] == 8
+    if point == "checkpoint.commit":  # written, never committed: torn, and rotation did not act on it
+        assert (out / "checkpoint-12" / "model.safetensors").exists()
+
+
+def test_optimizer_moments_carry_across_the_iteration_boundary_numerically(tmp_path, sft_args):
+    """Adam's per-parameter step counters and moments continue from iteration 0's last checkpoint into
+    iteration 1 (and do not under --iteration_init base)."""
+    out = tmp_path / "exp"
+    assert itertrain("train", *sft_args(out, "--keep_iteration_checkpoints", "true")).returncode == 0
+    end0 = torch.load(out / "iter_0" / "checkpoint-12" / "optimizer.pt", weights_only=True)["state"]
+    start1 = torch.load(out / "iter_1" / "checkpoint-4" / "optimizer.pt", weights_only=True)["state"]
+    assert {float(v["step"]) for v in end0.values()} == {12.0}
+    assert {float(v["step"]) for v in start1.values()} == {16.0}  # 12 carried + 4 new
+    # The second moments continued too: with beta2 = 0.999, 4 more steps keep ~all of the 12 steps'
+    # accumulation (a fresh optimizer would hold about a third of it).
+    total = sum(v["exp_avg_sq"].sum().item() for v in start1.values())
+    before = sum(v["exp_avg_sq"].sum().item() for v in end0.values())
+    assert total > 0.8 * before, (total, before)
+    base = tmp_path / "base"
+    assert itertrain("train", *sft_args(base, "--keep_iteration_checkpoints", "true", "--iteration_init", "base")
+                     ).returncode == 0
+    fresh = torch.load(base / "iter_1" / "checkpoint-4" / "optimizer.pt", weights_only=True)["state"]
+    assert {float(v["step"]) for v in fresh.values()} == {4.0}
 
 
 def test_sigkill_inside_a_checkpoint_save_leaves_no_manifest(tmp_path, sft_args):
@@ -86,7 +115,7 @@ def test_sigkill_inside_a_checkpoint_save_leaves_no_manifest(tmp_path, sft_args)
 
 
 def test_verifier_detects_wrong_size_and_wrong_checksum(tmp_path):
-    from itertrain.recovery.manifest import commit_directory, read_manifest, verify_checksums
+    from itertrain.artifacts.manifest import commit_directory, read_manifest, verify_checksums
 
     d = tmp_path / "artifact"
     d.mkdir()

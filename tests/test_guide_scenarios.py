@@ -6,10 +6,14 @@ exactly the state the next scenario needs.
 
 from __future__ import annotations
 
+import pytest
+
 import json
 
 from conftest import itertrain, manifest, torchrun
 
+
+pytestmark = pytest.mark.slow  # real processes: torchrun, training, kills
 
 def _report(r) -> str:
     assert "CHECKPOINT RECOVERY SYSTEM" in r.stdout, r.output
@@ -77,3 +81,34 @@ def test_the_guides_five_scenarios_under_torchrun(tmp_path, sft_args):
     reports = sorted((out / "runs").glob("recovery-*.json"))
     assert len(reports) == 5
     assert json.loads(reports[-1].read_text())["plan"]["mode"] == "iteration"
+
+
+def test_scenario5_takes_the_weights_from_the_iteration_model_and_auto_from_the_checkpoint(tmp_path, sft_args):
+    """At a checkpoint taken at the iteration's last step nothing is left to train, so the committed
+    iteration model holds exactly the weights the plan loaded: iter_0's as written (scenario 5),
+    the checkpoint's with auto (rule 2)."""
+    import shutil
+
+    import torch
+
+    from conftest import weights
+
+    out = tmp_path / "exp"
+    r = itertrain("train", *sft_args(out), fault="stage.commit=kill#2")  # iteration 1 trained, not committed
+    assert r.returncode == -9 and manifest(out / "checkpoint-12")["iteration"] == 1, r.output
+    other = tmp_path / "copy"
+    shutil.copytree(out, other, symlinks=True)
+
+    r = itertrain("train", *sft_args(out), "--resume_from", "12", "--resume_from_iteration", "iter_0")
+    assert r.returncode == 0, r.output
+    assert "12 steps of weight updates" in r.stdout and "discarded" in r.stdout
+    w_iter0, w_iter1 = weights(out / "iter_0"), weights(out / "iter_1")
+    assert w_iter1.keys() == w_iter0.keys() and all(torch.equal(w_iter1[k], w_iter0[k]) for k in w_iter0)
+
+    auto = [str(other) if a == str(out) else a for a in sft_args(out)]
+    ckpt = weights(other / "checkpoint-12")
+    r = itertrain("train", *auto, "--resume_from", "auto", "--resume_from_iteration", "auto")
+    assert r.returncode == 0, r.output
+    w_auto = weights(other / "iter_1")
+    assert all(torch.equal(w_auto[k], ckpt[k]) for k in ckpt)
+    assert not all(torch.equal(w_auto[k], w_iter0[k]) for k in w_iter0)

@@ -11,15 +11,9 @@ import pytest
 
 from itertrain.errors import RecoveryRefused, UsageError
 from itertrain.recovery.discover import Status
-from itertrain.recovery.plan import (
-    BASE,
-    Mode,
-    RecoveryFlags,
-    StateScope,
-    decide,
-    parse_resume_from,
-    parse_resume_from_iteration,
-)
+from itertrain.recovery.decide import decide
+from itertrain.recovery.flags import BASE, RecoveryFlags, parse_resume_from, parse_resume_from_iteration
+from itertrain.recovery.plan import Mode, StateScope
 from plan_helpers import ckpt, flags, inventory, model, rejected_paths
 
 
@@ -357,8 +351,8 @@ def test_plan_module_and_these_tests_do_not_import_torch():
     here = Path(__file__).resolve().parent
     code = (
         "import sys, importlib.util\n"
-        "import itertrain.recovery.plan\n"
-        "assert 'torch' not in sys.modules, 'itertrain.recovery.plan imported torch'\n"
+        "import itertrain.recovery.decide\n"
+        "assert 'torch' not in sys.modules, 'itertrain.recovery.decide imported torch'\n"
         f"sys.path.insert(0, {str(here)!r})\n"
         "for name in ('test_plan_table', 'test_plan_refusals'):\n"
         f"    spec = importlib.util.spec_from_file_location(name, {str(here)!r} + '/' + name + '.py')\n"

@@ -10,13 +10,9 @@ from __future__ import annotations
 import pytest
 
 from itertrain.recovery.discover import Status
-from itertrain.recovery.plan import (
-    BASE,
-    Mode,
-    RecoveryFlags,
-    StateScope,
-    decide,
-)
+from itertrain.recovery.decide import decide
+from itertrain.recovery.flags import BASE, RecoveryFlags
+from itertrain.recovery.plan import Mode, StateScope
 from plan_helpers import ckpt, flags, inventory, model
 
 

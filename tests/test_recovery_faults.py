@@ -15,6 +15,8 @@ import torch
 
 from conftest import PY, base_env, itertrain, manifest, torchrun, tree_hash
 
+pytestmark = pytest.mark.slow  # real processes: torchrun, training, kills
+
 
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory, tiny_model, train_file) -> tuple[Path, list[str]]:
@@ -111,7 +113,7 @@ def test_torn_newest_checkpoint_is_removed_and_training_continues_from_the_good_
 
 
 def test_optimizer_state_of_the_wrong_shape_is_rejected_before_anything_is_applied(exp):
-    from itertrain.recovery.manifest import commit_directory, read_manifest
+    from itertrain.artifacts.manifest import commit_directory, read_manifest
 
     out, args = exp
     ckpt = out / "checkpoint-8"

@@ -10,6 +10,8 @@ import pytest
 
 from conftest import REPO, base_env, itertrain, manifest, torchrun, tree_hash
 
+pytestmark = pytest.mark.slow  # real processes: torchrun, training, kills
+
 
 def test_kills_at_every_save_path_give_byte_identical_iteration_models(tmp_path):
     """scripts/chaos.py --ci: a reference run, then >= 6 SIGKILLs of torchrun and both ranks (inside a
@@ -42,10 +44,14 @@ def test_failed_write_exits_1_keeps_committed_artifacts_and_the_next_launch_resu
     assert text in r.stderr and "Traceback" not in r.stderr
     committed = sorted(p.name for p in out.glob("checkpoint-*") if (p / "itertrain.manifest.json").exists())
     assert committed, "the checkpoints committed before the failure are kept"
+    # Intact: every byte still matches the checksums their manifests recorded before the failure.
+    report = json.loads(itertrain("verify", str(out), "--json").stdout)
+    assert {a["path"]: a["ok"] for a in report["artifacts"] if a["path"] in committed} == dict.fromkeys(committed, True)
     before = {name: tree_hash(out / name) for name in committed}
     r = itertrain("train", *sft_args(out), "--resume_from", "auto", "--resume_from_iteration", "auto")
     assert r.returncode == 0, r.output
-    assert any(f"Found trainer checkpoint: {out}/{name}" in r.stdout for name in before)
+    resumed = [name for name in before if f"Found trainer checkpoint: {out}/{name}" in r.stdout]
+    assert resumed == [max(committed, key=lambda n: int(n.split('-')[1]))]
     assert itertrain("verify", str(out)).returncode == 0
 
 
@@ -72,3 +78,48 @@ def test_lock_file_in_a_read_only_location_is_a_clear_error(tmp_path, sft_args, 
     r = itertrain("train", *sft_args(out))
     assert r.returncode == 1
     assert "could not write" in r.stderr and "nothing was changed" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_output_dir_turned_read_only_mid_run_fails_in_one_line_and_keeps_committed_work(tiny_model, train_file):
+    """A real permission failure (the run is not root, so permission bits apply): the directory becomes
+    read-only while iteration 1 trains; its first save fails with exit 1 and one line naming the path
+    and the cause; iter_0 stays intact; once writable again, a relaunch finishes."""
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from conftest import FAST_FLAGS, PY
+
+    work = Path(tempfile.mkdtemp(prefix="itertrain-ro-", dir="/tmp"))
+    try:
+        os.chmod(work, 0o777)
+        shutil.copytree(tiny_model, work / "tiny")
+        shutil.copy(train_file, work / "train.jsonl")
+        subprocess.run(["chmod", "-R", "a+rwX", str(work)], check=True)
+        out = work / "exp"
+        args = ["--model_name", str(work / "tiny"), "--output_dir", str(out), "--train_file", str(work / "train.jsonl"),
+                "--num_iterations", "2", *FAST_FLAGS]
+        as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", PY, "-m", "itertrain", "train"]
+        env = base_env({"ITERTRAIN_FAULT": "stage.train=sleep:6#2", "HOME": str(work)})
+        proc = subprocess.Popen([*as_nobody, *args], cwd=work, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 240
+        while not (out / "iter_0" / "itertrain.manifest.json").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        before = tree_hash(out / "iter_0")
+        subprocess.run(["chmod", "-R", "a-w", str(out)], check=True)  # while iteration 1 waits to train
+        stdout, stderr = proc.communicate(timeout=240)
+        assert proc.returncode == 1, stdout + stderr
+        assert "could not write" in stderr and "not writable (EACCES)" in stderr and "Traceback" not in stderr
+        assert stderr.count("itertrain: error:") == 1, stderr
+        assert tree_hash(out / "iter_0") == before
+        subprocess.run(["chmod", "-R", "u+w", str(out)], check=True)
+        r = subprocess.run([*as_nobody, *args, "--resume_from", "auto", "--resume_from_iteration", "auto"], cwd=work,
+                           env=base_env({"HOME": str(work)}), capture_output=True, text=True, timeout=240)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert (out / "iter_1" / "itertrain.manifest.json").exists()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -1,34 +1,29 @@
-"""Discovery: read an output directory into plain dataclasses (metadata only, no weights read)."""
+"""Discovery: read an output directory into plain dataclasses (metadata only, no weights read).
+
+The layout's scanner finds artifact directories by name; discovery classifies each one from its
+manifest header (or, for directories written by other tools, a structural check).
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
 
-from itertrain.recovery.manifest import (
-    DATA,
-    ITERATION_MODEL,
-    TRAINER_CHECKPOINT,
-    ManifestError,
-    ManifestHeader,
-    read_header,
-    read_manifest,
+from itertrain.artifacts.manifest import ManifestError, ManifestHeader, read_header, read_manifest
+from itertrain.layout import (
+    AUX_RE,
+    BASE_MODEL_DIR,
+    CONFIG_NAME,
+    TRAINER_STATE_NAME,
+    Kind,
+    is_top_level,
+    model_order,
+    scan,
 )
-from itertrain.recovery.verify import TRAINER_STATE, structural_problems
-
-CHECKPOINT_RE = re.compile(r"^checkpoint-([0-9]+)$")
-ITERATION_RE = re.compile(r"^iter_([0-9]+)$")
-BASE_MODEL_DIR = "base_model"  # the guide's layout: the model of iteration 0
-EXPERIMENT_RECORD = "itertrain.json"
-
-# Files of an iteration model that can be recreated from the base model when missing (SPEC §3).
-_AUX_RE = re.compile(
-    r"^(config\.json|generation_config\.json|tokenizer.*|special_tokens_map\.json|vocab\..*|merges\.txt|chat_template.*)$"
-)
+from itertrain.recovery.verify import structural_problems
 
 
 class Status(str, Enum):
@@ -56,6 +51,7 @@ class TrainerCheckpoint:
     problem: str | None = None
     world_size: int | None = None
     foreign: bool = False
+    symlink: bool = False  # listed and used read-only; never moved, deleted or written through
 
 
 @dataclass(frozen=True)
@@ -69,6 +65,7 @@ class IterationModel:
     problem: str | None = None
     missing_aux: tuple[str, ...] = ()  # config/tokenizer files to recreate from the base model
     foreign: bool = False
+    symlink: bool = False
 
 
 @dataclass(frozen=True)
@@ -79,6 +76,7 @@ class DataArtifact:
     iteration: int
     status: Status
     problem: str | None = None
+    symlink: bool = False
 
 
 @dataclass(frozen=True)
@@ -88,7 +86,6 @@ class Inventory:
     checkpoints: tuple[TrainerCheckpoint, ...] = ()
     iteration_models: tuple[IterationModel, ...] = ()
     data: tuple[DataArtifact, ...] = ()
-    record: dict = field(default_factory=dict, compare=False)
 
     @property
     def has_committed_progress(self) -> bool:
@@ -104,23 +101,30 @@ class Inventory:
         """A short listing of what exists, for error messages."""
         parts = []
         for m in sorted(self.iteration_models, key=lambda m: m.iteration):
-            parts.append(f"{m.path} ({m.status.value})")
+            parts.append(f"{m.path} ({m.status.value}{', symlink' if m.symlink else ''})")
         for c in sorted(self.checkpoints, key=lambda c: (c.iteration, c.step)):
-            parts.append(f"{c.path} (iteration {c.iteration}, step {c.step}, {c.status.value})")
+            parts.append(f"{c.path} (iteration {c.iteration}, step {c.step}, {c.status.value}"
+                         f"{', symlink' if c.symlink else ''})")
         return ", ".join(parts) if parts else "no checkpoints and no iteration models"
 
 
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return 0.0
+def mark_stale(checkpoints: list[TrainerCheckpoint], models: list[IterationModel],
+               rejected: frozenset[str] | set[str] = frozenset()) -> list[TrainerCheckpoint]:
+    """Committed checkpoints of an iteration whose model is usable (and not rejected) are stale; a
+    checkpoint marked stale earlier becomes committed again when that model is rejected."""
+    done = max((m.iteration for m in models if m.status.usable and m.path not in rejected), default=-1)
+    out = []
+    for c in checkpoints:
+        if c.status in (Status.COMMITTED, Status.STALE):
+            c = replace(c, status=Status.STALE if c.iteration <= done else Status.COMMITTED)
+        out.append(c)
+    return out
 
 
 _NO_MANIFEST = "no manifest (the save never completed)"
 
 
-def _header_status(directory: str, kind: str) -> tuple[Status, ManifestHeader | None, str | None]:
+def _header_status(directory: str, kind: Kind) -> tuple[Status, ManifestHeader | None, str | None]:
     """Status from the manifest's header only (no file list, no stat of every file: thousands of
     checkpoints are listed in milliseconds). Sizes and checksums are checked when an artifact is
     chosen (deep verification), where a damaged one is rejected and the next one tried."""
@@ -130,8 +134,8 @@ def _header_status(directory: str, kind: str) -> tuple[Status, ManifestHeader | 
         return Status.CORRUPT, None, str(e)
     if header is None:
         return Status.TORN, None, _NO_MANIFEST
-    if header.kind != kind:
-        return Status.CORRUPT, header, f"manifest says kind {header.kind!r}, expected {kind!r}"
+    if header.kind != kind.value:
+        return Status.CORRUPT, header, f"manifest says kind {header.kind!r}, expected {kind.value!r}"
     return Status.COMMITTED, header, None
 
 
@@ -149,138 +153,102 @@ def missing_aux(root: str | Path, model: IterationModel) -> IterationModel:
         return model
     if manifest is None:
         return model
-    aux = tuple(rel for rel in manifest.files if _AUX_RE.match(rel) and not os.path.exists(directory / rel))
+    aux = tuple(rel for rel in manifest.files if AUX_RE.match(rel) and not os.path.exists(directory / rel))
     return replace(model, missing_aux=aux)
 
 
-def _foreign_status(directory: Path, kind: str) -> tuple[Status, str | None]:
-    problems = structural_problems(directory, kind)
+def _foreign_status(directory: Path, kind: Kind) -> tuple[Status, str | None]:
+    problems = structural_problems(directory, kind.value)
     return (Status.INVALID, "; ".join(problems)) if problems else (Status.UNVERIFIED, None)
 
 
 def _foreign_step(directory: Path, fallback: int) -> int:
     try:
-        return int(json.loads((directory / TRAINER_STATE).read_text())["global_step"])
+        return int(json.loads((directory / TRAINER_STATE_NAME).read_text())["global_step"])
     except (OSError, ValueError, KeyError, TypeError):
         return fallback
 
 
-def _scan_checkpoints(root: str, base: str, treat_as_foreign: bool, adopted: set[str]) -> list[TrainerCheckpoint]:
-    out = []
+def _mtime(path: Path) -> float:
     try:
-        entries = list(os.scandir(base))
+        return path.stat().st_mtime
     except OSError:
-        return out
-    prefix = "" if base == root else os.path.relpath(base, root) + "/"
-    for entry in entries:
-        m = CHECKPOINT_RE.match(entry.name)
-        if not m or not entry.is_dir(follow_symlinks=False):
-            continue
-        rel = prefix + entry.name
-        step = int(m.group(1))
-        status, header, problem = _header_status(entry.path, TRAINER_CHECKPOINT)
-        if status == Status.TORN and (treat_as_foreign or rel in adopted):
-            # Only foreign checkpoints are ordered by modification time: stat just those.
-            directory = Path(entry.path)
-            mtime = entry.stat(follow_symlinks=False).st_mtime
-            status, problem = _foreign_status(directory, TRAINER_CHECKPOINT)
-            step = _foreign_step(directory, step)
-            out.append(TrainerCheckpoint(rel, step, -1, status, mtime, problem, None, foreign=True))
-        else:
-            iteration = header.iteration if header else -1
-            ws = header.world_size if header else None
-            out.append(TrainerCheckpoint(rel, step, iteration, status, 0.0, problem, ws))
-    return out
+        return 0.0
 
 
 def discover(output_dir: str | Path, record: dict | None = None) -> Inventory:
     """Every checkpoint, iteration model and data artifact under `output_dir`, classified.
 
-    `record` is the parsed itertrain.json (read here when not given). Inside an itertrain
-    experiment a manifest-less directory is torn, unless the record lists it as adopted from
-    another tool; outside one, such directories are foreign and get a structural check.
+    `record` is the parsed itertrain.json (read with `experiment.load_record` when not given, which
+    refuses a corrupt one). Inside an itertrain experiment a manifest-less directory is torn, unless
+    the record lists it as adopted from another tool; outside one, such directories are foreign and
+    get a structural check.
     """
     root = Path(output_dir)
     if not root.is_dir():
         return Inventory(str(root), False)
     if record is None:
-        record = read_record(root)
+        from itertrain.experiment import load_record
+
+        record = load_record(root)
     is_experiment = bool(record)
     adopted = set(record.get("adopted", [])) if record else set()
-    foreign_everywhere = not is_experiment
+    entries = scan(root)
 
     models: list[IterationModel] = []
-    for entry in os.scandir(root):
-        if not entry.is_dir(follow_symlinks=False):
-            continue
-        m = ITERATION_RE.match(entry.name)
-        if m is None and entry.name != BASE_MODEL_DIR:
-            continue
-        directory = Path(entry.path)
-        iteration = int(m.group(1)) if m else 0
-        status, header, problem = _header_status(entry.path, ITERATION_MODEL)
+    for e in (e for e in entries if e.kind == Kind.ITERATION_MODEL):
+        directory = root / e.rel
+        status, header, problem = _header_status(str(directory), Kind.ITERATION_MODEL)
         foreign = False
         aux: tuple[str, ...] = ()
-        if status == Status.TORN and (foreign_everywhere or entry.name in adopted or m is None):
-            status, problem = _foreign_status(directory, ITERATION_MODEL)
+        if status == Status.TORN and (not is_experiment or e.rel in adopted or e.rel == BASE_MODEL_DIR):
+            status, problem = _foreign_status(directory, Kind.ITERATION_MODEL)
             foreign = True
-            if not (directory / "config.json").exists() and status == Status.UNVERIFIED:
-                aux = ("config.json",)
-        elif header is not None and header.iteration != iteration:
-            status, problem = Status.CORRUPT, f"manifest says iteration {header.iteration}, the name says {iteration}"
-        models.append(IterationModel(entry.name, iteration, status, _mtime(directory), problem, aux, foreign))
+            if not (directory / CONFIG_NAME).exists() and status == Status.UNVERIFIED:
+                aux = (CONFIG_NAME,)
+        elif header is not None and header.iteration != e.number:
+            status, problem = Status.CORRUPT, f"manifest says iteration {header.iteration}, the name says {e.number}"
+        models.append(IterationModel(e.rel, e.number, status, _mtime(directory), problem, aux, foreign, e.symlink))
 
-    scanned = _scan_checkpoints(str(root), str(root), foreign_everywhere, adopted)
-    for model in models:
-        if model.status.usable and not model.foreign:
-            scanned += _scan_checkpoints(str(root), str(root / model.path), False, set())
+    # Checkpoints kept inside an iteration model are listed when that model is one of ours.
+    ours = {m.path for m in models if m.status.usable and not m.foreign}
+    scanned: list[TrainerCheckpoint] = []
+    for e in (e for e in entries if e.kind == Kind.TRAINER_CHECKPOINT):
+        if not is_top_level(e.rel) and e.rel.split("/", 1)[0] not in ours:
+            continue
+        directory = root / e.rel
+        status, header, problem = _header_status(str(directory), Kind.TRAINER_CHECKPOINT)
+        if status == Status.TORN and is_top_level(e.rel) and (not is_experiment or e.rel in adopted):
+            # Only foreign checkpoints are ordered by modification time: stat just those.
+            status, problem = _foreign_status(directory, Kind.TRAINER_CHECKPOINT)
+            scanned.append(TrainerCheckpoint(e.rel, _foreign_step(directory, e.number), -1, status,
+                                             _mtime(directory), problem, None, True, e.symlink))
+        else:
+            scanned.append(TrainerCheckpoint(e.rel, e.number, header.iteration if header else -1, status, 0.0,
+                                             problem, header.world_size if header else None, False, e.symlink))
 
-    newest_model = max((m for m in models if m.status.usable), key=lambda m: m.iteration, default=None)
-    checkpoints = []
-    for ckpt in scanned:
-        if ckpt.foreign and ckpt.status.usable:
-            ckpt = _with_inferred_iteration(ckpt, newest_model)
-        if ckpt.status == Status.COMMITTED and newest_model is not None and ckpt.iteration <= newest_model.iteration:
-            ckpt = _replace(ckpt, status=Status.STALE)
-        checkpoints.append(ckpt)
+    newest_model = max((m for m in models if m.status.usable), key=model_order, default=None)
+    checkpoints = [_with_inferred_iteration(c, newest_model) if c.foreign and c.status.usable else c for c in scanned]
 
     data = []
-    data_root = root / "data"
-    if data_root.is_dir():
-        for entry in os.scandir(data_root):
-            m = ITERATION_RE.match(entry.name)
-            if not m or not entry.is_dir(follow_symlinks=False):
-                continue
-            status, _, problem = _header_status(entry.path, DATA)
-            data.append(DataArtifact(f"data/{entry.name}", int(m.group(1)), status, problem))
+    for e in (e for e in entries if e.kind == Kind.DATA):
+        status, _, problem = _header_status(str(root / e.rel), Kind.DATA)
+        data.append(DataArtifact(e.rel, e.number, status, problem, e.symlink))
 
     return Inventory(
         str(root),
         is_experiment,
-        tuple(sorted(checkpoints, key=lambda c: (c.iteration, c.step, c.path))),
+        tuple(sorted(mark_stale(checkpoints, models), key=lambda c: (c.iteration, c.step, c.path))),
         tuple(sorted(models, key=lambda m: (m.iteration, m.path))),
         tuple(sorted(data, key=lambda d: d.iteration)),
-        record or {},
     )
-
-
-def _replace(ckpt: TrainerCheckpoint, **changes) -> TrainerCheckpoint:
-    return replace(ckpt, **changes)
 
 
 def _with_inferred_iteration(ckpt: TrainerCheckpoint, newest_model: IterationModel | None) -> TrainerCheckpoint:
     """A foreign checkpoint has no iteration: it belongs to the iteration after the newest model
     unless that model is newer on disk (then the checkpoint is from the model's iteration)."""
     if newest_model is None:
-        return _replace(ckpt, iteration=0)
+        return replace(ckpt, iteration=0)
     if newest_model.mtime >= ckpt.mtime:
-        return _replace(ckpt, iteration=newest_model.iteration, status=Status.UNVERIFIED)
-    return _replace(ckpt, iteration=newest_model.iteration + 1)
-
-
-def read_record(root: Path) -> dict:
-    """The parsed itertrain.json, {} when absent or unreadable."""
-    try:
-        return json.loads((Path(root) / EXPERIMENT_RECORD).read_text())
-    except (OSError, ValueError):
-        return {}
+        return replace(ckpt, iteration=newest_model.iteration)
+    return replace(ckpt, iteration=newest_model.iteration + 1)

@@ -8,7 +8,8 @@ from dataclasses import asdict
 from typing import Any
 
 from itertrain.recovery.discover import Inventory
-from itertrain.recovery.plan import BASE, Mode, RecoveryFlags, RecoveryPlan, StateScope
+from itertrain.recovery.flags import BASE, RecoveryFlags
+from itertrain.recovery.plan import Mode, RecoveryPlan, StateScope
 
 RULE = "=" * 60
 THIN = "-" * 60
@@ -33,6 +34,8 @@ def _strategy_line(plan: RecoveryPlan) -> str:
         return "🆕 NO checkpoints selected - training from scratch"
     if plan.mode == Mode.COMPLETE:
         return "✅ Experiment COMPLETE - nothing left to train"
+    if plan.mode == Mode.ITERATION and plan.weights_from == BASE:
+        return "🆕 BASE model for weights (--iteration_init base) - training state starts fresh"
     if plan.mode == Mode.ITERATION:
         return "🎯 ITERATION model only - weights only, training state starts fresh"
     if plan.mode == Mode.BOTH:
@@ -49,6 +52,8 @@ def render(plan: RecoveryPlan, output_dir: str, base_model: str, extra_lines: li
         c = plan.checkpoint
         lines.append(f"📁 Found trainer checkpoint: {os.path.join(output_dir, c.path)}")
         lines.append("   ✅ Contains: model weights + optimizer + scheduler states")
+        if plan.state_from != c.path and plan.weights_from != c.path:
+            lines.append("   ⏭️  Not used by this plan")
         lines.append(
             f"   ℹ️  Iteration {c.iteration}, step {c.step}, {c.status.value}"
             + (" (written by another tool)" if c.foreign else "")

@@ -15,9 +15,12 @@ from typing import Any
 
 from itertrain import distributed
 from itertrain.errors import RecoveryRefused
+from itertrain.artifacts.manifest import ManifestError, read_manifest
+from itertrain.layout import Kind
+from itertrain.recovery.decide import decide
 from itertrain.recovery.discover import Inventory, IterationModel, discover, missing_aux
-from itertrain.recovery.manifest import ITERATION_MODEL, TRAINER_CHECKPOINT, ManifestError, read_manifest
-from itertrain.recovery.plan import BASE, Mode, RecoveryFlags, RecoveryPlan, decide
+from itertrain.recovery.flags import BASE, RecoveryFlags
+from itertrain.recovery.plan import Mode, RecoveryPlan, StateScope
 from itertrain.recovery.restore import (
     describe_load_error,
     load_model,
@@ -34,6 +37,18 @@ class Resolved:
     inventory: Inventory
     model: Any = None  # the loaded starting weights (None when complete)
     notes: list[str] = field(default_factory=list)  # repairs and other actions taken
+    restored: dict | None = None  # lineage of the checkpoint restored in full (what its iteration started with)
+
+    @property
+    def replaces(self) -> frozenset[str]:
+        """Iteration models this launch rejected: the run writes new ones in their place (moving them aside)."""
+        models = {m.path for m in self.inventory.iteration_models}
+        return frozenset(r.path for r in self.plan.rejected if r.path in models)
+
+    @property
+    def verified(self) -> frozenset[str]:
+        """Artifacts deep-verified by this launch."""
+        return frozenset(self.plan.to_verify)
 
 
 @dataclass(frozen=True)
@@ -47,31 +62,39 @@ class LoadOptions:
 def _kind_of(inv: Inventory, rel: str) -> tuple[str, Any]:
     for m in inv.iteration_models:
         if m.path == rel:
-            return ITERATION_MODEL, m
+            return Kind.ITERATION_MODEL.value, m
     for c in inv.checkpoints:
         if c.path == rel:
-            return TRAINER_CHECKPOINT, c
+            return Kind.TRAINER_CHECKPOINT.value, c
     raise KeyError(rel)
+
+
+def verify_artifact(root: Path, inv: Inventory, rel: str, artifact: Any = None) -> str | None:
+    """Deep-verify one artifact of the inventory (every byte against its manifest, or the structural
+    check for one written by another tool). The reason it fails, None when it passes."""
+    kind, found = _kind_of(inv, rel)
+    artifact = artifact or found
+    try:
+        manifest = None if getattr(artifact, "foreign", False) else read_manifest(root / rel)
+    except ManifestError as e:
+        return f"manifest unreadable: {e}"
+    if manifest is not None and isinstance(artifact, IterationModel) and artifact.missing_aux:
+        files = {k: v for k, v in manifest.files.items() if k not in artifact.missing_aux}
+        manifest = dataclasses.replace(manifest, files=files)
+    problems = deep_problems(root / rel, manifest, kind)
+    return "verification failed: " + "; ".join(problems) if problems else None
 
 
 def verify_chosen(root: Path, inv: Inventory, plan: RecoveryPlan) -> dict[str, str]:
     """Deep-verify the plan's artifacts (rank 0). Returns {path: reason} for failures."""
     failures: dict[str, str] = {}
     for rel in plan.to_verify:
-        kind, artifact = _kind_of(inv, rel)
+        artifact = None
         if plan.iteration_model is not None and rel == plan.iteration_model.path:
             artifact = plan.iteration_model  # with its missing config/tokenizer files looked up
-        try:
-            manifest = None if getattr(artifact, "foreign", False) else read_manifest(root / rel)
-        except ManifestError as e:
-            failures[rel] = f"manifest unreadable: {e}"
-            continue
-        if manifest is not None and isinstance(artifact, IterationModel) and artifact.missing_aux:
-            files = {k: v for k, v in manifest.files.items() if k not in artifact.missing_aux}
-            manifest = dataclasses.replace(manifest, files=files)
-        problems = deep_problems(root / rel, manifest, kind)
-        if problems:
-            failures[rel] = "verification failed: " + "; ".join(problems)
+        why = verify_artifact(root, inv, rel, artifact)
+        if why:
+            failures[rel] = why
     return failures
 
 
@@ -126,6 +149,16 @@ def load_and_probe(root: Path, plan: RecoveryPlan, opts: LoadOptions) -> tuple[A
     return model, failures, warnings
 
 
+def _restored_lineage(root: Path, plan: RecoveryPlan) -> dict | None:
+    if plan.state_scope != StateScope.FULL or not plan.state_from:
+        return None
+    try:
+        manifest = read_manifest(root / plan.state_from)
+    except ManifestError:
+        return None
+    return dict(manifest.lineage) if manifest is not None else {}
+
+
 def resolve(
     root: Path,
     flags: RecoveryFlags,
@@ -158,7 +191,7 @@ def resolve(
         if not failures:
             all_warnings = sorted({w for _, ws in outcomes for w in ws})
             plan = dataclasses.replace(plan, warnings=plan.warnings + tuple(all_warnings))
-            return Resolved(plan, inv, model, notes)
+            return Resolved(plan, inv, model, notes, distributed.run_on_main(_restored_lineage, root, plan))
         if BASE in failures:
             raise RecoveryRefused(f"the base model {opts.base_model} cannot be loaded: {failures[BASE]}")
         del model

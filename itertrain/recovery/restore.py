@@ -19,9 +19,11 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from itertrain.artifacts.manifest import recommit
+from itertrain.layout import CONFIG_NAME, GENERATION_CONFIG_NAME, OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME, rng_state_name
 from itertrain.recovery.discover import IterationModel
-from itertrain.recovery.manifest import ITERATION_MODEL, MANIFEST_NAME, commit_directory, read_manifest
-from itertrain.recovery.plan import BASE, RecoveryPlan, StateScope
+from itertrain.recovery.flags import BASE
+from itertrain.recovery.plan import RecoveryPlan, StateScope
 from itertrain.recovery.verify import weight_shapes
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
@@ -85,25 +87,21 @@ def repair_iteration_model(model: IterationModel, root: Path, base_model: str, t
     directory = root / model.path
     base = Path(base_model)
     notes: list[str] = []
-    if "config.json" in model.missing_aux:
+    if CONFIG_NAME in model.missing_aux:
         problem = shape_mismatch(weight_shapes(directory), model_shapes_for_config(base))
         if problem:
-            raise ValueError(f"config.json is missing and the base model's config does not fit: {problem}")
+            raise ValueError(f"{CONFIG_NAME} is missing and the base model's config does not fit: {problem}")
     tok_src = Path(tokenizer_dir) if tokenizer_dir else base
     for name in model.missing_aux:
-        src = (base if name in ("config.json", "generation_config.json") else tok_src) / name
+        src = (base if name in (CONFIG_NAME, GENERATION_CONFIG_NAME) else tok_src) / name
         if src.exists():
             shutil.copyfile(src, directory / name)
-            notes.append(f"🔧 created missing {name} in {model.path} from {src.parent} (weight shapes checked)")
+            checked = " (weight shapes checked)" if name == CONFIG_NAME else ""
+            notes.append(f"🔧 created missing {name} in {model.path} from {src.parent}{checked}")
         else:
             notes.append(f"⚠️  {name} is missing in {model.path} and the base model has none to copy")
     if not model.foreign:
-        old = read_manifest(directory)
-        assert old is not None
-        commit_directory(
-            directory, kind=ITERATION_MODEL, iteration=old.iteration, step=old.step, lineage=old.lineage,
-            world_size=old.world_size, extra={**old.extra, "repaired": list(model.missing_aux)},
-        )
+        recommit(directory, repaired=list(model.missing_aux))
     return notes
 
 
@@ -137,24 +135,24 @@ def probe_state(plan: RecoveryPlan, root: Path, model: torch.nn.Module, rank: in
     problems: list[str] = []
     warnings: list[str] = []
     try:
-        problems += optimizer_state_problems(safe_load(directory / "optimizer.pt"), model)
+        problems += optimizer_state_problems(safe_load(directory / OPTIMIZER_NAME), model)
     except FileNotFoundError:
-        problems.append("optimizer.pt is missing")
+        problems.append(f"{OPTIMIZER_NAME} is missing")
     except Exception as e:  # noqa: BLE001 - any failure to load is a reason to reject the candidate
-        problems.append(describe_load_error(directory / "optimizer.pt", e))
+        problems.append(describe_load_error(directory / OPTIMIZER_NAME, e))
     if plan.state_scope != StateScope.FULL:
         return problems, warnings
-    for name in ("scheduler.pt",):
+    for name in (SCHEDULER_NAME,):
         try:
             safe_load(directory / name)
         except Exception as e:  # noqa: BLE001
             problems.append(describe_load_error(directory / name, e))
     try:
-        json.loads((directory / "trainer_state.json").read_text())["global_step"]
+        json.loads((directory / TRAINER_STATE_NAME).read_text())["global_step"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        problems.append(f"trainer_state.json does not parse: {e}")
+        problems.append(f"{TRAINER_STATE_NAME} does not parse: {e}")
     saved_ws = (plan.checkpoint.world_size if plan.checkpoint else None) or _rng_world_size(directory)
-    rng = directory / (f"rng_state_{rank}.pth" if world_size > 1 else "rng_state.pth")
+    rng = directory / rng_state_name(rank, world_size)
     if saved_ws is not None and saved_ws != world_size:
         warnings.append(
             f"{plan.state_from} was written by {saved_ws} rank(s), this run has {world_size}: training continues "
@@ -188,19 +186,9 @@ class OptimizerMomentsCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         if optimizer is None:
             return control
-        saved = torch.load(self.checkpoint_dir / "optimizer.pt", map_location="cpu", weights_only=True)
+        saved = safe_load(self.checkpoint_dir / OPTIMIZER_NAME)
         fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         optimizer.load_state_dict(saved)
         for group, hyper in zip(optimizer.param_groups, fresh):
             group.update(hyper)
         return control
-
-
-def manifest_id(directory: Path) -> str | None:
-    """A fingerprint of a committed artifact (its manifest's bytes), for lineage checks."""
-    import xxhash
-
-    try:
-        return xxhash.xxh3_64_hexdigest((Path(directory) / MANIFEST_NAME).read_bytes())
-    except OSError:
-        return None

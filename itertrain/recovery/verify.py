@@ -14,12 +14,9 @@ import struct
 import zipfile
 from pathlib import Path
 
-from itertrain.recovery.manifest import Manifest, verify_checksums
+from itertrain.artifacts.manifest import Manifest, verify_checksums
+from itertrain.layout import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, TORCH_STATE_FILES, TRAINER_STATE_NAME, Kind
 
-WEIGHT_FILES = ("model.safetensors",)
-WEIGHT_INDEX = "model.safetensors.index.json"
-TRAINER_STATE = "trainer_state.json"
-TORCH_ARCHIVES = ("optimizer.pt", "scheduler.pt")
 _MAX_HEADER = 100 << 20
 
 
@@ -48,15 +45,15 @@ def weight_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape for a directory's safetensors weights (single file or sharded with index)."""
     directory = Path(directory)
     files: list[Path]
-    index = directory / WEIGHT_INDEX
+    index = directory / SAFE_WEIGHTS_INDEX_NAME
     if index.exists():
         weight_map = json.loads(index.read_text())["weight_map"]
         files = [directory / f for f in sorted(set(weight_map.values()))]
         missing = [f.name for f in files if not f.exists()]
         if missing:
             raise ValueError(f"sharded weights incomplete: missing {', '.join(missing)}")
-    elif (directory / "model.safetensors").exists():
-        files = [directory / "model.safetensors"]
+    elif (directory / SAFE_WEIGHTS_NAME).exists():
+        files = [directory / SAFE_WEIGHTS_NAME]
     else:
         raise ValueError("no safetensors weights (model.safetensors or an index)")
     shapes: dict[str, tuple[int, ...]] = {}
@@ -92,15 +89,15 @@ def structural_problems(directory: Path, kind: str) -> list[str]:
         weight_shapes(directory)
     except (ValueError, OSError, KeyError, json.JSONDecodeError) as e:
         problems.append(f"weights: {e}")
-    if kind == "trainer_checkpoint":
+    if kind == Kind.TRAINER_CHECKPOINT.value:
         try:
-            state = json.loads((directory / TRAINER_STATE).read_text())
+            state = json.loads((directory / TRAINER_STATE_NAME).read_text())
             int(state["global_step"])
         except FileNotFoundError:
-            problems.append(f"{TRAINER_STATE} is missing")
+            problems.append(f"{TRAINER_STATE_NAME} is missing")
         except (ValueError, KeyError, TypeError, OSError) as e:
-            problems.append(f"{TRAINER_STATE} does not parse: {e}")
-        for name in TORCH_ARCHIVES:
+            problems.append(f"{TRAINER_STATE_NAME} does not parse: {e}")
+        for name in TORCH_STATE_FILES:
             if not (directory / name).exists():
                 problems.append(f"{name} is missing")
             else:
@@ -111,9 +108,9 @@ def structural_problems(directory: Path, kind: str) -> list[str]:
             p = _torch_archive_problem(rng)
             if p:
                 problems.append(p)
-    elif (directory / "config.json").exists():
+    elif (directory / CONFIG_NAME).exists():
         try:
-            json.loads((directory / "config.json").read_text())
+            json.loads((directory / CONFIG_NAME).read_text())
         except (ValueError, OSError) as e:
             problems.append(f"config.json does not parse: {e}")
     return problems

@@ -1,21 +1,7 @@
-"""Strategies: what each iteration trains on (SPEC §4)."""
+"""Strategies: what each iteration trains on (SPEC §4). The plug-in API is `Strategy` and
+`register_strategy`; `load_strategy` finds one by name, entry point or `module:Class`."""
 
-from __future__ import annotations
+from itertrain.strategies.base import ModelSource, Strategy, StrategyContext
+from itertrain.strategies.registry import available, load_strategy, register_strategy
 
-from itertrain.strategies.base import LoopContext, Strategy
-
-
-def make_strategy(ctx: LoopContext) -> Strategy:
-    name = ctx.cfg.loop.strategy
-    if name == "sft":
-        from itertrain.strategies.sft import SFTStrategy
-
-        return SFTStrategy(ctx)
-    if name == "expert_iteration":
-        from itertrain.strategies.expert_iteration import ExpertIterationStrategy
-
-        return ExpertIterationStrategy(ctx)
-    raise ValueError(f"unknown strategy {name!r}")
-
-
-__all__ = ["LoopContext", "Strategy", "make_strategy"]
+__all__ = ["ModelSource", "Strategy", "StrategyContext", "available", "load_strategy", "register_strategy"]

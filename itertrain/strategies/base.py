@@ -1,51 +1,139 @@
-"""The strategy interface: a strategy supplies data (and may generate it) and task metrics."""
+"""The strategy plug-in API: what each iteration trains on (SPEC §4).
+
+A strategy is a subclass of `itertrain.Strategy`. The smallest one overrides only
+`train_rows(iteration)`; the others add a `generate` stage, their own dataset, collator or Trainer
+class (TRL's trainers included: itertrain adds its recovery hooks to any Trainer class), their own
+flags (`arguments_class`) and their own TrainingArguments subclass (`training_arguments_class`).
+Strategies receive what they need through `StrategyContext`, never the CheckpointManager, and take
+the model they sample from from the recovery plan (`ModelSource`), never by directory name.
+"""
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
-from itertrain.args import RunConfig
-from itertrain.checkpointing import CheckpointManager
+if TYPE_CHECKING:
+    from itertrain.args import RunConfig
 
 
 @dataclass
-class LoopContext:
-    """What every stage of an iteration can see."""
+class ModelSource:
+    """A model as the recovery plan names it: where it comes from, its fingerprint, and a loader."""
+
+    path: str  # relative to the output dir, or "base" for --model_name
+    fingerprint: str | None
+    load: Callable[[], Any]  # the loaded model (loaded once; the loop may hand over one already loaded)
+
+
+@dataclass
+class StrategyContext:
+    """What a strategy sees of the run."""
 
     cfg: RunConfig
     root: Path
     tokenizer: Any
-    manager: CheckpointManager
+    commit_data: Callable[..., Any]  # (directory, iteration, lineage, extra) -> Manifest; rank 0, after the files
+    move_aside: Callable[[list[str]], Path | None]  # committed artifacts to superseded/<time>/; rank 0
 
 
-class Strategy(ABC):
-    name = "base"
-    eval_prefix = "eval"  # metric prefix of the loss on eval_rows()
+class Strategy:
+    """Base class of iteration strategies. Override `train_rows`; everything else has a default.
 
-    def __init__(self, ctx: LoopContext):
+    Class attributes:
+      name: the registry name (set by `register_strategy` when not given).
+      defining_fields: argument names that, besides model, strategy and data files, define the
+        experiment (a change on resume is refused without --allow_config_change).
+      arguments_class: a dataclass of the strategy's own flags (parsed into `ctx.cfg.strategy_args`).
+      training_arguments_class: a TrainingArguments subclass (e.g. trl.DPOConfig): its own fields become
+        flags under their own names (those itertrain already has keep itertrain's meaning).
+      training_defaults: TrainingArguments defaults of this strategy (the YAML file and flags override them).
+    """
+
+    name: ClassVar[str] = ""
+    defining_fields: ClassVar[tuple[str, ...]] = ()
+    arguments_class: ClassVar[type | None] = None
+    training_arguments_class: ClassVar[type | None] = None
+    training_defaults: ClassVar[dict[str, Any]] = {}
+    eval_prefix: str = "eval"  # metric prefix of the loss on eval_rows()
+
+    def __init__(self, ctx: StrategyContext):
         self.ctx = ctx
 
+    # ---- checks before anything is written --------------------------------------------------------------
+    @classmethod
+    def check_arguments(cls, cfg: RunConfig) -> None:
+        """Flag combinations this strategy needs; raise itertrain.errors.UsageError (exit 2)."""
+
+    def preflight(self, iteration: int) -> None:
+        """Everything about `iteration` that can be checked before anything is written (data files,
+        reward functions); raise UsageError. Default: the training (and eval) rows of an iteration
+        that does not generate its own data are read and checked."""
+        from itertrain.data import check_rows
+
+        if not self.generates(iteration):
+            check_rows(self.train_rows(iteration), self.rows_source(iteration))
+        rows = self.eval_rows(iteration)
+        if rows is not None:
+            check_rows(rows, f"{type(self).__qualname__}.eval_rows({iteration})")
+
+    # ---- data ------------------------------------------------------------------------------------------
     def generates(self, iteration: int) -> bool:
-        """Whether iteration `iteration` has a `generate` stage."""
+        """Whether `iteration` has a `generate` stage."""
         return False
 
-    def generate(self, iteration: int, model, weights_from: str) -> dict[str, Any] | None:
-        """The `generate` stage (sample, score, filter, commit data/iter_K). None: no such stage.
-
-        `model` holds the weights this launch starts from (`weights_from`, relative to the output dir)."""
+    def generate(self, iteration: int, source: ModelSource) -> dict[str, Any] | None:
+        """The `generate` stage: sample from `source` (the previous iteration's model, from the plan),
+        score, filter, and commit data/iter_K with `ctx.commit_data`. Returns stats for the metrics."""
         return None
 
-    @abstractmethod
     def train_rows(self, iteration: int) -> list[dict[str, Any]]:
-        """Rows (prompt/completion or text) to train iteration `iteration` on."""
+        """Rows to train iteration `iteration` on: {"prompt", "completion"} (loss on the completion) or
+        {"text"} (loss on everything)."""
+        raise NotImplementedError(f"{type(self).__qualname__} must override train_rows(iteration)")
 
     def eval_rows(self, iteration: int) -> list[dict[str, Any]] | None:
         """Rows for the held-out loss, None for none."""
         return None
 
-    def task_metrics(self, iteration: int, model) -> dict[str, float]:
+    def rows_source(self, iteration: int) -> str:
+        """Where `train_rows(iteration)` come from, for error messages (a file name, say)."""
+        return f"{type(self).__qualname__}.train_rows({iteration})"
+
+    def train_dataset(self, iteration: int) -> Any:
+        """The training dataset handed to the Trainer (default: `train_rows`, tokenized)."""
+        from itertrain.data import build_dataset
+
+        return build_dataset(self.train_rows(iteration), self.ctx.tokenizer, self.ctx.cfg.loop.max_seq_length,
+                             source=self.rows_source(iteration))
+
+    def eval_dataset(self, iteration: int) -> Any:
+        from itertrain.data import build_dataset
+
+        rows = self.eval_rows(iteration)
+        if not rows:
+            return None
+        return build_dataset(rows, self.ctx.tokenizer, self.ctx.cfg.loop.max_seq_length,
+                             source=f"{type(self).__qualname__}.eval_rows({iteration})")
+
+    def data_collator(self) -> Any:
+        from itertrain.data import PadCollator
+
+        return PadCollator(self.ctx.tokenizer.pad_token_id)
+
+    # ---- training ----------------------------------------------------------------------------------------
+    def trainer_class(self) -> type:
+        """The Trainer class (itertrain puts its RecoveryHooks in front of it)."""
+        from transformers import Trainer
+
+        return Trainer
+
+    def trainer_kwargs(self, iteration: int, model: Any, args: Any) -> dict[str, Any]:
+        """Keyword arguments for the trainer, besides model, args, datasets, collator, tokenizer and
+        callbacks (e.g. a reference model)."""
+        return {"data_collator": self.data_collator(), "processing_class": self.ctx.tokenizer}
+
+    def task_metrics(self, iteration: int, model: Any) -> dict[str, float]:
         """Extra held-out metrics (e.g. exact-match accuracy). Called on every rank."""
         return {}

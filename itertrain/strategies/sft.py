@@ -1,17 +1,25 @@
-"""`--strategy sft`: iteration K trains on --train_file (which may contain {iteration})."""
+"""`--strategy sft`: iteration K trains on --train_file (which may contain {iteration}), or on a
+built-in task's labeled data."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from itertrain.data import read_jsonl, resolve_path
+from itertrain.errors import UsageError
 from itertrain.strategies.base import Strategy
 
 
 class SFTStrategy(Strategy):
     name = "sft"
 
-    def _task(self):
+    @classmethod
+    def check_arguments(cls, cfg) -> None:
+        if not cfg.loop.train_file and not cfg.loop.task:
+            raise UsageError(f"--strategy {cls.name} needs --train_file (JSONL with prompt/completion or text) "
+                             "or --task arithmetic")
+
+    def task(self):
         from itertrain.tasks import get_task
 
         return get_task(self.ctx.cfg.loop.task, self.ctx.cfg.training.seed) if self.ctx.cfg.loop.task else None
@@ -20,14 +28,18 @@ class SFTStrategy(Strategy):
         loop = self.ctx.cfg.loop
         if loop.train_file:
             return read_jsonl(resolve_path(loop.train_file, iteration))
-        return self._task().labeled_rows()
+        return self.task().labeled_rows()
+
+    def rows_source(self, iteration: int) -> str:
+        loop = self.ctx.cfg.loop
+        return resolve_path(loop.train_file, iteration) if loop.train_file else f"task {loop.task}"
 
     def eval_rows(self, iteration: int) -> list[dict[str, Any]] | None:
         loop = self.ctx.cfg.loop
         if loop.eval_file:
             return read_jsonl(resolve_path(loop.eval_file, iteration))
         if loop.task:
-            return self._task().eval_rows()
+            return self.task().eval_rows()
         # No held-out file: report the loss on (at most 128 of) the training rows, under its own name.
         self.eval_prefix = "eval_train"
         return self.train_rows(iteration)[:128]
@@ -35,7 +47,6 @@ class SFTStrategy(Strategy):
     def task_metrics(self, iteration: int, model) -> dict[str, float]:
         if not self.ctx.cfg.loop.task:
             return {}
-        task = self._task()
         from itertrain.generation import heldout_accuracy
 
-        return heldout_accuracy(task, model, self.ctx)
+        return heldout_accuracy(self.task(), model, self.ctx)

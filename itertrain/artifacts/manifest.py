@@ -20,19 +20,27 @@ import xxhash
 
 from itertrain import faults
 from itertrain.fsutil import atomic_write_json, tree_files
+from itertrain.layout import MANIFEST_NAME, Kind
 
-MANIFEST_NAME = "itertrain.manifest.json"
 SCHEMA_VERSION = 1
 _CHUNK = 64 << 20  # hash a mapped file in 64 MiB slices
-
-TRAINER_CHECKPOINT = "trainer_checkpoint"
-ITERATION_MODEL = "iteration_model"
-DATA = "data"
-KINDS = (TRAINER_CHECKPOINT, ITERATION_MODEL, DATA)
+KINDS = tuple(k.value for k in Kind)
 
 
 class ManifestError(Exception):
-    """The manifest file exists but cannot be parsed or has the wrong schema."""
+    """The manifest file exists but cannot be parsed, has the wrong schema, or is malformed."""
+
+
+def entry_problem(rel: str) -> str | None:
+    """Why `rel` cannot be a manifest entry: entries are relative paths inside their artifact."""
+    if not rel or "\\" in rel or "\0" in rel or rel.startswith("/") or os.path.isabs(rel):
+        return "is not a relative path"
+    parts = rel.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        return "leaves its artifact or is not normalized"
+    if rel == MANIFEST_NAME:
+        return "names the manifest itself"
+    return None
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,10 @@ class Manifest:
             raise ManifestError(f"unsupported manifest schema {d.get('schema')!r}")
         if d.get("kind") not in KINDS:
             raise ManifestError(f"unknown artifact kind {d.get('kind')!r}")
+        for rel in d.get("files") or {}:
+            why = entry_problem(str(rel))
+            if why:
+                raise ManifestError(f"malformed manifest: entry {rel!r} {why}")
         try:
             files = {str(k): FileEntry(int(v["size"]), str(v["xxh3"])) for k, v in d["files"].items()}
             return cls(
@@ -157,6 +169,36 @@ def commit_directory(directory: Path, **kwargs: Any) -> Manifest:
     manifest = build_manifest(directory, **kwargs)
     write_manifest(directory, manifest)
     return manifest
+
+
+def recommit(directory: Path, **extra: Any) -> Manifest:
+    """Commit a repaired artifact again: same kind, iteration, step and lineage, `extra` added."""
+    old = read_manifest(directory)
+    if old is None:
+        raise ManifestError(f"{directory} has no manifest to renew")
+    return commit_directory(directory, kind=old.kind, iteration=old.iteration, step=old.step, lineage=old.lineage,
+                            world_size=old.world_size, extra={**old.extra, **extra})
+
+
+def fingerprint(directory: Path) -> str | None:
+    """A short identity of an artifact, for lineage checks: the xxh3 of its manifest's bytes; for a
+    directory written by another tool, of its files' names, sizes and modification times (no data
+    read). None when the directory is gone."""
+    directory = Path(directory)
+    try:
+        return xxhash.xxh3_64_hexdigest((directory / MANIFEST_NAME).read_bytes())
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return None
+    h = xxhash.xxh3_64()
+    try:
+        for rel in tree_files(directory):
+            st = os.stat(directory / rel)
+            h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    except OSError:
+        return None
+    return "files-" + h.hexdigest()
 
 
 def read_manifest(directory: Path) -> Manifest | None:

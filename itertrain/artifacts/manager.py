@@ -1,0 +1,223 @@
+"""CheckpointManager: the one owner of writes, moves and deletes of artifact directories.
+
+The train loop and HF Trainer (through `CommitCallback` and `RecoveryHooks`) call it; it composes
+the commit worker (manifests), the iteration-model writer and the pure retention plan. Rank 0 alone
+writes manifests, moves and deletes; every commit sits behind a barrier that waits for all ranks'
+files (SPEC §2, §5). Strategies never see the manager: they get `commit_data` and `move_aside`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from itertrain import distributed, faults
+from itertrain.artifacts.commit import CommitJob, CommitWorker
+from itertrain.artifacts.manifest import Manifest, ManifestError, read_header, read_manifest
+from itertrain.artifacts.retention import Action, Event, ListedCheckpoint, Op, RetentionPolicy, plan_retention
+from itertrain.artifacts.writer import write_iteration_model
+from itertrain.errors import ArtifactWriteError
+from itertrain.fsutil import safe_move, safe_rmtree
+from itertrain.layout import (
+    MANIFEST_NAME,
+    SUPERSEDED_DIR,
+    Kind,
+    checkpoint_name,
+    is_top_level,
+    iteration_name,
+    scan,
+)
+
+KEPT_CHECKPOINTS = "kept_checkpoints"  # iteration manifest extra: its checkpoints were kept by the user
+
+
+@dataclass
+class CheckpointConfig:
+    output_dir: Path
+    retention: RetentionPolicy = field(default_factory=RetentionPolicy)
+    fsync: bool = True
+    async_commit: bool = True  # hash, fsync and write checkpoint manifests on a thread while training goes on
+    world_size: int = 1
+
+
+def committed_listing(root: Path) -> tuple[list[ListedCheckpoint], set[int]]:
+    """(committed trainer checkpoints, iterations with a committed model) from manifest headers."""
+    checkpoints: list[ListedCheckpoint] = []
+    models: set[int] = set()
+    inside: dict[int, int] = {}
+    kept: dict[int, bool] = {}
+    entries = scan(root)
+    for e in entries:
+        try:
+            header = read_header(str(Path(root) / e.rel))
+        except ManifestError:
+            continue
+        if header is None or header.kind != e.kind.value or e.symlink:
+            continue
+        if e.kind == Kind.ITERATION_MODEL and e.rel == iteration_name(e.number):
+            models.add(e.number)
+        elif e.kind == Kind.TRAINER_CHECKPOINT:
+            checkpoints.append(ListedCheckpoint(e.rel, header.iteration, header.step))
+            if not is_top_level(e.rel):
+                inside[header.iteration] = inside.get(header.iteration, 0) + 1
+    for k, n in inside.items():
+        try:
+            m = read_manifest(Path(root) / iteration_name(k))
+            # Older manifests do not say; more than one checkpoint inside can only have been kept.
+            kept[k] = bool(m.extra.get(KEPT_CHECKPOINTS, n > 1)) if m else n > 1
+        except ManifestError:
+            kept[k] = True
+    checkpoints = [ListedCheckpoint(c.path, c.iteration, c.step, kept_by_user=not is_top_level(c.path)
+                                    and kept.get(c.iteration, True)) for c in checkpoints]
+    return checkpoints, models
+
+
+class CheckpointManager:
+    """Owns every write, move and delete of artifact directories in one experiment."""
+
+    def __init__(self, config: CheckpointConfig):
+        self.config = config
+        self.root = Path(config.output_dir)
+        self.iteration = 0
+        self.lineage: dict[str, Any] = {}
+        self.worker = CommitWorker(fsync=config.fsync, world_size=config.world_size, background=config.async_commit)
+
+    def start_iteration(self, iteration: int, lineage: dict[str, Any]) -> None:
+        """The iteration whose checkpoints the next commits describe (main thread)."""
+        self.iteration = iteration
+        self.lineage = dict(lineage)
+
+    def wait(self) -> None:
+        """Rank 0: finish the commit running in the background; raise its error, if any."""
+        self.worker.wait()
+
+    def close(self) -> None:
+        """Rank 0, on the way out: let a background commit finish before the lock is released."""
+        self.worker.close()
+
+    # ---- trainer checkpoints ---------------------------------------------------------------------
+    def before_save(self, step: int) -> None:
+        """Make sure `checkpoint-step` is free before HF writes into it (all ranks call this)."""
+        if distributed.is_main():
+            self.wait()  # commits land in order; rotation never races a save
+            target = self.root / checkpoint_name(step)
+            if target.exists() or target.is_symlink():
+                self._free(target)
+        distributed.barrier()
+
+    def _free(self, target: Path) -> None:
+        """An occupied name: a stale checkpoint of an older iteration moves into its iter_K/; anything
+        else (adopted from another tool, or damaged) moves to superseded/. Never deleted."""
+        try:
+            manifest = read_manifest(target) if not target.is_symlink() else None
+        except ManifestError:
+            manifest = None
+        if manifest is not None and manifest.iteration < self.iteration:
+            dest = self.root / iteration_name(manifest.iteration) / target.name
+            if dest.parent.is_dir() and not dest.exists():
+                safe_move(target, dest, self.root)
+                return
+        self.move_aside([target.name])
+
+    def commit_checkpoint(self, step: int, best: str | None = None) -> None:
+        """After HF saved `checkpoint-step` on every rank: manifest (rank 0), then retention. With
+        async_commit the manifest work runs on a thread; the checkpoint counts as committed only when
+        its manifest lands, so a crash before that leaves it torn and the previous one is used."""
+        distributed.barrier()  # every rank's files are on disk
+        if not distributed.is_main():
+            return
+        directory = self.root / checkpoint_name(step)
+        iteration = self.iteration
+        protect = frozenset({directory.name} | ({Path(best).name} if best else set()))
+
+        def retain(_: Manifest) -> None:
+            self._apply_retention(Event.CHECKPOINT_COMMITTED, iteration, protect)
+
+        self.worker.submit(CommitJob(directory, Kind.TRAINER_CHECKPOINT, iteration, step, dict(self.lineage),
+                                     before=lambda: faults.point("checkpoint.commit"), after=retain))
+
+    # ---- iteration models --------------------------------------------------------------------------
+    def commit_iteration_model(self, model, tokenizer, iteration: int, step: int, *, last: bool,
+                               max_shard_size: str, metrics: dict[str, Any], replaces: frozenset[str] = frozenset(),
+                               extra: dict[str, Any] | None = None) -> None:
+        """Write iter_K (rank 0), commit it, then retire iteration K's checkpoints. All ranks call.
+
+        `replaces`: an existing iter_K this launch rejected (corrupt): it moves to superseded/ first.
+        Any other existing iter_K is committed work, and is never overwritten."""
+        def write() -> None:
+            self.wait()
+            directory = self.root / iteration_name(iteration)
+            if directory.name in replaces and (directory.exists() or directory.is_symlink()):
+                self.move_aside([directory.name])
+            if (directory / MANIFEST_NAME).exists():
+                raise ArtifactWriteError(f"{directory} is already committed; refusing to overwrite it")
+            write_iteration_model(model, tokenizer, directory, max_shard_size=max_shard_size)
+            keep = self.config.retention.keep_iteration_checkpoints
+            self.worker.commit(CommitJob(directory, Kind.ITERATION_MODEL, iteration, step, dict(self.lineage),
+                                         {"metrics": metrics, KEPT_CHECKPOINTS: keep, **(extra or {})}))
+            faults.point("iteration.after_manifest")
+            self._apply_retention(Event.ITERATION_COMMITTED, iteration, frozenset(), last=last,
+                                  fault="iteration.retire")
+
+        distributed.run_on_main(write)
+
+    # ---- data ----------------------------------------------------------------------------------------
+    def commit_data(self, directory: Path, iteration: int, lineage: dict[str, Any],
+                    extra: dict[str, Any]) -> Manifest:
+        """Commit a generated-data directory (rank 0 only; the caller arranges the barrier)."""
+        return self.worker.commit(CommitJob(Path(directory), Kind.DATA, iteration, 0, lineage, extra))
+
+    # ---- retention and housekeeping ----------------------------------------------------------------------
+    def _apply_retention(self, event: Event, iteration: int, protect: frozenset[str], *, last: bool = False,
+                         backed: set[int] | None = None, fault: str | None = None) -> list[Action]:
+        listing, models = committed_listing(self.root)
+        actions = plan_retention(listing, event=event, iteration=iteration, policy=self.config.retention,
+                                 backed=models if backed is None else backed, models=models, protect=protect,
+                                 last=last)
+        for a in actions:
+            self.apply(a)
+            if fault:
+                faults.point(fault)
+        return actions
+
+    def apply(self, action: Action) -> None:
+        src = self.root / action.path
+        if action.op == Op.MOVE:
+            assert action.dest is not None
+            safe_move(src, self.root / action.dest, self.root)
+        else:
+            safe_rmtree(src, self.root)
+
+    def retire_interrupted(self, iteration: int, backed: set[int], protect: frozenset[str]) -> list[str]:
+        """Stale top-level checkpoints left by a crash between an iteration commit and its clean-up, of
+        iterations whose model is verified usable (`backed`). Rank 0, after the plan is final."""
+        done = self._apply_retention(Event.PLAN_MADE, iteration, protect, backed=backed)
+        return [a.path for a in done]
+
+    def move_aside(self, paths: list[str]) -> Path | None:
+        """Move artifacts into superseded/<time>/ (never delete what the user may still want)."""
+        present = [rel for rel in paths if (self.root / rel).exists() or (self.root / rel).is_symlink()]
+        if not present:
+            return None
+        dest_root = self.root / SUPERSEDED_DIR / time.strftime("%Y%m%d-%H%M%S")
+        for rel in present:
+            dest = dest_root / rel
+            n = 1
+            while dest.exists():
+                dest = dest_root / f"{rel}.{n}"
+                n += 1
+            safe_move(self.root / rel, dest, self.root)
+        return dest_root
+
+    def clean_torn(self, torn: list[str]) -> list[str]:
+        """Delete directories whose save never completed (rank 0, after the plan is made)."""
+        removed = []
+        for rel in torn:
+            path = self.root / rel
+            if path.is_dir() and not path.is_symlink() and not os.path.exists(path / MANIFEST_NAME):
+                safe_rmtree(path, self.root)
+                removed.append(rel)
+        return removed

@@ -1,0 +1,263 @@
+"""Parsing `itertrain train` flags (the CLI layer): HfArgumentParser over the argument dataclasses,
+itertrain's groups first and HF's TrainingArguments (or the strategy's subclass of it) last, with
+`--config FILE.yaml` underneath the command line. No prefix matching, for flags or YAML keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from argparse import SUPPRESS, ArgumentParser
+from dataclasses import MISSING, field, fields, make_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from itertrain.args import ARGUMENT_GROUPS, RunConfig
+from itertrain.errors import UsageError
+from itertrain.strategies import available, load_strategy
+from itertrain.strategies.base import Strategy
+
+HF_GROUP = "Hugging Face TrainingArguments (all pass through)"
+
+
+def added_fields(subclass: type, taken: set[str]) -> type | None:
+    """A dataclass of the fields a TrainingArguments subclass (e.g. trl.DPOConfig) adds to
+    TrainingArguments, under their own names, less those an itertrain group already has (one flag,
+    one meaning). HF's flags are parsed as TrainingArguments and the subclass is built from both."""
+    import typing
+
+    from transformers import TrainingArguments
+
+    if subclass is TrainingArguments:
+        return None
+    base = {f.name for f in fields(TrainingArguments)}
+    hints = typing.get_type_hints(subclass)
+    specs = []
+    for f in fields(subclass):
+        if not f.init or f.name in base or f.name in taken:
+            continue
+        kw: dict[str, Any] = {"metadata": f.metadata}
+        if f.default is not MISSING:
+            kw["default"] = f.default
+        elif f.default_factory is not MISSING:
+            kw["default_factory"] = f.default_factory
+        specs.append((f.name, hints.get(f.name, Any), field(**kw)))
+    if not specs:
+        return None
+    group = make_dataclass(f"{subclass.__name__}Fields", specs)
+    group._argument_group_name = f"{subclass.__module__}.{subclass.__qualname__} (fields it adds to TrainingArguments)"
+    return group
+
+
+def build_training_arguments(subclass: type, training: Any, added: Any) -> Any:
+    """The strategy's TrainingArguments subclass from the parsed TrainingArguments and its own fields."""
+    from transformers import TrainingArguments
+
+    if subclass is TrainingArguments:
+        return training
+    values = {f.name: getattr(training, f.name) for f in fields(TrainingArguments) if f.init}
+    values.update({f.name: getattr(added, f.name) for f in fields(added)} if added is not None else {})
+    try:
+        return subclass(**values)
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"{subclass.__name__}: {str(e).strip().splitlines()[0]}") from e
+
+
+def _groups(strategy: type[Strategy]) -> list[type]:
+    from transformers import TrainingArguments
+
+    ours = [*ARGUMENT_GROUPS, *([strategy.arguments_class] if strategy.arguments_class else [])]
+    taken = {f.name for t in ours for f in fields(t)}
+    added = added_fields(strategy.training_arguments_class or TrainingArguments, taken)
+    return [*ours, *([added] if added else []), TrainingArguments]
+
+
+def make_parser(strategy: type[Strategy]):
+    from transformers import HfArgumentParser
+
+    class Parser(HfArgumentParser):
+        def error(self, message: str):  # argparse would print usage and exit; we raise one clear error
+            raise UsageError(f"{message} (see `itertrain train --help`)")
+
+    types = _groups(strategy)
+    parser = Parser(types, allow_abbrev=False, prog="itertrain train",
+                    usage="itertrain train --model_name DIR --output_dir DIR [--resume_from auto|S|none] "
+                          "[--resume_from_iteration auto|iter_K|none] [--config FILE.yaml] [flags]",
+                    description="Run or resume an iterative training experiment (= train_iterative.py).")
+    parser.add_argument("--config", metavar="FILE.yaml", default=SUPPRESS,
+                        help="Read flags from a YAML mapping (flag name: value); flags on the command line override it.")
+    # HF's flags land in argparse's untitled group, listed first: title it and list it last.
+    training = types[-1]
+    parser._optionals.title = f"{HF_GROUP}: {training.__module__}.{training.__qualname__}"
+    parser._action_groups.remove(parser._optionals)
+    parser._action_groups.append(parser._optionals)
+    for action in parser._actions:  # the registry's names in the help of --strategy
+        if action.dest == "strategy":
+            action.help = f"{action.help} Available: {', '.join(available())}."
+    return parser, types
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"--config {path}: no such file")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UsageError(f"--config {path} is not valid YAML: {str(e).splitlines()[0]}") from e
+    if not isinstance(data, dict):
+        raise UsageError(f"--config {path} must hold a mapping of flag names to values")
+    return data
+
+
+def _yaml_to_argv(data: dict[str, Any], known: set[str], path: str) -> list[str]:
+    """YAML keys as flags; a key that is not exactly a flag's name is refused (no prefix matching)."""
+    unknown = sorted(str(k) for k in data if str(k) not in known)
+    if unknown:
+        import difflib
+
+        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, known, n=1)) else k for k in unknown]
+        raise UsageError(f"--config {path}: unknown key(s) {', '.join(hints)}")
+    argv: list[str] = []
+    for key, value in data.items():
+        flag = f"--{key}"
+        if isinstance(value, bool):
+            argv += [flag, str(value).lower()]
+        elif isinstance(value, (list, tuple)):
+            argv += [flag, *map(str, value)]
+        elif isinstance(value, dict):
+            argv += [flag, json.dumps(value)]
+        elif value is not None:
+            argv += [flag, str(value)]
+    return argv
+
+
+def _pre_parse(argv: list[str]) -> tuple[str | None, str | None]:
+    """--config and --strategy, read before the full parser exists (the strategy chooses its groups)."""
+    pre = ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config")
+    pre.add_argument("--strategy")
+    ns, _ = pre.parse_known_args(argv)
+    return ns.config, ns.strategy
+
+
+def parse_train_args(argv: list[str] | None = None, strategy: type[Strategy] | None = None) -> RunConfig:
+    """Parse and validate the flags of `itertrain train`; raises UsageError (exit 2). `strategy`: a
+    Strategy class to run (its name is then the --strategy value)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config, spec = _pre_parse(argv)
+    data = _read_yaml(config) if config else {}
+    if strategy is not None:
+        from itertrain.strategies import register_strategy
+
+        register_strategy(strategy)
+        spec = strategy.name
+        argv = [*argv, "--strategy", spec]
+    spec = spec or str(data.get("strategy") or "sft")
+    cls = load_strategy(spec)
+    parser, types = make_parser(cls)
+    if any(a in ("-h", "--help") for a in argv):
+        parser.print_help()
+        raise SystemExit(0)
+    known = {f.name for t in types for f in fields(t) if f.init}
+    rest = [a for i, a in enumerate(argv) if a != "--config" and (i == 0 or argv[i - 1] != "--config")
+            and not a.startswith("--config=")]
+    defaults = [a for k, v in cls.training_defaults.items() for a in (f"--{k}", str(v))]
+    full = _platform_defaults() + defaults + (_yaml_to_argv(data, known, config) if config else []) + rest
+    try:
+        *groups, remaining = parser.parse_args_into_dataclasses(args=full, return_remaining_strings=True)
+    except UsageError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e).strip().splitlines()[0]) from e
+    if remaining:
+        raise UsageError(f"unrecognized arguments: {' '.join(remaining)} (see `itertrain train --help`; "
+                         "flags are never abbreviated)")
+    recovery, model, loop, generation, *extra, training = groups
+    strategy_args = extra.pop(0) if cls.arguments_class else None
+    if cls.training_arguments_class is not None:
+        training = build_training_arguments(cls.training_arguments_class, training, extra[0] if extra else None)
+    cfg = RunConfig(model, loop, generation, recovery, training, strategy_args, argv)
+    validate(cfg)
+    cls.check_arguments(cfg)
+    return cfg
+
+
+def _platform_defaults() -> list[str]:
+    """Defaults that depend on the machine; the YAML file and the command line override them."""
+    import torch
+
+    if torch.cuda.is_available():
+        return []
+    # Without a GPU, accelerate only sets up a multi-process (gloo) run when told it is a CPU run.
+    return ["--use_cpu", "true", "--dataloader_pin_memory", "false"]
+
+
+def _is_local_model(name: str) -> bool:
+    return Path(name).is_dir() and (Path(name) / "config.json").is_file()
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks that need no lock and write nothing."""
+    m, loop, t = cfg.model, cfg.loop, cfg.training
+    if not m.model_name:
+        raise UsageError("--model_name is required: a local model directory (create one with `itertrain init-model DIR`)")
+    if not _is_local_model(m.model_name):
+        what = "does not exist" if not Path(m.model_name).exists() else "is not a model directory (no config.json)"
+        raise UsageError(
+            f"--model_name {m.model_name} {what}. itertrain never downloads models: pass a local Hugging Face "
+            f"model directory, or create a tiny one with `itertrain init-model {m.model_name}`"
+        )
+    if m.tokenizer_name and not Path(m.tokenizer_name).is_dir():
+        raise UsageError(f"--tokenizer_name {m.tokenizer_name} does not exist (pass a local tokenizer directory)")
+    if not t.output_dir or t.output_dir == "trainer_output" and "--output_dir" not in cfg.argv:
+        raise UsageError("--output_dir is required: the experiment directory (created if missing)")
+    if os.path.exists(t.output_dir) and not os.path.isdir(t.output_dir):
+        raise UsageError(f"--output_dir {t.output_dir} is a file, not a directory: pass a directory (created if missing)")
+    if os.path.islink(t.output_dir) and not os.path.isdir(t.output_dir):
+        raise UsageError(f"--output_dir {t.output_dir} is a dangling symlink")
+    if loop.num_iterations < 1:
+        raise UsageError(f"--num_iterations {loop.num_iterations}: must be at least 1")
+    if getattr(t, "resume_from_checkpoint", None):
+        raise UsageError(
+            "--resume_from_checkpoint is HF Trainer's flag; itertrain decides with --resume_from auto|S|none "
+            "and --resume_from_iteration auto|iter_K|none"
+        )
+    if t.save_only_model:
+        raise UsageError("--save_only_model writes checkpoints without optimizer state, which cannot be resumed")
+    for group, name in ((loop, "train_file"), (loop, "eval_file"), (cfg.generation, "prompts_file")):
+        value = getattr(group, name)
+        if value and "{iteration}" not in value and not Path(value).is_file():
+            raise UsageError(f"--{name} {value}: no such file")
+    if cfg.generation.reward_fn and ":" not in cfg.generation.reward_fn:
+        raise UsageError(f"--reward_fn {cfg.generation.reward_fn!r}: expected module:function")
+    check_report_to(t.report_to)
+
+
+# --report_to name -> the package that provides it, where the two differ.
+_TRACKER_PACKAGES = {"azure_ml": "azureml-core", "flyte": "flytekit", "kubeflow": "kubeflow-training"}
+
+
+def check_report_to(report_to: Any) -> None:
+    """Every tracker named in --report_to is installed (HF would fail at the first log, mid-run)."""
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    names = [n for n in names if n not in ("none", "all")]
+    if not names:
+        return
+    from transformers.integrations.integration_utils import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
+    )
+
+    unknown = [n for n in names if n not in INTEGRATION_TO_CALLBACK]
+    if unknown:
+        raise UsageError(f"--report_to {', '.join(unknown)}: not a tracker Hugging Face supports "
+                         f"(choose from {', '.join(INTEGRATION_TO_CALLBACK)}, or none)")
+    missing = [n for n in names if n not in get_available_reporting_integrations()]
+    if missing:
+        packages = " ".join(_TRACKER_PACKAGES.get(n, n) for n in missing)
+        raise UsageError(f"--report_to {', '.join(missing)}: the package is not installed in this environment; "
+                         f"install it (pip install {packages}) or pass --report_to none")

@@ -1,0 +1,262 @@
+"""The recovery decision (SPEC §3): a pure function from (flags, inventory) to a RecoveryPlan.
+
+No torch, no file access: everything it needs is in `RecoveryFlags` and the `Inventory`. The four
+rules, in order:
+
+1. an explicit value (`S`, `iter_K`) is obeyed as written;
+2. otherwise the weights come from whichever artifact is newer (iteration model vs checkpoint);
+3. training state applies in full within the iteration it belongs to; across an iteration
+   boundary only the optimizer moments carry over;
+4. `auto` only considers candidates consistent with an explicit value on the other flag.
+
+`decide` is called again with `rejected` growing when verification or loading of a chosen
+artifact fails (auto only): that is the fallback to the next older candidate. A rejected iteration
+model no longer makes its iteration's checkpoints stale: they may rebuild it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from itertrain.errors import RecoveryRefused
+from itertrain.layout import checkpoint_order, is_top_level, model_order
+from itertrain.recovery.discover import Inventory, IterationModel, Status, TrainerCheckpoint, mark_stale
+from itertrain.recovery.flags import AUTO, BASE, NONE, RecoveryFlags
+from itertrain.recovery.plan import Mode, Rejection, RecoveryPlan
+
+
+@dataclass
+class _Candidates:
+    checkpoints: list[TrainerCheckpoint] = field(default_factory=list)
+    models: list[IterationModel] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+
+
+def _candidates(inv: Inventory, rejected: Mapping[str, str]) -> _Candidates:
+    c = _Candidates()
+    for model in inv.iteration_models:
+        if model.path in rejected:
+            c.rejected.append(Rejection(model.path, rejected[model.path]))
+        elif model.status.usable:
+            c.models.append(model)
+        else:
+            c.rejected.append(Rejection(model.path, f"{model.status.value}: {model.problem}"))
+    for ckpt in mark_stale(list(inv.checkpoints), list(inv.iteration_models), set(rejected)):
+        if ckpt.path in rejected:
+            c.rejected.append(Rejection(ckpt.path, rejected[ckpt.path]))
+        elif ckpt.status.usable:
+            c.checkpoints.append(ckpt)
+        else:
+            c.rejected.append(Rejection(ckpt.path, f"{ckpt.status.value}: {ckpt.problem}"))
+    return c
+
+
+def _refuse_explicit(flag: str, value: str, what: str, inv: Inventory) -> RecoveryRefused:
+    return RecoveryRefused(
+        f"{flag} {value}: {what}. What exists in {inv.output_dir}: {inv.describe()}. "
+        f"Use {flag} auto to pick the newest usable one, or name one that exists."
+    )
+
+
+def _explicit_model(value: str, inv: Inventory, rejected: Mapping[str, str]) -> IterationModel:
+    k = int(value[5:])
+    found = [m for m in inv.iteration_models if m.path == value] or [
+        m for m in inv.iteration_models if m.iteration == k and m.path != value
+    ]
+    if not found:
+        raise _refuse_explicit("--resume_from_iteration", value, f"{value} does not exist", inv)
+    model = max(found, key=model_order)
+    if model.path in rejected:
+        raise _refuse_explicit("--resume_from_iteration", value, f"{model.path} failed: {rejected[model.path]}", inv)
+    if not model.status.usable:
+        raise _refuse_explicit(
+            "--resume_from_iteration", value, f"{model.path} is {model.status.value} ({model.problem})", inv
+        )
+    return model
+
+
+def _explicit_checkpoint(value: str, inv: Inventory, rejected: Mapping[str, str],
+                         model: IterationModel | None) -> TrainerCheckpoint:
+    step = int(value)
+    found = [c for c in inv.checkpoints if c.step == step]
+    if not found:
+        raise _refuse_explicit("--resume_from", value, f"checkpoint-{step} does not exist", inv)
+    if model is not None:
+        found = [c for c in found if c.iteration <= model.iteration + 1] or found
+    usable = [c for c in found if c.status.usable and c.path not in rejected]
+    if not usable:
+        c = found[0]
+        why = rejected.get(c.path) or f"{c.status.value} ({c.problem})"
+        raise _refuse_explicit("--resume_from", value, f"{c.path} cannot be used: {why}", inv)
+    return max(usable, key=checkpoint_order)
+
+
+def _done(cands: _Candidates) -> int:
+    """The newest iteration with a usable (not rejected) model; -1 when none."""
+    return max((m.iteration for m in cands.models), default=-1)
+
+
+def _model_of(cands: _Candidates, iteration: int) -> str | None:
+    found = [m for m in cands.models if m.iteration == iteration]
+    return max(found, key=model_order).path if found else None
+
+
+def _superseded(inv: Inventory, cands: _Candidates, iteration: int, step: int, keep: str | None) -> tuple[str, ...]:
+    """Committed work this run replaces, moved aside before it starts (never overwritten): the
+    iteration models of `iteration` and later (the guide's "continue from a given iteration"), the
+    data of later iterations, and top-level checkpoints of this iteration past `step` or of later ones."""
+    models = [m.path for m in cands.models if m.iteration >= iteration and not m.foreign]
+    data = [d.path for d in inv.data if d.iteration > iteration and d.status == Status.COMMITTED]
+    ckpts = [c.path for c in inv.checkpoints
+             if is_top_level(c.path) and c.path != keep and c.status.usable
+             and (c.iteration > iteration or (c.iteration == iteration and c.step > step))]
+    return tuple(models + data + ckpts)
+
+
+def decide(flags: RecoveryFlags, inv: Inventory, rejected: Mapping[str, str] | None = None) -> RecoveryPlan:
+    """The recovery plan for these flags and this inventory (SPEC §3). Raises RecoveryRefused."""
+    rejected = dict(rejected or {})
+    while True:
+        plan = _decide(flags, inv, rejected)
+        # A checkpoint kept inside an iteration model this run replaces cannot be read once that
+        # model moved aside: take the next candidate (auto), or refuse (explicit).
+        inside = next((p for p in plan.supersedes if plan.state_from and plan.state_from.startswith(p + "/")), None)
+        if inside is None:
+            return plan
+        why = f"kept inside {inside}, which this run replaces"
+        if flags.resume_from != AUTO:
+            raise _refuse_explicit("--resume_from", flags.resume_from, f"{plan.state_from} is {why}", inv)
+        rejected[plan.state_from] = why  # type: ignore[index]
+
+
+def _decide(flags: RecoveryFlags, inv: Inventory, rejected: dict[str, str]) -> RecoveryPlan:
+    cands = _candidates(inv, rejected)
+    rf, ri = flags.resume_from, flags.resume_from_iteration
+
+    # Rule 1: explicit values are obeyed as written (errors if missing, torn or failed).
+    model = _explicit_model(ri, inv, rejected) if ri not in (AUTO, NONE) else None
+    ckpt = _explicit_checkpoint(rf, inv, rejected, model) if rf not in (AUTO, NONE) else None
+
+    # Rule 4: auto only considers candidates consistent with an explicit value on the other flag.
+    if ri == AUTO:
+        models = cands.models
+        if ckpt is not None:
+            models = [m for m in models if m.iteration >= ckpt.iteration - 1]
+        model = max(models, key=model_order, default=None)
+    if rf == AUTO:
+        ckpts = cands.checkpoints
+        if model is not None and ri != AUTO:
+            ckpts = [c for c in ckpts if c.iteration <= model.iteration + 1]
+        if ri == NONE:
+            # Without an iteration model, a checkpoint of an already committed iteration cannot be
+            # continued without retraining (and replacing) that iteration's model.
+            ckpts = [c for c in ckpts if c.iteration > _done(cands)]
+        ckpt = max(ckpts, key=checkpoint_order, default=None)
+
+    plan = _table(flags, inv, cands, ckpt, model)
+    if plan.mode != Mode.COMPLETE and plan.iteration >= flags.num_iterations:
+        plan = RecoveryPlan.complete(plan.iteration, flags.num_iterations, weights_from=plan.weights_from,
+                                     ckpt=ckpt, model=model)
+    if plan.mode == Mode.FRESH and inv.has_committed_progress and not flags.overwrite_output_dir:
+        raise RecoveryRefused(
+            f"refusing to start from scratch: {inv.output_dir} holds committed progress "
+            f"({inv.describe()}). To continue it, run with --resume_from auto --resume_from_iteration auto; "
+            "to start over and move the existing artifacts aside, add --overwrite_output_dir."
+            + (f" Rejected: {'; '.join(f'{r.path}: {r.reason}' for r in cands.rejected)}." if cands.rejected else "")
+        )
+    later = [p for p in plan.supersedes if not p.startswith("checkpoint-")]
+    warnings = (f"this run replaces later work: {', '.join(later)} move to superseded/ before training",) if later else ()
+    return plan.with_(warnings=plan.warnings + warnings, rejected=tuple(cands.rejected))
+
+
+def _table(flags: RecoveryFlags, inv: Inventory, cands: _Candidates, ckpt: TrainerCheckpoint | None,
+           model: IterationModel | None) -> RecoveryPlan:
+    """The decision table of SPEC §3, one branch per row."""
+    base_init = flags.iteration_init == "base"
+
+    # Row 1: none / none -> fresh.
+    if ckpt is None and model is None:
+        return RecoveryPlan.fresh()
+
+    # Row 2: checkpoint only -> full restore, continue its iteration at its step.
+    if model is None:
+        assert ckpt is not None
+        done = _done(cands)
+        if ckpt.iteration <= done:
+            raise RecoveryRefused(
+                f"--resume_from {flags.resume_from}: {ckpt.path} belongs to iteration {ckpt.iteration}, which is "
+                f"already committed (iter_{done} exists); continuing it without an iteration model would retrain "
+                f"and replace committed work. Use --resume_from_iteration auto (or iter_{done}) with it, or "
+                f"--resume_from auto --resume_from_iteration auto."
+            )
+        return RecoveryPlan.restore(
+            ckpt, reason="trainer checkpoint only: full restore (weights, optimizer, scheduler, progress, RNG)",
+            previous_model=_model_of(cands, ckpt.iteration - 1),
+            supersedes=_superseded(inv, cands, ckpt.iteration, ckpt.step, ckpt.path),
+        )
+
+    k = model.iteration
+    weights = BASE if base_init else model.path
+    init_note = (f"weights from the base model (--iteration_init base); {model.path} marks iteration {k} as done"
+                 if base_init else f"weights from {model.path}")
+
+    # Row 3: iteration model only -> its weights, fresh state, next iteration.
+    if ckpt is None:
+        ignored = [c.path for c in cands.checkpoints if c.iteration == k + 1]
+        warnings = ((f"--resume_from none: ignoring {', '.join(ignored)} of iteration {k + 1}; those steps are "
+                     "redone",) if ignored and flags.resume_from == NONE else ())
+        return RecoveryPlan.next_iteration(
+            model, weights=weights, reason=f"iteration model only: {init_note}, training state starts fresh",
+            warnings=warnings, supersedes=_superseded(inv, cands, k + 1, -1, None),
+        )
+
+    # Row 4: the iteration model is newer (checkpoint from iteration <= K): weights from iter_K,
+    # optimizer moments from the checkpoint, next iteration from step 0. Under --iteration_init base
+    # nothing comes from the checkpoint: the iteration starts from the base model with a fresh state.
+    if ckpt.iteration <= k:
+        if base_init:
+            return RecoveryPlan.next_iteration(
+                model, weights=weights, ckpt=ckpt, supersedes=_superseded(inv, cands, k + 1, -1, None),
+                reason=f"{init_note}; training state starts fresh ({ckpt.path} is not used)",
+            )
+        return RecoveryPlan.next_iteration(
+            model, weights=weights, moments_from=ckpt, supersedes=_superseded(inv, cands, k + 1, -1, None),
+            reason=f"Iteration models contain the latest trained weights: {ckpt.path} is from iteration "
+                   f"{ckpt.iteration}, {model.path} is newer; optimizer moments carry over, the schedule restarts "
+                   f"for iteration {k + 1}",
+        )
+
+    # The checkpoint is newer than anything the newest usable iteration model can continue into (the
+    # model its iteration started from is damaged or gone): it holds the latest weights -> full restore.
+    if ckpt.iteration > k + 1 and flags.resume_from_iteration == AUTO:
+        return RecoveryPlan.restore(
+            ckpt, previous_model=_model_of(cands, ckpt.iteration - 1),
+            reason=f"{ckpt.path} holds the latest weights (step {ckpt.step} of iteration {ckpt.iteration}); the "
+                   f"newest usable iteration model, {model.path}, is older than the model that iteration started from",
+            supersedes=_superseded(inv, cands, ckpt.iteration, ckpt.step, ckpt.path),
+        )
+
+    if ckpt.iteration == k + 1:
+        supersedes = _superseded(inv, cands, k + 1, ckpt.step, ckpt.path)
+        # Row 5: the checkpoint is newer and a flag is auto -> weights and full state from it.
+        if flags.any_auto:
+            return RecoveryPlan.restore(
+                ckpt, model=model, previous_model=model.path, supersedes=supersedes,
+                reason=f"{ckpt.path} holds the latest weights: it is step {ckpt.step} of iteration {k + 1}, which "
+                       f"started from {model.path}; using {model.path}'s weights would throw away {ckpt.step} steps",
+            )
+        # Row 6: both explicit (scenario 5) -> as written, with a warning.
+        return RecoveryPlan.override(
+            model, ckpt, supersedes=supersedes,
+            reason=f"as requested: weights from {model.path}, full training state from {ckpt.path} "
+                   f"(step {ckpt.step} of iteration {k + 1})",
+            warnings=(f"{ckpt.step} steps of weight updates in {ckpt.path} are discarded: the weights come from "
+                      f"{model.path}; use --resume_from_iteration auto to keep them",),
+        )
+
+    raise RecoveryRefused(
+        f"{ckpt.path} belongs to iteration {ckpt.iteration} and cannot continue from {model.path} "
+        f"(it would need iter_{ckpt.iteration - 1}). What exists: {inv.describe()}."
+    )
+

@@ -1,0 +1,131 @@
+"""Unit tests of flag parsing (no prefix matching, YAML keys checked, groups in --help) and of the
+strategy registry (built in, registered, module:Class, entry points, refusals)."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+
+import pytest
+
+from itertrain import Strategy, register_strategy
+from itertrain.errors import UsageError
+from itertrain.parser import parse_train_args
+from itertrain.strategies import available, load_strategy
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    return d
+
+
+def base(model_dir, tmp_path, *extra):
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "a"}\n')
+    return ["--model_name", str(model_dir), "--output_dir", str(tmp_path / "out"), "--train_file", str(data), *extra]
+
+
+def test_a_flag_prefix_is_refused_not_guessed(model_dir, tmp_path):
+    with pytest.raises(UsageError, match="unrecognized arguments: --max_step 10"):
+        parse_train_args(base(model_dir, tmp_path, "--max_step", "10"))
+
+
+def test_a_yaml_key_that_is_not_exactly_a_flag_is_refused_with_a_hint(model_dir, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("max_step: 10\nlearning_rate: 1e-3\n")
+    with pytest.raises(UsageError, match=r"unknown key\(s\) max_step \(did you mean max_steps\?\)"):
+        parse_train_args(["--config", str(cfg), *base(model_dir, tmp_path)])
+
+
+def test_yaml_values_are_typed_and_the_command_line_wins(model_dir, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("max_steps: 10\nlearning_rate: 1e-3\nnum_iterations: 3\nreport_to: [none]\n")
+    run = parse_train_args(["--config", str(cfg), *base(model_dir, tmp_path, "--max_steps", "7")])
+    assert (run.training.max_steps, run.training.learning_rate, run.loop.num_iterations) == (7, 1e-3, 3)
+
+
+def test_help_lists_itertrain_groups_before_hugging_face_and_names_the_strategies(model_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_train_args(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    titles = ["recovery (the guide's flags):", "model:", "iteration loop:", "generation and reward",
+              "Hugging Face TrainingArguments (all pass through)"]
+    positions = [out.index(t) for t in titles]
+    assert positions == sorted(positions), positions
+    assert "--config FILE.yaml" in out and "Available: sft, expert_iteration" in out
+
+
+def test_unknown_strategy_exits_2_listing_the_choices(model_dir, tmp_path):
+    with pytest.raises(UsageError) as e:
+        parse_train_args(base(model_dir, tmp_path, "--strategy", "dpo"))
+    assert e.value.exit_code == 2
+    assert "invalid choice" in str(e.value) and "sft, expert_iteration" in str(e.value)
+
+
+def test_strategy_by_module_and_class_is_imported_from_the_current_directory(tmp_path, monkeypatch):
+    (tmp_path / "mystrats.py").write_text(textwrap.dedent("""
+        from itertrain import Strategy
+        class Tiny(Strategy):
+            def train_rows(self, iteration):
+                return [{"text": "hello"}]
+        class NotAStrategy:
+            pass
+    """))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    cls = load_strategy("mystrats:Tiny")
+    assert issubclass(cls, Strategy) and cls.name == "mystrats:Tiny"
+    with pytest.raises(UsageError, match="is not a subclass of itertrain.Strategy"):
+        load_strategy("mystrats:NotAStrategy")
+    with pytest.raises(UsageError, match="has no attribute 'Missing'"):
+        load_strategy("mystrats:Missing")
+    with pytest.raises(UsageError, match="cannot import no_such_module"):
+        load_strategy("no_such_module:X")
+
+
+def test_register_strategy_makes_a_name_available():
+    @register_strategy("unit_test_strategy")
+    class Mine(Strategy):
+        def train_rows(self, iteration):
+            return [{"text": "x"}]
+
+    assert load_strategy("unit_test_strategy") is Mine
+    assert "unit_test_strategy" in available()
+    with pytest.raises(UsageError):
+        register_strategy("bad", object)  # type: ignore[arg-type]
+
+
+def test_strategy_from_an_installed_entry_point(tmp_path, monkeypatch):
+    site = tmp_path / "site"
+    pkg = site / "epstrat"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("from itertrain import Strategy\nclass EP(Strategy):\n"
+                                     "    def train_rows(self, iteration):\n        return [{'text': 'x'}]\n")
+    dist = site / "epstrat-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: epstrat\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[itertrain.strategies]\nfrom_entry_point = epstrat:EP\n")
+    monkeypatch.syspath_prepend(str(site))
+    assert available()["from_entry_point"] == "entry point epstrat:EP"
+    assert load_strategy("from_entry_point").__name__ == "EP"
+
+
+def test_a_strategy_that_needs_a_train_file_says_so(model_dir, tmp_path):
+    with pytest.raises(UsageError, match="--strategy sft needs --train_file"):
+        parse_train_args(["--model_name", str(model_dir), "--output_dir", str(tmp_path / "o")])
+    with pytest.raises(UsageError, match="--strategy expert_iteration needs --task arithmetic"):
+        parse_train_args(["--model_name", str(model_dir), "--output_dir", str(tmp_path / "o"),
+                          "--strategy", "expert_iteration"])
+
+
+def test_output_dir_that_is_a_file_is_a_usage_error(model_dir, tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    args = base(model_dir, tmp_path)
+    args[args.index("--output_dir") + 1] = str(f)
+    with pytest.raises(UsageError, match="is a file, not a directory"):
+        parse_train_args(args)
