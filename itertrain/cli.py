@@ -121,6 +121,15 @@ def guarded(fn, *args, **kwargs) -> int:
         if main_rank:
             print(f"itertrain: error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
+    except OSError as e:  # a failed write outside the paths that name their own (never a traceback)
+        if main_rank:
+            from pathlib import Path
+
+            from itertrain.fsutil import describe_write_error
+
+            print(f"itertrain: error: {describe_write_error(e, Path(str(e.filename or '.')))}", file=sys.stderr,
+                  flush=True)
+        return 1
     except KeyboardInterrupt:
         if main_rank:
             print("itertrain: interrupted; relaunch with --resume_from auto --resume_from_iteration auto",
