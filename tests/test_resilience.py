@@ -88,7 +88,6 @@ def test_output_dir_turned_read_only_mid_run_fails_in_one_line_and_keeps_committ
     import shutil
     import subprocess
     import tempfile
-    import time
     from pathlib import Path
 
     from conftest import FAST_FLAGS, PY
