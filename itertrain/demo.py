@@ -42,8 +42,15 @@ DEMO_FLAGS = [
 
 
 def demo(argv: list[str]) -> int:
-    p = ArgumentParser(prog="itertrain demo")
-    p.add_argument("--output_dir", default="itertrain-demo", help="where the model and the experiment go")
+    p = ArgumentParser(
+        prog="itertrain demo", allow_abbrev=False,
+        description="The built-in demo: expert iteration on the arithmetic task with a tiny model, on CPU. "
+                    "Every `itertrain train` flag passes through and overrides the demo's own "
+                    "(e.g. --num_iterations 5, --seed 1, --max_steps 400, --strategy iterative_dpo); "
+                    "`itertrain train --help` lists them.",
+    )
+    p.add_argument("--output_dir", default="itertrain-demo",
+                   help="where the model (OUTPUT_DIR/tiny-model) and the experiment (OUTPUT_DIR/experiment) go")
     ns, extra = p.parse_known_args(argv)
     root = Path(ns.output_dir)
     model_dir = root / "tiny-model"

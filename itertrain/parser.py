@@ -235,6 +235,18 @@ def validate(cfg: RunConfig) -> None:
     if cfg.generation.reward_fn and ":" not in cfg.generation.reward_fn:
         raise UsageError(f"--reward_fn {cfg.generation.reward_fn!r}: expected module:function")
     check_report_to(t.report_to)
+    check_launcher(os.environ)
+
+
+def check_launcher(env: Any) -> None:
+    """A launcher that asked for several processes but started one (accelerate's CPU launcher without
+    mpirun sets MASTER_ADDR/MASTER_PORT for N processes, then runs a single one without WORLD_SIZE)."""
+    if env.get("ACCELERATE_USE_CPU") and env.get("MASTER_PORT") and "WORLD_SIZE" not in env:
+        raise UsageError(
+            "`accelerate launch` asked for several processes but started only this one (its CPU launcher needs "
+            "mpirun for more). Launch with torchrun instead: `torchrun --nproc_per_node=N train_iterative.py ...`; "
+            "for one process, `accelerate launch --num_processes 1` or plain `itertrain train`"
+        )
 
 
 # --report_to name -> the package that provides it, where the two differ.
