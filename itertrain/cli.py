@@ -28,6 +28,15 @@ commands:
 `itertrain train --help` lists every flag (HF TrainingArguments included)."""
 
 
+def reproducible_cpu_math() -> None:
+    """Bit-identical CPU arithmetic on any x86 machine: MKL's conditional numerical reproducibility and
+    ATen's portable kernels, instead of code paths chosen per processor (AVX-512 on one machine, AVX2
+    on another round differently, and the demo's data and table would differ). Must run before torch
+    is imported; a value the user set wins."""
+    os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
+    os.environ.setdefault("ATEN_CPU_CAPABILITY", "default")
+
+
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time
@@ -130,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"itertrain {__version__}")
         return 0
     command, rest = argv[0], argv[1:]
+    if command == "demo":
+        reproducible_cpu_math()
     if command in READ_ONLY:
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     if command not in COMMANDS:
