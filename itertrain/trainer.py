@@ -34,6 +34,11 @@ def _restore_indexed_cpu_locations() -> None:
     loads a multi-process CPU run's optimizer state with map_location=args.device, which is "cpu:0",
     and torch knows no such location ("don't know how to restore data location ... cpu:0"): every
     2-rank CPU resume failed. Public torch API; it only adds a location torch otherwise refuses."""
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__).release >= (5, 18):
+        return
 
     def tag(storage):  # never claims a storage when saving
         return None
@@ -41,7 +46,7 @@ def _restore_indexed_cpu_locations() -> None:
     def restore(storage, location: str):
         return storage if location.startswith("cpu:") else None
 
-    torch.serialization.register_package(29, tag, restore)
+    torch.serialization.register_package(90, tag, restore)
 
 
 _restore_indexed_cpu_locations()
