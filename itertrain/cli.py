@@ -38,10 +38,17 @@ def reproducible_cpu_math() -> None:
 
 
 def _quiet_libraries() -> None:
+    # No offline mode here: itertrain loads only local paths (local_files_only), and a user's run may
+    # talk to the Hub itself (--push_to_hub, a tracker), which HF_HUB_OFFLINE=1 would refuse.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+def _offline() -> None:
+    """Offline mode for the commands that make their own model (demo, init-model): they need no network.
+    Set before transformers is imported; a user's explicit HF_HUB_OFFLINE=0 wins."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 def cmd_train(argv: list[str], strategy=None) -> int:
@@ -90,6 +97,7 @@ def cmd_init_model(argv: list[str]) -> int:
                       "itertrain and for tests; it loads offline with from_pretrained(DIR).")
     p.add_argument("dir", metavar="DIR", help="an empty or new directory")
     ns = p.parse_args(argv)
+    _offline()
     from itertrain.tiny_model import init_model, parameter_count
 
     out = init_model(ns.dir)
@@ -99,6 +107,8 @@ def cmd_init_model(argv: list[str]) -> int:
 
 def cmd_demo(argv: list[str]) -> int:
     from itertrain import console
+
+    _offline()
     from itertrain.demo import demo
 
     console.capture()
