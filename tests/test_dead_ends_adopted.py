@@ -67,7 +67,7 @@ def test_adopted_checkpoint_taken_at_its_own_max_steps_continues_to_the_current_
     assert r.returncode == 0, r.output
     assert f"Training state from: {out}/checkpoint-8" in r.stdout and "Continuing at: iteration 0, step 8" in r.stdout
     assert "max_steps 8 -> 12: applies now (iteration 0 continues at step 8 and ends at step 12)" in r.stdout
-    assert (f"logging_steps 500 -> 4: HF Trainer restores 500 from checkpoint-8/trainer_state.json until "
+    assert ("logging_steps 500 -> 4: HF Trainer restores 500 from checkpoint-8/trainer_state.json until "
             "iteration 0 ends; 4 applies from iteration 1") in r.stdout
     m = manifest(out / "iter_0")
     assert m["step"] == 12 and m["extra"]["metrics"]["steps"] == 12
