@@ -5,6 +5,7 @@ processes, real kills and signals."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -114,8 +115,6 @@ def test_interrupted_and_created_config_messages_are_printed_once_under_two_rank
         lines.append(line)
         if "stage: train" in line:
             time.sleep(3)  # both ranks are in the sleep by now
-            import os
-
             os.killpg(proc.pid, signal.SIGINT)
             break
     out_rest, err = proc.communicate(timeout=120)

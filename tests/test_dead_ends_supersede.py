@@ -115,6 +115,9 @@ def test_guides_third_command_on_a_finished_experiment_supersedes_later_iteratio
     (moved,) = superseded_copies(out, "iter_2")
     assert tree_hash(moved) == old_iter2
     assert manifest(out / "iter_2")["lineage"]["weights_from"] == "iter_1"
+    # trained again by this run, as asked: --resume_from none gives it a fresh training state
+    assert manifest(moved)["lineage"]["state_scope"] == "optimizer_moments"
+    assert manifest(out / "iter_2")["lineage"]["state_scope"] == "none"
     assert {k: tree_hash(out / f"iter_{k}") for k in (0, 1)} == kept
     assert top_level_checkpoints(out) == [] and not list(out.glob("iter_*/checkpoint-*"))
     assert itertrain("verify", str(out)).returncode == 0
