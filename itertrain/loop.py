@@ -73,8 +73,12 @@ def run_experiment(cfg: RunConfig) -> int:
             if plan.mode == Mode.COMPLETE:
                 return
             if plan.mode != Mode.FRESH:
-                config_warnings[:] = distributed.run_on_main(check_resume, record, cfg, defining)
-                config_warnings.extend(distributed.run_on_main(resume_changes, plan, root, cfg))
+                changed = distributed.run_on_main(check_resume, record, cfg, defining)
+                applies = distributed.run_on_main(resume_changes, plan, root, cfg)
+                # A change that resume_changes explains (what applies now, what from the next
+                # iteration) is said once, that way, not also as a bare "argument changed".
+                explained = tuple(f"argument changed: {line.split(' ', 1)[0]}: " for line in applies)
+                config_warnings[:] = [w for w in changed if not w.startswith(explained)] + applies
             data_iterations = [k for k in range(plan.iteration, cfg.loop.num_iterations) if strategy.generates(k)]
             distributed.run_on_main(check_writes, plan, root, cfg, data_iterations)
             with_recovery_hooks(strategy.trainer_class())  # a Trainer class that would bypass the hooks: exit 2

@@ -103,7 +103,8 @@ def status(argv: list[str]) -> int:
         print(f"  🎯 {m.path:<24} iteration {m.iteration:<4} {_label(m, flying)}{aux}{extra}")
     for c in inv.checkpoints:
         extra = f" — {c.problem}" if c.problem and c.path not in flying else ""
-        print(f"  📁 {c.path:<24} iteration {c.iteration:<4} step {c.step:<7} {_label(c, flying)}{extra}")
+        it = str(c.iteration) if c.iteration >= 0 else "?"  # a save without a manifest (yet) says no iteration
+        print(f"  📁 {c.path:<24} iteration {it:<4} step {c.step:<7} {_label(c, flying)}{extra}")
     for d in inv.data:
         print(f"  📦 {d.path:<24} iteration {d.iteration:<4} {_label(d, flying)}")
     if plan is not None:

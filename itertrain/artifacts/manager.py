@@ -150,19 +150,49 @@ class CheckpointManager:
         def write() -> None:
             self.wait()
             directory = self.root / iteration_name(iteration)
+            keep = self.config.retention.keep_iteration_checkpoints
+            rescued: list[str] = []
             if directory.name in replaces and (directory.exists() or directory.is_symlink()):
+                rescued, kept = self._rescue_checkpoints(directory)
+                keep = keep or kept
                 self.move_aside([directory.name])
             if (directory / MANIFEST_NAME).exists():
                 raise ArtifactWriteError(f"{directory} is already committed; refusing to overwrite it")
             write_iteration_model(model, tokenizer, directory, max_shard_size=max_shard_size)
-            keep = self.config.retention.keep_iteration_checkpoints
             self.worker.commit(CommitJob(directory, Kind.ITERATION_MODEL, iteration, step, dict(self.lineage),
                                          {"metrics": metrics, KEPT_CHECKPOINTS: keep, **(extra or {})}))
+            for name in rescued:  # back where they were: the carry for iteration K+1, or the user's kept ones
+                safe_move(self.root / name, directory / name, self.root)
             faults.point("iteration.after_manifest")
             self._apply_retention(Event.ITERATION_COMMITTED, iteration, frozenset(), last=last,
                                   fault="iteration.retire")
 
         distributed.run_on_main(write)
+
+    def _rescue_checkpoints(self, directory: Path) -> tuple[list[str], bool]:
+        """Committed checkpoints kept inside a rejected iteration model are intact work (each has its own
+        manifest): before the model moves aside they move to the top level, where a crash before the
+        replacement commits still finds them (they can rebuild it), and they return into the new model
+        after. Returns (their names, whether the user kept them with --keep_iteration_checkpoints)."""
+        names = [e.rel.split("/", 1)[1] for e in scan(self.root)
+                 if e.kind == Kind.TRAINER_CHECKPOINT and e.rel.startswith(directory.name + "/") and not e.symlink]
+        rescued = []
+        for name in names:
+            try:
+                header = read_header(str(directory / name))
+            except ManifestError:
+                continue
+            if header is None or header.kind != Kind.TRAINER_CHECKPOINT.value or (self.root / name).exists():
+                continue  # torn, damaged or its name is taken: it moves aside with the model
+            safe_move(directory / name, self.root / name, self.root)
+            rescued.append(name)
+        try:
+            old = read_manifest(directory)
+        except ManifestError:
+            old = None
+        # Older manifests do not say; more than one checkpoint inside can only have been kept.
+        kept = bool(old.extra.get(KEPT_CHECKPOINTS, len(names) > 1)) if old is not None else len(names) > 1
+        return rescued, kept
 
     # ---- data ----------------------------------------------------------------------------------------
     def commit_data(self, directory: Path, iteration: int, lineage: dict[str, Any],
