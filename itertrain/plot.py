@@ -25,20 +25,30 @@ def _accuracy_keys(rows: list[dict[str, Any]]) -> list[str]:
     return keys
 
 
+def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
+    return format(row[key], fmt) if row.get(key) is not None else "—"
+
+
 def metrics_table(exp_dir: Path) -> str:
-    """Markdown table: samples, acceptance rate, distinct samples kept, train loss, held-out accuracy per difficulty, wall time."""
+    """Markdown table: samples; acceptance rate and distinct samples kept (expert iteration) or mean reward
+    and preference pairs (iterative DPO); train loss; held-out accuracy per difficulty; wall time."""
     rows = read_metrics(exp_dir)
     acc = _accuracy_keys(rows)
-    head = ["iter", "samples", "accepted", "kept", "train loss", *[k.removeprefix("accuracy_") + " acc" for k in acc], "wall s"]
+    data: list[tuple[str, str, str]] = []  # (column, metric, format) of the strategy's data
+    if any("acceptance_rate" in r for r in rows):
+        data += [("accepted", "acceptance_rate", ".1%"), ("kept", "accepted", "")]
+    if any("pairs" in r for r in rows):
+        data += [("mean reward", "mean_reward", ".3f"), ("pairs", "pairs", "")]
+    head = ["iter", "samples", *[c for c, _, _ in data], "train loss", *[k.removeprefix("accuracy_") + " acc" for k in acc],
+            "wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [
             str(r["iteration"]),
-            str(r.get("samples", "—")),
-            f"{r['acceptance_rate']:.1%}" if "acceptance_rate" in r else "—",
-            str(r.get("accepted", "—")),
-            f"{r['train_loss']:.3f}" if "train_loss" in r else "—",
-            *[f"{r[k]:.0%}" if k in r else "—" for k in acc],
+            _cell(r, "samples", ""),
+            *[_cell(r, key, fmt) for _, key, fmt in data],
+            _cell(r, "train_loss", ".3f"),
+            *[_cell(r, k, ".0%") for k in acc],
             f"{r.get('wall_time_s', 0):.0f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -65,8 +75,14 @@ def plot_metrics(exp_dir: Path, out: Path) -> Path:
         axes[1].plot(its, [r.get("eval_loss") for r in rows], marker="o", label="eval loss")
     axes[1].set(title="loss", xlabel="iteration")
     axes[1].legend(fontsize=8)
-    axes[2].bar(its, [r.get("acceptance_rate", 0) or 0 for r in rows])
-    axes[2].set(title="acceptance rate of sampled answers", xlabel="iteration", ylim=(0, 1))
+    if any("pairs" in r for r in rows):  # iterative DPO: how much of the sampled data gave preference pairs
+        axes[2].bar(its, [r.get("pair_rate", 0) or 0 for r in rows], label="prompts with a pair")
+        axes[2].plot(its, [r.get("mean_reward") for r in rows], marker="o", color="C1", label="mean reward")
+        axes[2].set(title="sampled answers", xlabel="iteration", ylim=(0, 1))
+        axes[2].legend(fontsize=8)
+    else:
+        axes[2].bar(its, [r.get("acceptance_rate", 0) or 0 for r in rows])
+        axes[2].set(title="acceptance rate of sampled answers", xlabel="iteration", ylim=(0, 1))
     for ax in axes:
         ax.set_xticks(its)
         ax.grid(alpha=0.3)
