@@ -77,6 +77,16 @@ def test_dpo_fields_pass_through_under_trl_names_with_itertrain_defaults(model_d
     assert not t.trust_remote_code and not cfg.model.trust_remote_code  # one flag, itertrain's
 
 
+@pytest.mark.parametrize("flag", ["--precompute_ref_log_probs", "--sync_ref_model"])
+def test_trl_options_that_keep_reference_state_outside_the_checkpoints_are_refused(model_dir, tmp_path, flag):
+    from itertrain.errors import UsageError
+    from itertrain.parser import parse_train_args
+
+    with pytest.raises(UsageError, match=f"{flag} is not supported by iterative_dpo"):
+        parse_train_args(["--model_name", str(model_dir), "--output_dir", str(tmp_path / "o"), "--task", "arithmetic",
+                          "--strategy", "iterative_dpo", flag, "true"])
+
+
 def test_iterative_dpo_without_trl_exits_2_naming_the_extra(model_dir, tmp_path, monkeypatch, capsys):
     from itertrain.cli import main
 

@@ -151,6 +151,20 @@ class IterativeDPOStrategy(SampledDataStrategy):
     # DPOConfig turns on, stay off as everywhere in itertrain (--bf16 true, --activation_checkpointing true).
     training_defaults = {"learning_rate": 1e-6, "logging_steps": 10}
 
+    @classmethod
+    def check_arguments(cls, cfg) -> None:
+        super().check_arguments(cfg)
+        t = cfg.training
+        # Both would hold reference state outside the checkpoints: a resume could not restore it.
+        if t.precompute_ref_log_probs:
+            raise UsageError("--precompute_ref_log_probs is not supported by iterative_dpo: the reference log-probs "
+                             "would live in a per-process cache outside the checkpoints (and TRL's cache breaks with "
+                             "more than one rank); the reference model runs alongside instead")
+        if t.sync_ref_model:
+            raise UsageError("--sync_ref_model is not supported by iterative_dpo: the synced reference would not be in "
+                             "the checkpoints, so a resume could not restore it; each iteration's reference is its "
+                             "starting model (--ref_model start) or the base model (--ref_model base)")
+
     @property
     def dpo(self) -> DPOArguments:
         return self.ctx.cfg.strategy_args
