@@ -159,7 +159,8 @@ def iteration_train_loss(state, fallback: float) -> float:
 
 def plan_source(ctx: StrategyContext, plan: RecoveryPlan, restored: dict | None, loaded: Any = None) -> ModelSource:
     """The previous iteration's model, as the plan names it: what this iteration's data comes from.
-    `restored`: the lineage of a checkpoint restored in full; `loaded`: that model, already loaded."""
+    `restored`: the lineage of a checkpoint restored in full; `loaded`: the previous model when it is
+    already loaded (it is the starting weights)."""
     root, cfg = ctx.root, ctx.cfg
     path = plan.previous_model
     if path is None:

@@ -77,8 +77,11 @@ def plot_metrics(exp_dir: Path, out: Path) -> Path:
     axes[1].legend(fontsize=8)
     if any("pairs" in r for r in rows):  # iterative DPO: how much of the sampled data gave preference pairs
         axes[2].bar(its, [r.get("pair_rate", 0) or 0 for r in rows], label="prompts with a pair")
-        axes[2].plot(its, [r.get("mean_reward") for r in rows], marker="o", color="C1", label="mean reward")
-        axes[2].set(title="sampled answers", xlabel="iteration", ylim=(0, 1))
+        rewards = [r.get("mean_reward") for r in rows]
+        axes[2].plot(its, rewards, marker="o", color="C1", label="mean reward")
+        axes[2].set(title="sampled answers", xlabel="iteration")
+        if all(v is None or 0 <= v <= 1 for v in rewards):
+            axes[2].set_ylim(0, 1)
         axes[2].legend(fontsize=8)
     else:
         axes[2].bar(its, [r.get("acceptance_rate", 0) or 0 for r in rows])

@@ -130,11 +130,6 @@ def env_for(fault: str | None) -> dict[str, str]:
     return env
 
 
-REWARD = """def score(prompts, completions, answer, **kwargs):
-    return [sum(ch.isdigit() for ch in c) - abs(len(c) - len(a)) for c, a in zip(completions, answer)]
-"""
-
-
 def prepare(work: Path, iterations: int, strategy: str = "expert_iteration") -> list[str]:
     """Tiny model, data, and the experiment's flags (without --output_dir)."""
     model = work / "tiny-model"
@@ -152,11 +147,10 @@ def prepare(work: Path, iterations: int, strategy: str = "expert_iteration") -> 
             a, b = rng.randint(0, 999), rng.randint(0, 999)
             f.write(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) + "\n")
     # Expert iteration keeps every sample (threshold 0: the tiny model is rarely right). Iterative DPO
-    # scores with a batched reward in TRL's form that prefers digits and the answer's length, so that
-    # most prompts give a pair (exact match would give none).
-    (work / "chaos_reward.py").write_text(REWARD)
+    # scores with partial credit (a batched reward in TRL's form), so that most prompts give a pair
+    # (exact match would give none).
     scoring = (["--reward_threshold", "0", "--samples_per_prompt", "2"] if strategy == "expert_iteration" else
-               ["--reward_fn", "chaos_reward:score", "--samples_per_prompt", "3"])
+               ["--reward_fn", "itertrain.tasks.arithmetic:digit_credit", "--samples_per_prompt", "3"])
     return [
         "--model_name", str(model), "--strategy", strategy, "--train_file", str(train),
         "--prompts_file", str(prompts), "--temperature", "1.0",
@@ -170,8 +164,7 @@ def prepare(work: Path, iterations: int, strategy: str = "expert_iteration") -> 
 def launch(args: list[str], out: Path, nproc: int, fault: str | None, timer: float | None, log) -> tuple[int, bool]:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            f"--master_port={free_port()}", str(REPO / "train_iterative.py"), *args, "--output_dir", str(out)]
-    # the work directory is the current one: --reward_fn modules there are found, as with `python -m`
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env_for(fault), cwd=out.parent,
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env_for(fault), cwd=REPO,
                             start_new_session=True)
     try:
         rc = proc.wait(timeout=timer if timer is not None else 900)

@@ -51,14 +51,6 @@ def test_trl_eval_metrics_are_renamed_under_the_prefix_and_token_counts_dropped(
                                                                                    "eval_rewards/margins": 0.1}
 
 
-@pytest.fixture
-def model_dir(tmp_path):
-    d = tmp_path / "model"
-    d.mkdir()
-    (d / "config.json").write_text("{}")
-    return d
-
-
 def test_dpo_fields_pass_through_under_trl_names_with_itertrain_defaults(model_dir, tmp_path):
     from trl import DPOConfig
 
