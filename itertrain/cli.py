@@ -7,6 +7,7 @@ Errors are ItertrainError subclasses; this is the one place that turns them into
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 from itertrain.errors import ItertrainError, UsageError
@@ -20,6 +21,7 @@ commands:
                                 what exists in DIR and the recovery plan (writes nothing)
   verify DIR [--json]           deep-verify every artifact (checksums); exit 1 if any is corrupt
   init-model DIR                create a tiny local Llama + character tokenizer
+  --version                     print the version
   demo [--output_dir DIR]       the built-in expert-iteration demo on CPU
   plot DIR [--out FILE.png]     per-iteration metrics as a PNG
 
@@ -34,7 +36,11 @@ def _quiet_libraries() -> None:
 
 
 def cmd_train(argv: list[str], strategy=None) -> int:
+    from itertrain import console
     from itertrain.loop import run_experiment
+
+    if os.environ.get("RANK", "0") == "0":
+        console.capture()  # rank 0's console also goes to runs/train-<time>.log once the run may write
     from itertrain.parser import parse_train_args
 
     return run_experiment(parse_train_args(argv, strategy))
@@ -64,18 +70,29 @@ def cmd_verify(argv: list[str]) -> int:
 
 
 def cmd_init_model(argv: list[str]) -> int:
-    if len(argv) != 1 or argv[0].startswith("-"):
-        raise UsageError("usage: itertrain init-model DIR")
+    from argparse import ArgumentParser
+
+    class P(ArgumentParser):
+        def error(self, message):
+            raise UsageError(f"{message} (usage: {self.format_usage().strip()})")
+
+    p = P(prog="itertrain init-model", allow_abbrev=False,
+          description="Create a tiny Llama (~0.9M parameters) with a character tokenizer in DIR, for trying "
+                      "itertrain and for tests; it loads offline with from_pretrained(DIR).")
+    p.add_argument("dir", metavar="DIR", help="an empty or new directory")
+    ns = p.parse_args(argv)
     from itertrain.tiny_model import init_model, parameter_count
 
-    out = init_model(argv[0])
+    out = init_model(ns.dir)
     print(f"tiny model written to {out} ({parameter_count(out):,} parameters, character tokenizer)")
     return 0
 
 
 def cmd_demo(argv: list[str]) -> int:
+    from itertrain import console
     from itertrain.demo import demo
 
+    console.capture()
     return demo(argv)
 
 
@@ -96,13 +113,25 @@ COMMANDS = {
 }
 
 
+# Commands that only read and print: like any Unix tool they end quietly when the reader goes away
+# (`itertrain status DIR | head`). Training keeps the default, so a closed pipe never stops a run.
+READ_ONLY = ("status", "verify", "strategies", "plot")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_libraries()
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0 if argv else 2
+    if argv[0] in ("--version", "-V"):
+        from itertrain import __version__
+
+        print(f"itertrain {__version__}")
+        return 0
     command, rest = argv[0], argv[1:]
+    if command in READ_ONLY:
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     if command not in COMMANDS:
         if command.startswith("--"):  # `itertrain --model_name ...` reads as `itertrain train ...`
             command, rest = "train", argv
@@ -121,6 +150,15 @@ def guarded(fn, *args, **kwargs) -> int:
         if main_rank:
             print(f"itertrain: error: {e}", file=sys.stderr, flush=True)
         return e.exit_code
+    except OSError as e:  # a failed write outside the paths that name their own (never a traceback)
+        if main_rank:
+            from pathlib import Path
+
+            from itertrain.fsutil import describe_write_error
+
+            print(f"itertrain: error: {describe_write_error(e, Path(str(e.filename or '.')))}", file=sys.stderr,
+                  flush=True)
+        return 1
     except KeyboardInterrupt:
         if main_rank:
             print("itertrain: interrupted; relaunch with --resume_from auto --resume_from_iteration auto",

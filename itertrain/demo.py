@@ -63,10 +63,19 @@ STRATEGIES = {"expert_iteration": ("experiment", DEMO_FLAGS), "iterative_dpo": (
 
 
 def demo(argv: list[str]) -> int:
-    p = ArgumentParser(prog="itertrain demo")
-    p.add_argument("--output_dir", default="itertrain-demo", help="where the model and the experiment go")
+    p = ArgumentParser(
+        prog="itertrain demo", allow_abbrev=False,
+        description="The built-in demo: expert iteration (or, with --strategy iterative_dpo, iterative DPO) on the "
+                    "arithmetic task with a tiny model, on CPU. Every `itertrain train` flag passes through and "
+                    "overrides the demo's own (e.g. --num_iterations 5, --seed 1, --max_steps 400); "
+                    "`itertrain train --help` lists them.",
+    )
+    p.add_argument("--output_dir", default="itertrain-demo",
+                   help="where the model (OUTPUT_DIR/tiny-model) and the experiment (OUTPUT_DIR/experiment, "
+                        "or OUTPUT_DIR/experiment-dpo for iterative_dpo) go")
     p.add_argument("--strategy", default="expert_iteration", choices=sorted(STRATEGIES),
-                   help="expert_iteration (in OUTPUT_DIR/experiment) or iterative_dpo (in OUTPUT_DIR/experiment-dpo)")
+                   help="expert_iteration (the default) or iterative_dpo (the same iteration 0 and problems, then DPO "
+                        "on right/wrong answer pairs; needs itertrain[dpo])")
     ns, extra = p.parse_known_args(argv)
     root = Path(ns.output_dir)
     model_dir = root / "tiny-model"

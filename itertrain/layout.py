@@ -32,6 +32,7 @@ SUPERSEDED_DIR = "superseded"
 RUNS_DIR = "runs"
 DATA_DIR = "data"
 BASE_MODEL_DIR = "base_model"  # the guide's layout: the model of iteration 0, written by another tool
+DEMO_EXPERIMENT = "experiment"  # `itertrain demo --output_dir D` keeps its experiment in D/experiment
 
 CHECKPOINT_PREFIX = "checkpoint"  # = transformers.trainer_utils.PREFIX_CHECKPOINT_DIR (guarded by a test)
 CHECKPOINT_RE = re.compile(r"^checkpoint-([0-9]+)$")
@@ -85,6 +86,19 @@ def data_name(iteration: int) -> str:
 def parse_iteration_name(name: str) -> int | None:
     m = ITERATION_RE.match(name)
     return int(m.group(1)) if m else None
+
+
+def experiment_dir(path: str | Path) -> Path:
+    """The experiment a user means: DIR itself, or DIR/experiment when DIR is a demo's --output_dir."""
+    from itertrain.errors import UsageError
+
+    root = Path(path)
+    if not root.is_dir():
+        raise UsageError(f"{root} is not a directory: pass an experiment's --output_dir")
+    inner = root / DEMO_EXPERIMENT
+    if not (root / EXPERIMENT_RECORD).exists() and (inner / EXPERIMENT_RECORD).exists():
+        return inner
+    return root
 
 
 def is_top_level(rel: str) -> bool:

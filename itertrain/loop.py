@@ -24,7 +24,7 @@ from itertrain.errors import ArtifactWriteError, TrainingFailed, UsageError
 from itertrain.experiment import DEFINING, check_resume, load_record, record_iteration
 from itertrain.fsutil import describe_library_write_error
 from itertrain.lock import RunLock
-from itertrain.metrics import MetricsLog, TensorBoardCallback
+from itertrain.metrics import IterationLossCallback, MetricsLog, TensorBoardCallback, tensorboard_dir
 from itertrain.recovery.flags import AUTO, BASE, RecoveryFlags
 from itertrain.recovery.plan import Mode, RecoveryPlan, StateScope
 from itertrain.recovery.prepare import check_writes, hyperparameters, prepare_output_dir, print_report, resume_changes
@@ -126,13 +126,20 @@ def _load_tokenizer(cfg: RunConfig):
 
 
 def iteration_training_args(cfg: RunConfig, iteration: int):
-    """The user's TrainingArguments for one iteration: its own seed, our rotation instead of HF's."""
+    """The user's TrainingArguments for one iteration: its own seed, our rotation instead of HF's, and
+    HF's logging dir inside the experiment's one TensorBoard tree."""
     args = copy.copy(cfg.training)
     args.seed = cfg.training.seed + iteration
     if cfg.training.data_seed is not None:
         args.data_seed = cfg.training.data_seed + iteration
     args.save_total_limit = None  # rotation runs after our commit, never on uncommitted checkpoints
+    args.logging_dir = str(tensorboard_dir(cfg.output_dir, iteration))
     return args
+
+
+def _reports_to_tensorboard(args) -> bool:
+    report_to = args.report_to if isinstance(args.report_to, list) else [args.report_to]
+    return "tensorboard" in report_to or "all" in report_to
 
 
 _TIMING = ("_runtime", "_per_second")  # wall-clock figures: not part of the iteration's results
@@ -196,11 +203,12 @@ def build_trainer(strategy: Strategy, manager: CheckpointManager, resolved: Reso
     callbacks: list[Any] = [FaultPointCallback()]
     if plan.state_scope == StateScope.OPTIMIZER and plan.state_from:
         callbacks.append(OptimizerMomentsCallback(root / plan.state_from))
-    if distributed.is_main():
+    if distributed.is_main() and not _reports_to_tensorboard(args):
         callbacks.append(TensorBoardCallback(root, k))
     cls = with_recovery_hooks(strategy.trainer_class_for(k))
     trainer = cls(model=resolved.model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, callbacks=callbacks,
                   **strategy.trainer_kwargs(k, resolved.model, args))
+    trainer.callback_handler.callbacks.insert(0, IterationLossCallback())  # before HF's printers
     return attach(trainer, manager)
 
 

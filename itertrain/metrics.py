@@ -71,11 +71,18 @@ class MetricsLog:
         return f"📈 iter_{iteration}: no metrics recorded"
 
 
+def tensorboard_dir(root: Path, iteration: int) -> Path:
+    """One TensorBoard tree per experiment: runs/tensorboard/iter_K (and iterations/ for per-iteration figures)."""
+    return Path(root) / "runs" / "tensorboard" / f"iter_{iteration}"
+
+
 class TensorBoardCallback(TrainerCallback):
-    """Rank 0: HF Trainer's step logs as TensorBoard scalars, one run per iteration (runs/tensorboard/iter_K)."""
+    """Rank 0: HF Trainer's step logs as TensorBoard scalars, one run per iteration, tagged as HF's own
+    TensorBoard integration tags them (train/..., eval/...). Used when --report_to has no tensorboard;
+    with it, HF's integration writes into the same directory instead."""
 
     def __init__(self, root: Path, iteration: int):
-        self.log_dir = Path(root) / "runs" / "tensorboard" / f"iter_{iteration}"
+        self.log_dir = tensorboard_dir(root, iteration)
         self.writer = None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -85,13 +92,34 @@ class TensorBoardCallback(TrainerCallback):
             self.writer = _writer(self.log_dir)
             if self.writer is None:
                 return control
-        for key, value in logs.items():
+        from transformers.integrations.integration_utils import rewrite_logs
+
+        for key, value in rewrite_logs(logs).items():
             if isinstance(value, (int, float)):
-                self.writer.add_scalar(f"train/{key}", value, state.global_step)
+                self.writer.add_scalar(key, value, state.global_step)
         self.writer.flush()
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.writer is not None:
             self.writer.close()
+        return control
+
+
+class IterationLossCallback(TrainerCallback):
+    """Makes the `train_loss` HF logs at the end of train() mean the same as itertrain's: the mean of
+    the iteration's logged losses. HF's covers only the steps of this train() call, so after a resume
+    the two disagreed; HF's figure stays, as `train_loss_this_launch`. Must run before the printers."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start_step = state.global_step
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "train_loss" in logs:
+            losses = [e["loss"] for e in state.log_history if "loss" in e]
+            if getattr(self, "start_step", 0) > 0:
+                logs["train_loss_this_launch"] = logs["train_loss"]
+            if losses:
+                logs["train_loss"] = sum(losses) / len(losses)
         return control

@@ -240,6 +240,18 @@ def validate(cfg: RunConfig) -> None:
     if gen.reward_model and not _is_local_model(gen.reward_model):
         raise UsageError(f"--reward_model {gen.reward_model}: not a local model directory (no config.json)")
     check_report_to(t.report_to)
+    check_launcher(os.environ)
+
+
+def check_launcher(env: Any) -> None:
+    """A launcher that asked for several processes but started one (accelerate's CPU launcher without
+    mpirun sets MASTER_ADDR/MASTER_PORT for N processes, then runs a single one without WORLD_SIZE)."""
+    if env.get("ACCELERATE_USE_CPU") and env.get("MASTER_PORT") and "WORLD_SIZE" not in env:
+        raise UsageError(
+            "`accelerate launch` asked for several processes but started only this one (its CPU launcher needs "
+            "mpirun for more). Launch with torchrun instead: `torchrun --nproc_per_node=N train_iterative.py ...`; "
+            "for one process, `accelerate launch --num_processes 1` or plain `itertrain train`"
+        )
 
 
 # --report_to name -> the package that provides it, where the two differ.

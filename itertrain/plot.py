@@ -1,4 +1,10 @@
-"""Per-iteration metrics: a markdown table for the terminal and a PNG (`itertrain plot DIR`)."""
+"""Per-iteration metrics: a markdown table for the terminal and a PNG (`itertrain plot DIR`).
+
+Panels are drawn only for what the experiment recorded: held-out accuracy (built-in tasks), losses
+(train, eval, eval on training rows), the share of sampled answers kept (expert iteration) or the
+preference pairs and the mean reward of the samples (iterative DPO), each with labeled axes and a
+scale that shows small values.
+"""
 
 from __future__ import annotations
 
@@ -8,24 +14,22 @@ from pathlib import Path
 from typing import Any
 
 from itertrain.errors import UsageError
+from itertrain.layout import RUNS_DIR, experiment_dir
 
 
 def read_metrics(exp_dir: Path) -> list[dict[str, Any]]:
-    path = Path(exp_dir) / "runs" / "metrics.jsonl"
-    if not Path(exp_dir).is_dir():
-        raise UsageError(f"{exp_dir} is not a directory: pass an experiment's --output_dir")
+    exp_dir = experiment_dir(exp_dir)
+    path = exp_dir / RUNS_DIR / "metrics.jsonl"
     if not path.exists():
         raise UsageError(f"{path} does not exist: no iteration of this experiment has committed yet")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _accuracy_keys(rows: list[dict[str, Any]]) -> list[str]:
-    keys = sorted({k for r in rows for k in r if k.startswith("accuracy_")},
-                  key=lambda k: (len(k), k))
-    return keys
+    return sorted({k for r in rows for k in r if k.startswith("accuracy_")}, key=lambda k: (len(k), k))
 
 
-def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
+def _cell(row: dict[str, Any], key: str, fmt: str = "") -> str:
     return format(row[key], fmt) if row.get(key) is not None else "—"
 
 
@@ -34,19 +38,20 @@ def metrics_table(exp_dir: Path) -> str:
     and preference pairs (iterative DPO); train loss; held-out accuracy per difficulty; wall time."""
     rows = read_metrics(exp_dir)
     acc = _accuracy_keys(rows)
-    data: list[tuple[str, str, str]] = []  # (column, metric, format) of the strategy's data
-    if any("acceptance_rate" in r for r in rows):
-        data += [("accepted", "acceptance_rate", ".1%"), ("kept", "accepted", "")]
-    if any("pairs" in r for r in rows):
-        data += [("mean reward", "mean_reward", ".3f"), ("pairs", "pairs", "")]
-    head = ["iter", "samples", *[c for c, _, _ in data], "train loss", *[k.removeprefix("accuracy_") + " acc" for k in acc],
+    columns: list[tuple[str, str, str]] = []  # (heading, metric, format) of the sampled data
+    if any("samples" in r for r in rows):
+        columns.append(("samples", "samples", ""))
+        if any("pairs" in r for r in rows):
+            columns += [("mean reward", "mean_reward", ".3f"), ("pairs", "pairs", "")]
+        else:
+            columns += [("accepted", "acceptance_rate", ".1%"), ("kept", "accepted", "")]
+    head = ["iter", *[c for c, _, _ in columns], "train loss", *[k.removeprefix("accuracy_") + " acc" for k in acc],
             "wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [
             str(r["iteration"]),
-            _cell(r, "samples", ""),
-            *[_cell(r, key, fmt) for _, key, fmt in data],
+            *[_cell(r, key, fmt) for _, key, fmt in columns],
             _cell(r, "train_loss", ".3f"),
             *[_cell(r, k, ".0%") for k in acc],
             f"{r.get('wall_time_s', 0):.0f}",
@@ -55,38 +60,66 @@ def metrics_table(exp_dir: Path) -> str:
     return "\n".join(lines)
 
 
+_LOSSES = (("train_loss", "train loss (mean over the iteration)"), ("eval_loss", "held-out loss"),
+           ("eval_train_loss", "loss on training rows"))
+
+
+def panels(rows: list[dict[str, Any]]) -> list[str]:
+    """The panels worth drawing for these rows: only what the experiment recorded."""
+    shown = {"accuracy": bool(_accuracy_keys(rows)), "loss": any(k in r for k, _ in _LOSSES for r in rows),
+             "rate": any(r.get("acceptance_rate") is not None for r in rows),
+             "pairs": any(r.get("pairs") is not None for r in rows)}
+    return [name for name, show in shown.items() if show]
+
+
 def plot_metrics(exp_dir: Path, out: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    exp_dir = experiment_dir(exp_dir)
     rows = read_metrics(exp_dir)
     its = [r["iteration"] for r in rows]
     acc = _accuracy_keys(rows)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for k in acc:
-        axes[0].plot(its, [r.get(k) for r in rows], marker="o", label=k.removeprefix("accuracy_"))
-    axes[0].set(title="held-out exact-match accuracy", xlabel="iteration", ylim=(-0.02, 1.02))
-    if acc:
-        axes[0].legend(fontsize=8)
-    axes[1].plot(its, [r.get("train_loss") for r in rows], marker="o", label="train loss")
-    if any("eval_loss" in r for r in rows):
-        axes[1].plot(its, [r.get("eval_loss") for r in rows], marker="o", label="eval loss")
-    axes[1].set(title="loss", xlabel="iteration")
-    axes[1].legend(fontsize=8)
-    if any("pairs" in r for r in rows):  # iterative DPO: how much of the sampled data gave preference pairs
-        axes[2].bar(its, [r.get("pair_rate", 0) or 0 for r in rows], label="prompts with a pair")
-        rewards = [r.get("mean_reward") for r in rows]
-        axes[2].plot(its, rewards, marker="o", color="C1", label="mean reward")
-        axes[2].set(title="sampled answers", xlabel="iteration")
-        if all(v is None or 0 <= v <= 1 for v in rewards):
-            axes[2].set_ylim(0, 1)
-        axes[2].legend(fontsize=8)
-    else:
-        axes[2].bar(its, [r.get("acceptance_rate", 0) or 0 for r in rows])
-        axes[2].set(title="acceptance rate of sampled answers", xlabel="iteration", ylim=(0, 1))
-    for ax in axes:
+    losses = [(k, label) for k, label in _LOSSES if any(k in r for r in rows)]
+    rates = [r.get("acceptance_rate") for r in rows]
+    names = panels(rows)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.4 * len(names), 3.8), squeeze=False)
+    for ax, panel in zip(axes[0], names):
+        if panel == "accuracy":
+            for k in acc:
+                ax.plot(its, [r.get(k) for r in rows], marker="o", label=k.removeprefix("accuracy_"))
+            ax.set(title="held-out exact-match accuracy", ylabel="accuracy (share of problems)", ylim=(-0.02, 1.02))
+            ax.legend(fontsize=8, title="operand digits", title_fontsize=8)
+        elif panel == "loss":
+            for k, label in losses:
+                ax.plot(its, [r.get(k) for r in rows], marker="o", label=label)
+            dpo = any("pairs" in r for r in rows)  # iteration 0 is SFT, the later ones DPO
+            ax.set(title="loss", ylabel="SFT: cross-entropy per token; DPO: its loss" if dpo else "cross-entropy per token")
+            ax.legend(fontsize=8)
+        elif panel == "pairs":
+            ax.bar(its, [r.get("pair_rate") or 0.0 for r in rows], label="prompts that gave a pair")
+            rewards = [r.get("mean_reward") for r in rows]
+            ax.plot(its, rewards, marker="o", color="C1", label="mean reward of the samples")
+            if all(v is None or 0 <= v <= 1 for v in rewards):
+                ax.set_ylim(0, 1)
+            ax.set(title="sampled answers: preference pairs", ylabel="share of prompts / reward")
+            ax.legend(fontsize=8)
+        else:
+            shown = [v if v is not None else 0.0 for v in rates]
+            bars = ax.bar(its, shown)
+            for bar, v in zip(bars, rates):
+                if v is not None:
+                    ax.annotate(f"{v:.2%}" if v < 0.01 else f"{v:.1%}", (bar.get_x() + bar.get_width() / 2, v),
+                                ha="center", va="bottom", fontsize=8)
+            positive = [v for v in shown if v > 0]
+            if positive and max(positive) / min(positive) > 100:
+                ax.set_yscale("log")  # 0.0125% and 20% on one axis: a linear scale hides the small one
+            else:
+                ax.set_ylim(0, max(shown + [0.01]) * 1.25)
+            ax.set(title="sampled answers that passed the verifier", ylabel="share of samples")
+        ax.set_xlabel("iteration")
         ax.set_xticks(its)
         ax.grid(alpha=0.3)
     fig.suptitle(str(exp_dir))
@@ -99,11 +132,13 @@ def plot_metrics(exp_dir: Path, out: Path) -> Path:
 
 
 def plot_command(argv: list[str]) -> int:
-    p = ArgumentParser(prog="itertrain plot")
-    p.add_argument("output_dir")
+    p = ArgumentParser(prog="itertrain plot", allow_abbrev=False,
+                       description="Draw an experiment's per-iteration metrics as a PNG and print them as a table.")
+    p.add_argument("output_dir", help="the experiment's --output_dir (or a demo's --output_dir)")
     p.add_argument("--out", default=None, help="PNG path (default OUTPUT_DIR/runs/metrics.png)")
     ns = p.parse_args(argv)
-    out = plot_metrics(Path(ns.output_dir), Path(ns.out) if ns.out else Path(ns.output_dir) / "runs" / "metrics.png")
-    print(metrics_table(Path(ns.output_dir)))
+    exp = experiment_dir(ns.output_dir)
+    out = plot_metrics(exp, Path(ns.out) if ns.out else exp / RUNS_DIR / "metrics.png")
+    print(metrics_table(exp))
     print(f"wrote {out}")
     return 0

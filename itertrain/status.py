@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from argparse import ArgumentParser
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 from itertrain.artifacts.manifest import ManifestError, read_manifest
 from itertrain.errors import ItertrainError, UsageError
 from itertrain.experiment import load_record
+from itertrain.layout import experiment_dir
 from itertrain.lock import describe_holder, live_holder
 from itertrain.metrics import committed_metrics
 from itertrain.recovery.decide import decide
@@ -51,9 +53,9 @@ def _parser(prog: str, with_flags: bool) -> ArgumentParser:
 
 
 def _existing_dir(path: str) -> Path:
-    root = Path(path)
-    if not root.is_dir():
-        raise UsageError(f"{root} is not a directory")
+    root = experiment_dir(path)
+    if root != Path(path):
+        print(f"({path} is a demo directory: showing its experiment, {root})", file=sys.stderr)
     return root
 
 

@@ -25,7 +25,7 @@ from itertrain.errors import ArtifactWriteError, UsageError
 from itertrain.fsutil import describe_library_write_error
 from itertrain.layout import checkpoint_name
 
-HOOKED = ("_load_from_checkpoint", "_save_checkpoint", "_save_optimizer_and_scheduler")
+HOOKED = ("_save_checkpoint", "_save_optimizer_and_scheduler", "_load_from_checkpoint")
 
 
 class RecoveryHooks:
@@ -63,14 +63,15 @@ def check_hooks(trainer_class: type) -> None:
     its saves would bypass the commit protocol silently."""
     if not (isinstance(trainer_class, type) and issubclass(trainer_class, Trainer)):
         raise UsageError(f"{trainer_class!r} is not a transformers.Trainer subclass")
-    for name in HOOKED:
-        owner = next(c for c in trainer_class.__mro__ if name in vars(c))
-        if owner is not RecoveryHooks:
-            raise UsageError(
-                f"{trainer_class.__module__}.{trainer_class.__qualname__}: {owner.__qualname__}.{name} comes before "
-                "itertrain's RecoveryHooks in the method order, so checkpoints would bypass the commit protocol. "
-                "Put RecoveryHooks first (class MyTrainer(RecoveryHooks, ...)) or let itertrain wrap the class."
-            )
+    ahead = [f"{owner.__qualname__}.{name}" for name in HOOKED
+             if (owner := next(c for c in trainer_class.__mro__ if name in vars(c))) is not RecoveryHooks]
+    if ahead:
+        raise UsageError(
+            f"{trainer_class.__module__}.{trainer_class.__qualname__}: {', '.join(ahead)} "
+            f"{'comes' if len(ahead) == 1 else 'come'} before itertrain's RecoveryHooks in the method order, so "
+            "checkpoints would bypass the commit protocol. Put RecoveryHooks first (class MyTrainer(RecoveryHooks, "
+            "...)) or return the plain Trainer class and let itertrain add the hooks."
+        )
 
 
 def with_recovery_hooks(trainer_class: type) -> type:

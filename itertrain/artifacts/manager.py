@@ -20,7 +20,7 @@ from itertrain.artifacts.manifest import Manifest, ManifestError, read_header, r
 from itertrain.artifacts.retention import Action, Event, ListedCheckpoint, Op, RetentionPolicy, plan_retention
 from itertrain.artifacts.writer import write_iteration_model
 from itertrain.errors import ArtifactWriteError
-from itertrain.fsutil import safe_move, safe_rmtree
+from itertrain.fsutil import describe_write_error, safe_move, safe_rmtree
 from itertrain.layout import (
     MANIFEST_NAME,
     SUPERSEDED_DIR,
@@ -185,11 +185,14 @@ class CheckpointManager:
 
     def apply(self, action: Action) -> None:
         src = self.root / action.path
-        if action.op == Op.MOVE:
-            assert action.dest is not None
-            safe_move(src, self.root / action.dest, self.root)
-        else:
-            safe_rmtree(src, self.root)
+        try:
+            if action.op == Op.MOVE:
+                assert action.dest is not None
+                safe_move(src, self.root / action.dest, self.root)
+            else:
+                safe_rmtree(src, self.root)
+        except OSError as e:
+            raise ArtifactWriteError(describe_write_error(e, src)) from e
 
     def retire_interrupted(self, iteration: int, backed: set[int], protect: frozenset[str]) -> list[str]:
         """Stale top-level checkpoints left by a crash between an iteration commit and its clean-up, of

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from itertrain import distributed
+from itertrain import console, distributed
 from itertrain.args import RunConfig
 from itertrain.artifacts.manager import CheckpointManager
 from itertrain.errors import RecoveryRefused
@@ -164,6 +164,9 @@ def prepare_output_dir(cfg: RunConfig, resolved: Resolved, record: dict, manager
     runs = root / RUNS_DIR
     runs.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    log = console.write_to(runs / f"train-{stamp}.log")
+    if log is not None:
+        notes.append(f"console log: {log}")
     report = report_json(plan, inv, cfg.recovery_flags(), world_size=distributed.world_size(), notes=notes + warnings)
     atomic_write_json(runs / f"recovery-{stamp}-{os.getpid()}.json", report)
     for n in notes[len(resolved.notes):]:
