@@ -13,6 +13,7 @@ from argparse import ArgumentParser
 from pathlib import Path
 
 from itertrain.errors import UsageError
+from itertrain.layout import DEMO_DPO_EXPERIMENT, DEMO_EXPERIMENT
 from itertrain.tiny_model import TinyModelSpec
 
 # The demo's model: small enough for a 2-core CPU, large enough to learn multi-digit addition.
@@ -59,7 +60,7 @@ DPO_DEMO_FLAGS = [
     "--save_steps", "400",
     "--logging_steps", "100",
 ]
-STRATEGIES = {"expert_iteration": ("experiment", DEMO_FLAGS), "iterative_dpo": ("experiment-dpo", DPO_DEMO_FLAGS)}
+STRATEGIES = {"expert_iteration": (DEMO_EXPERIMENT, DEMO_FLAGS), "iterative_dpo": (DEMO_DPO_EXPERIMENT, DPO_DEMO_FLAGS)}
 
 
 def demo(argv: list[str]) -> int:
