@@ -28,11 +28,27 @@ commands:
 `itertrain train --help` lists every flag (HF TrainingArguments included)."""
 
 
+def reproducible_cpu_math() -> None:
+    """Bit-identical CPU arithmetic on any x86 machine: MKL's conditional numerical reproducibility and
+    ATen's portable kernels, instead of code paths chosen per processor (AVX-512 on one machine, AVX2
+    on another round differently, and the demo's data and table would differ). Must run before torch
+    is imported; a value the user set wins."""
+    os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
+    os.environ.setdefault("ATEN_CPU_CAPABILITY", "default")
+
+
 def _quiet_libraries() -> None:
+    # No offline mode here: itertrain loads only local paths (local_files_only), and a user's run may
+    # talk to the Hub itself (--push_to_hub, a tracker), which HF_HUB_OFFLINE=1 would refuse.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+def _offline() -> None:
+    """Offline mode for the commands that make their own model (demo, init-model): they need no network.
+    Set before transformers is imported; a user's explicit HF_HUB_OFFLINE=0 wins."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 def cmd_train(argv: list[str], strategy=None) -> int:
@@ -81,6 +97,7 @@ def cmd_init_model(argv: list[str]) -> int:
                       "itertrain and for tests; it loads offline with from_pretrained(DIR).")
     p.add_argument("dir", metavar="DIR", help="an empty or new directory")
     ns = p.parse_args(argv)
+    _offline()
     from itertrain.tiny_model import init_model, parameter_count
 
     out = init_model(ns.dir)
@@ -90,6 +107,8 @@ def cmd_init_model(argv: list[str]) -> int:
 
 def cmd_demo(argv: list[str]) -> int:
     from itertrain import console
+
+    _offline()
     from itertrain.demo import demo
 
     console.capture()
@@ -130,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"itertrain {__version__}")
         return 0
     command, rest = argv[0], argv[1:]
+    if command == "demo":
+        reproducible_cpu_math()
     if command in READ_ONLY:
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     if command not in COMMANDS:

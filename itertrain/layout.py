@@ -14,15 +14,14 @@ from enum import Enum
 from pathlib import Path
 from typing import Protocol
 
-# HF's own names, where HF defines them outside the (torch-importing) trainer module.
-from transformers.utils import (  # noqa: F401 - re-exported: the layout's file names
-    ADAPTER_CONFIG_NAME,
-    ADAPTER_SAFE_WEIGHTS_NAME,
-    CONFIG_NAME,
-    GENERATION_CONFIG_NAME,
-    SAFE_WEIGHTS_INDEX_NAME,
-    SAFE_WEIGHTS_NAME,
-)
+# HF's own file names (transformers.utils defines them; a test guards that they agree). Written out
+# here because importing transformers.utils imports torch on transformers 4.x, and this module is pure.
+CONFIG_NAME = "config.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_SAFE_WEIGHTS_NAME = "adapter_model.safetensors"
 
 # ---- directory and file names of an experiment -------------------------------------------------
 EXPERIMENT_RECORD = "itertrain.json"

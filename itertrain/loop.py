@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -126,14 +127,12 @@ def _load_tokenizer(cfg: RunConfig):
 
 
 def iteration_training_args(cfg: RunConfig, iteration: int):
-    """The user's TrainingArguments for one iteration: its own seed, our rotation instead of HF's, and
-    HF's logging dir inside the experiment's one TensorBoard tree."""
+    """The user's TrainingArguments for one iteration: its own seed, our rotation instead of HF's."""
     args = copy.copy(cfg.training)
     args.seed = cfg.training.seed + iteration
     if cfg.training.data_seed is not None:
         args.data_seed = cfg.training.data_seed + iteration
     args.save_total_limit = None  # rotation runs after our commit, never on uncommitted checkpoints
-    args.logging_dir = str(tensorboard_dir(cfg.output_dir, iteration))
     return args
 
 
@@ -203,7 +202,13 @@ def build_trainer(strategy: Strategy, manager: CheckpointManager, resolved: Reso
     callbacks: list[Any] = [FaultPointCallback()]
     if plan.state_scope == StateScope.OPTIMIZER and plan.state_from:
         callbacks.append(OptimizerMomentsCallback(root / plan.state_from))
-    if distributed.is_main() and not _reports_to_tensorboard(args):
+    if _reports_to_tensorboard(args):
+        # HF's own TensorBoard integration writes into the experiment's one tree, not runs/<date>_<host>:
+        # transformers 5 reads the directory from the environment, 4.x from args.logging_dir.
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(tensorboard_dir(root, k))
+        if hasattr(args, "logging_dir"):
+            args.logging_dir = os.environ["TENSORBOARD_LOGGING_DIR"]
+    elif distributed.is_main():
         callbacks.append(TensorBoardCallback(root, k))
     cls = with_recovery_hooks(strategy.trainer_class_for(k))
     trainer = cls(model=resolved.model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, callbacks=callbacks,

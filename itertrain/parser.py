@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from argparse import SUPPRESS, ArgumentParser
+from argparse import SUPPRESS, ArgumentParser, Namespace
 from dataclasses import MISSING, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,15 @@ from itertrain.strategies import available, load_strategy
 from itertrain.strategies.base import Strategy
 
 HF_GROUP = "Hugging Face TrainingArguments (all pass through)"
+
+
+class _SharedFieldsNamespace(Namespace):
+    """HfArgumentParser deletes each dataclass's fields from the namespace after building it. A field
+    that an itertrain group shares with TrainingArguments (see `Parser._parse_dataclass_field`) is
+    taken by the itertrain group, and then is simply absent for TrainingArguments (its default)."""
+
+    def __delattr__(self, name: str) -> None:
+        self.__dict__.pop(name, None)
 
 
 def added_fields(subclass: type, taken: set[str]) -> type | None:
@@ -81,6 +90,17 @@ def make_parser(strategy: type[Strategy]):
     class Parser(HfArgumentParser):
         def error(self, message: str):  # argparse would print usage and exit; we raise one clear error
             raise UsageError(f"{message} (see `itertrain train --help`)")
+
+        @staticmethod
+        def _parse_dataclass_field(parser, field):
+            # One flag, one meaning: a TrainingArguments field that an itertrain group already defines
+            # (transformers 4.x has overwrite_output_dir) stays itertrain's; HF's copy keeps its default.
+            if f"--{field.name}" in parser._option_string_actions:
+                return
+            HfArgumentParser._parse_dataclass_field(parser, field)
+
+        def parse_known_args(self, args=None, namespace=None):
+            return super().parse_known_args(args, _SharedFieldsNamespace() if namespace is None else namespace)
 
     types = _groups(strategy)
     parser = Parser(types, allow_abbrev=False, prog="itertrain train",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch
 from transformers import Trainer, TrainerCallback
 
 from itertrain import distributed, faults
@@ -26,6 +27,29 @@ from itertrain.fsutil import describe_library_write_error
 from itertrain.layout import checkpoint_name
 
 HOOKED = ("_save_checkpoint", "_save_optimizer_and_scheduler", "_load_from_checkpoint")
+
+
+def _restore_indexed_cpu_locations() -> None:
+    """Let torch.load take `map_location=torch.device("cpu", N)`. HF Trainer before transformers 5.18
+    loads a multi-process CPU run's optimizer state with map_location=args.device, which is "cpu:0",
+    and torch knows no such location ("don't know how to restore data location ... cpu:0"): every
+    2-rank CPU resume failed. Public torch API; it only adds a location torch otherwise refuses."""
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__).release >= (5, 18):
+        return
+
+    def tag(storage):  # never claims a storage when saving
+        return None
+
+    def restore(storage, location: str):
+        return storage if location.startswith("cpu:") else None
+
+    torch.serialization.register_package(90, tag, restore)
+
+
+_restore_indexed_cpu_locations()
 
 
 class RecoveryHooks:

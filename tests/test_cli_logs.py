@@ -27,8 +27,9 @@ def test_version_and_help_of_every_command():
     r = itertrain("status", "--help")
     assert r.returncode == 0 and "--resume_from" in r.stdout and "(default auto)" in r.stdout
     assert os.access(REPO / "train_iterative.py", os.X_OK)
-    r = subprocess.run([str(REPO / "train_iterative.py"), "--help"], capture_output=True, text=True,
-                       env=base_env(), timeout=120)
+    venv = base_env({"PATH": f"{os.path.dirname(PY)}:{os.environ.get('PATH', '')}"})  # an activated venv
+    r = subprocess.run([str(REPO / "train_iterative.py"), "--help"], capture_output=True, text=True, env=venv,
+                       timeout=120)
     assert r.returncode == 0 and "recovery (the guide's flags)" in r.stdout
 
 

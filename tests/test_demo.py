@@ -3,6 +3,7 @@ task, table, plot, resume on rerun). Whether accuracy rises is measured by the f
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -64,6 +65,7 @@ DPO_SHORT = ["--num_iterations", "2", "--sft_max_steps", "6", "--max_steps", "6"
              "--disable_tqdm", "true"]
 
 
+@pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="needs itertrain[dpo] (TRL)")
 def test_dpo_demo_runs_sft_then_dpo_on_the_same_problems_and_prints_its_pairs_table(tmp_path: Path) -> None:
     r = itertrain("demo", "--strategy", "iterative_dpo", "--output_dir", str(tmp_path / "demo"), *DPO_SHORT, timeout=900)
     assert r.returncode == 0, r.output

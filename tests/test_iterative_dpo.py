@@ -4,6 +4,7 @@ and scored by a reward model sharded over ranks."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 import shutil
@@ -15,6 +16,8 @@ import pytest
 from conftest import FAST_FLAGS, itertrain, manifest, torchrun, tree_hash
 
 RESUME = ("--resume_from", "auto", "--resume_from_iteration", "auto")
+# TRL is the extra itertrain[dpo]: the lower-bound check (scripts/check_lowest.sh) runs without it.
+needs_trl = pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="needs itertrain[dpo] (TRL)")
 # A batched reward in TRL's form that prefers digits and the answer's length: the untrained tiny model is
 # never exactly right, and exact match would give no pair at all.
 REWARD = """def score(prompts, completions, answer, **kwargs):
@@ -23,6 +26,7 @@ REWARD = """def score(prompts, completions, answer, **kwargs):
 
 
 # ---- pure parts ---------------------------------------------------------------------------------------------
+@needs_trl
 def test_pairs_take_the_best_and_worst_sample_and_drop_prompts_below_the_margin():
     from itertrain.strategies.iterative_dpo import make_pairs, pair_stats
 
@@ -40,6 +44,7 @@ def test_pairs_take_the_best_and_worst_sample_and_drop_prompts_below_the_margin(
     assert make_pairs(rows, completions, rewards, min_margin=5.0) == []
 
 
+@needs_trl
 def test_trl_eval_metrics_are_renamed_under_the_prefix_and_token_counts_dropped():
     from itertrain.strategies.iterative_dpo import dpo_metrics
 
@@ -51,6 +56,7 @@ def test_trl_eval_metrics_are_renamed_under_the_prefix_and_token_counts_dropped(
                                                                                    "eval_rewards/margins": 0.1}
 
 
+@needs_trl
 def test_dpo_fields_pass_through_under_trl_names_with_itertrain_defaults(model_dir, tmp_path):
     from trl import DPOConfig
 
@@ -69,6 +75,7 @@ def test_dpo_fields_pass_through_under_trl_names_with_itertrain_defaults(model_d
     assert not t.trust_remote_code and not cfg.model.trust_remote_code  # one flag, itertrain's
 
 
+@needs_trl
 @pytest.mark.parametrize("flag", ["--precompute_ref_log_probs", "--sync_ref_model"])
 def test_trl_options_that_keep_reference_state_outside_the_checkpoints_are_refused(model_dir, tmp_path, flag):
     from itertrain.errors import UsageError
@@ -135,6 +142,7 @@ def killed_in_dpo(tmp_path_factory, tiny_model, dpo_files) -> Path:
 
 
 @pytest.mark.slow
+@needs_trl
 def test_iteration_commits_samples_pairs_stats_and_the_reference_in_its_lineage(reference):
     m = manifest(reference / "data" / "iter_1")
     assert m["kind"] == "data" and sorted(m["files"]) == ["pairs.jsonl", "samples.jsonl", "stats.json"]
@@ -157,6 +165,7 @@ def test_iteration_commits_samples_pairs_stats_and_the_reference_in_its_lineage(
 
 
 @pytest.mark.slow
+@needs_trl
 def test_two_rank_dpo_killed_mid_training_of_iteration_1_resumes_byte_identical(tmp_path, tiny_model, dpo_files,
                                                                                  reference, killed_in_dpo):
     out = tmp_path / "exp"
@@ -172,6 +181,7 @@ def test_two_rank_dpo_killed_mid_training_of_iteration_1_resumes_byte_identical(
 
 
 @pytest.mark.slow
+@needs_trl
 def test_resuming_dpo_against_a_different_reference_model_is_refused_naming_both(tmp_path, tiny_model, dpo_files,
                                                                                 killed_in_dpo):
     from itertrain.artifacts.manifest import fingerprint
@@ -189,6 +199,7 @@ def test_resuming_dpo_against_a_different_reference_model_is_refused_naming_both
 
 
 @pytest.mark.slow
+@needs_trl
 def test_reward_model_scores_every_sample_on_two_ranks_as_one_process_would(tmp_path, tiny_model, dpo_files):
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer

@@ -361,3 +361,29 @@ def test_plan_module_and_these_tests_do_not_import_torch():
     )
     r = subprocess.run([sys.executable, "-c", code], cwd=here.parent, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+def test_iteration_init_base_never_reports_both_when_nothing_comes_from_the_checkpoint():
+    inv = inventory(model("iter_0", 0), ckpt("checkpoint-12", iteration=0))
+    plan = decide(flags("auto", "auto", iteration_init="base"), inv)
+    assert plan.mode == Mode.ITERATION and plan.state_from is None and plan.weights_from == BASE
+    assert plan.previous_model == "iter_0"  # the data of iteration 1 still comes from iter_0
+
+
+def test_explicit_older_iteration_supersedes_later_models_data_and_checkpoints():
+    from itertrain.recovery.discover import DataArtifact
+
+    inv = inventory(model("iter_0", 0), model("iter_1", 1), model("iter_2", 2), ckpt("iter_2/checkpoint-12", 2),
+                    ckpt("checkpoint-8", iteration=3), DataArtifact("data/iter_2", 2, Status.COMMITTED),
+                    DataArtifact("data/iter_3", 3, Status.COMMITTED))
+    plan = decide(flags("none", "iter_1"), inv)
+    assert (plan.mode, plan.iteration, plan.weights_from) == (Mode.ITERATION, 2, "iter_1")
+    assert set(plan.supersedes) == {"iter_2", "data/iter_3", "checkpoint-8"}  # data/iter_2 is checked by lineage
+    assert any("replaces later work" in w for w in plan.warnings)
+
+
+def test_rejected_iteration_model_makes_its_final_checkpoint_the_newest_candidate_again():
+    inv = inventory(model("iter_0", 0), model("iter_1", 1), ckpt("checkpoint-8", 1), ckpt("checkpoint-12", 1))
+    plan = decide(flags("auto", "auto"), inv, {"iter_1": "verification failed: model.safetensors checksum mismatch"})
+    assert (plan.mode, plan.state_from, plan.iteration, plan.step) == (Mode.CHECKPOINT, "checkpoint-12", 1, 12)
+    assert plan.previous_model == "iter_0" and "iter_1" in rejected_paths(plan)

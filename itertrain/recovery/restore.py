@@ -31,7 +31,10 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def safe_load(path: Path) -> Any:
     """torch.load with weights_only=True (numpy RNG state allowlisted, as HF does); never runs pickled code."""
-    from transformers.trainer_pt_utils import safe_globals
+    try:
+        from transformers.trainer_pt_utils import safe_globals
+    except ImportError:  # older transformers (4.x, early 5.x) define it in transformers.trainer
+        from transformers.trainer import safe_globals
 
     with safe_globals():
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)

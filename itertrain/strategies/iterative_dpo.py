@@ -18,6 +18,7 @@ reloads the reference from its source and refuses (exit 2) when the fingerprint 
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,8 @@ try:
     from trl import DPOConfig, DPOTrainer
 except ImportError as e:
     raise UsageError("--strategy iterative_dpo trains with TRL, an optional dependency that is not installed: "
-                     "pip install 'itertrain[dpo]'") from e
+                     "pip install 'itertrain[dpo]'"
+                     + (f" (TRL {MIN_TRL} needs Python >= 3.11)" if sys.version_info < (3, 11) else "")) from e
 
 from packaging.version import Version  # noqa: E402 - after the check that names the missing dependency
 
