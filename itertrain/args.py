@@ -101,7 +101,14 @@ class GenerationArguments:
     max_new_tokens: int = field(default=16, metadata={"help": "Tokens generated per sample."})
     generation_batch_size: int = field(default=64, metadata={"help": "Prompts per generate() call."})
     reward_fn: str | None = field(
-        default=None, metadata={"help": "module:function(prompt, completion, answer) -> float (default: exact match)."}
+        default=None,
+        metadata={"help": "module:function: per sample (prompt, completion, answer) -> float, or batched in TRL's form "
+                          "(prompts, completions, **kwargs) -> list[float] (default: exact match with the answer)."},
+    )
+    reward_model: str | None = field(
+        default=None,
+        metadata={"help": "Score prompt+completion with this local AutoModelForSequenceClassification (one label), "
+                          "batched and sharded over ranks (instead of --reward_fn)."},
     )
     reward_threshold: float = field(default=1.0, metadata={"help": "expert_iteration: keep samples with reward >= this."})
     data_policy: str = field(

@@ -63,6 +63,14 @@ def all_gather(obj: T) -> list[T]:
     return out
 
 
+def merge_gathered(part: dict) -> dict:
+    """The union of every rank's dict, on every rank (e.g. results of work dealt across ranks)."""
+    merged: dict = {}
+    for p in all_gather(part):
+        merged.update(p)
+    return merged
+
+
 def run_on_main(fn, *args, **kwargs):
     """Run `fn` on rank 0 only and hand its result or its exception to every rank.
 

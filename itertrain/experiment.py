@@ -24,7 +24,7 @@ _QUIET = {
     "logging_dir", "local_rank", "run_name", "disable_tqdm", "log_level", "log_level_replica",
 }
 _MAX_LAUNCHES = 100
-_PATHS = ("model_name", "tokenizer_name", "train_file", "eval_file", "prompts_file")
+_PATHS = ("model_name", "tokenizer_name", "train_file", "eval_file", "prompts_file", "reward_model")
 
 
 def load_record(root: Path) -> dict[str, Any]:

@@ -32,6 +32,7 @@ RUNS_DIR = "runs"
 DATA_DIR = "data"
 BASE_MODEL_DIR = "base_model"  # the guide's layout: the model of iteration 0, written by another tool
 DEMO_EXPERIMENT = "experiment"  # `itertrain demo --output_dir D` keeps its experiment in D/experiment
+DEMO_DPO_EXPERIMENT = "experiment-dpo"  # and `itertrain demo --strategy iterative_dpo` in D/experiment-dpo
 
 CHECKPOINT_PREFIX = "checkpoint"  # = transformers.trainer_utils.PREFIX_CHECKPOINT_DIR (guarded by a test)
 CHECKPOINT_RE = re.compile(r"^checkpoint-([0-9]+)$")
@@ -88,16 +89,17 @@ def parse_iteration_name(name: str) -> int | None:
 
 
 def experiment_dir(path: str | Path) -> Path:
-    """The experiment a user means: DIR itself, or DIR/experiment when DIR is a demo's --output_dir."""
+    """The experiment a user means: DIR itself, or DIR/experiment (else DIR/experiment-dpo) when DIR is a
+    demo's --output_dir."""
     from itertrain.errors import UsageError
 
     root = Path(path)
     if not root.is_dir():
         raise UsageError(f"{root} is not a directory: pass an experiment's --output_dir")
-    inner = root / DEMO_EXPERIMENT
-    if not (root / EXPERIMENT_RECORD).exists() and (inner / EXPERIMENT_RECORD).exists():
-        return inner
-    return root
+    if (root / EXPERIMENT_RECORD).exists():
+        return root
+    return next((root / name for name in (DEMO_EXPERIMENT, DEMO_DPO_EXPERIMENT)
+                 if (root / name / EXPERIMENT_RECORD).exists()), root)
 
 
 def is_top_level(rel: str) -> bool:

@@ -29,10 +29,10 @@ from itertrain.metrics import IterationLossCallback, MetricsLog, TensorBoardCall
 from itertrain.recovery.flags import AUTO, BASE, RecoveryFlags
 from itertrain.recovery.plan import Mode, RecoveryPlan, StateScope
 from itertrain.recovery.prepare import check_writes, hyperparameters, prepare_output_dir, print_report, resume_changes
-from itertrain.recovery.resolve import LoadOptions, Resolved, resolve
+from itertrain.recovery.resolve import LoadOptions, Resolved, resolve, restored_lineage
 from itertrain.recovery.restore import OptimizerMomentsCallback, load_model
 from itertrain.strategies import ModelSource, Strategy, StrategyContext, load_strategy
-from itertrain.trainer import attach, with_recovery_hooks
+from itertrain.trainer import FaultPointCallback, attach, with_recovery_hooks
 
 
 def say(msg: str) -> None:
@@ -79,10 +79,15 @@ def run_experiment(cfg: RunConfig) -> int:
                 # iteration) is said once, that way, not also as a bare "argument changed".
                 explained = tuple(f"argument changed: {line.split(' ', 1)[0]}: " for line in applies)
                 config_warnings[:] = [w for w in changed if not w.startswith(explained)] + applies
-            data_iterations = [k for k in range(plan.iteration, cfg.loop.num_iterations) if strategy.generates(k)]
-            distributed.run_on_main(check_writes, plan, root, cfg, data_iterations)
-            with_recovery_hooks(strategy.trainer_class())  # a Trainer class that would bypass the hooks: exit 2
+            iterations = range(plan.iteration, cfg.loop.num_iterations)
+            distributed.run_on_main(check_writes, plan, root, cfg, [k for k in iterations if strategy.generates(k)])
+            for k in iterations:
+                with_recovery_hooks(strategy.trainer_class_for(k))  # a Trainer class that would bypass the hooks: exit 2
             distributed.run_on_main(strategy.preflight, plan.iteration)
+            restored = distributed.run_on_main(restored_lineage, root, plan)
+            if restored is not None:  # what the checkpoint depends on but does not hold must be as it was
+                source = plan_source(ctx, plan, restored)
+                distributed.run_on_main(strategy.check_restored, plan.iteration, source, restored, plan.state_from)
 
         resolved = resolve(root, cfg.recovery_flags(), record, opts, before_load=before_load)
         plan = resolved.plan
@@ -162,16 +167,16 @@ def iteration_train_loss(state, fallback: float) -> float:
     return sum(losses) / len(losses) if losses else fallback
 
 
-def _source(ctx: StrategyContext, resolved: Resolved) -> ModelSource:
-    """The previous iteration's model, as the plan names it: what this iteration's data comes from."""
-    plan, root = resolved.plan, ctx.root
+def plan_source(ctx: StrategyContext, plan: RecoveryPlan, restored: dict | None, loaded: Any = None) -> ModelSource:
+    """The previous iteration's model, as the plan names it: what this iteration's data comes from.
+    `restored`: the lineage of a checkpoint restored in full; `loaded`: the previous model when it is
+    already loaded (it is the starting weights)."""
+    root, cfg = ctx.root, ctx.cfg
     path = plan.previous_model
     if path is None:
-        lineage = resolved.restored or {}
+        lineage = restored or {}
         return ModelSource(lineage.get("previous_model") or "unknown", lineage.get("previous_id"),
                            load=lambda: _missing(plan))
-    loaded = resolved.model if plan.weights_from == path and plan.state_scope != StateScope.FULL else None
-    cfg = ctx.cfg
 
     def load():
         nonlocal loaded
@@ -180,6 +185,12 @@ def _source(ctx: StrategyContext, resolved: Resolved) -> ModelSource:
         return loaded
 
     return ModelSource(path, fingerprint(root / path), load)
+
+
+def _source(ctx: StrategyContext, resolved: Resolved) -> ModelSource:
+    plan = resolved.plan
+    same = plan.weights_from == plan.previous_model and plan.state_scope != StateScope.FULL
+    return plan_source(ctx, plan, resolved.restored, resolved.model if same else None)
 
 
 def _missing(plan: RecoveryPlan):
@@ -191,8 +202,8 @@ def _missing(plan: RecoveryPlan):
 def build_trainer(strategy: Strategy, manager: CheckpointManager, resolved: Resolved, k: int, train_ds, eval_ds):
     """The strategy's Trainer class with itertrain's hooks, for iteration k."""
     cfg, root, plan = strategy.ctx.cfg, strategy.ctx.root, resolved.plan
-    args = iteration_training_args(cfg, k)
-    callbacks: list[Any] = []
+    args = strategy.training_arguments(k, iteration_training_args(cfg, k))
+    callbacks: list[Any] = [FaultPointCallback()]
     if plan.state_scope == StateScope.OPTIMIZER and plan.state_from:
         callbacks.append(OptimizerMomentsCallback(root / plan.state_from))
     if _reports_to_tensorboard(args):
@@ -203,7 +214,7 @@ def build_trainer(strategy: Strategy, manager: CheckpointManager, resolved: Reso
             args.logging_dir = os.environ["TENSORBOARD_LOGGING_DIR"]
     elif distributed.is_main():
         callbacks.append(TensorBoardCallback(root, k))
-    cls = with_recovery_hooks(strategy.trainer_class())
+    cls = with_recovery_hooks(strategy.trainer_class_for(k))
     trainer = cls(model=resolved.model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, callbacks=callbacks,
                   **strategy.trainer_kwargs(k, resolved.model, args))
     trainer.callback_handler.callbacks.insert(0, IterationLossCallback())  # before HF's printers
@@ -232,6 +243,7 @@ def run_iteration(ctx: StrategyContext, strategy: Strategy, manager: CheckpointM
         "weights_from": plan.weights_from, "weights_id": weights_id, "state_from": plan.state_from,
         "state_scope": plan.state_scope.value, "previous_model": source.path, "previous_id": source.fingerprint,
         "experiment_id": record.get("experiment_id"), "hyperparameters": hyperparameters(cfg, resolved.restored),
+        **strategy.iteration_lineage(k, source),
     })
     train_ds, eval_ds = strategy.train_dataset(k), strategy.eval_dataset(k)
     trainer = build_trainer(strategy, manager, resolved, k, train_ds, eval_ds)

@@ -252,8 +252,13 @@ def validate(cfg: RunConfig) -> None:
         value = getattr(group, name)
         if value and "{iteration}" not in value and not Path(value).is_file():
             raise UsageError(f"--{name} {value}: no such file")
-    if cfg.generation.reward_fn and ":" not in cfg.generation.reward_fn:
-        raise UsageError(f"--reward_fn {cfg.generation.reward_fn!r}: expected module:function")
+    gen = cfg.generation
+    if gen.reward_fn and ":" not in gen.reward_fn:
+        raise UsageError(f"--reward_fn {gen.reward_fn!r}: expected module:function")
+    if gen.reward_fn and gen.reward_model:
+        raise UsageError("--reward_fn and --reward_model both score samples: pass one of them")
+    if gen.reward_model and not _is_local_model(gen.reward_model):
+        raise UsageError(f"--reward_model {gen.reward_model}: not a local model directory (no config.json)")
     check_report_to(t.report_to)
     check_launcher(os.environ)
 

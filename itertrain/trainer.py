@@ -138,3 +138,11 @@ class CommitCallback(TrainerCallback):
         if distributed.is_main():
             self.manager.wait()  # the last checkpoint is committed before training returns
         return control
+
+
+class FaultPointCallback(TrainerCallback):
+    """The fault point `train.step` after every optimizer step (a kill in the middle of training)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        faults.point("train.step")
+        return control

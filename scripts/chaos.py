@@ -12,6 +12,7 @@
 
     python scripts/chaos.py --kills 8 --seed 3          # a soak
     python scripts/chaos.py --ci                         # the bounded set CI runs (>= 6 kills)
+    python scripts/chaos.py --ci --strategy iterative_dpo   # the same for iterative DPO (TRL's DPOTrainer)
 
 Prints a JSON summary last (also written to --report).
 """
@@ -54,6 +55,7 @@ POINTS = {
     "stage.commit": "between stages: before commit",
     "generation.batch": "during generation, between batches",
     "manifest.data.write": "inside the generated-data commit",
+    "train.step": "during training, after an optimizer step",
 }
 # The bounded sequence CI runs: every save path at least once, in the order the run reaches them.
 CI_SEQUENCE = [
@@ -66,6 +68,19 @@ CI_SEQUENCE = [
     ("checkpoint.commit", 2),  # training iteration 1 on its committed data
     ("timer", 0),  # a random moment of what is left
 ]
+# iterative_dpo: iteration 0 is SFT (the sequence above covers it); the kills land in the DPO iterations.
+DPO_CI_SEQUENCE = [
+    ("iteration.after_manifest", 1),  # iter_0 committed, its checkpoints not retired yet
+    ("generation.batch", 2),  # while sampling data/iter_1 from iter_0
+    ("manifest.data.write", 1),  # inside the commit of data/iter_1 (samples, pairs)
+    ("train.step", 6),  # DPO training of iteration 1, between checkpoint-4 and checkpoint-8
+    ("checkpoint.optimizer", 1),  # inside a DPO checkpoint save: weights written, optimizer not
+    ("manifest.trainer_checkpoint.write", 1),  # inside a DPO checkpoint's manifest
+    ("iteration.after_manifest", 1),  # iter_1 committed, its checkpoints not retired yet
+    ("timer", 0),  # a random moment of what is left
+]
+# What each strategy's data/iter_K must hold identically to the reference.
+DATA_FILES = {"expert_iteration": ("accepted.jsonl",), "iterative_dpo": ("samples.jsonl", "pairs.jsonl")}
 
 
 @dataclass
@@ -115,7 +130,7 @@ def env_for(fault: str | None) -> dict[str, str]:
     return env
 
 
-def prepare(work: Path, iterations: int) -> list[str]:
+def prepare(work: Path, iterations: int, strategy: str = "expert_iteration") -> list[str]:
     """Tiny model, data, and the experiment's flags (without --output_dir)."""
     model = work / "tiny-model"
     if not model.exists():
@@ -131,10 +146,15 @@ def prepare(work: Path, iterations: int) -> list[str]:
         for _ in range(24):
             a, b = rng.randint(0, 999), rng.randint(0, 999)
             f.write(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) + "\n")
+    # Expert iteration keeps every sample (threshold 0: the tiny model is rarely right). Iterative DPO
+    # scores with partial credit (a batched reward in TRL's form), so that most prompts give a pair
+    # (exact match would give none).
+    scoring = (["--reward_threshold", "0", "--samples_per_prompt", "2"] if strategy == "expert_iteration" else
+               ["--reward_fn", "itertrain.tasks.arithmetic:digit_credit", "--samples_per_prompt", "3"])
     return [
-        "--model_name", str(model), "--strategy", "expert_iteration", "--train_file", str(train),
-        "--prompts_file", str(prompts), "--samples_per_prompt", "2", "--temperature", "1.0",
-        "--reward_threshold", "0", "--max_new_tokens", "4", "--generation_batch_size", "8",
+        "--model_name", str(model), "--strategy", strategy, "--train_file", str(train),
+        "--prompts_file", str(prompts), "--temperature", "1.0",
+        *scoring, "--max_new_tokens", "4", "--generation_batch_size", "8",
         "--num_iterations", str(iterations), "--max_steps", "12", "--save_steps", "4", "--logging_steps", "2",
         "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--disable_tqdm", "true",
         "--report_to", "none", "--resume_from", "auto", "--resume_from_iteration", "auto",
@@ -187,7 +207,7 @@ def resumed_at(out: Path, seen: set[str]) -> tuple[int, int] | None:
 _VOLATILE = ("wall_time_s", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second")
 
 
-def compare(ref: Path, got: Path, summary: Summary) -> None:
+def compare(ref: Path, got: Path, summary: Summary, data_files: tuple[str, ...] = DATA_FILES["expert_iteration"]) -> None:
     refs = sorted(p.name for p in ref.glob("iter_*"))
     summary.total_iterations = len(refs)
     for name in refs:
@@ -203,25 +223,26 @@ def compare(ref: Path, got: Path, summary: Summary) -> None:
                 summary.differences.append(f"{name} metric {key}: reference {value!r}, resumed {mb.get(key)!r}")
     for d in sorted((ref / "data").glob("iter_*")) if (ref / "data").exists() else []:
         summary.total_data += 1
-        other = got / "data" / d.name / "accepted.jsonl"
-        if other.exists() and other.read_bytes() == (d / "accepted.jsonl").read_bytes():
+        differ = [name for name in data_files if not (got / "data" / d.name / name).exists()
+                  or (got / "data" / d.name / name).read_bytes() != (d / name).read_bytes()]
+        if not differ:
             summary.identical_data += 1
-        else:
-            summary.differences.append(f"data/{d.name}/accepted.jsonl differs from the reference")
+        summary.differences += [f"data/{d.name}/{name} differs from the reference" for name in differ]
 
 
-def schedule(kills: int, seed: int, ci: bool) -> list[tuple[str, int]]:
+def schedule(kills: int, seed: int, ci: bool, strategy: str = "expert_iteration") -> list[tuple[str, int]]:
     if ci:
-        return list(CI_SEQUENCE)
+        return list(DPO_CI_SEQUENCE if strategy == "iterative_dpo" else CI_SEQUENCE)
     rng = random.Random(seed)
     names = sorted(POINTS)
     return [("timer", 0) if rng.random() < 0.3 else (rng.choice(names), rng.randint(1, 2)) for _ in range(kills)]
 
 
-def run(kills: int, seed: int, nproc: int, work: Path, ci: bool, iterations: int) -> Summary:
+def run(kills: int, seed: int, nproc: int, work: Path, ci: bool, iterations: int,
+        strategy: str = "expert_iteration") -> Summary:
     started = time.time()
     work.mkdir(parents=True, exist_ok=True)
-    args = prepare(work, iterations)
+    args = prepare(work, iterations, strategy)
     summary = Summary(seed, nproc, kills)
     ref, out = work / "reference", work / "chaos"
     shutil.rmtree(ref, ignore_errors=True)
@@ -239,7 +260,7 @@ def run(kills: int, seed: int, nproc: int, work: Path, ci: bool, iterations: int
     per_iteration_s = (reference_s - startup_s) / iterations
     rng = random.Random(seed)
     seen: set[str] = set()
-    plan = schedule(kills, seed, ci)
+    plan = schedule(kills, seed, ci, strategy)
     with open(work / "chaos.log", "w") as log:
         for i, (point, hit) in enumerate([*plan, ("none", 0)]):
             before = committed_point(out)
@@ -267,7 +288,7 @@ def run(kills: int, seed: int, nproc: int, work: Path, ci: bool, iterations: int
     if not (out / f"iter_{iterations - 1}" / "itertrain.manifest.json").exists():
         summary.differences.append("the killed experiment never completed")
     else:
-        compare(ref, out, summary)
+        compare(ref, out, summary, DATA_FILES[strategy])
     summary.wall_s = round(time.time() - started, 1)
     return summary
 
@@ -279,13 +300,15 @@ def main() -> int:
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--iterations", type=int, default=None, help="default: one per kill (>= 3); 3 with --ci")
     p.add_argument("--ci", action="store_true", help="the bounded CI sequence (every save path, >= 6 kills)")
+    p.add_argument("--strategy", default="expert_iteration", choices=sorted(DATA_FILES),
+                   help="the experiment to kill: expert_iteration, or iterative_dpo (DPO iterations on TRL)")
     p.add_argument("--workdir", default=None)
     p.add_argument("--report", default=None, help="also write the JSON summary here")
     ns = p.parse_args()
     work = Path(ns.workdir) if ns.workdir else Path(tempfile.mkdtemp(prefix="itertrain-chaos-"))
     # named kills fire early in a launch, so a soak needs about one iteration of work per kill
     iterations = ns.iterations or (3 if ns.ci else max(3, ns.kills))
-    summary = run(ns.kills, ns.seed, ns.nproc, work, ns.ci, iterations)
+    summary = run(ns.kills, ns.seed, ns.nproc, work, ns.ci, iterations, ns.strategy)
     result = {**asdict(summary), "ok": summary.ok, "workdir": str(work)}
     text = json.dumps(result, indent=2)
     if ns.report:

@@ -149,7 +149,9 @@ def load_and_probe(root: Path, plan: RecoveryPlan, opts: LoadOptions) -> tuple[A
     return model, failures, warnings
 
 
-def _restored_lineage(root: Path, plan: RecoveryPlan) -> dict | None:
+def restored_lineage(root: Path, plan: RecoveryPlan) -> dict | None:
+    """The lineage a checkpoint restored in full recorded (what its iteration started from); None when
+    the plan restores no checkpoint in full, {} for one without a manifest."""
     if plan.state_scope != StateScope.FULL or not plan.state_from:
         return None
     try:
@@ -191,7 +193,7 @@ def resolve(
         if not failures:
             all_warnings = sorted({w for _, ws in outcomes for w in ws})
             plan = dataclasses.replace(plan, warnings=plan.warnings + tuple(all_warnings))
-            return Resolved(plan, inv, model, notes, distributed.run_on_main(_restored_lineage, root, plan))
+            return Resolved(plan, inv, model, notes, distributed.run_on_main(restored_lineage, root, plan))
         if BASE in failures:
             raise RecoveryRefused(f"the base model {opts.base_model} cannot be loaded: {failures[BASE]}")
         del model
