@@ -28,7 +28,7 @@ from itertrain.fsutil import describe_library_write_error
 from itertrain.lock import RunLock
 from itertrain.lora import ADAPTER, MERGED, settings_of
 from itertrain.lora.links import LORA, base_dir, lora_lineage
-from itertrain.lora.model import IterationModelSaver, load_source
+from itertrain.lora.model import IterationModelSaver, load_iteration_model
 from itertrain.metrics import IterationLossCallback, MetricsLog, TensorBoardCallback, tensorboard_dir
 from itertrain.recovery.flags import AUTO, BASE
 from itertrain.recovery.plan import Mode, RecoveryPlan, StateScope
@@ -179,9 +179,7 @@ def _source(ctx: StrategyContext, resolved: Resolved) -> ModelSource:
     def load():
         nonlocal loaded
         if loaded is None:  # an adapter-only iteration model is loaded on its base model
-            settings = settings_of(cfg.lora) if cfg.lora.use_peft else None
-            loaded = load_source(root / path, Path(cfg.model.model_name), settings, cfg.model.model_dtype,
-                                 cfg.model.trust_remote_code)
+            loaded = load_iteration_model(root / path, cfg)
         return loaded
 
     return ModelSource(path, fingerprint(root / path), load)

@@ -99,6 +99,15 @@ def load_source(directory: Path, base_dir: Path, settings: dict[str, Any] | None
     return load_model(directory, dtype, trust_remote_code)
 
 
+def load_iteration_model(directory: Path, cfg: Any):
+    """An iteration model of this run, whatever it holds (what a strategy samples from, or a DPO reference):
+    a full model directly, an adapter-only one on the run's base model with the run's LoRA settings."""
+    from itertrain.lora import settings_of
+
+    return load_source(Path(directory), Path(cfg.model.model_name), settings_of(cfg.lora) if cfg.lora.use_peft else None,
+                       cfg.model.model_dtype, cfg.model.trust_remote_code)
+
+
 class IterationModelSaver:
     """What `write_iteration_model` saves for a LoRA run: the merged full model, or the adapter only
     (`save_pretrained` has the signature the writer calls). Rank 0, once the iteration is done: merging
