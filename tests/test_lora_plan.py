@@ -144,3 +144,41 @@ def test_scenario_5_with_lora_takes_iter_k_and_the_checkpoints_state_onto_a_fres
     assert (merged.weights_override, merged.adapter_base, merged.adapter_from) == (True, "iter_1", None)
     adapter = decide(flags("8", "iter_1", lora="adapter"), inv)
     assert (adapter.adapter_base, adapter.adapter_from, adapter.state_from) == (BASE, "iter_1", "checkpoint-8")
+
+
+# ---- the reference from an adapter to its model (files only, no torch) ----------------------------------
+def _artifact(directory, *, lineage=None, weights=b"weights", kind="trainer_checkpoint"):
+    from itertrain.artifacts.manifest import commit_directory
+
+    directory.mkdir(parents=True)
+    (directory / ("adapter_model.safetensors" if kind == "trainer_checkpoint" else "model.safetensors")).write_bytes(weights)
+    commit_directory(directory, kind=kind, iteration=0, step=0, lineage=lineage or {}, fsync=False)
+
+
+def test_an_adapter_whose_model_changed_is_rejected_and_a_changed_base_is_refused_naming_it(tmp_path):
+    from itertrain.lora.links import check_links, link_record
+    from itertrain.recovery.plan import RecoveryPlan
+
+    root, base = tmp_path / "exp", tmp_path / "base"
+    base.mkdir()
+    (base / "model.safetensors").write_bytes(b"base weights")
+    _artifact(root / "iter_0", kind="iteration_model")
+    merged_link = link_record(root, "iter_0", str(base))
+    _artifact(root / "checkpoint-4", lineage={"adapter_of": merged_link})
+    _artifact(root / "checkpoint-8", lineage={"adapter_of": link_record(root, BASE, str(base))})
+    merged = RecoveryPlan(mode=Mode.CHECKPOINT, iteration=1, step=4, weights_from="checkpoint-4", reason="",
+                          lora="merged", adapter_base="iter_0", adapter_from="checkpoint-4")
+    adapter = merged.with_(lora="adapter", adapter_base=BASE, adapter_from="checkpoint-8", weights_from="checkpoint-8")
+    assert check_links(root, merged, str(base)) == {} and check_links(root, adapter, str(base)) == {}
+    moved = tmp_path / "moved"  # the same weights in another place: the reference holds (content, not path)
+    moved.mkdir()
+    (moved / "model.safetensors").write_bytes(b"base weights")
+    assert check_links(root, adapter, str(moved)) == {}
+
+    (root / "iter_0" / "itertrain.manifest.json").unlink()  # iter_0 replaced by other weights
+    (root / "iter_0" / "model.safetensors").write_bytes(b"other weights")
+    failures = check_links(root, merged, str(base))
+    assert "its LoRA adapter applies to iter_0, whose weights changed since it was trained" in failures["checkpoint-4"]
+    (base / "model.safetensors").write_bytes(b"changed base")
+    with pytest.raises(RecoveryRefused, match=f"checkpoint-8 is a LoRA adapter of the base model {base.resolve()}"):
+        check_links(root, adapter, str(base))

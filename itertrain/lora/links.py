@@ -24,7 +24,7 @@ from itertrain.recovery.flags import BASE
 ADAPTER_OF = "adapter_of"  # lineage (checkpoints) / manifest extra (iteration models): what the adapter applies to
 LORA = "lora"  # the LoRA settings an artifact was trained with (manifest extra, lineage)
 _WEIGHTS = re.compile(r"^(model|pytorch_model)[^/]*\.(safetensors|bin)(\.index\.json)?$")
-_hashed: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> xxh3 of a base model's weight file
+_hashed: dict[tuple, str] = {}  # (path, inode, size, mtime, ctime) -> xxh3 of a base model's weight file
 
 
 def weights_identity(directory: Path) -> str | None:
@@ -44,7 +44,7 @@ def weights_identity(directory: Path) -> str | None:
         for path in sorted(directory.iterdir()) if directory.is_dir() else []:
             if _WEIGHTS.match(path.name) and path.is_file():
                 st = path.stat()
-                key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+                key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
                 if key not in _hashed:
                     _hashed[key] = hash_file(path).xxh3
                 entries.append((path.name, st.st_size, _hashed[key]))
