@@ -160,16 +160,27 @@ def test_an_adapter_directory_is_never_loaded_as_a_full_model_without_use_peft(u
 
 
 def test_use_peft_without_peft_installed_exits_2_naming_the_extra(tiny_model, train_file, tmp_path):
-    shadow = tmp_path / "shadow" / "peft"
-    shadow.mkdir(parents=True)
-    (shadow / "__init__.py").write_text("raise ImportError('No module named peft')\n")
+    """An environment without PEFT: every installed package but peft, linked into one directory that is
+    the whole import path (python -S: no site-packages)."""
     import os
+    import site
 
-    env = {"PYTHONPATH": os.pathsep.join([str(shadow.parent), os.environ.get("PYTHONPATH", "")])}
-    r = itertrain("train", *lora_args(tiny_model, train_file, tmp_path / "exp", "merged"), env=env)
+    from conftest import PY, REPO, _run, base_env
+
+    packages = Path(site.getsitepackages()[0])
+    without = tmp_path / "site-packages-without-peft"
+    without.mkdir()
+    for entry in packages.iterdir():
+        if not (entry.name == "peft" or entry.name.startswith("peft-")):
+            (without / entry.name).symlink_to(entry)
+    env = base_env({"PYTHONPATH": os.pathsep.join([str(REPO), str(without)])})
+    probe = _run([PY, "-S", "-c", "import transformers, torch; import peft"], env, 300, None)
+    assert "No module named 'peft'" in probe.stderr  # the environment really lacks PEFT
+    r = _run([PY, "-S", "-m", "itertrain", "train", *lora_args(tiny_model, train_file, tmp_path / "exp", "merged")],
+             env, 300, None)
     assert r.returncode == 2, r.output
-    assert "pip install 'itertrain[lora]'" in r.stderr and "Traceback" not in r.stderr
-    assert not (tmp_path / "exp").exists()
+    assert "--use_peft trains LoRA adapters with PEFT" in r.stderr and "pip install 'itertrain[lora]'" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "exp").exists()
 
 
 @pytest.mark.parametrize("mode", ["merged", "adapter"])
