@@ -119,6 +119,40 @@ class GenerationArguments:
 
 
 @dataclass
+class LoraArguments:
+    """LoRA with PEFT, under TRL's flag names and meanings (trl.ModelConfig); `--iteration_model` is itertrain's."""
+
+    _argument_group_name = "LoRA (PEFT adapters instead of full fine-tuning; TRL's flag names)"
+
+    use_peft: bool = field(
+        default=False,
+        metadata={"help": "Train a LoRA adapter (PEFT) instead of all weights: checkpoints hold the adapter and its "
+                          "optimizer state only. Needs `pip install itertrain[lora]`."},
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["all-linear"],
+        metadata={"help": "Modules that get an adapter: all-linear (every linear layer except the output layer), "
+                          "module names (q_proj v_proj: every module whose name ends so), or one regular expression "
+                          "matched against the full module path."},
+    )
+    iteration_model: str = field(
+        default="merged",
+        metadata={"help": "What iter_K holds under --use_peft: merged (a full model with the adapter merged in; "
+                          "iteration K+1 trains a fresh adapter on it) or adapter (the adapter only, with a "
+                          "fingerprinted reference to the base model; iteration K+1 continues the same adapter).",
+                  "choices": ["merged", "adapter"]},
+    )
+
+    @property
+    def mode(self) -> str | None:
+        """The LoRA iteration-model mode, None without --use_peft."""
+        return self.iteration_model if self.use_peft else None
+
+
+@dataclass
 class RunConfig:
     """Everything one launch needs, parsed and validated."""
 
@@ -129,6 +163,7 @@ class RunConfig:
     training: Any  # transformers.TrainingArguments, or the strategy's subclass of it (e.g. trl.DPOConfig)
     strategy_args: Any = None  # the strategy's own arguments dataclass, when it declares one
     argv: list[str] = field(default_factory=list)
+    lora: LoraArguments = field(default_factory=LoraArguments)
 
     @property
     def output_dir(self) -> Path:
@@ -137,7 +172,7 @@ class RunConfig:
     def groups(self) -> list[Any]:
         """The argument dataclasses, itertrain's first."""
         extra = [self.strategy_args] if self.strategy_args is not None else []
-        return [self.model, self.loop, self.generation, self.recovery, *extra, self.training]
+        return [self.model, self.loop, self.generation, self.recovery, self.lora, *extra, self.training]
 
     def recovery_flags(self) -> RecoveryFlags:
         return RecoveryFlags(
@@ -146,10 +181,11 @@ class RunConfig:
             overwrite_output_dir=self.recovery.overwrite_output_dir,
             num_iterations=self.loop.num_iterations,
             iteration_init=self.loop.iteration_init,
+            lora=self.lora.mode,
         )
 
 
-ARGUMENT_GROUPS = (RecoveryArguments, ModelArguments, LoopArguments, GenerationArguments)
+ARGUMENT_GROUPS = (RecoveryArguments, ModelArguments, LoopArguments, GenerationArguments, LoraArguments)
 
 
 def dataclass_dict(obj: Any) -> dict[str, Any]:

@@ -10,6 +10,7 @@ launch record, housekeeping after a crash) has nothing to do in between iteratio
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import os
 import time
@@ -25,12 +26,15 @@ from itertrain.errors import ArtifactWriteError, TrainingFailed, UsageError
 from itertrain.experiment import DEFINING, check_resume, load_record, record_iteration
 from itertrain.fsutil import describe_library_write_error
 from itertrain.lock import RunLock
+from itertrain.lora import ADAPTER, MERGED, settings_of
+from itertrain.lora.links import LORA, base_dir, lora_lineage
+from itertrain.lora.model import IterationModelSaver, load_iteration_model
 from itertrain.metrics import IterationLossCallback, MetricsLog, TensorBoardCallback, tensorboard_dir
-from itertrain.recovery.flags import AUTO, BASE, RecoveryFlags
+from itertrain.recovery.flags import AUTO, BASE
 from itertrain.recovery.plan import Mode, RecoveryPlan, StateScope
 from itertrain.recovery.prepare import check_writes, hyperparameters, prepare_output_dir, print_report, resume_changes
 from itertrain.recovery.resolve import LoadOptions, Resolved, resolve, restored_lineage
-from itertrain.recovery.restore import OptimizerMomentsCallback, load_model
+from itertrain.recovery.restore import OptimizerMomentsCallback
 from itertrain.strategies import ModelSource, Strategy, StrategyContext, load_strategy
 from itertrain.trainer import FaultPointCallback, attach, with_recovery_hooks
 
@@ -51,7 +55,8 @@ def run_experiment(cfg: RunConfig) -> int:
     manager = CheckpointManager(CheckpointConfig(
         output_dir=root,
         retention=RetentionPolicy(cfg.training.save_total_limit, cfg.loop.keep_iteration_checkpoints,
-                                  carry_optimizer=cfg.loop.iteration_init == "previous"),
+                                  # a merged LoRA iteration starts a fresh adapter: no moments to carry
+                                  carry_optimizer=cfg.loop.iteration_init == "previous" and cfg.lora.mode != MERGED),
         fsync=cfg.loop.fsync, async_commit=cfg.loop.async_commit, world_size=distributed.world_size(),
     ))
     strategy_cls = load_strategy(cfg.loop.strategy)
@@ -63,7 +68,8 @@ def run_experiment(cfg: RunConfig) -> int:
     try:
         record = distributed.run_on_main(load_record, root)
         opts = LoadOptions(cfg.model.model_name, cfg.model.tokenizer_name, cfg.model.model_dtype,
-                           cfg.model.trust_remote_code)
+                           cfg.model.trust_remote_code, settings_of(cfg.lora) if cfg.lora.use_peft else None,
+                           cfg.training.seed)
         defining = (*DEFINING, *strategy_cls.defining_fields)
         config_warnings: list[str] = []
 
@@ -98,7 +104,8 @@ def run_experiment(cfg: RunConfig) -> int:
         wrote = True
         record = distributed.run_on_main(prepare_output_dir, cfg, resolved, record, manager, config_warnings)
         metrics = MetricsLog(root) if distributed.is_main() else None
-        auto = RecoveryFlags(AUTO, AUTO, False, cfg.loop.num_iterations, cfg.loop.iteration_init)
+        auto = dataclasses.replace(cfg.recovery_flags(), resume_from=AUTO, resume_from_iteration=AUTO,
+                                   overwrite_output_dir=False)
         while True:
             run_iteration(ctx, strategy, manager, resolved, record, metrics)
             if resolved.plan.iteration + 1 >= cfg.loop.num_iterations:
@@ -180,8 +187,8 @@ def plan_source(ctx: StrategyContext, plan: RecoveryPlan, restored: dict | None,
 
     def load():
         nonlocal loaded
-        if loaded is None:
-            loaded = load_model(root / path, cfg.model.model_dtype, cfg.model.trust_remote_code)
+        if loaded is None:  # an adapter-only iteration model is loaded on its base model
+            loaded = load_iteration_model(root / path, cfg)
         return loaded
 
     return ModelSource(path, fingerprint(root / path), load)
@@ -239,11 +246,13 @@ def run_iteration(ctx: StrategyContext, strategy: Strategy, manager: CheckpointM
         + (f" (continuing at step {plan.step})" if plan.step else ""))
     faults.point("stage.train")
     weights_id = fingerprint(root / plan.weights_from) if plan.weights_from != BASE else "base"
+    lora = distributed.run_on_main(lora_lineage, cfg, plan, root)
     manager.start_iteration(k, {
         "weights_from": plan.weights_from, "weights_id": weights_id, "state_from": plan.state_from,
         "state_scope": plan.state_scope.value, "previous_model": source.path, "previous_id": source.fingerprint,
         "experiment_id": record.get("experiment_id"), "hyperparameters": hyperparameters(cfg, resolved.restored),
         **strategy.iteration_lineage(k, source),
+        **lora,
     })
     train_ds, eval_ds = strategy.train_dataset(k), strategy.eval_dataset(k)
     trainer = build_trainer(strategy, manager, resolved, k, train_ds, eval_ds)
@@ -282,9 +291,13 @@ def run_iteration(ctx: StrategyContext, strategy: Strategy, manager: CheckpointM
 
     say(f"🔁 iteration {k + 1}/{n} (iter_{k}) · stage: commit")
     faults.point("stage.commit")
+    model = trainer.model
+    if plan.lora:  # the merged model, or the adapter only with the reference to its base model
+        model = IterationModelSaver(model, plan.lora, base_dir(root, str(plan.adapter_base), cfg.model.model_name))
     manager.commit_iteration_model(
-        trainer.model, ctx.tokenizer, k, trainer.state.global_step, last=k + 1 >= n,
+        model, ctx.tokenizer, k, trainer.state.global_step, last=k + 1 >= n,
         max_shard_size=cfg.model.max_shard_size, metrics=results, replaces=resolved.replaces,
+        extra=lora if plan.lora == ADAPTER else {LORA: lora[LORA]} if lora else None,
     )
     if metrics is not None:
         metrics.rebuild()

@@ -17,6 +17,7 @@ import yaml
 
 from itertrain.args import ARGUMENT_GROUPS, RunConfig
 from itertrain.errors import UsageError
+from itertrain.lora import check_settings
 from itertrain.strategies import available, load_strategy
 from itertrain.strategies.base import Strategy
 
@@ -196,11 +197,11 @@ def parse_train_args(argv: list[str] | None = None, strategy: type[Strategy] | N
     if remaining:
         raise UsageError(f"unrecognized arguments: {' '.join(remaining)} (see `itertrain train --help`; "
                          "flags are never abbreviated)")
-    recovery, model, loop, generation, *extra, training = groups
+    recovery, model, loop, generation, lora, *extra, training = groups
     strategy_args = extra.pop(0) if cls.arguments_class else None
     if cls.training_arguments_class is not None:
         training = build_training_arguments(cls.training_arguments_class, training, extra[0] if extra else None)
-    cfg = RunConfig(model, loop, generation, recovery, training, strategy_args, argv)
+    cfg = RunConfig(model, loop, generation, recovery, training, strategy_args, argv, lora)
     validate(cfg)
     cls.check_arguments(cfg)
     return cfg
@@ -259,6 +260,7 @@ def validate(cfg: RunConfig) -> None:
         raise UsageError("--reward_fn and --reward_model both score samples: pass one of them")
     if gen.reward_model and not _is_local_model(gen.reward_model):
         raise UsageError(f"--reward_model {gen.reward_model}: not a local model directory (no config.json)")
+    check_settings(cfg.lora)  # LoRA flags; PEFT installed when --use_peft
     check_report_to(t.report_to)
     check_launcher(os.environ)
 

@@ -73,7 +73,8 @@ def status(argv: list[str]) -> int:
     args = record.get("arguments", {})
     target = ns.num_iterations or int(args.get("num_iterations", 1 << 30))
     flags = RecoveryFlags(ns.resume_from, ns.resume_from_iteration, False, target,
-                          ns.iteration_init or args.get("iteration_init", "previous"))
+                          ns.iteration_init or args.get("iteration_init", "previous"),
+                          args.get("iteration_model", "merged") if args.get("use_peft") else None)
     holder = live_holder(root)
     inv = discover(root, record)
     inv = dataclasses.replace(inv, iteration_models=tuple(missing_aux(root, m) for m in inv.iteration_models))

@@ -13,6 +13,7 @@
     python scripts/chaos.py --kills 8 --seed 3          # a soak
     python scripts/chaos.py --ci                         # the bounded set CI runs (>= 6 kills)
     python scripts/chaos.py --ci --strategy iterative_dpo   # the same for iterative DPO (TRL's DPOTrainer)
+    python scripts/chaos.py --ci --lora adapter          # the same with LoRA adapters (or --lora merged)
 
 Prints a JSON summary last (also written to --report).
 """
@@ -81,6 +82,20 @@ DPO_CI_SEQUENCE = [
 ]
 # What each strategy's data/iter_K must hold identically to the reference.
 DATA_FILES = {"expert_iteration": ("accepted.jsonl",), "iterative_dpo": ("samples.jsonl", "pairs.jsonl")}
+# With --lora: the same save paths, plus a fallback past a corrupt newest adapter checkpoint.
+CORRUPT = "corrupt"  # third element: after the kill, damage the newest committed checkpoint's adapter file
+LORA_CI_SEQUENCE = [
+    ("checkpoint.optimizer", 2),  # iteration 0: inside the save of checkpoint-8 (adapter written, optimizer not)
+    ("checkpoint.save", 2, CORRUPT),  # before checkpoint-12; then checkpoint-8's adapter is damaged: back to 4
+    ("iteration.before_manifest", 1),  # inside the commit of iter_0 (merged model, or adapter only)
+    ("iteration.after_manifest", 1),  # iter_0 committed, its checkpoints not retired yet
+    ("generation.batch", 2),  # sampling data/iter_1 from iter_0 (adapter mode: the base plus iter_0's adapter)
+    ("checkpoint.commit", 2),  # training iteration 1 on its committed data
+    ("timer", 0),  # a random moment of what is left
+]
+# The file of iter_K compared byte for byte, per --lora mode.
+ITERATION_FILES = {None: ("model.safetensors",), "merged": ("model.safetensors",),
+                   "adapter": ("adapter_model.safetensors", "adapter_config.json")}
 
 
 @dataclass
@@ -91,6 +106,7 @@ class Launch:
     returncode: int
     killed: bool
     resumed_at: tuple[int, int] | None  # (iteration, step) the launch continued at
+    rejected: list[str]  # candidates the launch's plan rejected (e.g. a damaged checkpoint)
     committed_before: tuple[int, int]  # newest committed point before the launch
     wall_s: float
 
@@ -130,7 +146,7 @@ def env_for(fault: str | None) -> dict[str, str]:
     return env
 
 
-def prepare(work: Path, iterations: int, strategy: str = "expert_iteration") -> list[str]:
+def prepare(work: Path, iterations: int, strategy: str = "expert_iteration", lora: str | None = None) -> list[str]:
     """Tiny model, data, and the experiment's flags (without --output_dir)."""
     model = work / "tiny-model"
     if not model.exists():
@@ -158,6 +174,7 @@ def prepare(work: Path, iterations: int, strategy: str = "expert_iteration") -> 
         "--num_iterations", str(iterations), "--max_steps", "12", "--save_steps", "4", "--logging_steps", "2",
         "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--disable_tqdm", "true",
         "--report_to", "none", "--resume_from", "auto", "--resume_from_iteration", "auto",
+        *(["--use_peft", "--iteration_model", lora] if lora else []),
     ]
 
 
@@ -194,28 +211,46 @@ def committed_point(out: Path) -> tuple[int, int]:
     return best
 
 
-def resumed_at(out: Path, seen: set[str]) -> tuple[int, int] | None:
+def resumed_at(out: Path, seen: set[str]) -> tuple[tuple[int, int] | None, list[str]]:
+    """(iteration, step) the newest launch continued at, and the candidates its plan rejected."""
     runs = out / "runs"
     new = sorted(p for p in runs.glob("recovery-*.json") if p.name not in seen) if runs.exists() else []
     if not new:
-        return None
+        return None, []
     seen.update(p.name for p in new)
     plan = json.loads(new[-1].read_text())["plan"]
-    return (plan["iteration"], plan["step"])
+    return (plan["iteration"], plan["step"]), [f"{r['path']}: {r['reason']}" for r in plan["rejected"]]
+
+
+def corrupt_newest_adapter(out: Path) -> str | None:
+    """Flip a byte in the adapter file of the newest committed top-level checkpoint (a damaged disk)."""
+    from itertrain.recovery.discover import Status, discover
+
+    committed = [c for c in discover(out).checkpoints if c.status == Status.COMMITTED and "/" not in c.path]
+    if not committed:
+        return None
+    newest = max(committed, key=lambda c: (c.iteration, c.step))
+    path = out / newest.path / "adapter_model.safetensors"
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    return newest.path
 
 
 _VOLATILE = ("wall_time_s", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second")
 
 
-def compare(ref: Path, got: Path, summary: Summary, data_files: tuple[str, ...] = DATA_FILES["expert_iteration"]) -> None:
+def compare(ref: Path, got: Path, summary: Summary, data_files: tuple[str, ...] = DATA_FILES["expert_iteration"],
+            files: tuple[str, ...] = ITERATION_FILES[None]) -> None:
     refs = sorted(p.name for p in ref.glob("iter_*"))
     summary.total_iterations = len(refs)
     for name in refs:
-        a, b = ref / name / "model.safetensors", got / name / "model.safetensors"
-        if b.exists() and a.read_bytes() == b.read_bytes():
+        differ = [f for f in files if not (got / name / f).exists()
+                  or (ref / name / f).read_bytes() != (got / name / f).read_bytes()]
+        b = got / name / files[0]
+        if not differ:
             summary.identical_iterations += 1
-        else:
-            summary.differences.append(f"{name}/model.safetensors differs from the reference")
+        summary.differences += [f"{name}/{f} differs from the reference" for f in differ]
         ma = json.loads((ref / name / "itertrain.manifest.json").read_text())["extra"]["metrics"]
         mb = json.loads((got / name / "itertrain.manifest.json").read_text())["extra"]["metrics"] if b.exists() else {}
         for key, value in ma.items():
@@ -230,19 +265,19 @@ def compare(ref: Path, got: Path, summary: Summary, data_files: tuple[str, ...] 
         summary.differences += [f"data/{d.name}/{name} differs from the reference" for name in differ]
 
 
-def schedule(kills: int, seed: int, ci: bool, strategy: str = "expert_iteration") -> list[tuple[str, int]]:
+def schedule(kills: int, seed: int, ci: bool, strategy: str = "expert_iteration", lora: str | None = None) -> list[tuple]:
     if ci:
-        return list(DPO_CI_SEQUENCE if strategy == "iterative_dpo" else CI_SEQUENCE)
+        return list(LORA_CI_SEQUENCE if lora else DPO_CI_SEQUENCE if strategy == "iterative_dpo" else CI_SEQUENCE)
     rng = random.Random(seed)
     names = sorted(POINTS)
     return [("timer", 0) if rng.random() < 0.3 else (rng.choice(names), rng.randint(1, 2)) for _ in range(kills)]
 
 
 def run(kills: int, seed: int, nproc: int, work: Path, ci: bool, iterations: int,
-        strategy: str = "expert_iteration") -> Summary:
+        strategy: str = "expert_iteration", lora: str | None = None) -> Summary:
     started = time.time()
     work.mkdir(parents=True, exist_ok=True)
-    args = prepare(work, iterations, strategy)
+    args = prepare(work, iterations, strategy, lora)
     summary = Summary(seed, nproc, kills)
     ref, out = work / "reference", work / "chaos"
     shutil.rmtree(ref, ignore_errors=True)
@@ -260,9 +295,9 @@ def run(kills: int, seed: int, nproc: int, work: Path, ci: bool, iterations: int
     per_iteration_s = (reference_s - startup_s) / iterations
     rng = random.Random(seed)
     seen: set[str] = set()
-    plan = schedule(kills, seed, ci, strategy)
+    plan = schedule(kills, seed, ci, strategy, lora)
     with open(work / "chaos.log", "w") as log:
-        for i, (point, hit) in enumerate([*plan, ("none", 0)]):
+        for i, (point, hit, *after) in enumerate([*plan, ("none", 0)]):
             before = committed_point(out)
             fault = f"{point}=kill#{hit}" if point not in ("timer", "none") else None
             timer = startup_s + rng.uniform(0.0, 2.0) * per_iteration_s if point == "timer" else None
@@ -270,9 +305,11 @@ def run(kills: int, seed: int, nproc: int, work: Path, ci: bool, iterations: int
             log.flush()
             t = time.time()
             rc, killed = launch(args, out, nproc, fault, timer, log)
-            at = resumed_at(out, seen)
-            summary.launches.append(Launch(point, hit, round(timer or 0, 2), rc, killed, at, before,
+            at, rejected = resumed_at(out, seen)
+            summary.launches.append(Launch(point, hit, round(timer or 0, 2), rc, killed, at, rejected, before,
                                            round(time.time() - t, 2)))
+            if CORRUPT in after and killed:
+                log.write(f"\n===== damaged the adapter of {corrupt_newest_adapter(out)} =====\n")
             summary.kills_done += killed
             if at is not None and at < before:
                 summary.progress_ok = False
@@ -288,7 +325,7 @@ def run(kills: int, seed: int, nproc: int, work: Path, ci: bool, iterations: int
     if not (out / f"iter_{iterations - 1}" / "itertrain.manifest.json").exists():
         summary.differences.append("the killed experiment never completed")
     else:
-        compare(ref, out, summary, DATA_FILES[strategy])
+        compare(ref, out, summary, DATA_FILES[strategy], ITERATION_FILES[lora])
     summary.wall_s = round(time.time() - started, 1)
     return summary
 
@@ -302,20 +339,23 @@ def main() -> int:
     p.add_argument("--ci", action="store_true", help="the bounded CI sequence (every save path, >= 6 kills)")
     p.add_argument("--strategy", default="expert_iteration", choices=sorted(DATA_FILES),
                    help="the experiment to kill: expert_iteration, or iterative_dpo (DPO iterations on TRL)")
+    p.add_argument("--lora", default=None, choices=["merged", "adapter"],
+                   help="train LoRA adapters (--use_peft) with this --iteration_model")
     p.add_argument("--workdir", default=None)
     p.add_argument("--report", default=None, help="also write the JSON summary here")
     ns = p.parse_args()
     work = Path(ns.workdir) if ns.workdir else Path(tempfile.mkdtemp(prefix="itertrain-chaos-"))
     # named kills fire early in a launch, so a soak needs about one iteration of work per kill
     iterations = ns.iterations or (3 if ns.ci else max(3, ns.kills))
-    summary = run(ns.kills, ns.seed, ns.nproc, work, ns.ci, iterations, ns.strategy)
+    summary = run(ns.kills, ns.seed, ns.nproc, work, ns.ci, iterations, ns.strategy, ns.lora)
     result = {**asdict(summary), "ok": summary.ok, "workdir": str(work)}
     text = json.dumps(result, indent=2)
     if ns.report:
         Path(ns.report).write_text(text + "\n")
     for launch_ in summary.launches:
         print(f"  kill {launch_.kill:<36} #{launch_.hit} -> exit {launch_.returncode:>4}, resumed at "
-              f"{launch_.resumed_at}, committed before {launch_.committed_before}, {launch_.wall_s}s")
+              f"{launch_.resumed_at}, committed before {launch_.committed_before}, {launch_.wall_s}s"
+              + "".join(f"\n      rejected {r}" for r in launch_.rejected))
     print(f"kills {summary.kills_done}/{summary.kills_requested}, identical iterations "
           f"{summary.identical_iterations}/{summary.total_iterations}, identical data "
           f"{summary.identical_data}/{summary.total_data}, wall {summary.wall_s}s, seed {ns.seed}")

@@ -19,8 +19,16 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from itertrain.artifacts.manifest import recommit
-from itertrain.layout import CONFIG_NAME, GENERATION_CONFIG_NAME, OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME, rng_state_name
+from itertrain.artifacts.manifest import read_manifest, recommit
+from itertrain.layout import (
+    ADAPTER_CONFIG_NAME,
+    CONFIG_NAME,
+    GENERATION_CONFIG_NAME,
+    OPTIMIZER_NAME,
+    SCHEDULER_NAME,
+    TRAINER_STATE_NAME,
+    rng_state_name,
+)
 from itertrain.recovery.discover import IterationModel
 from itertrain.recovery.flags import BASE
 from itertrain.recovery.plan import RecoveryPlan, StateScope
@@ -82,8 +90,11 @@ def shape_mismatch(weights: dict[str, tuple[int, ...]], expected: dict[str, tupl
     return None
 
 
-def repair_iteration_model(model: IterationModel, root: Path, base_model: str, tokenizer_dir: str | None) -> list[str]:
-    """Recreate missing config/tokenizer/generation files from the base model (SPEC §3). Rank 0.
+def repair_iteration_model(model: IterationModel, root: Path, base_model: str, tokenizer_dir: str | None,
+                           lora: dict | None = None) -> list[str]:
+    """Recreate missing config/tokenizer/generation files from the base model (SPEC §3), and a missing
+    adapter_config.json of an adapter-only model from the LoRA settings its manifest recorded (the
+    run's `lora` settings for one written by another tool). Rank 0.
 
     Returns report lines; raises ValueError when the weights do not fit the base architecture.
     """
@@ -94,8 +105,19 @@ def repair_iteration_model(model: IterationModel, root: Path, base_model: str, t
         problem = shape_mismatch(weight_shapes(directory), model_shapes_for_config(base))
         if problem:
             raise ValueError(f"{CONFIG_NAME} is missing and the base model's config does not fit: {problem}")
+    if ADAPTER_CONFIG_NAME in model.missing_aux:
+        from itertrain.lora.files import rebuild_adapter_config
+        from itertrain.lora.links import LORA
+
+        manifest = None if model.foreign else read_manifest(directory)
+        settings = manifest.extra.get(LORA) if manifest is not None else lora
+        if not settings:
+            raise ValueError(f"{ADAPTER_CONFIG_NAME} is missing and no LoRA settings are recorded to recreate it from")
+        rebuild_adapter_config(directory, settings, base)
+        notes.append(f"🔧 created missing {ADAPTER_CONFIG_NAME} in {model.path} from the recorded LoRA settings "
+                     "(tensor shapes checked)")
     tok_src = Path(tokenizer_dir) if tokenizer_dir else base
-    for name in model.missing_aux:
+    for name in (n for n in model.missing_aux if n != ADAPTER_CONFIG_NAME):
         src = (base if name in (CONFIG_NAME, GENERATION_CONFIG_NAME) else tok_src) / name
         if src.exists():
             shutil.copyfile(src, directory / name)

@@ -15,7 +15,16 @@ import zipfile
 from pathlib import Path
 
 from itertrain.artifacts.manifest import Manifest, verify_checksums
-from itertrain.layout import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, TORCH_STATE_FILES, TRAINER_STATE_NAME, Kind
+from itertrain.layout import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_SAFE_WEIGHTS_NAME,
+    CONFIG_NAME,
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    TORCH_STATE_FILES,
+    TRAINER_STATE_NAME,
+    Kind,
+)
 
 _MAX_HEADER = 100 << 20
 
@@ -54,8 +63,10 @@ def weight_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
             raise ValueError(f"sharded weights incomplete: missing {', '.join(missing)}")
     elif (directory / SAFE_WEIGHTS_NAME).exists():
         files = [directory / SAFE_WEIGHTS_NAME]
+    elif (directory / ADAPTER_SAFE_WEIGHTS_NAME).exists():  # a LoRA checkpoint or adapter-only model
+        files = [directory / ADAPTER_SAFE_WEIGHTS_NAME]
     else:
-        raise ValueError("no safetensors weights (model.safetensors or an index)")
+        raise ValueError("no safetensors weights (model.safetensors, an index, or adapter_model.safetensors)")
     shapes: dict[str, tuple[int, ...]] = {}
     for f in files:
         for name, info in safetensors_header(f).items():
@@ -67,6 +78,13 @@ def weight_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
         if absent:
             raise ValueError(f"index names {len(absent)} tensors that no shard holds (e.g. {sorted(absent)[0]})")
     return shapes
+
+
+def holds_adapter_only(directory: Path) -> bool:
+    """A LoRA adapter directory (PEFT's layout): adapter weights and no full model weights."""
+    directory = Path(directory)
+    return (directory / ADAPTER_SAFE_WEIGHTS_NAME).exists() and not (
+        (directory / SAFE_WEIGHTS_NAME).exists() or (directory / SAFE_WEIGHTS_INDEX_NAME).exists())
 
 
 def _torch_archive_problem(path: Path) -> str | None:
@@ -108,11 +126,12 @@ def structural_problems(directory: Path, kind: str) -> list[str]:
             p = _torch_archive_problem(rng)
             if p:
                 problems.append(p)
-    elif (directory / CONFIG_NAME).exists():
-        try:
-            json.loads((directory / CONFIG_NAME).read_text())
-        except (ValueError, OSError) as e:
-            problems.append(f"config.json does not parse: {e}")
+    for name in (CONFIG_NAME, ADAPTER_CONFIG_NAME):
+        if kind != Kind.TRAINER_CHECKPOINT.value and (directory / name).exists():
+            try:
+                json.loads((directory / name).read_text())
+            except (ValueError, OSError) as e:
+                problems.append(f"{name} does not parse: {e}")
     return problems
 
 
