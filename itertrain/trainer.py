@@ -19,11 +19,12 @@ from typing import Any
 
 from transformers import Trainer, TrainerCallback
 
-from itertrain import distributed, faults
+from itertrain import distributed, faults, preemption
 from itertrain.artifacts.manager import CheckpointManager
 from itertrain.errors import ArtifactWriteError, UsageError
 from itertrain.fsutil import describe_library_write_error
 from itertrain.layout import checkpoint_name
+from itertrain.preemption import PreemptionCallback
 
 HOOKED = ("_save_checkpoint", "_save_optimizer_and_scheduler", "_load_from_checkpoint")
 
@@ -96,6 +97,8 @@ def attach(trainer: Any, manager: CheckpointManager) -> Any:
     check_hooks(type(trainer))
     trainer.itertrain_checkpoints = manager
     trainer.add_callback(CommitCallback(manager))
+    if preemption.enabled():
+        trainer.add_callback(PreemptionCallback())  # after CommitCallback: see PreemptionCallback
     return trainer
 
 
@@ -107,10 +110,19 @@ class CommitCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         best = state.best_model_checkpoint
-        self.manager.commit_checkpoint(state.global_step, os.path.basename(best) if best else None)
+        self.manager.commit_checkpoint(state.global_step, os.path.basename(best) if best else None,
+                                       preemption.checkpoint_extra(state.global_step))
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
         if distributed.is_main():
             self.manager.wait()  # the last checkpoint is committed before training returns
         return control
+
+
+def gathered_weights(trainer: Any) -> dict | None:
+    """The whole model's weights when they are sharded across ranks (FSDP, DeepSpeed): a collective,
+    every rank calls it; rank 0 receives the full tensors. None when every rank holds them whole."""
+    if not (getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False)):
+        return None
+    return trainer.accelerator.get_state_dict(trainer.model_wrapped)
