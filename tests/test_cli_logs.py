@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from conftest import FAST_FLAGS, PY, REPO, base_env, itertrain, tree_hash
+from conftest import PY, REPO, base_env, itertrain, tree_hash
 
 pytestmark = pytest.mark.slow  # real processes
 
