@@ -32,21 +32,20 @@ def under_torchrun(env: Any = None) -> bool:
     return "TORCHELASTIC_RESTART_COUNT" in env or "TORCHELASTIC_RUN_ID" in env
 
 
-def restart_count(env: Any = None) -> int:
-    """0 on the first attempt; N after torchrun restarted the worker group N times (--max-restarts)."""
-    env = os.environ if env is None else env
+def _int(name: str, env: Any) -> int:
     try:
-        return int(env.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        return int((os.environ if env is None else env).get(name, "0"))
     except ValueError:
         return 0
+
+
+def restart_count(env: Any = None) -> int:
+    """0 on the first attempt; N after torchrun restarted the worker group N times (--max-restarts)."""
+    return _int("TORCHELASTIC_RESTART_COUNT", env)
 
 
 def max_restarts(env: Any = None) -> int:
-    env = os.environ if env is None else env
-    try:
-        return int(env.get("TORCHELASTIC_MAX_RESTARTS", "0"))
-    except ValueError:
-        return 0
+    return _int("TORCHELASTIC_MAX_RESTARTS", env)
 
 
 def run_id(env: Any = None) -> str:

@@ -2,9 +2,9 @@
 checkpoint is committed at that step -> exit 143 (`PREEMPTED_EXIT_CODE`), one line from rank 0.
 
 How a signal travels:
-1. `install` (main thread, before the process group exists) catches SIGTERM, SIGUSR1 and SIGINT. The
-   C-level handler writes the signal number to a pipe (`signal.set_wakeup_fd`) at once, even while the
-   main thread sits inside a C++ collective where no Python handler can run; a watcher thread reads it.
+1. `install` (main thread, before the process group exists) catches SIGTERM and SIGUSR1. The C-level
+   handler writes the signal number to a pipe (`signal.set_wakeup_fd`) at once, even while the main
+   thread sits inside a C++ collective where no Python handler can run; a watcher thread reads it.
 2. Inside training the watcher only records the request and arms the grace deadline. At every step's
    end `PreemptionCallback` all-reduces one integer (MAX, on itertrain's CPU group), so a signal that
    reached one rank or one node reaches every rank at the same step; HF Trainer then saves through its
@@ -14,8 +14,10 @@ How a signal travels:
    committed, so the watcher stops the process at once: the last committed point is the boundary
    (a regenerated stage is identical, and every artifact commits atomically, so a stop is as safe as
    a kill).
-4. A second stop signal, SIGINT, or the end of `--preemption_grace_s` stops at once; an unfinished
-   checkpoint then has no manifest, and the next launch never uses it.
+4. A second stop signal or the end of `--preemption_grace_s` stops at once; an unfinished checkpoint
+   then has no manifest, and the next launch never uses it. SIGINT (Ctrl-C) keeps Python's own
+   behaviour: KeyboardInterrupt at the next instruction of the main thread, a commit already being
+   written in the background lands before the lock is released, exit 130 (cli.guarded).
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ from itertrain import console, distributed
 from itertrain.errors import PREEMPTED_EXIT_CODE, Preempted
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 # A launcher that forwards the scheduler's signal (torchrun) makes it arrive twice within milliseconds
 # when the scheduler signals every process too (SLURM): that is one request, not a second one.
 DUPLICATE_WINDOW_S = 2.0
@@ -70,7 +71,7 @@ def install(enabled: bool = True, grace_s: float = 25.0) -> None:
     if not enabled or threading.current_thread() is not threading.main_thread():
         return  # signal handlers can only be set on the main thread: the default actions stay
     _state.enabled = True
-    for s in (*STOP_SIGNALS, signal.SIGINT):
+    for s in STOP_SIGNALS:
         signal.signal(s, _handler)
     r, w = os.pipe()
     os.set_blocking(w, False)
@@ -91,8 +92,8 @@ def _watch(fd: int) -> None:
             data = os.read(fd, 64)
         except OSError:
             return
-        for signum in data:
-            if signum in (*STOP_SIGNALS, signal.SIGINT):
+        for signum in data:  # SIGINT's byte comes too (Python's handler is a handler): it is not ours
+            if signum in STOP_SIGNALS:
                 _on_signal(signum)
 
 
@@ -102,7 +103,6 @@ def _reset_in_child() -> None:
         signal.set_wakeup_fd(-1)
         for s in STOP_SIGNALS:
             signal.signal(s, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
     except ValueError:
         pass
 
@@ -110,9 +110,6 @@ def _reset_in_child() -> None:
 def _on_signal(signum: int) -> None:
     with _state.lock:
         name = _name(signum)
-        if signum == signal.SIGINT:
-            stop_now(INTERRUPTED_EXIT_CODE, "interrupted", "SIGINT: stopped at once; every committed artifact is "
-                     f"intact; {RELAUNCH}")
         if _state.signum is not None:
             if time.monotonic() - _state.received_at < DUPLICATE_WINDOW_S:
                 return
