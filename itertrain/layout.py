@@ -54,6 +54,7 @@ DEEPSPEED_LATEST = "latest"  # DeepSpeed's pointer to the global_stepN/ of a che
 
 WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, ADAPTER_SAFE_WEIGHTS_NAME)
 TORCH_STATE_FILES = (OPTIMIZER_NAME, SCHEDULER_NAME)  # torch archives a full restore reads
+OPTIMIZER_FSDP_FULL = "optimizer.bin"  # FSDP FULL_STATE_DICT (HF's default): the whole state, by parameter name
 # Files of an iteration model that can be recreated from the base model when missing (SPEC §3).
 AUX_RE = re.compile(
     r"^(config\.json|generation_config\.json|tokenizer.*|special_tokens_map\.json|vocab\..*|merges\.txt|chat_template.*"
@@ -64,6 +65,15 @@ AUX_RE = re.compile(
 def rng_state_name(rank: int, world_size: int) -> str:
     """The RNG file HF Trainer writes for `rank` (one file on a single process)."""
     return RNG_STATE_SINGLE if world_size <= 1 else f"rng_state_{rank}.pth"
+
+
+def optimizer_file(checkpoint: str | Path) -> Path | None:
+    """The optimizer state file of a checkpoint: `optimizer.pt`, or FSDP FULL_STATE_DICT's
+    `optimizer.bin`; None when the optimizer state is sharded (or missing)."""
+    for name in (OPTIMIZER_NAME, OPTIMIZER_FSDP_FULL):
+        if (Path(checkpoint) / name).exists():
+            return Path(checkpoint) / name
+    return None
 
 
 def fsdp_dirs(checkpoint: str | Path) -> tuple[Path | None, Path | None]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -79,7 +80,8 @@ def test_fsdp_layout_is_discovered_committed_and_its_damage_found_without_runnin
     assert "pytorch_model_fsdp_0/.metadata is missing (the save never finished" in \
         "; ".join(structural_problems(ckpt, "trainer_checkpoint"))
     marker = tmp_path / "ran"
-    torch.save(Payload(marker), ckpt / "pytorch_model_fsdp_0" / ".metadata")  # a .metadata that runs a command
+    with open(ckpt / "pytorch_model_fsdp_0" / ".metadata", "wb") as f:  # a .metadata that would run a command
+        pickle.dump(Payload(marker), f)
     assert "pytorch_model_fsdp_0/.metadata was refused" in "; ".join(structural_problems(ckpt, "trainer_checkpoint"))
     assert not marker.exists()
 
@@ -108,12 +110,19 @@ def test_fsdp_weights_restore_and_moments_carry_on_one_process(made, tmp_path, t
     problems, _ = optimizer_problems(ckpt, model, StateScope.FULL, 1, fsdp=False)
     assert "restores only under --fsdp" in problems[0]  # a full restore needs HF's FSDP path
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5)  # the next iteration's hyperparameters
-    OptimizerMomentsCallback(ckpt).on_train_begin(None, None, None, optimizer=optimizer, model=model)
-    for name, p in model.named_parameters():
-        assert torch.equal(optimizer.state[p]["exp_avg"], full["state"][name]["exp_avg"])
-        assert torch.equal(optimizer.state[p]["exp_avg_sq"], full["state"][name]["exp_avg_sq"])
-    assert optimizer.param_groups[0]["lr"] == 5e-5
+    # FSDP FULL_STATE_DICT (HF's default) writes the whole optimizer state by parameter name instead
+    named = tmp_path / "full" / CKPT
+    named.mkdir(parents=True)
+    torch.save({"state": full["state"], "param_groups": [{"lr": 1e-3, "params": list(full["state"])}]},
+               named / "optimizer.bin")
+    assert optimizer_problems(named, model, StateScope.OPTIMIZER, 1, fsdp=False) == ([], [])
+    for source in (ckpt, named):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=5e-5)  # the next iteration's hyperparameters
+        OptimizerMomentsCallback(source).on_train_begin(None, None, None, optimizer=optimizer, model=model)
+        for name, p in model.named_parameters():
+            assert torch.equal(optimizer.state[p]["exp_avg"], full["state"][name]["exp_avg"])
+            assert torch.equal(optimizer.state[p]["exp_avg_sq"], full["state"][name]["exp_avg_sq"])
+        assert optimizer.param_groups[0]["lr"] == 5e-5
 
 
 def test_moments_carried_from_an_fsdp_checkpoint_equal_the_plain_layout_end_to_end(made, tmp_path, tiny_model,
@@ -216,16 +225,19 @@ def test_fsdp_on_gpus_killed_and_resumed_gives_the_same_iteration_models(tmp_pat
     from safetensors.torch import load_file
 
     nproc = min(2, torch.cuda.device_count())
+    fsdp_config = tmp_path / "fsdp.json"  # FSDP2, checkpoints in the sharded layout (pytorch_model_fsdp_0/, optimizer_0/)
+    fsdp_config.write_text(json.dumps({"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+                                       "state_dict_type": "SHARDED_STATE_DICT"}))
     flags = ["--model_name", str(tiny_model), "--train_file", str(train_file), "--num_iterations", "2",
              "--max_steps", "12", "--save_steps", "4", "--per_device_train_batch_size", "4", "--bf16", "true",
-             "--fsdp", "full_shard auto_wrap", "--fsdp_config", json.dumps({"transformer_layer_cls_to_wrap":
-                                                                            ["LlamaDecoderLayer"], "version": 2}),
+             "--fsdp", "full_shard auto_wrap", "--fsdp_config", str(fsdp_config),
              "--full_determinism", "true", "--disable_tqdm", "true", "--report_to", "none"]
     ref, out = tmp_path / "reference", tmp_path / "exp"
     r = torchrun(*flags, "--output_dir", str(ref), nproc=nproc, timeout=1200)
     assert r.returncode == 0, r.output
     r = torchrun(*flags, "--output_dir", str(out), nproc=nproc, fault="checkpoint.commit=kill#2", timeout=1200)
     assert r.returncode != 0
+    assert (out / "checkpoint-4" / "optimizer_0" / ".metadata").exists()  # HF wrote the sharded layout
     r = torchrun(*flags, "--output_dir", str(out), "--resume_from", "auto", "--resume_from_iteration", "auto",
                  nproc=nproc, timeout=1200)
     assert r.returncode == 0, r.output

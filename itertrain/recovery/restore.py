@@ -23,12 +23,14 @@ from itertrain.artifacts.manifest import recommit
 from itertrain.layout import (
     CONFIG_NAME,
     GENERATION_CONFIG_NAME,
+    OPTIMIZER_FSDP_FULL,
     OPTIMIZER_NAME,
     SCHEDULER_NAME,
     TRAINER_STATE_NAME,
     WEIGHT_FILES,
     deepspeed_step_dir,
     fsdp_dirs,
+    optimizer_file,
     rng_state_name,
 )
 from itertrain.recovery.discover import IterationModel
@@ -160,18 +162,18 @@ def optimizer_state_problems(state: dict, model: torch.nn.Module) -> list[str]:
 
 
 def optimizer_problems(directory: Path, model: torch.nn.Module, scope: StateScope, world_size: int,
-                        fsdp: bool) -> tuple[list[str], list[str]]:
+                       fsdp: bool) -> tuple[list[str], list[str]]:
     """(problems, warnings) of a checkpoint's optimizer state for this model, in the layout it has."""
     from itertrain.recovery import sharded
 
+    whole = optimizer_file(directory)
     _, fsdp_optimizer = fsdp_dirs(directory)
-    if not (directory / OPTIMIZER_NAME).exists() and fsdp_optimizer is not None:
+    under_fsdp = (f"{directory.name} holds FSDP optimizer state, which HF Trainer restores only under --fsdp: "
+                  "resume it with the --fsdp setting it was written with")
+    if whole is None and fsdp_optimizer is not None:
         problems = sharded.dcp_optimizer_problems(fsdp_optimizer, model)  # metadata only, any world size
-        if scope == StateScope.FULL and not fsdp:
-            problems.append(f"{directory.name} holds FSDP-sharded optimizer state, which HF Trainer restores only "
-                            "under --fsdp: resume it with the --fsdp setting it was written with")
-        return problems, []
-    if not (directory / OPTIMIZER_NAME).exists() and deepspeed_step_dir(directory) is not None:
+        return problems + ([under_fsdp] if scope == StateScope.FULL and not fsdp else []), []
+    if whole is None and deepspeed_step_dir(directory) is not None:
         problems = sharded.deepspeed_problems(directory)
         if scope == StateScope.OPTIMIZER:  # DeepSpeed's optimizer files are not weights-only loadable
             return problems, [f"{directory.name} holds DeepSpeed optimizer state, which only DeepSpeed can read: "
@@ -182,12 +184,15 @@ def optimizer_problems(directory: Path, model: torch.nn.Module, scope: StateScop
                             "DeepSpeed restores only the same data-parallel size (convert it to a universal "
                             "checkpoint to change it)")
         return problems, []
+    path = whole or directory / OPTIMIZER_NAME
     try:
-        return optimizer_state_problems(safe_load(directory / OPTIMIZER_NAME), model), []
+        problems = optimizer_state_problems(safe_load(path), model)
     except FileNotFoundError:
         return [f"{OPTIMIZER_NAME} is missing"], []
     except Exception as e:  # noqa: BLE001 - any failure to load is a reason to reject the candidate
-        return [describe_load_error(directory / OPTIMIZER_NAME, e)], []
+        return [describe_load_error(path, e)], []
+    full_fsdp = path.name == OPTIMIZER_FSDP_FULL and scope == StateScope.FULL and not fsdp
+    return problems + ([under_fsdp] if full_fsdp else []), []
 
 
 def probe_state(plan: RecoveryPlan, root: Path, model: torch.nn.Module, rank: int, world_size: int, *,
@@ -244,14 +249,18 @@ class OptimizerMomentsCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, optimizer=None, model=None, **kwargs):
         if optimizer is None:
             return control
-        _, fsdp_optimizer = fsdp_dirs(self.checkpoint_dir)
-        if not (self.checkpoint_dir / OPTIMIZER_NAME).exists():
-            if fsdp_optimizer is not None:  # sharded (FSDP): DCP reshards to this run's layout
-                from itertrain.recovery.sharded import carry_dcp_moments
+        from itertrain.recovery import sharded
 
-                carry_dcp_moments(fsdp_optimizer, model, optimizer)
+        whole = optimizer_file(self.checkpoint_dir)
+        _, fsdp_optimizer = fsdp_dirs(self.checkpoint_dir)
+        if whole is None:
+            if fsdp_optimizer is not None:  # sharded (FSDP): DCP reshards to this run's layout
+                sharded.carry_dcp_moments(fsdp_optimizer, model, optimizer)
             return control  # DeepSpeed: not carried (the plan's report says so)
-        saved = safe_load(self.checkpoint_dir / OPTIMIZER_NAME)
+        if whole.name == OPTIMIZER_FSDP_FULL:  # keyed by parameter name, possibly into a sharded optimizer
+            sharded.carry_named_moments(safe_load(whole), model, optimizer)
+            return control
+        saved = safe_load(whole)
         fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         optimizer.load_state_dict(saved)
         for group, hyper in zip(optimizer.param_groups, fresh):

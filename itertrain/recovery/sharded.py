@@ -229,6 +229,21 @@ def carry_dcp_moments(directory: Path, model: torch.nn.Module, optimizer: Any) -
                                                 "param_groups": fresh["param_groups"]}, options=options)
 
 
+def carry_named_moments(saved: dict, model: torch.nn.Module, optimizer: Any) -> None:
+    """Like `carry_dcp_moments`, from a whole optimizer state keyed by parameter name (FSDP
+    FULL_STATE_DICT's `optimizer.bin`, already loaded weights-only); torch shards it as needed."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=False)
+    fresh = get_optimizer_state_dict(model, optimizer, options=options)
+    set_optimizer_state_dict(model, optimizer, {"state": saved["state"], "param_groups": fresh["param_groups"]},
+                             options=options)
+
+
 # ---- DeepSpeed -----------------------------------------------------------------------------------
 def deepspeed_problems(checkpoint: Path) -> list[str]:
     """Structure of a DeepSpeed checkpoint (`latest` -> `global_stepN/`), without loading a file."""

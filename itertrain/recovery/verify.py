@@ -23,12 +23,12 @@ from itertrain.layout import (
     SAFE_WEIGHTS_INDEX_NAME,
     SAFE_WEIGHTS_NAME,
     SCHEDULER_NAME,
-    TORCH_STATE_FILES,
     TRAINER_STATE_NAME,
     WEIGHT_FILES,
     Kind,
     deepspeed_step_dir,
     fsdp_dirs,
+    optimizer_file,
 )
 
 _MAX_HEADER = 100 << 20
@@ -137,8 +137,9 @@ def _checkpoint_problems(directory: Path) -> list[str]:
     except (ValueError, KeyError, TypeError, OSError) as e:
         problems.append(f"{TRAINER_STATE_NAME} does not parse: {e}")
     archives = list(directory.glob("rng_state*.pth"))
-    if (directory / OPTIMIZER_NAME).exists() or not (fsdp_optimizer or deepspeed):
-        archives += [directory / name for name in TORCH_STATE_FILES]
+    whole = optimizer_file(directory)
+    if whole is not None or not (fsdp_optimizer or deepspeed):
+        archives += [whole or directory / OPTIMIZER_NAME, directory / SCHEDULER_NAME]
     else:  # the optimizer is sharded; HF writes scheduler.pt beside it unless DeepSpeed owns the scheduler
         problems += sharded.dcp_problems(fsdp_optimizer) if fsdp_optimizer else sharded.deepspeed_problems(directory)
         archives += [directory / SCHEDULER_NAME] if fsdp_optimizer or (directory / SCHEDULER_NAME).exists() else []
