@@ -110,6 +110,8 @@ def _reset_in_child() -> None:
 def _on_signal(signum: int) -> None:
     with _state.lock:
         name = _name(signum)
+        if _state.done:  # the stop is complete and committed; this process is on its way out
+            return
         if _state.signum is not None:
             if time.monotonic() - _state.received_at < DUPLICATE_WINDOW_S:
                 return
@@ -192,7 +194,6 @@ def raise_if_stopped(iteration: int, step: int, committed: bool) -> None:
     then neither evaluated nor committed)."""
     if _state.agreed is None:
         return
-    _state.done = True
     where = f"checkpoint-{step} of iteration {iteration} committed" if committed else \
         f"step {step} of iteration {iteration}; the newest committed checkpoint is used"
     raise Preempted(f"{_name(_state.agreed[0])}: stopped at step {step} ({where}); {RELAUNCH} "
@@ -228,7 +229,11 @@ class PreemptionCallback(TrainerCallback):
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
-        agree(state.global_step)  # a signal during the last step's save: every rank takes the same branch
+        if agree(state.global_step):  # a signal during the last step's save: every rank takes the same branch
+            # Every rank leaves only once rank 0 has committed the checkpoint (CommitCallback waited for it):
+            # a rank exiting earlier would make torchrun stop the others, rank 0's commit included.
+            distributed.barrier()
+            _state.done = True
         with _state.lock:
             _state.training = False
             _state.phase = "after training"
