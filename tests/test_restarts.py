@@ -6,12 +6,14 @@ from __future__ import annotations
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import base_env, free_port, torchrun
+from conftest import REPO, base_env, free_port, torchrun
 from jobs import Job, alive, torchrun_cmd
 
 pytestmark = pytest.mark.slow  # real processes: torchrun, training, kills
@@ -83,3 +85,18 @@ def test_workers_die_with_their_torchrun_agent_and_never_block_the_relaunch(tmp_
     assert r.returncode == 0, r.output
     assert "in use by another itertrain run" not in r.output
     assert (out / "iter_1" / "itertrain.manifest.json").exists()
+
+
+def test_a_process_group_init_that_a_rank_never_joins_ends_with_one_line(tmp_path, tiny_model, train_file):
+    """A worker whose peer never comes (rank 1 of 2 is missing) must not wait 30 minutes: after
+    --dist_timeout_s it exits with one line, so that torchrun can restart the group."""
+    out = tmp_path / "exp"
+    env = base_env({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                    "MASTER_PORT": str(free_port()), "TORCHELASTIC_RESTART_COUNT": "1", "TORCHELASTIC_RUN_ID": "t",
+                    "TORCHELASTIC_USE_AGENT_STORE": "False"})
+    r = subprocess.run([sys.executable, str(REPO / "train_iterative.py"), *args(out, tiny_model, train_file),
+                        "--dist_timeout_s", "5"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 1
+    assert r.stderr.count("itertrain: error: process-group init did not finish within --dist_timeout_s=5s (rank 0, "
+                          "restart 1)") == 1, r.stderr
+    assert "Traceback" not in r.stderr and not out.exists()
