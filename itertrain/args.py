@@ -153,6 +153,41 @@ class LoraArguments:
 
 
 @dataclass
+class DistributedArguments:
+    _argument_group_name = "preemption and distributed (torchrun)"
+
+    preemption: bool = field(
+        default=True,
+        metadata={"help": "On SIGTERM or SIGUSR1 every rank agrees at the next step, a checkpoint is committed at "
+                          "that step and the run exits 143 (outside training it stops at once, at the last committed "
+                          "point). A second SIGTERM or SIGINT stops at once."},
+    )
+    preemption_grace_s: float = field(
+        default=25.0,
+        metadata={"help": "Seconds the preemption checkpoint may take; past them the run exits and the unfinished "
+                          "checkpoint is never used. Keep it below the launcher's kill delay (torchrun, SLURM and "
+                          "Kubernetes: 30 s)."},
+    )
+    dist_timeout_s: float = field(
+        default=300.0,
+        metadata={"help": "Process-group init and every training collective: a rank or node that does not answer "
+                          "within this stops the run (replaces HF's --ddp_timeout, which itertrain does not use)."},
+    )
+    dist_io_timeout_s: float = field(
+        default=1800.0,
+        metadata={"help": "itertrain's own collectives, where the other ranks wait while rank 0 alone verifies, "
+                          "writes or hashes an artifact."},
+    )
+
+    def __post_init__(self) -> None:
+        from itertrain.errors import UsageError
+
+        for name in ("preemption_grace_s", "dist_timeout_s", "dist_io_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise UsageError(f"--{name} {getattr(self, name)}: must be a positive number of seconds")
+
+
+@dataclass
 class RunConfig:
     """Everything one launch needs, parsed and validated."""
 
@@ -164,6 +199,7 @@ class RunConfig:
     strategy_args: Any = None  # the strategy's own arguments dataclass, when it declares one
     argv: list[str] = field(default_factory=list)
     lora: LoraArguments = field(default_factory=LoraArguments)
+    dist: DistributedArguments = field(default_factory=DistributedArguments)
 
     @property
     def output_dir(self) -> Path:
@@ -172,7 +208,7 @@ class RunConfig:
     def groups(self) -> list[Any]:
         """The argument dataclasses, itertrain's first."""
         extra = [self.strategy_args] if self.strategy_args is not None else []
-        return [self.model, self.loop, self.generation, self.recovery, self.lora, *extra, self.training]
+        return [self.model, self.loop, self.generation, self.recovery, self.lora, self.dist, *extra, self.training]
 
     def recovery_flags(self) -> RecoveryFlags:
         return RecoveryFlags(
@@ -185,7 +221,8 @@ class RunConfig:
         )
 
 
-ARGUMENT_GROUPS = (RecoveryArguments, ModelArguments, LoopArguments, GenerationArguments, LoraArguments)
+ARGUMENT_GROUPS = (RecoveryArguments, ModelArguments, LoopArguments, GenerationArguments, LoraArguments,
+                   DistributedArguments)
 
 
 def dataclass_dict(obj: Any) -> dict[str, Any]:

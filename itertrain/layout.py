@@ -48,10 +48,13 @@ TRAINING_ARGS_NAME = "training_args.bin"
 RNG_STATE_SINGLE = "rng_state.pth"
 FSDP_MODEL_PREFIX = "pytorch_model_fsdp"  # FSDP SHARDED_STATE_DICT: pytorch_model_fsdp_0/ (DCP)
 FSDP_OPTIMIZER_PREFIX = "optimizer"  # FSDP SHARDED_STATE_DICT: optimizer_0/ (DCP)
+FSDP_DIR_RE = re.compile(rf"^({FSDP_MODEL_PREFIX}|{FSDP_OPTIMIZER_PREFIX})_[0-9]+$")
 DEEPSPEED_STEP_RE = re.compile(r"^global_step[0-9]+$")
+DEEPSPEED_LATEST = "latest"  # DeepSpeed's pointer to the global_stepN/ of a checkpoint
 
 WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, ADAPTER_SAFE_WEIGHTS_NAME)
 TORCH_STATE_FILES = (OPTIMIZER_NAME, SCHEDULER_NAME)  # torch archives a full restore reads
+OPTIMIZER_FSDP_FULL = "optimizer.bin"  # FSDP FULL_STATE_DICT (HF's default): the whole state, by parameter name
 # Files of an iteration model that can be recreated from the base model when missing (SPEC §3).
 AUX_RE = re.compile(
     r"^(config\.json|generation_config\.json|tokenizer.*|special_tokens_map\.json|vocab\..*|merges\.txt|chat_template.*"
@@ -62,6 +65,39 @@ AUX_RE = re.compile(
 def rng_state_name(rank: int, world_size: int) -> str:
     """The RNG file HF Trainer writes for `rank` (one file on a single process)."""
     return RNG_STATE_SINGLE if world_size <= 1 else f"rng_state_{rank}.pth"
+
+
+def optimizer_file(checkpoint: str | Path) -> Path | None:
+    """The optimizer state file of a checkpoint: `optimizer.pt`, or FSDP FULL_STATE_DICT's
+    `optimizer.bin`; None when the optimizer state is sharded (or missing)."""
+    for name in (OPTIMIZER_NAME, OPTIMIZER_FSDP_FULL):
+        if (Path(checkpoint) / name).exists():
+            return Path(checkpoint) / name
+    return None
+
+
+def fsdp_dirs(checkpoint: str | Path) -> tuple[Path | None, Path | None]:
+    """(sharded weights, sharded optimizer) directories of a checkpoint HF wrote under FSDP with
+    SHARDED_STATE_DICT (`pytorch_model_fsdp_0/`, `optimizer_0/`), None where absent."""
+    found: dict[str, Path] = {}
+    for e in _entries(str(checkpoint)):
+        if _is_dir(e) and (m := FSDP_DIR_RE.match(e.name)):
+            found.setdefault(m.group(1), Path(checkpoint) / e.name)
+    return found.get(FSDP_MODEL_PREFIX), found.get(FSDP_OPTIMIZER_PREFIX)
+
+
+def deepspeed_step_dir(checkpoint: str | Path) -> Path | None:
+    """The `global_stepN/` of a checkpoint HF wrote under DeepSpeed: the one `latest` names (DeepSpeed
+    writes it after every file), else the only one there is."""
+    checkpoint = Path(checkpoint)
+    try:
+        tag = (checkpoint / DEEPSPEED_LATEST).read_text().strip()
+    except OSError:
+        tag = None
+    if tag is not None:
+        return checkpoint / tag if DEEPSPEED_STEP_RE.match(tag) and (checkpoint / tag).is_dir() else None
+    steps = [Path(checkpoint) / e.name for e in _entries(str(checkpoint)) if _is_dir(e) and DEEPSPEED_STEP_RE.match(e.name)]
+    return steps[0] if len(steps) == 1 else None
 
 
 class Kind(str, Enum):

@@ -17,26 +17,28 @@ import time
 from pathlib import Path
 from typing import Any
 
-from itertrain import distributed, faults
+from itertrain import distributed, faults, launcher, preemption
 from itertrain.args import RunConfig
 from itertrain.artifacts.manager import CheckpointConfig, CheckpointManager
 from itertrain.artifacts.manifest import fingerprint
 from itertrain.artifacts.retention import RetentionPolicy
-from itertrain.errors import ArtifactWriteError, TrainingFailed, UsageError
+from itertrain.errors import ArtifactWriteError, ItertrainError, TrainingFailed, UsageError
 from itertrain.experiment import DEFINING, check_resume, load_record, record_iteration
 from itertrain.fsutil import describe_library_write_error
+from itertrain.layout import MANIFEST_NAME, checkpoint_name
 from itertrain.lock import RunLock
 from itertrain.lora import ADAPTER, MERGED, settings_of
 from itertrain.lora.links import LORA, base_dir, lora_lineage
 from itertrain.lora.model import IterationModelSaver, load_iteration_model
 from itertrain.metrics import IterationLossCallback, MetricsLog, TensorBoardCallback, tensorboard_dir
-from itertrain.recovery.flags import AUTO, BASE
+from itertrain.recovery.flags import AUTO, BASE, RecoveryFlags
 from itertrain.recovery.plan import Mode, RecoveryPlan, StateScope
 from itertrain.recovery.prepare import check_writes, hyperparameters, prepare_output_dir, print_report, resume_changes
 from itertrain.recovery.resolve import LoadOptions, Resolved, resolve, restored_lineage
 from itertrain.recovery.restore import OptimizerMomentsCallback
+from itertrain.shared_dir import check_same_output_dir
 from itertrain.strategies import ModelSource, Strategy, StrategyContext, load_strategy
-from itertrain.trainer import FaultPointCallback, attach, with_recovery_hooks
+from itertrain.trainer import FaultPointCallback, attach, gathered_weights, with_recovery_hooks
 
 
 def say(msg: str) -> None:
@@ -49,7 +51,7 @@ def run_experiment(cfg: RunConfig) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-file load/save bars; the training bar stays
-    distributed.init()
+    distributed.init(cfg.dist.dist_timeout_s, cfg.dist.dist_io_timeout_s)  # done already when launched by the CLI
     root = cfg.output_dir
     tokenizer = _load_tokenizer(cfg)  # a bad tokenizer is a usage error: found before anything is written
     manager = CheckpointManager(CheckpointConfig(
@@ -62,14 +64,16 @@ def run_experiment(cfg: RunConfig) -> int:
     strategy_cls = load_strategy(cfg.loop.strategy)
     ctx = StrategyContext(cfg, root, tokenizer, commit_data=manager.commit_data, move_aside=manager.move_aside)
     strategy = strategy_cls(ctx)
+    check_same_output_dir(root)  # a node-local output dir: exit 2, before the lock or anything is written
     lock = RunLock(root)
     distributed.run_on_main(lock.acquire)
     wrote = False
     try:
         record = distributed.run_on_main(load_record, root)
+        flags, restart_notes = launch_flags(cfg, record)
         opts = LoadOptions(cfg.model.model_name, cfg.model.tokenizer_name, cfg.model.model_dtype,
                            cfg.model.trust_remote_code, settings_of(cfg.lora) if cfg.lora.use_peft else None,
-                           cfg.training.seed)
+                           cfg.training.seed, deepspeed=bool(cfg.training.deepspeed), fsdp=bool(cfg.training.fsdp))
         defining = (*DEFINING, *strategy_cls.defining_fields)
         config_warnings: list[str] = []
 
@@ -95,7 +99,8 @@ def run_experiment(cfg: RunConfig) -> int:
                 source = plan_source(ctx, plan, restored)
                 distributed.run_on_main(strategy.check_restored, plan.iteration, source, restored, plan.state_from)
 
-        resolved = resolve(root, cfg.recovery_flags(), record, opts, before_load=before_load)
+        resolved = resolve(root, flags, record, opts, before_load=before_load)
+        resolved.notes[:0] = restart_notes
         plan = resolved.plan
         distributed.run_on_main(print_report, resolved, cfg, config_warnings)
         if plan.mode == Mode.COMPLETE:
@@ -121,6 +126,22 @@ def run_experiment(cfg: RunConfig) -> int:
             manager.close()  # a background commit finishes before the lock goes (SPEC §3)
             lock.release(restore=not wrote)
 
+
+
+def launch_flags(cfg: RunConfig, record: dict) -> tuple[RecoveryFlags, list[str]]:
+    """The recovery flags of this launch, and a report line when torchrun restarted it: a restarted
+    worker continues its launch as auto/auto would (see `launcher.continues_earlier_attempt`)."""
+    flags = cfg.recovery_flags()
+    n = launcher.restart_count()
+    if n < 1:
+        return flags, []
+    of = f" of {launcher.max_restarts()}" if launcher.max_restarts() else ""
+    if not launcher.continues_earlier_attempt(record):
+        return flags, [f"🔁 torchrun restart {n}{of}: no earlier attempt of this launch got to train, so the "
+                       "command line's recovery flags apply as written"]
+    auto = RecoveryFlags(AUTO, AUTO, False, cfg.loop.num_iterations, cfg.loop.iteration_init)
+    return auto, [f"🔁 torchrun restart {n}{of}: continuing this launch as --resume_from auto "
+                  "--resume_from_iteration auto (unattended recovery)"]
 
 
 def _load_tokenizer(cfg: RunConfig):
@@ -239,11 +260,13 @@ def run_iteration(ctx: StrategyContext, strategy: Strategy, manager: CheckpointM
     gen_stats: dict[str, Any] = {}
     if strategy.generates(k):
         say(f"🔁 iteration {k + 1}/{n} (iter_{k}) · stage: generate")
+        preemption.set_phase(f"generate (iteration {k})")
         faults.point("stage.generate")
         gen_stats = strategy.generate(k, source) or {}
 
     say(f"🔁 iteration {k + 1}/{n} (iter_{k}) · stage: train"
         + (f" (continuing at step {plan.step})" if plan.step else ""))
+    preemption.set_phase(f"the set-up of training (iteration {k})")
     faults.point("stage.train")
     weights_id = fingerprint(root / plan.weights_from) if plan.weights_from != BASE else "base"
     lora = distributed.run_on_main(lora_lineage, cfg, plan, root)
@@ -267,17 +290,22 @@ def run_iteration(ctx: StrategyContext, strategy: Strategy, manager: CheckpointM
             training_loss = iteration_train_loss(finished, float("nan"))
         else:
             training_loss = trainer.train(resume_from_checkpoint=resume).training_loss
-    except ArtifactWriteError:
+    except ItertrainError:
         raise
     except Exception as e:  # noqa: BLE001 - a failed write inside a library, or training itself failed
         message = describe_library_write_error(e, root)
         if message is not None:
             raise ArtifactWriteError(f"training of iteration {k} failed while writing: {message}") from e
+        if distributed.is_comm_error(e):
+            raise distributed.lost_contact(e, f"training iteration {k}", cfg.dist.dist_timeout_s) from e
         if isinstance(e, RuntimeError):
             raise TrainingFailed(f"training of iteration {k} failed: {str(e).splitlines()[0] if str(e) else e}") from e
         raise
+    step = trainer.state.global_step
+    preemption.raise_if_stopped(k, step, (root / checkpoint_name(step) / MANIFEST_NAME).exists())
 
     say(f"🔁 iteration {k + 1}/{n} (iter_{k}) · stage: evaluate")
+    preemption.set_phase(f"evaluate (iteration {k})")
     faults.point("stage.evaluate")
     results: dict[str, Any] = {"iteration": k, "train_loss": iteration_train_loss(trainer.state, training_loss),
                                "steps": trainer.state.global_step}
@@ -290,6 +318,7 @@ def run_iteration(ctx: StrategyContext, strategy: Strategy, manager: CheckpointM
     results["wall_time_s"] = round(time.time() - started, 2)
 
     say(f"🔁 iteration {k + 1}/{n} (iter_{k}) · stage: commit")
+    preemption.set_phase(f"commit (iteration {k})")
     faults.point("stage.commit")
     model = trainer.model
     if plan.lora:  # the merged model, or the adapter only with the reference to its base model
@@ -298,6 +327,7 @@ def run_iteration(ctx: StrategyContext, strategy: Strategy, manager: CheckpointM
         model, ctx.tokenizer, k, trainer.state.global_step, last=k + 1 >= n,
         max_shard_size=cfg.model.max_shard_size, metrics=results, replaces=resolved.replaces,
         extra=lora if plan.lora == ADAPTER else {LORA: lora[LORA]} if lora else None,
+        state_dict=gathered_weights(trainer),
     )
     if metrics is not None:
         metrics.rebuild()

@@ -20,11 +20,12 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
-from itertrain import distributed, faults
+from itertrain import distributed, faults, preemption
 from itertrain.artifacts.manager import CheckpointManager
 from itertrain.errors import ArtifactWriteError, UsageError
 from itertrain.fsutil import describe_library_write_error
 from itertrain.layout import checkpoint_name
+from itertrain.preemption import PreemptionCallback
 
 HOOKED = ("_save_checkpoint", "_save_optimizer_and_scheduler", "_load_from_checkpoint")
 
@@ -120,6 +121,8 @@ def attach(trainer: Any, manager: CheckpointManager) -> Any:
     check_hooks(type(trainer))
     trainer.itertrain_checkpoints = manager
     trainer.add_callback(CommitCallback(manager))
+    if preemption.enabled():
+        trainer.add_callback(PreemptionCallback())  # after CommitCallback: see PreemptionCallback
     return trainer
 
 
@@ -131,7 +134,8 @@ class CommitCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         best = state.best_model_checkpoint
-        self.manager.commit_checkpoint(state.global_step, os.path.basename(best) if best else None)
+        self.manager.commit_checkpoint(state.global_step, os.path.basename(best) if best else None,
+                                       preemption.checkpoint_extra(state.global_step))
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -146,3 +150,11 @@ class FaultPointCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         faults.point("train.step")
         return control
+
+
+def gathered_weights(trainer: Any) -> dict | None:
+    """The whole model's weights when they are sharded across ranks (FSDP, DeepSpeed): a collective,
+    every rank calls it; rank 0 receives the full tensors. None when every rank holds them whole."""
+    if not (getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False)):
+        return None
+    return trainer.accelerator.get_state_dict(trainer.model_wrapped)

@@ -122,31 +122,37 @@ class CheckpointManager:
                 return
         self.move_aside([target.name])
 
-    def commit_checkpoint(self, step: int, best: str | None = None) -> None:
+    def commit_checkpoint(self, step: int, best: str | None = None, extra: dict[str, Any] | None = None) -> None:
         """After HF saved `checkpoint-step` on every rank: manifest (rank 0), then retention. With
         async_commit the manifest work runs on a thread; the checkpoint counts as committed only when
-        its manifest lands, so a crash before that leaves it torn and the previous one is used."""
+        its manifest lands, so a crash before that leaves it torn and the previous one is used.
+        `extra`: recorded in the manifest (e.g. that this is a preemption checkpoint)."""
         distributed.barrier()  # every rank's files are on disk
-        if not distributed.is_main():
-            return
-        directory = self.root / checkpoint_name(step)
-        iteration = self.iteration
-        protect = frozenset({directory.name} | ({Path(best).name} if best else set()))
+        if distributed.is_main():
+            directory = self.root / checkpoint_name(step)
+            iteration = self.iteration
+            protect = frozenset({directory.name} | ({Path(best).name} if best else set()))
 
-        def retain(_: Manifest) -> None:
-            self._apply_retention(Event.CHECKPOINT_COMMITTED, iteration, protect)
+            def retain(_: Manifest) -> None:
+                self._apply_retention(Event.CHECKPOINT_COMMITTED, iteration, protect)
 
-        self.worker.submit(CommitJob(directory, Kind.TRAINER_CHECKPOINT, iteration, step, dict(self.lineage),
-                                     before=lambda: faults.point("checkpoint.commit"), after=retain))
+            self.worker.submit(CommitJob(directory, Kind.TRAINER_CHECKPOINT, iteration, step, dict(self.lineage),
+                                         dict(extra or {}), before=lambda: faults.point("checkpoint.commit"),
+                                         after=retain))
+        if not self.config.async_commit:
+            # Rank 0 hashed every file inline: the others wait here, on itertrain's long-timeout group,
+            # rather than in training's next collective (whose timeout is meant for training steps).
+            distributed.barrier()
 
     # ---- iteration models --------------------------------------------------------------------------
     def commit_iteration_model(self, model, tokenizer, iteration: int, step: int, *, last: bool,
                                max_shard_size: str, metrics: dict[str, Any], replaces: frozenset[str] = frozenset(),
-                               extra: dict[str, Any] | None = None) -> None:
+                               extra: dict[str, Any] | None = None, state_dict: dict | None = None) -> None:
         """Write iter_K (rank 0), commit it, then retire iteration K's checkpoints. All ranks call.
 
         `replaces`: an existing iter_K this launch rejected (corrupt): it moves to superseded/ first.
-        Any other existing iter_K is committed work, and is never overwritten."""
+        Any other existing iter_K is committed work, and is never overwritten. `state_dict`: the whole
+        weights when the model is sharded across ranks (gathered beforehand by every rank)."""
         def write() -> None:
             self.wait()
             directory = self.root / iteration_name(iteration)
@@ -158,7 +164,7 @@ class CheckpointManager:
                 self.move_aside([directory.name])
             if (directory / MANIFEST_NAME).exists():
                 raise ArtifactWriteError(f"{directory} is already committed; refusing to overwrite it")
-            write_iteration_model(model, tokenizer, directory, max_shard_size=max_shard_size)
+            write_iteration_model(model, tokenizer, directory, max_shard_size=max_shard_size, state_dict=state_dict)
             self.worker.commit(CommitJob(directory, Kind.ITERATION_MODEL, iteration, step, dict(self.lineage),
                                          {"metrics": metrics, KEPT_CHECKPOINTS: keep, **(extra or {})}))
             for name in rescued:  # back where they were: the carry for iteration K+1, or the user's kept ones

@@ -24,7 +24,7 @@ from itertrain.recovery.flags import BASE, RecoveryFlags
 from itertrain.recovery.plan import Mode, RecoveryPlan, StateScope
 from itertrain.recovery.restore import (
     describe_load_error,
-    load_model,
+    load_weights,
     probe_state,
     repair_iteration_model,
     weights_dir,
@@ -60,6 +60,8 @@ class LoadOptions:
     trust_remote_code: bool
     lora: dict[str, Any] | None = None  # --use_peft: the run's LoRA settings (itertrain.lora.settings_of)
     seed: int = 0  # --seed: a fresh adapter of iteration K is drawn from seed + K
+    deepspeed: bool = False  # DeepSpeed restores weights that only its own files hold
+    fsdp: bool = False  # HF restores FSDP-sharded optimizer state only under --fsdp
 
 
 def _kind_of(inv: Inventory, rel: str) -> tuple[str, Any]:
@@ -162,7 +164,7 @@ def _load_weights(root: Path, plan: RecoveryPlan, opts: LoadOptions) -> tuple[An
         return None, {key: f"{directory.name} holds a LoRA adapter only, not full model weights: run with --use_peft "
                            "(and the --iteration_model it was trained with)"}
     try:
-        return load_model(directory, opts.dtype, opts.trust_remote_code), {}
+        return load_weights(directory, opts.base_model, opts.dtype, opts.trust_remote_code, deepspeed=opts.deepspeed), {}
     except Exception as e:  # noqa: BLE001 - any load failure rejects the candidate
         return None, {key: where + describe_load_error(Path(directory), e)}
 
@@ -172,7 +174,7 @@ def load_and_probe(root: Path, plan: RecoveryPlan, opts: LoadOptions) -> tuple[A
     model, failures = _load_weights(root, plan, opts)
     if failures:
         return None, failures, []
-    problems, warnings = probe_state(plan, root, model, distributed.rank(), distributed.world_size())
+    problems, warnings = probe_state(plan, root, model, distributed.rank(), distributed.world_size(), fsdp=opts.fsdp)
     if problems:
         assert plan.state_from is not None
         failures[plan.state_from] = f"rank {distributed.rank()}: " + "; ".join(problems)
@@ -182,13 +184,26 @@ def load_and_probe(root: Path, plan: RecoveryPlan, opts: LoadOptions) -> tuple[A
 def restored_lineage(root: Path, plan: RecoveryPlan) -> dict | None:
     """The lineage a checkpoint restored in full recorded (what its iteration started from); None when
     the plan restores no checkpoint in full, {} for one without a manifest."""
+    return _restored(root, plan)[0]
+
+
+def _restored(root: Path, plan: RecoveryPlan) -> tuple[dict | None, list[str]]:
+    """(lineage of the checkpoint restored in full, report lines about it): the lineage says what its
+    iteration started with; a preemption checkpoint is named as one."""
     if plan.state_scope != StateScope.FULL or not plan.state_from:
-        return None
+        return None, []
     try:
         manifest = read_manifest(root / plan.state_from)
     except ManifestError:
-        return None
-    return dict(manifest.lineage) if manifest is not None else {}
+        return None, []
+    if manifest is None:
+        return {}, []
+    notes = []
+    stop = manifest.extra.get("preemption")
+    if isinstance(stop, dict):
+        notes.append(f"⏸️  {plan.state_from} is a preemption checkpoint ({stop.get('signal')} at step {stop.get('step')}, "
+                     f"{stop.get('time')}): the run stopped there and continues from it")
+    return dict(manifest.lineage), notes
 
 
 def resolve(
@@ -227,7 +242,8 @@ def resolve(
         if not failures:
             all_warnings = sorted({w for _, ws in outcomes for w in ws})
             plan = dataclasses.replace(plan, warnings=plan.warnings + tuple(all_warnings))
-            return Resolved(plan, inv, model, notes, distributed.run_on_main(restored_lineage, root, plan))
+            restored, restored_notes = distributed.run_on_main(_restored, root, plan)
+            return Resolved(plan, inv, model, notes + restored_notes, restored)
         if BASE in failures:
             raise RecoveryRefused(f"the base model {opts.base_model} cannot be loaded: {failures[BASE]}")
         del model
