@@ -294,6 +294,9 @@ def validate(cfg: RunConfig) -> None:
             "variant saves on each rank alone, commits nothing, and lets the interrupted iteration be committed "
             "as complete"
         )
+    if cfg.lora.use_peft and (t.fsdp or t.deepspeed):
+        raise UsageError("--use_peft with --fsdp or --deepspeed is not supported: itertrain writes a LoRA iteration "
+                         "model from the whole PEFT model on rank 0. Train LoRA with plain DDP (drop --fsdp/--deepspeed)")
     check_sharding(["--fsdp", " ".join(map(str, t.fsdp or [])), "--use_cpu", str(t.use_cpu)])
     check_report_to(t.report_to)
     check_launcher(os.environ)
