@@ -2,7 +2,8 @@
 """The kill-and-relaunch half of the lower-bound check (scripts/check_lowest.sh runs it in .venv-lowest).
 
 itertrain overrides private HF Trainer methods, so the lowest declared versions must do a real recovery:
-a 2-iteration, 2-rank sft run under torchrun (full fine-tuning, then LoRA adapters) is SIGKILLed inside a checkpoint save of iteration 0, relaunched
+a 2-iteration, 2-rank sft run under torchrun (full fine-tuning, then LoRA adapters) is SIGKILLed inside a
+checkpoint save of iteration 0, relaunched
 with `--resume_from auto --resume_from_iteration auto`, SIGKILLed again inside iteration 1's first save,
 and relaunched again. It must finish, `itertrain verify` must exit 0, and iter_0 and iter_1 must equal,
 byte for byte, those of an uninterrupted run in the same environment; TensorBoard events and `itertrain plot`
