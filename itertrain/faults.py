@@ -9,7 +9,8 @@ environment variable ITERTRAIN_FAULT arms points, comma-separated:
 ACTION is `kill` (SIGKILL the whole job at once: the torchrun agent and every rank, like a node dying),
 `kill_self` (SIGKILL this process only), `enospc` / `eio` / `erofs` (raise that OSError, as a full
 disk, a failing device or a file system remounted read-only would), `sleep:SECONDS` (hold this
-moment open, for tests that act while it lasts). HIT (default 1) fires on the HIT-th time the point is reached in this
+moment open, for tests that act while it lasts), `hold:PATH` (hold it until the file PATH exists, at most
+10 minutes: the test releases it when it is done). HIT (default 1) fires on the HIT-th time the point is reached in this
 process; RANK (default any) restricts it to one rank. Example:
 `ITERTRAIN_FAULT=checkpoint.optimizer=kill#2@1`.
 """
@@ -80,6 +81,10 @@ def point(name: str) -> None:
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), name)
         elif f.action.startswith("sleep:"):
             time.sleep(float(f.action.split(":", 1)[1]))
+        elif f.action.startswith("hold:"):
+            release, deadline = f.action.split(":", 1)[1], time.monotonic() + 600
+            while not os.path.exists(release) and time.monotonic() < deadline:
+                time.sleep(0.05)
         else:
             raise ValueError(f"{ENV}: unknown action {f.action!r} for point {name!r}")
 

@@ -194,8 +194,9 @@ def launch(args: list[str], out: Path, nproc: int, fault: str | None, timer: flo
     return rc, rc != 0 and fault is not None
 
 
-def committed_point(out: Path) -> tuple[int, int]:
-    """Newest committed progress: (iteration, step) a correct resume must not fall behind."""
+def committed_point(out: Path, damaged: frozenset[str] = frozenset()) -> tuple[int, int]:
+    """Newest committed progress: (iteration, step) a correct resume must not fall behind. `damaged`:
+    checkpoints the harness itself damaged, which a correct resume falls back past."""
     from itertrain.recovery.discover import Status, discover
 
     if not out.exists():
@@ -206,7 +207,7 @@ def committed_point(out: Path) -> tuple[int, int]:
         if m.status == Status.COMMITTED:
             best = max(best, (m.iteration + 1, 0))
     for c in inv.checkpoints:
-        if c.status == Status.COMMITTED:
+        if c.status == Status.COMMITTED and c.path not in damaged:
             best = max(best, (c.iteration, c.step))
     return best
 
@@ -295,10 +296,11 @@ def run(kills: int, seed: int, nproc: int, work: Path, ci: bool, iterations: int
     per_iteration_s = (reference_s - startup_s) / iterations
     rng = random.Random(seed)
     seen: set[str] = set()
+    damaged: set[str] = set()
     plan = schedule(kills, seed, ci, strategy, lora)
     with open(work / "chaos.log", "w") as log:
         for i, (point, hit, *after) in enumerate([*plan, ("none", 0)]):
-            before = committed_point(out)
+            before = committed_point(out, frozenset(damaged))
             fault = f"{point}=kill#{hit}" if point not in ("timer", "none") else None
             timer = startup_s + rng.uniform(0.0, 2.0) * per_iteration_s if point == "timer" else None
             log.write(f"\n===== launch {i}: kill at {point}#{hit} timer={timer} =====\n")
@@ -309,7 +311,9 @@ def run(kills: int, seed: int, nproc: int, work: Path, ci: bool, iterations: int
             summary.launches.append(Launch(point, hit, round(timer or 0, 2), rc, killed, at, rejected, before,
                                            round(time.time() - t, 2)))
             if CORRUPT in after and killed:
-                log.write(f"\n===== damaged the adapter of {corrupt_newest_adapter(out)} =====\n")
+                hit_path = corrupt_newest_adapter(out)
+                damaged.add(hit_path or "")
+                log.write(f"\n===== damaged the adapter of {hit_path} =====\n")
             summary.kills_done += killed
             if at is not None and at < before:
                 summary.progress_ok = False

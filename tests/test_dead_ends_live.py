@@ -51,9 +51,10 @@ def status_json(out: Path) -> dict:
 def test_ctrl_c_during_a_background_commit_keeps_the_lock_until_the_commit_lands(tmp_path, sft_args):
     out = tmp_path / "exp"
     args = sft_args(out, "--async_commit", "true")
-    # checkpoint-4's manifest is written on the commit thread, which is held open here for 90 s (long
-    # enough for two `itertrain status` runs on a loaded machine)
-    proc = spawn(args, tmp_path / "logs", "manifest.trainer_checkpoint.before=sleep:90#1")
+    # checkpoint-4's manifest is written on the commit thread, which is held open here until the test
+    # has looked (the release file)
+    release = tmp_path / "release"
+    proc = spawn(args, tmp_path / "logs", f"manifest.trainer_checkpoint.before=hold:{release}#1")
     try:
         wait_for(lambda: (out / "checkpoint-4" / "trainer_state.json").exists(), proc)
         during = status_json(out)
@@ -63,8 +64,9 @@ def test_ctrl_c_during_a_background_commit_keeps_the_lock_until_the_commit_lands
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C
         # interrupted, but the commit is still being written: the lock is still held
         after = status_json(out)
-        assert not committed(out / "checkpoint-4"), "the sleep ended before the check: too slow a machine"
+        assert not committed(out / "checkpoint-4")
         assert after["live_run"]["pid"] == proc.pid
+        release.touch()  # the commit lands, then the run exits
         assert proc.wait(timeout=240) == 130
     finally:
         if proc.poll() is None:
@@ -83,9 +85,10 @@ def test_ctrl_c_during_a_background_commit_keeps_the_lock_until_the_commit_lands
 # ---- item 12 -------------------------------------------------------------------------------------
 def test_status_and_verify_during_a_live_run_name_the_holder_and_show_the_save_in_progress(tmp_path, sft_args):
     out = tmp_path / "exp"
-    # inside the save of checkpoint-8: its weights are written, its optimizer is not yet (held for 150 s:
-    # four tool runs on a loaded 2-core machine take ~20 s each)
-    proc = spawn(sft_args(out), tmp_path / "logs", "checkpoint.optimizer=sleep:150#2")
+    # inside the save of checkpoint-8: its weights are written, its optimizer is not yet (held until the
+    # tools have looked: the release file)
+    release = tmp_path / "release"
+    proc = spawn(sft_args(out), tmp_path / "logs", f"checkpoint.optimizer=hold:{release}#2")
     try:
         wait_for(lambda: (out / "checkpoint-8" / "model.safetensors").exists(), proc)
         started = json.loads((out / ".itertrain.lock").read_text())["started"]
@@ -101,7 +104,8 @@ def test_status_and_verify_during_a_live_run_name_the_holder_and_show_the_save_i
         for command in ("status", "verify"):
             j = json.loads(itertrain(command, str(out), "--json").stdout)
             assert j["live_run"] == {"pid": proc.pid, "host": HOST, "started": started}, command
-        assert not committed(out / "checkpoint-8"), "the sleep ended before the checks: too slow a machine"
+        assert not committed(out / "checkpoint-8")
+        release.touch()
         assert proc.wait(timeout=300) == 0  # the tools never disturbed the run
     finally:
         if proc.poll() is None:
