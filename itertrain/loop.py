@@ -52,7 +52,8 @@ def run_experiment(cfg: RunConfig) -> int:
         output_dir=root,
         retention=RetentionPolicy(cfg.training.save_total_limit, cfg.loop.keep_iteration_checkpoints,
                                   carry_optimizer=cfg.loop.iteration_init == "previous"),
-        fsync=cfg.loop.fsync, async_commit=cfg.loop.async_commit, world_size=distributed.world_size(),
+        fsync=cfg.loop.fsync, async_commit=cfg.loop.async_commit, async_save=cfg.loop.async_save,
+        world_size=distributed.world_size(),
     ))
     strategy_cls = load_strategy(cfg.loop.strategy)
     ctx = StrategyContext(cfg, root, tokenizer, commit_data=manager.commit_data, move_aside=manager.move_aside)
@@ -101,8 +102,8 @@ def run_experiment(cfg: RunConfig) -> int:
         say(f"✅ experiment complete: {cfg.loop.num_iterations} iteration(s) committed in {root}")
         return 0
     finally:
+        manager.close()  # every rank: a background write and commit finish before the lock goes (SPEC §3)
         if distributed.is_main():
-            manager.close()  # a background commit finishes before the lock goes (SPEC §3)
             lock.release(restore=not wrote)
 
 

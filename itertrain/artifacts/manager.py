@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from itertrain import distributed, faults
+from itertrain.artifacts.async_save import AsyncSaver, Digests
 from itertrain.artifacts.commit import CommitJob, CommitWorker
 from itertrain.artifacts.manifest import Manifest, ManifestError, read_header, read_manifest
 from itertrain.artifacts.retention import Action, Event, ListedCheckpoint, Op, RetentionPolicy, plan_retention
@@ -40,6 +41,7 @@ class CheckpointConfig:
     retention: RetentionPolicy = field(default_factory=RetentionPolicy)
     fsync: bool = True
     async_commit: bool = True  # hash, fsync and write checkpoint manifests on a thread while training goes on
+    async_save: bool = False  # snapshot at the save step; write, hash and commit on a thread (every rank)
     world_size: int = 1
 
 
@@ -84,6 +86,7 @@ class CheckpointManager:
         self.iteration = 0
         self.lineage: dict[str, Any] = {}
         self.worker = CommitWorker(fsync=config.fsync, world_size=config.world_size, background=config.async_commit)
+        self.saver = AsyncSaver(fsync=config.fsync) if config.async_save else None
 
     def start_iteration(self, iteration: int, lineage: dict[str, Any]) -> None:
         """The iteration whose checkpoints the next commits describe (main thread)."""
@@ -91,11 +94,32 @@ class CheckpointManager:
         self.lineage = dict(lineage)
 
     def wait(self) -> None:
-        """Rank 0: finish the commit running in the background; raise its error, if any."""
+        """Finish what runs in the background: this rank's checkpoint write (`--async_save`, every
+        rank) and the commit that follows it (rank 0); raise its error, if any. Any rank may call it."""
+        if self.saver is not None:
+            self.saver.wait()
         self.worker.wait()
 
+    def abandon(self) -> None:
+        """Stop this rank's background checkpoint write (`--async_save`) without committing it: the
+        checkpoint stays torn and the next launch resumes from the previous one. A manifest already
+        being written finishes (it is atomic). For a shutdown that cannot wait (SIGTERM's deadline, a
+        second Ctrl-C); errors are dropped. Any rank may call it."""
+        if self.saver is not None:
+            self.saver.abandon()
+        self.worker.close()
+
     def close(self) -> None:
-        """Rank 0, on the way out: let a background commit finish before the lock is released."""
+        """Every rank, on the way out: let the background write and commit finish (a snapshot is a
+        consistent checkpoint, so it is committed) before the lock is released; errors are dropped
+        (the run is already ending). Interrupted (a second Ctrl-C), it abandons the write instead."""
+        try:
+            if self.saver is not None:
+                self.saver.wait()
+        except KeyboardInterrupt:
+            self.abandon()
+        except BaseException:  # noqa: BLE001 - already failing; the first error is the one reported
+            pass
         self.worker.close()
 
     # ---- trainer checkpoints ---------------------------------------------------------------------
@@ -127,17 +151,30 @@ class CheckpointManager:
         async_commit the manifest work runs on a thread; the checkpoint counts as committed only when
         its manifest lands, so a crash before that leaves it torn and the previous one is used."""
         distributed.barrier()  # every rank's files are on disk
-        if not distributed.is_main():
-            return
+        if distributed.is_main():
+            self.worker.submit(self._checkpoint_job(step, best, self.iteration, dict(self.lineage)))
+
+    def checkpoint_committer(self, step: int):
+        """`--async_save`: what rank 0's writer calls once every rank's files of `checkpoint-step` are
+        durable: commit the manifest from the digests taken while writing, then retention. The
+        iteration and lineage are taken now (training thread), not when the writer gets there."""
+        iteration, lineage = self.iteration, dict(self.lineage)
+
+        def commit(digests: Digests, best: str | None) -> None:
+            self.worker.commit(self._checkpoint_job(step, best, iteration, lineage, digests))
+
+        return commit
+
+    def _checkpoint_job(self, step: int, best: str | None, iteration: int, lineage: dict[str, Any],
+                        written: Digests | None = None) -> CommitJob:
         directory = self.root / checkpoint_name(step)
-        iteration = self.iteration
         protect = frozenset({directory.name} | ({Path(best).name} if best else set()))
 
         def retain(_: Manifest) -> None:
             self._apply_retention(Event.CHECKPOINT_COMMITTED, iteration, protect)
 
-        self.worker.submit(CommitJob(directory, Kind.TRAINER_CHECKPOINT, iteration, step, dict(self.lineage),
-                                     before=lambda: faults.point("checkpoint.commit"), after=retain))
+        return CommitJob(directory, Kind.TRAINER_CHECKPOINT, iteration, step, lineage,
+                         before=lambda: faults.point("checkpoint.commit"), after=retain, written=written)
 
     # ---- iteration models --------------------------------------------------------------------------
     def commit_iteration_model(self, model, tokenizer, iteration: int, step: int, *, last: bool,

@@ -1,0 +1,210 @@
+"""Writing checkpoint files while hashing them: the manifest's checksums come from the bytes as they
+are written, so nothing is read back (the background writer of `--async_save`).
+
+- `HashingFile`: a write-only file that feeds every byte it writes into xxh3-128 (the digest of the
+  manifest's `FileEntry`). Writes go straight to the kernel; `close()` fsyncs on request.
+- `safetensors_header`: the header safetensors 0.8 writes for a state dict (the same bytes as
+  `safetensors.torch.save_file(..., metadata={"format": "pt"})`), so a shard can be written from
+  host copies of the tensors, slice by slice.
+- `torch_save_hashed`: `torch.save(obj, path)` byte for byte, hashed on the way to disk.
+
+All of it releases the GIL where the time goes (`os.write`, xxh3 on large buffers, torch's C++ zip
+writer), so the training thread keeps running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import threading
+from typing import Any, Callable
+
+import torch
+import xxhash
+
+from itertrain.artifacts.manifest import FileEntry
+
+WRITE_CHUNK = 32 << 20  # tensors are written in 32 MiB slices: a cancel is seen within one slice
+PIPE_CHUNK = 1 << 20
+
+
+class Abandoned(Exception):
+    """The write was cancelled (the checkpoint directory stays without a manifest: torn)."""
+
+
+class HashingFile:
+    """A new file whose bytes are hashed as they are written: `close()` returns its FileEntry.
+
+    `cancel`: a threading.Event; once set, the next write raises Abandoned."""
+
+    def __init__(self, path: str | os.PathLike[str], *, cancel: threading.Event | None = None) -> None:
+        self.path = os.fspath(path)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        self._hash = xxhash.xxh3_128()
+        self._cancel = cancel
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        if self._cancel is not None and self._cancel.is_set():
+            raise Abandoned(f"the write of {self.path} was abandoned")
+        view = memoryview(data).cast("B")
+        self._hash.update(view)
+        done, total = 0, len(view)
+        while done < total:  # os.write may write less than asked
+            done += os.write(self._fd, view[done:])
+        self.size += total
+        return total
+
+    def flush(self) -> None:  # unbuffered: every write went to the kernel already
+        pass
+
+    def close(self, *, fsync: bool) -> FileEntry:
+        try:
+            if fsync:
+                os.fsync(self._fd)
+        finally:
+            os.close(self._fd)
+        return FileEntry(self.size, self._hash.hexdigest())
+
+    def abort(self) -> None:
+        try:
+            os.close(self._fd)
+        except OSError:
+            pass
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """A zero-copy byte view of a contiguous CPU tensor (any dtype, 0-d and empty included)."""
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def write_tensor(f: HashingFile, t: torch.Tensor) -> None:
+    view = tensor_bytes(t)
+    for i in range(0, len(view), WRITE_CHUNK):
+        f.write(view[i:i + WRITE_CHUNK])
+
+
+# ---- safetensors, byte-identical to safetensors 0.8's serializer -------------------------------------
+_DTYPE_CODE: dict[torch.dtype, str] = {
+    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.uint16: "U16",
+    torch.float16: "F16", torch.bfloat16: "BF16", torch.int32: "I32", torch.uint32: "U32",
+    torch.float32: "F32", torch.complex64: "C64", torch.float64: "F64", torch.int64: "I64", torch.uint64: "U64",
+}
+for _name, _code in (("float8_e5m2", "F8_E5M2"), ("float8_e4m3fn", "F8_E4M3"), ("float8_e8m0fnu", "F8_E8M0"),
+                     ("float8_e4m3fnuz", "F8_E4M3FNUZ"), ("float8_e5m2fnuz", "F8_E5M2FNUZ")):
+    if hasattr(torch, _name):
+        _DTYPE_CODE[getattr(torch, _name)] = _code
+# The declaration order of `enum Dtype` in safetensors/src/tensor.rs: tensors are laid out by dtype,
+# descending in this order, then by name (`prepare()`).
+_DTYPE_ORDER = ["BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "F8_E4M3FNUZ",
+                "F8_E5M2FNUZ", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64"]
+_DTYPE_RANK = {c: i for i, c in enumerate(_DTYPE_ORDER)}
+
+
+def safetensors_supported(dtype: torch.dtype) -> bool:
+    return dtype in _DTYPE_CODE
+
+
+def safetensors_header(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[bytes, list[str]]:
+    """(length prefix + header bytes, tensor names in file order) of a safetensors file.
+
+    `__metadata__` first, then the tensors in layout order, compact JSON (serde_json's), padded with
+    spaces to a multiple of 8. Metadata must have at most one key: safetensors itself writes several
+    keys in HashMap (random) order, which no one can reproduce."""
+    if len(metadata) > 1:
+        raise ValueError("safetensors orders several metadata keys at random; only one can be reproduced")
+    for name, t in tensors.items():
+        if t.dtype not in _DTYPE_CODE:
+            raise ValueError(f"{name}: dtype {t.dtype} has no safetensors code")
+    order = sorted(tensors, key=lambda n: (-_DTYPE_RANK[_DTYPE_CODE[tensors[n].dtype]], n))
+    head: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        end = offset + t.numel() * t.element_size()
+        head[name] = {"dtype": _DTYPE_CODE[t.dtype], "shape": list(t.shape), "data_offsets": [offset, end]}
+        offset = end
+    raw = json.dumps(head, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw, order
+
+
+# ---- torch.save, hashed --------------------------------------------------------------------------------
+def scratch_root() -> str:
+    """Where private scratch files go: memory-backed when available."""
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+
+
+def torch_save_hashed(obj: Any, path: str, *, fsync: bool, cancel: threading.Event | None = None,
+                      mid_file: Callable[[], None] | None = None) -> FileEntry:
+    """`torch.save(obj, path)`, the same bytes, hashed while written.
+
+    torch.save names the zip's folder after the file's stem only when given a path (a file object
+    gets `archive/`), and it writes that path from C++. So it gets a path with the right name that is
+    a symlink to `/proc/self/fd/W`, the write end of an anonymous pipe; a pump thread reads the pipe,
+    hashes and writes the real file. (A named FIFO would deadlock: torch opens it from C++ holding
+    the GIL, blocked until a reader opens it.) After a failure or a cancel the pump keeps draining,
+    so torch.save never blocks. `mid_file` runs once, after the first chunk reached the file.
+    Without /proc the object goes through a file object: loadable, but folder `archive/`."""
+    out = HashingFile(path, cancel=cancel)
+    if not os.path.isdir(f"/proc/{os.getpid()}/fd"):
+        try:
+            torch.save(obj, out)
+            return out.close(fsync=fsync)
+        except BaseException:
+            out.abort()
+            raise
+    link_dir = tempfile.mkdtemp(prefix="itertrain-pipe-", dir=scratch_root())
+    r, w = os.pipe()
+    errors: list[BaseException] = []
+
+    def pump() -> None:
+        buf = bytearray(PIPE_CHUNK)
+        view = memoryview(buf)
+        first = True
+        while True:
+            n = os.readv(r, [buf])  # releases the GIL while it waits
+            if n == 0:
+                return
+            if errors:
+                continue  # drain
+            try:
+                out.write(view[:n])
+                if first and mid_file is not None:
+                    first = False
+                    mid_file()
+            except BaseException as e:  # noqa: BLE001 - raised by the caller after torch.save returns
+                errors.append(e)
+
+    try:
+        try:
+            import fcntl
+
+            fcntl.fcntl(w, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_CHUNK)
+        except OSError:
+            pass
+        link = os.path.join(link_dir, os.path.basename(path))
+        os.symlink(f"/proc/{os.getpid()}/fd/{w}", link)
+        pumper = threading.Thread(target=pump, name=f"itertrain-pump-{os.path.basename(path)}", daemon=True)
+        pumper.start()
+        try:
+            torch.save(obj, link)
+        finally:
+            os.close(w)  # the last write end: the pump sees EOF
+            w = -1
+            pumper.join()
+        if errors:
+            raise errors[0]
+        return out.close(fsync=fsync)
+    except BaseException:
+        out.abort()
+        raise
+    finally:
+        for fd in (r, w):
+            if fd >= 0:
+                os.close(fd)
+        shutil.rmtree(link_dir, ignore_errors=True)
