@@ -27,7 +27,7 @@ import time
 from typing import Any, Callable
 
 from itertrain import faults
-from itertrain.artifacts.hashed_io import Abandoned, HashingFile, torch_save_hashed, write_tensor
+from itertrain.artifacts.hashed_io import Abandoned, Cancel, HashingFile, torch_save_hashed, write_tensor
 from itertrain.artifacts.manifest import FileEntry
 from itertrain.artifacts.snapshot import (
     BytesFile,
@@ -52,7 +52,7 @@ MID_OPTIMIZER = "checkpoint.write.optimizer"  # inside optimizer.pt: its first M
 WRITTEN = "checkpoint.write.done"  # this rank's files are durable; its marker / the commit is not
 
 
-def write_snapshot(snap: Snapshot, *, fsync: bool, cancel: threading.Event | None = None) -> Digests:
+def write_snapshot(snap: Snapshot, *, fsync: bool, cancel: Cancel | None = None) -> Digests:
     """Write the snapshot's files into `snap.directory`: {rel: FileEntry}, hashed as written.
 
     Each file is fsynced (with `fsync`), then the directory."""
@@ -67,9 +67,9 @@ def write_snapshot(snap: Snapshot, *, fsync: bool, cancel: threading.Event | Non
             if item.rel == "optimizer.pt":
                 faults.point("checkpoint.optimizer")
             try:
-                digests[item.rel] = torch_save_hashed(
-                    item.obj, str(path), fsync=fsync, cancel=cancel,
-                    mid_file=(lambda: faults.point(MID_OPTIMIZER)) if item.rel == "optimizer.pt" else None)
+                mid = item.rel == "optimizer.pt" and faults.armed(MID_OPTIMIZER)  # hold the pump mid-file only then
+                digests[item.rel] = torch_save_hashed(item.obj, str(path), fsync=fsync, cancel=cancel,
+                                                      mid_file=(lambda: faults.point(MID_OPTIMIZER)) if mid else None)
             finally:  # a freed buffer's address must never tag an unrelated storage
                 untag(item.tagged)
             continue
@@ -101,7 +101,7 @@ def publish_written(snap: Snapshot, digests: Digests, error: str | None = None) 
                       {"step": snap.step, "rank": snap.rank, "error": error, "files": files})
 
 
-def collect_written(snap: Snapshot, own: Digests, cancel: threading.Event, *, timeout: float,
+def collect_written(snap: Snapshot, own: Digests, cancel: Cancel, *, timeout: float,
                     poll: float = 0.05) -> Digests:
     """Rank 0: wait for every other rank's marker, merge the digests, remove the markers."""
     merged = dict(own)
@@ -139,20 +139,20 @@ class BackgroundWriter:
 
     def __init__(self) -> None:
         self._thread: threading.Thread | None = None
-        self._cancel = threading.Event()
+        self._cancel = Cancel()
         self._error: BaseException | None = None
 
     @property
     def busy(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def start(self, name: str, job: Callable[[threading.Event], None]) -> None:
+    def start(self, name: str, job: Callable[[Cancel], None]) -> None:
         self.wait()
-        self._cancel = threading.Event()
+        self._cancel = Cancel()
         self._thread = threading.Thread(target=self._run, args=(job, self._cancel), name=name, daemon=True)
         self._thread.start()
 
-    def _run(self, job: Callable[[threading.Event], None], cancel: threading.Event) -> None:
+    def _run(self, job: Callable[[Cancel], None], cancel: Cancel) -> None:
         try:
             job(cancel)
         except Abandoned:
@@ -237,7 +237,7 @@ class AsyncSaver:
         snap = take_snapshot(trainer, output_dir, self.pool)
         best, limit, should_save = state.best_model_checkpoint, args.save_total_limit, args.should_save
 
-        def job(cancel: threading.Event) -> None:
+        def job(cancel: Cancel) -> None:
             try:
                 digests = write_snapshot(snap, fsync=self.fsync, cancel=cancel)
             except Abandoned:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 from typing import Any, Callable
@@ -37,9 +39,9 @@ class Abandoned(Exception):
 class HashingFile:
     """A new file whose bytes are hashed as they are written: `close()` returns its FileEntry.
 
-    `cancel`: a threading.Event; once set, the next write raises Abandoned."""
+    `cancel`: once set, the next write raises Abandoned."""
 
-    def __init__(self, path: str | os.PathLike[str], *, cancel: threading.Event | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, cancel: Cancel | None = None) -> None:
         self.path = os.fspath(path)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
         self._hash = xxhash.xxh3_128()
@@ -139,19 +141,112 @@ def scratch_root() -> str:
     return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
 
 
-def torch_save_hashed(obj: Any, path: str, *, fsync: bool, cancel: threading.Event | None = None,
-                      mid_file: Callable[[], None] | None = None) -> FileEntry:
-    """`torch.save(obj, path)`, the same bytes, hashed while written.
+# The pump: a helper process that reads what torch.save writes into a pipe, hashes it and writes the
+# file. It must be a process of its own: torch writes some records (data.pkl, the zip's end) holding
+# the GIL, so a pump *thread* could not run while torch waits for room in the pipe (a deadlock).
+# stdin: the data; the descriptor in argv[4]: control bytes from the parent (g: go on after "mid",
+# e: the writer is done, drain and finish, x: discard the rest); stdout: "mid" after the first chunk
+# (when asked), then "ok SIZE XXH3", "discarded" or "err ERRNO MESSAGE".
+_PUMP = r"""
+import os, select, signal, sys, xxhash
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the parent's to handle
+path, fsync, pause, ctl = sys.argv[1], sys.argv[2] == "1", sys.argv[3] == "1", int(sys.argv[4])
+h, size, err, discard, ended = xxhash.xxh3_128(), 0, None, False, False
+try:
+    out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+except OSError as e:
+    err = e
+buf = bytearray(1 << 20)
+view = memoryview(buf)
+def control():
+    global ended, discard
+    c = os.read(ctl, 1)
+    if c in (b"", b"e") and not ended:
+        ended = True
+        os.set_blocking(0, False)
+    elif c == b"x":
+        discard = True
+    return c
+while True:
+    if not ended and ctl in select.select([0, ctl], [], [])[0]:
+        control()
+        continue
+    try:
+        n = os.readv(0, [buf])
+    except BlockingIOError:
+        break
+    if n == 0:
+        break
+    if err is None and not discard:
+        try:
+            h.update(view[:n])
+            done = 0
+            while done < n:
+                done += os.write(out, view[done:n])
+        except OSError as e:
+            err = e
+    first, size = size == 0, size + n
+    if first and pause:
+        print("mid", flush=True)
+        while not discard and control() not in (b"g", b""):
+            pass
+if err is None and not discard:
+    try:
+        if fsync:
+            os.fsync(out)
+        os.close(out)
+    except OSError as e:
+        err = e
+print(f"err {err.errno} {err.strerror}" if err else ("discarded" if discard else f"ok {size} {h.hexdigest()}"),
+      flush=True)
+"""
 
-    torch.save names the zip's folder after the file's stem only when given a path (a file object
+
+class Cancel:
+    """A cancel flag with actions run when it is set (e.g. tell a helper process to stop writing)."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self._actions: list[Callable[[], None]] = []
+
+    def set(self) -> None:
+        with self._lock:
+            self._event.set()
+            actions, self._actions = self._actions, []
+        for action in actions:
+            try:
+                action()
+            except OSError:
+                pass
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def on_set(self, action: Callable[[], None]) -> None:
+        with self._lock:
+            if not self._event.is_set():
+                self._actions.append(action)
+                return
+        action()
+
+    def discard(self, action: Callable[[], None]) -> None:
+        with self._lock:
+            if action in self._actions:
+                self._actions.remove(action)
+
+
+def torch_save_hashed(obj: Any, path: str, *, fsync: bool, cancel: Cancel | None = None,
+                      mid_file: Callable[[], None] | None = None) -> FileEntry:
+    """`torch.save(obj, path)`, the same bytes, hashed while written; nothing is read back.
+
+    torch.save names the zip's folder after the file's stem only when it gets a path (a file object
     gets `archive/`), and it writes that path from C++. So it gets a path with the right name that is
-    a symlink to `/proc/self/fd/W`, the write end of an anonymous pipe; a pump thread reads the pipe,
-    hashes and writes the real file. (A named FIFO would deadlock: torch opens it from C++ holding
-    the GIL, blocked until a reader opens it.) After a failure or a cancel the pump keeps draining,
-    so torch.save never blocks. `mid_file` runs once, after the first chunk reached the file.
-    Without /proc the object goes through a file object: loadable, but folder `archive/`."""
-    out = HashingFile(path, cancel=cancel)
+    a symlink to `/proc/self/fd/W`, the write end of a pipe whose other end a pump process reads,
+    hashes and writes to `path`. `mid_file` (a fault point) runs once the first chunk is in the file,
+    with the pump held until it returns. Without /proc: a file object (loadable; folder `archive/`)."""
     if not os.path.isdir(f"/proc/{os.getpid()}/fd"):
+        out = HashingFile(path, cancel=cancel)
         try:
             torch.save(obj, out)
             return out.close(fsync=fsync)
@@ -159,52 +254,74 @@ def torch_save_hashed(obj: Any, path: str, *, fsync: bool, cancel: threading.Eve
             out.abort()
             raise
     link_dir = tempfile.mkdtemp(prefix="itertrain-pipe-", dir=scratch_root())
-    r, w = os.pipe()
-    errors: list[BaseException] = []
-
-    def pump() -> None:
-        buf = bytearray(PIPE_CHUNK)
-        view = memoryview(buf)
-        first = True
-        while True:
-            n = os.readv(r, [buf])  # releases the GIL while it waits
-            if n == 0:
-                return
-            if errors:
-                continue  # drain
-            try:
-                out.write(view[:n])
-                if first and mid_file is not None:
-                    first = False
-                    mid_file()
-            except BaseException as e:  # noqa: BLE001 - raised by the caller after torch.save returns
-                errors.append(e)
-
+    data_r, data_w = os.pipe()
+    ctl_r, ctl_w = os.pipe()
     try:
-        try:
-            import fcntl
+        import fcntl
 
-            fcntl.fcntl(w, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_CHUNK)
-        except OSError:
-            pass
-        link = os.path.join(link_dir, os.path.basename(path))
-        os.symlink(f"/proc/{os.getpid()}/fd/{w}", link)
-        pumper = threading.Thread(target=pump, name=f"itertrain-pump-{os.path.basename(path)}", daemon=True)
-        pumper.start()
-        try:
-            torch.save(obj, link)
-        finally:
-            os.close(w)  # the last write end: the pump sees EOF
-            w = -1
-            pumper.join()
-        if errors:
-            raise errors[0]
-        return out.close(fsync=fsync)
+        fcntl.fcntl(data_w, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_CHUNK)
+    except OSError:
+        pass
+    try:
+        pump = subprocess.Popen(
+            [sys.executable, "-c", _PUMP, path, "1" if fsync else "0", "1" if mid_file else "0", str(ctl_r)],
+            stdin=data_r, stdout=subprocess.PIPE, pass_fds=(ctl_r,), text=True)
     except BaseException:
-        out.abort()
+        for fd in (data_w, ctl_w):
+            os.close(fd)
+        shutil.rmtree(link_dir, ignore_errors=True)
         raise
     finally:
-        for fd in (r, w):
-            if fd >= 0:
-                os.close(fd)
+        os.close(data_r)
+        os.close(ctl_r)
+    lines: list[str] = []
+    errors: list[BaseException] = []
+
+    def send(byte: bytes) -> None:
+        try:
+            os.write(ctl_w, byte)
+        except OSError:  # the pump is gone: its last line says why
+            pass
+
+    def read_status() -> None:
+        assert pump.stdout is not None
+        for line in pump.stdout:
+            if line.strip() == "mid" and mid_file is not None:
+                try:
+                    mid_file()
+                except BaseException as e:  # noqa: BLE001 - raised once torch.save returned
+                    errors.append(e)
+                send(b"g")
+            else:
+                lines.append(line.strip())
+
+    stop = lambda: send(b"x")  # noqa: E731 - on cancel: the pump drains without writing
+    reader = threading.Thread(target=read_status, name="itertrain-pump-status", daemon=True)
+    reader.start()
+    if cancel is not None:
+        cancel.on_set(stop)
+    try:
+        link = os.path.join(link_dir, os.path.basename(path))
+        os.symlink(f"/proc/{os.getpid()}/fd/{data_w}", link)
+        torch.save(obj, link)
+    except BaseException:
+        send(b"x")
+        raise
+    finally:
+        os.close(data_w)  # torch's own descriptor is closed: every byte is in the pipe or the file
+        send(b"e")  # finish even if a forked child inherited a write end (no EOF would come)
+        reader.join()
+        pump.wait()
+        os.close(ctl_w)
+        if cancel is not None:
+            cancel.discard(stop)
         shutil.rmtree(link_dir, ignore_errors=True)
+    if errors:
+        raise errors[0]
+    if cancel is not None and cancel.is_set():
+        raise Abandoned(f"the write of {path} was abandoned")
+    status = lines[-1].split(" ", 2) if lines else ["err", "0", f"the pump exited with {pump.returncode}"]
+    if status[0] == "ok":
+        return FileEntry(int(status[1]), status[2])
+    code = int(status[1]) if status[0] == "err" and status[1].isdigit() else 0
+    raise OSError(code or None, status[-1], path)
