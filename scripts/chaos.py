@@ -12,6 +12,8 @@
 
     python scripts/chaos.py --kills 8 --seed 3          # a soak
     python scripts/chaos.py --ci                         # the bounded set CI runs (>= 6 kills)
+    python scripts/chaos.py --ci --async_save            # the killed runs save with --async_save (the
+                                                         # reference does not): kills inside the background writer
 
 Prints a JSON summary last (also written to --report).
 """
@@ -55,6 +57,13 @@ POINTS = {
     "generation.batch": "during generation, between batches",
     "manifest.data.write": "inside the generated-data commit",
 }
+# With --async_save: points inside the background writer (besides checkpoint.optimizer, reached there
+# too, and checkpoint.commit / manifest.*, reached from the writer's commit).
+ASYNC_POINTS = {
+    "checkpoint.write.weights": "--async_save writer, mid-file: inside model.safetensors",
+    "checkpoint.write.optimizer": "--async_save writer, mid-file: inside optimizer.pt",
+    "checkpoint.write.done": "--async_save writer: this rank's files durable, not yet committed",
+}
 # The bounded sequence CI runs: every save path at least once, in the order the run reaches them.
 CI_SEQUENCE = [
     ("checkpoint.optimizer", 2),  # iteration 0: inside the save of checkpoint-8
@@ -64,6 +73,20 @@ CI_SEQUENCE = [
     ("manifest.data.write", 1),  # inside the commit of data/iter_1
     ("generation.batch", 2),  # while regenerating data/iter_1
     ("checkpoint.commit", 2),  # training iteration 1 on its committed data
+    ("timer", 0),  # a random moment of what is left
+]
+# The same with --async_save, plus kills inside the background writer while it is mid-file.
+CI_SEQUENCE_ASYNC = [
+    ("checkpoint.write.weights", 2),  # iteration 0: inside model.safetensors of checkpoint-8
+    ("checkpoint.write.optimizer", 1),  # resumed at 4: inside optimizer.pt of checkpoint-8
+    ("checkpoint.optimizer", 2),  # resumed at 4: checkpoint-8 committed, inside the write of checkpoint-12
+    ("manifest.trainer_checkpoint.write", 1),  # resumed at 8: inside the manifest of checkpoint-12
+    ("iteration.before_manifest", 1),  # inside the commit of iter_0
+    ("iteration.after_manifest", 1),  # iter_0 committed, checkpoints not retired yet
+    ("manifest.data.write", 1),  # inside the commit of data/iter_1
+    ("generation.batch", 2),  # while regenerating data/iter_1
+    ("checkpoint.write.done", 3),  # iteration 1: a rank's files of checkpoint-8 durable, commit not
+    ("checkpoint.commit", 2),  # training iteration 1: every rank wrote checkpoint-8, manifest not
     ("timer", 0),  # a random moment of what is left
 ]
 
@@ -85,6 +108,7 @@ class Summary:
     seed: int
     nproc: int
     kills_requested: int
+    async_save: bool = False  # the killed runs saved with --async_save
     launches: list[Launch] = field(default_factory=list)
     kills_done: int = 0
     progress_ok: bool = True
@@ -210,19 +234,20 @@ def compare(ref: Path, got: Path, summary: Summary) -> None:
             summary.differences.append(f"data/{d.name}/accepted.jsonl differs from the reference")
 
 
-def schedule(kills: int, seed: int, ci: bool) -> list[tuple[str, int]]:
+def schedule(kills: int, seed: int, ci: bool, async_save: bool = False) -> list[tuple[str, int]]:
     if ci:
-        return list(CI_SEQUENCE)
+        return list(CI_SEQUENCE_ASYNC if async_save else CI_SEQUENCE)
     rng = random.Random(seed)
-    names = sorted(POINTS)
+    names = sorted({**POINTS, **(ASYNC_POINTS if async_save else {})})
     return [("timer", 0) if rng.random() < 0.3 else (rng.choice(names), rng.randint(1, 2)) for _ in range(kills)]
 
 
-def run(kills: int, seed: int, nproc: int, work: Path, ci: bool, iterations: int) -> Summary:
+def run(kills: int, seed: int, nproc: int, work: Path, ci: bool, iterations: int, async_save: bool = False) -> Summary:
     started = time.time()
     work.mkdir(parents=True, exist_ok=True)
     args = prepare(work, iterations)
-    summary = Summary(seed, nproc, kills)
+    killed_args = [*args, "--async_save"] if async_save else args  # the reference saves synchronously
+    summary = Summary(seed, nproc, kills, async_save)
     ref, out = work / "reference", work / "chaos"
     shutil.rmtree(ref, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)
@@ -239,7 +264,7 @@ def run(kills: int, seed: int, nproc: int, work: Path, ci: bool, iterations: int
     per_iteration_s = (reference_s - startup_s) / iterations
     rng = random.Random(seed)
     seen: set[str] = set()
-    plan = schedule(kills, seed, ci)
+    plan = schedule(kills, seed, ci, async_save)
     with open(work / "chaos.log", "w") as log:
         for i, (point, hit) in enumerate([*plan, ("none", 0)]):
             before = committed_point(out)
@@ -248,7 +273,7 @@ def run(kills: int, seed: int, nproc: int, work: Path, ci: bool, iterations: int
             log.write(f"\n===== launch {i}: kill at {point}#{hit} timer={timer} =====\n")
             log.flush()
             t = time.time()
-            rc, killed = launch(args, out, nproc, fault, timer, log)
+            rc, killed = launch(killed_args, out, nproc, fault, timer, log)
             at = resumed_at(out, seen)
             summary.launches.append(Launch(point, hit, round(timer or 0, 2), rc, killed, at, before,
                                            round(time.time() - t, 2)))
@@ -279,13 +304,15 @@ def main() -> int:
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--iterations", type=int, default=None, help="default: one per kill (>= 3); 3 with --ci")
     p.add_argument("--ci", action="store_true", help="the bounded CI sequence (every save path, >= 6 kills)")
+    p.add_argument("--async_save", action="store_true",
+                   help="the killed runs save with --async_save (the reference does not); kill points inside its writer")
     p.add_argument("--workdir", default=None)
     p.add_argument("--report", default=None, help="also write the JSON summary here")
     ns = p.parse_args()
     work = Path(ns.workdir) if ns.workdir else Path(tempfile.mkdtemp(prefix="itertrain-chaos-"))
     # named kills fire early in a launch, so a soak needs about one iteration of work per kill
     iterations = ns.iterations or (3 if ns.ci else max(3, ns.kills))
-    summary = run(ns.kills, ns.seed, ns.nproc, work, ns.ci, iterations)
+    summary = run(ns.kills, ns.seed, ns.nproc, work, ns.ci, iterations, ns.async_save)
     result = {**asdict(summary), "ok": summary.ok, "workdir": str(work)}
     text = json.dumps(result, indent=2)
     if ns.report:
