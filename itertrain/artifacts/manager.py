@@ -9,6 +9,7 @@ files (SPEC §2, §5). Strategies never see the manager: they get `commit_data` 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,11 +114,18 @@ class CheckpointManager:
         """Every rank, on the way out: let the background write and commit finish (a snapshot is a
         consistent checkpoint, so it is committed) before the lock is released; errors are dropped
         (the run is already ending). Interrupted (a second Ctrl-C), it abandons the write instead."""
+        saver = self.saver
         try:
-            if self.saver is not None:
-                self.saver.wait()
+            if saver is not None and saver.busy:
+                if distributed.is_main():
+                    print(f"itertrain: finishing the background write of {checkpoint_name(saver.last_step or 0)} "
+                          "(Ctrl-C again abandons it: the previous checkpoint is kept)", file=sys.stderr, flush=True)
+                saver.wait()
         except KeyboardInterrupt:
             self.abandon()
+            if saver is not None and distributed.is_main():
+                print(f"itertrain: abandoned the background write of {checkpoint_name(saver.last_step or 0)}; it "
+                      "stays uncommitted", file=sys.stderr, flush=True)
         except BaseException:  # noqa: BLE001 - already failing; the first error is the one reported
             pass
         self.worker.close()
