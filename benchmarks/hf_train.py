@@ -6,7 +6,7 @@ iteration does after training: the loss on the first 128 training rows (itertrai
 stage when there is no --eval_file: `eval_train_loss`) and `save_model` (itertrain's `iter_0`).
 No manifests, no fsync, no recovery.
 
-    python benchmarks/hf_train.py --model_name DIR --train_file F.jsonl --output_dir OUT [--resume] [HF flags]
+    python benchmarks/hf_train.py --model_name DIR --train_file F.jsonl --output_dir OUT [--resume] [--use_peft] [HF flags]
 """
 
 from __future__ import annotations
@@ -26,6 +26,11 @@ class JobArguments:
     max_seq_length: int = 256  # itertrain's default
     resume: bool = False  # resume_from_checkpoint=True (HF finds the newest checkpoint-* in output_dir)
     eval_train_rows: int = 128  # as itertrain's sft strategy without --eval_file (0: no evaluation)
+    # LoRA as a plain HF + PEFT user writes it (TRL's get_peft_config; all linear layers, as itertrain's default)
+    use_peft: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
 
 
 def main() -> int:
@@ -44,6 +49,13 @@ def main() -> int:
     job, args = HfArgumentParser((JobArguments, TrainingArguments)).parse_args_into_dataclasses()
     tokenizer = AutoTokenizer.from_pretrained(job.model_name, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(job.model_name, dtype=torch.float32, local_files_only=True)
+    if job.use_peft:
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(args.seed)
+        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=job.lora_r, lora_alpha=job.lora_alpha,
+                                                 lora_dropout=job.lora_dropout, bias="none",
+                                                 target_modules="all-linear"))
     rows = read_jsonl(job.train_file)
     dataset = build_dataset(rows, tokenizer, job.max_seq_length)
     eval_dataset = None

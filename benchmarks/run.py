@@ -6,7 +6,8 @@
 
 Figures: plan (discover + decide on synthetic dirs), train (wall time with checkpoints vs plain HF),
 resume (launch -> first step vs plain HF resume), verify (checksum throughput vs raw read),
-memory (peak RSS during save and resume vs plain HF). Compared variants always run interleaved in
+memory (peak RSS during save and resume vs plain HF), lora (LoRA checkpoint size, save time and resume
+vs plain HF + PEFT and vs full fine-tuning). Compared variants always run interleaved in
 one invocation; medians are reported. Progress goes to stderr, results to stdout.
 Large scratch files (checkpoints) are deleted at the end unless --keep; the model and the synthetic
 plan dirs (sparse files) stay cached in the work dir (default /tmp/itertrain-bench).
@@ -25,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import (  # noqa: E402
+    lora,
     memory,
     plan_time,
     resume_latency,
@@ -39,6 +41,7 @@ MODULES = {
     "resume": resume_latency,
     "train": train_overhead,
     "memory": memory,
+    "lora": lora,
 }
 
 

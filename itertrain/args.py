@@ -107,7 +107,14 @@ class GenerationArguments:
     max_new_tokens: int = field(default=16, metadata={"help": "Tokens generated per sample."})
     generation_batch_size: int = field(default=64, metadata={"help": "Prompts per generate() call."})
     reward_fn: str | None = field(
-        default=None, metadata={"help": "module:function(prompt, completion, answer) -> float (default: exact match)."}
+        default=None,
+        metadata={"help": "module:function: per sample (prompt, completion, answer) -> float, or batched in TRL's form "
+                          "(prompts, completions, **kwargs) -> list[float] (default: exact match with the answer)."},
+    )
+    reward_model: str | None = field(
+        default=None,
+        metadata={"help": "Score prompt+completion with this local AutoModelForSequenceClassification (one label), "
+                          "batched and sharded over ranks (instead of --reward_fn)."},
     )
     reward_threshold: float = field(default=1.0, metadata={"help": "expert_iteration: keep samples with reward >= this."})
     data_policy: str = field(
@@ -115,6 +122,75 @@ class GenerationArguments:
         metadata={"help": "expert_iteration: train on this iteration's accepted data (fresh) or all so far (cumulative).",
                   "choices": ["fresh", "cumulative"]},
     )
+
+
+@dataclass
+class LoraArguments:
+    """LoRA with PEFT, under TRL's flag names and meanings (trl.ModelConfig); `--iteration_model` is itertrain's."""
+
+    _argument_group_name = "LoRA (PEFT adapters instead of full fine-tuning; TRL's flag names)"
+
+    use_peft: bool = field(
+        default=False,
+        metadata={"help": "Train a LoRA adapter (PEFT) instead of all weights: checkpoints hold the adapter and its "
+                          "optimizer state only. Needs `pip install itertrain[lora]`."},
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["all-linear"],
+        metadata={"help": "Modules that get an adapter: all-linear (every linear layer except the output layer), "
+                          "module names (q_proj v_proj: every module whose name ends so), or one regular expression "
+                          "matched against the full module path."},
+    )
+    iteration_model: str = field(
+        default="merged",
+        metadata={"help": "What iter_K holds under --use_peft: merged (a full model with the adapter merged in; "
+                          "iteration K+1 trains a fresh adapter on it) or adapter (the adapter only, with a "
+                          "fingerprinted reference to the base model; iteration K+1 continues the same adapter).",
+                  "choices": ["merged", "adapter"]},
+    )
+
+    @property
+    def mode(self) -> str | None:
+        """The LoRA iteration-model mode, None without --use_peft."""
+        return self.iteration_model if self.use_peft else None
+
+
+@dataclass
+class DistributedArguments:
+    _argument_group_name = "preemption and distributed (torchrun)"
+
+    preemption: bool = field(
+        default=True,
+        metadata={"help": "On SIGTERM or SIGUSR1 every rank agrees at the next step, a checkpoint is committed at "
+                          "that step and the run exits 143 (outside training it stops at once, at the last committed "
+                          "point). A second SIGTERM or SIGINT stops at once."},
+    )
+    preemption_grace_s: float = field(
+        default=25.0,
+        metadata={"help": "Seconds the preemption checkpoint may take; past them the run exits and the unfinished "
+                          "checkpoint is never used. Keep it below the launcher's kill delay (torchrun, SLURM and "
+                          "Kubernetes: 30 s)."},
+    )
+    dist_timeout_s: float = field(
+        default=300.0,
+        metadata={"help": "Process-group init and every training collective: a rank or node that does not answer "
+                          "within this stops the run (replaces HF's --ddp_timeout, which itertrain does not use)."},
+    )
+    dist_io_timeout_s: float = field(
+        default=1800.0,
+        metadata={"help": "itertrain's own collectives, where the other ranks wait while rank 0 alone verifies, "
+                          "writes or hashes an artifact."},
+    )
+
+    def __post_init__(self) -> None:
+        from itertrain.errors import UsageError
+
+        for name in ("preemption_grace_s", "dist_timeout_s", "dist_io_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise UsageError(f"--{name} {getattr(self, name)}: must be a positive number of seconds")
 
 
 @dataclass
@@ -128,6 +204,8 @@ class RunConfig:
     training: Any  # transformers.TrainingArguments, or the strategy's subclass of it (e.g. trl.DPOConfig)
     strategy_args: Any = None  # the strategy's own arguments dataclass, when it declares one
     argv: list[str] = field(default_factory=list)
+    lora: LoraArguments = field(default_factory=LoraArguments)
+    dist: DistributedArguments = field(default_factory=DistributedArguments)
 
     @property
     def output_dir(self) -> Path:
@@ -136,7 +214,7 @@ class RunConfig:
     def groups(self) -> list[Any]:
         """The argument dataclasses, itertrain's first."""
         extra = [self.strategy_args] if self.strategy_args is not None else []
-        return [self.model, self.loop, self.generation, self.recovery, *extra, self.training]
+        return [self.model, self.loop, self.generation, self.recovery, self.lora, self.dist, *extra, self.training]
 
     def recovery_flags(self) -> RecoveryFlags:
         return RecoveryFlags(
@@ -145,10 +223,12 @@ class RunConfig:
             overwrite_output_dir=self.recovery.overwrite_output_dir,
             num_iterations=self.loop.num_iterations,
             iteration_init=self.loop.iteration_init,
+            lora=self.lora.mode,
         )
 
 
-ARGUMENT_GROUPS = (RecoveryArguments, ModelArguments, LoopArguments, GenerationArguments)
+ARGUMENT_GROUPS = (RecoveryArguments, ModelArguments, LoopArguments, GenerationArguments, LoraArguments,
+                   DistributedArguments)
 
 
 def dataclass_dict(obj: Any) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """Command line: `itertrain train|status|verify|init-model|demo|plot` (SPEC §6).
 
 Errors are ItertrainError subclasses; this is the one place that turns them into exit codes:
-0 done, 1 training failed, 2 usage or recovery refused, 3 lock held by another run.
+0 done, 1 training failed, 2 usage or recovery refused, 3 lock held by another run, 143 preempted
+(stopped on SIGTERM/SIGUSR1 at a committed point), 130 interrupted (SIGINT).
 """
 
 from __future__ import annotations
@@ -38,19 +39,34 @@ def reproducible_cpu_math() -> None:
 
 
 def _quiet_libraries() -> None:
+    # No offline mode here: itertrain loads only local paths (local_files_only), and a user's run may
+    # talk to the Hub itself (--push_to_hub, a tracker), which HF_HUB_OFFLINE=1 would refuse.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
+def _offline() -> None:
+    """Offline mode for the commands that make their own model (demo, init-model): they need no network.
+    Set before transformers is imported; a user's explicit HF_HUB_OFFLINE=0 wins."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
 def cmd_train(argv: list[str], strategy=None) -> int:
-    from itertrain import console
-    from itertrain.loop import run_experiment
+    from itertrain import launcher
+
+    launcher.die_with_launcher()  # first: a worker whose torchrun agent dies must not train on as an orphan
+    from itertrain import console, distributed, preemption
 
     if os.environ.get("RANK", "0") == "0":
         console.capture()  # rank 0's console also goes to runs/train-<time>.log once the run may write
-    from itertrain.parser import parse_train_args
+    from itertrain.parser import early_flags, parse_train_args
+
+    early = early_flags(argv)
+    preemption.install(early.preemption, early.preemption_grace_s)
+    # Before the flags are parsed: building HF's TrainingArguments would create the process group itself.
+    distributed.init(early.dist_timeout_s, early.dist_io_timeout_s)
+    from itertrain.loop import run_experiment
 
     return run_experiment(parse_train_args(argv, strategy))
 
@@ -90,6 +106,7 @@ def cmd_init_model(argv: list[str]) -> int:
                       "itertrain and for tests; it loads offline with from_pretrained(DIR).")
     p.add_argument("dir", metavar="DIR", help="an empty or new directory")
     ns = p.parse_args(argv)
+    _offline()
     from itertrain.tiny_model import init_model, parameter_count
 
     out = init_model(ns.dir)
@@ -99,6 +116,8 @@ def cmd_init_model(argv: list[str]) -> int:
 
 def cmd_demo(argv: list[str]) -> int:
     from itertrain import console
+
+    _offline()
     from itertrain.demo import demo
 
     console.capture()
@@ -153,16 +172,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def guarded(fn, *args, **kwargs) -> int:
-    """Run a command; an ItertrainError becomes its exit code and one line, printed by rank 0 only."""
+    """Run a command; an ItertrainError becomes its exit code and one line, printed by rank 0 only (a
+    failure between ranks also by each node's local rank 0). Whatever fails while the ranks stop on a
+    preemption signal is part of that stop: exit 143 with the preemption's line."""
+    from itertrain import console
+
     main_rank = os.environ.get("RANK", "0") == "0"
     try:
         return fn(*args, **kwargs)
-    except ItertrainError as e:
-        if main_rank:
-            print(f"itertrain: error: {e}", file=sys.stderr, flush=True)
-        return e.exit_code
-    except OSError as e:  # a failed write outside the paths that name their own (never a traceback)
-        if main_rank:
+    except Exception as e:  # noqa: BLE001 - mapped to one line below, or re-raised
+        error = _preemption_outcome(e) or e
+        if isinstance(error, ItertrainError):
+            if console.prints_messages(error.every_node):
+                print(f"itertrain: {error.label}: {error}", file=sys.stderr, flush=True)
+            return error.exit_code
+        if not isinstance(e, OSError):
+            raise
+        if main_rank:  # a failed write outside the paths that name their own (never a traceback)
             from pathlib import Path
 
             from itertrain.fsutil import describe_write_error
@@ -175,6 +201,17 @@ def guarded(fn, *args, **kwargs) -> int:
             print("itertrain: interrupted; relaunch with --resume_from auto --resume_from_iteration auto",
                   file=sys.stderr, flush=True)
         return 130
+
+
+def _preemption_outcome(e: BaseException) -> ItertrainError | None:
+    """A failure while the ranks stop on a preemption signal, as the preemption it is (None otherwise;
+    the module is only loaded by a training command)."""
+    preemption = sys.modules.get("itertrain.preemption")
+    if preemption is None or not preemption.stopping():
+        return None
+    from itertrain.errors import Preempted
+
+    return e if isinstance(e, Preempted) else Preempted(preemption.failure_message(e))
 
 
 def run(argv: list[str] | None = None, *, strategy=None) -> int:
@@ -193,6 +230,16 @@ def run(argv: list[str] | None = None, *, strategy=None) -> int:
 def entry() -> None:
     code = main()
     from itertrain import distributed
+    from itertrain.errors import PREEMPTED_EXIT_CODE
 
     distributed.shutdown()
+    if code == PREEMPTED_EXIT_CODE:
+        # Everything is committed and the lock released: skip the interpreter's teardown (seconds of
+        # module clean-up and garbage collection), which would eat into the launcher's grace period.
+        import logging
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)

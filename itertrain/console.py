@@ -8,6 +8,7 @@ sys.stdout and sys.stderr: what HF, tqdm and itertrain print goes through them.
 from __future__ import annotations
 
 import io
+import os
 import sys
 from pathlib import Path
 from typing import TextIO
@@ -79,3 +80,26 @@ def write_to(path: Path) -> Path | None:
         _sink.buffer = None
     _sink.file.flush()
     return path
+
+
+def prints_messages(every_node: bool = False) -> bool:
+    """Whether this process prints the run's one-line messages: rank 0; with `every_node`, also each
+    node's local rank 0 (so a node that stops because another one failed says why in its own log)."""
+    if os.environ.get("RANK", "0") == "0":
+        return True
+    return every_node and os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+def emit(line: str) -> None:
+    """Write one line to stderr, and to the log copy, from any thread and just before a hard exit:
+    raw writes, never Python's buffered streams (another thread may hold their locks)."""
+    data = (line.rstrip("\n") + "\n").encode("utf-8", "replace")
+    try:
+        os.write(2, data)
+    except OSError:
+        pass
+    if _sink is not None and _sink.file is not None:
+        try:
+            os.write(_sink.file.fileno(), data)
+        except (OSError, ValueError):
+            pass

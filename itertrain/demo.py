@@ -3,6 +3,8 @@
 Creates a tiny model, runs iteration 0 (supervised, 1-3 digit additions) and three expert iterations
 (sampling answers to unlabeled 4-, 5- and 6-digit additions, keeping the verified ones, training on
 them), prints a per-iteration table and writes the plot. Rerunning it resumes (or reports complete).
+`--strategy iterative_dpo` runs the same iteration 0 and samples the same problems, then trains each
+later iteration with DPO on (right answer, wrong answer) pairs instead.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from argparse import ArgumentParser
 from pathlib import Path
 
 from itertrain.errors import UsageError
+from itertrain.layout import DEMO_DPO_EXPERIMENT, DEMO_EXPERIMENT
 from itertrain.tiny_model import TinyModelSpec
 
 # The demo's model: small enough for a 2-core CPU, large enough to learn multi-digit addition.
@@ -18,43 +21,67 @@ DEMO_MODEL = TinyModelSpec(hidden_size=128, intermediate_size=384, num_hidden_la
                            max_position_embeddings=64)
 
 # The demo's flags: read as an ordinary `itertrain train` command line.
-DEMO_FLAGS = [
-    "--strategy", "expert_iteration",
+COMMON_FLAGS = [
     "--task", "arithmetic",
     "--num_iterations", "4",
     "--samples_per_prompt", "8",
     "--temperature", "1.0",
     "--max_new_tokens", "8",
     "--generation_batch_size", "1000",
-    "--data_policy", "cumulative",
-    "--max_steps", "800",
     "--per_device_train_batch_size", "64",
-    "--learning_rate", "3e-3",
     "--warmup_steps", "60",
     "--weight_decay", "0.0",
     "--lr_scheduler_type", "cosine",
-    "--save_steps", "400",
-    "--logging_steps", "100",
     "--seed", "0",
     "--resume_from", "auto",
     "--resume_from_iteration", "auto",
 ]
+DEMO_FLAGS = [
+    "--strategy", "expert_iteration",
+    *COMMON_FLAGS,
+    "--data_policy", "cumulative",
+    "--max_steps", "800",
+    "--learning_rate", "3e-3",
+    "--save_steps", "400",
+    "--logging_steps", "100",
+]
+# Iteration 0 is the expert-iteration demo's (same steps, rate and seed: the same iter_0); the DPO
+# iterations train on (right, wrong) answer pairs with DPO plus an NLL term on the right answer
+# (TRL's loss_type "sigmoid" + "sft": iterative RPO, Pang et al. 2024).
+DPO_DEMO_FLAGS = [
+    "--strategy", "iterative_dpo",
+    *COMMON_FLAGS,
+    "--sft_max_steps", "800",
+    "--sft_learning_rate", "3e-3",
+    "--max_steps", "300",
+    "--learning_rate", "1e-3",
+    "--beta", "0.1",
+    "--loss_type", "sigmoid", "sft",
+    "--save_steps", "400",
+    "--logging_steps", "100",
+]
+STRATEGIES = {"expert_iteration": (DEMO_EXPERIMENT, DEMO_FLAGS), "iterative_dpo": (DEMO_DPO_EXPERIMENT, DPO_DEMO_FLAGS)}
 
 
 def demo(argv: list[str]) -> int:
     p = ArgumentParser(
         prog="itertrain demo", allow_abbrev=False,
-        description="The built-in demo: expert iteration on the arithmetic task with a tiny model, on CPU. "
-                    "Every `itertrain train` flag passes through and overrides the demo's own "
-                    "(e.g. --num_iterations 5, --seed 1, --max_steps 400, --strategy iterative_dpo); "
+        description="The built-in demo: expert iteration (or, with --strategy iterative_dpo, iterative DPO) on the "
+                    "arithmetic task with a tiny model, on CPU. Every `itertrain train` flag passes through and "
+                    "overrides the demo's own (e.g. --num_iterations 5, --seed 1, --max_steps 400); "
                     "`itertrain train --help` lists them.",
     )
     p.add_argument("--output_dir", default="itertrain-demo",
-                   help="where the model (OUTPUT_DIR/tiny-model) and the experiment (OUTPUT_DIR/experiment) go")
+                   help="where the model (OUTPUT_DIR/tiny-model) and the experiment (OUTPUT_DIR/experiment, "
+                        "or OUTPUT_DIR/experiment-dpo for iterative_dpo) go")
+    p.add_argument("--strategy", default="expert_iteration", choices=sorted(STRATEGIES),
+                   help="expert_iteration (the default) or iterative_dpo (the same iteration 0 and problems, then DPO "
+                        "on right/wrong answer pairs; needs itertrain[dpo])")
     ns, extra = p.parse_known_args(argv)
     root = Path(ns.output_dir)
     model_dir = root / "tiny-model"
-    exp_dir = root / "experiment"
+    exp_name, flags = STRATEGIES[ns.strategy]
+    exp_dir = root / exp_name
     if not (model_dir / "config.json").exists():
         from itertrain.tiny_model import init_model
 
@@ -65,7 +92,7 @@ def demo(argv: list[str]) -> int:
     from itertrain.loop import run_experiment
     from itertrain.parser import parse_train_args
 
-    cfg = parse_train_args(["--model_name", str(model_dir), "--output_dir", str(exp_dir), *DEMO_FLAGS, *extra])
+    cfg = parse_train_args(["--model_name", str(model_dir), "--output_dir", str(exp_dir), *flags, *extra])
     code = run_experiment(cfg)
     if code == 0:
         from itertrain.plot import metrics_table, plot_metrics

@@ -1,27 +1,109 @@
-"""The few collective operations the loop needs: rank 0 decides, everyone follows (SPEC §5)."""
+"""The few collective operations the loop needs: rank 0 decides, everyone follows (SPEC §5).
+
+Two process groups, both created by `init` before the flags are parsed (HF's TrainingArguments would
+otherwise create the default group while parsing, through accelerate, with a 30-minute timeout on CPU
+whatever --ddp_timeout says; accelerate reuses a group that exists):
+- the default group (gloo on CPU, NCCL on GPU): training's collectives, `--dist_timeout_s`;
+- a gloo group for itertrain's own collectives (plan broadcast, commit barriers, the preemption check),
+  `--dist_io_timeout_s`: in these the other ranks often wait while rank 0 alone verifies, writes or
+  hashes an artifact, which may take far longer than a training step.
+A rank that dies is noticed at once (its sockets close); one that freezes, within the timeout. Either
+way every rank stops with one line (`DistributedFailure`), and torchrun restarts the job when it may.
+"""
 
 from __future__ import annotations
 
 import os
+import re
+import threading
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 
+from itertrain.errors import DistributedFailure
+
 T = TypeVar("T")
 
+_io_group: Any = None
+_io_timeout_s: float = 1800.0
+INIT_FAILED_EXIT = 1  # torchrun restarts on any non-zero code
 
-def init() -> None:
-    """Join the torchrun process group early (before HF does), so the plan can be broadcast."""
+# How gloo and NCCL report a peer that is gone or silent (their errors carry no type of their own
+# in every version).
+_COMM_MARKERS = ("Connection reset by peer", "Connection closed by peer", "Connection refused", "Broken pipe",
+                 "Timed out waiting", "timed out", "Timeout", "connectFullMesh", "NCCL", "Socket", "EOF")
+
+
+def is_comm_error(e: BaseException) -> bool:
+    """True when `e` says another rank is gone or did not answer."""
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    return isinstance(e, RuntimeError) and any(m in str(e) for m in _COMM_MARKERS)
+
+
+def short(e: BaseException) -> str:
+    """The gist of a library error: its first sentence, without gloo's source-file prefix."""
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    first = re.sub(r"^\[[^\]]*\.(cpp|cc|h):\d+\]\s*", "", first)
+    return first.split(". ")[0][:200]
+
+
+def lost_contact(e: BaseException, doing: str, timeout_s: float | None = None) -> DistributedFailure:
+    """The one-line failure for a collective that found a peer gone or silent."""
+    first = short(e)
+    bound = f" or did not answer within {timeout_s:.0f}s" if timeout_s else ""
+    return DistributedFailure(
+        f"rank {rank()} lost contact with another rank while {doing} (a rank or node died, was stopped{bound}): "
+        f"{first}. Committed work is intact; relaunch with --resume_from auto --resume_from_iteration auto"
+    )
+
+
+def init(timeout_s: float = 300.0, io_timeout_s: float = 1800.0) -> None:
+    """Join the torchrun process group (before the flags are parsed; a no-op for one process).
+
+    A fresh key space per torchrun restart (`launcher.rendezvous_store`), and a watchdog: an init that
+    does not finish within `timeout_s` (a peer that never comes) exits with one line, so that torchrun
+    can restart; an init that fails does the same through `DistributedFailure`."""
+    global _io_group, _io_timeout_s
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return
+    from itertrain import launcher
+
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = "nccl"
     else:
         backend = "gloo"
-    dist.init_process_group(backend=backend, timeout=timedelta(minutes=int(os.environ.get("ITERTRAIN_DIST_TIMEOUT_MIN", "30"))))
+    timeout = timedelta(seconds=timeout_s)
+    watchdog = threading.Timer(timeout_s, _init_expired, args=(timeout_s,))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        store = launcher.rendezvous_store(timeout)
+        if store is None:
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:
+            dist.init_process_group(backend=backend, store=store, rank=int(os.environ["RANK"]),
+                                    world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
+        _io_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=io_timeout_s))
+        _io_timeout_s = io_timeout_s
+    except (RuntimeError, ValueError, OSError) as e:
+        raise DistributedFailure(f"process-group init failed on rank {os.environ.get('RANK')} "
+                                 f"(restart {launcher.restart_count()}): {short(e)}") from e
+    finally:
+        watchdog.cancel()
+
+
+def _init_expired(timeout_s: float) -> None:
+    from itertrain import console, launcher
+
+    if console.prints_messages(every_node=True):
+        console.emit(f"itertrain: error: process-group init did not finish within --dist_timeout_s={timeout_s:.0f}s "
+                     f"(rank {os.environ.get('RANK')}, restart {launcher.restart_count()}): a rank or node did not "
+                     "join; exiting so that torchrun can restart")
+    os._exit(INIT_FAILED_EXIT)
 
 
 def active() -> bool:
@@ -40,9 +122,18 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def _collective(fn: Callable[[], T], doing: str) -> T:
+    try:
+        return fn()
+    except RuntimeError as e:
+        if is_comm_error(e):
+            raise lost_contact(e, doing, _io_timeout_s) from e
+        raise
+
+
 def barrier() -> None:
     if active():
-        dist.barrier()
+        _collective(lambda: dist.barrier(group=_io_group), "waiting for every rank")
 
 
 def broadcast(obj: T) -> T:
@@ -50,7 +141,7 @@ def broadcast(obj: T) -> T:
     if not active():
         return obj
     box = [obj if is_main() else None]
-    dist.broadcast_object_list(box, src=0)
+    _collective(lambda: dist.broadcast_object_list(box, src=0, group=_io_group), "waiting for rank 0")
     return box[0]  # type: ignore[return-value]
 
 
@@ -59,8 +150,26 @@ def all_gather(obj: T) -> list[T]:
     if not active():
         return [obj]
     out: list[Any] = [None] * world_size()
-    dist.all_gather_object(out, obj)
+    _collective(lambda: dist.all_gather_object(out, obj, group=_io_group), "gathering from every rank")
     return out
+
+
+def merge_gathered(part: dict) -> dict:
+    """The union of every rank's dict, on every rank (e.g. results of work dealt across ranks)."""
+    merged: dict = {}
+    for p in all_gather(part):
+        merged.update(p)
+    return merged
+
+
+def max_over_ranks(value: int) -> int:
+    """The largest of every rank's `value`, on every rank: one small all-reduce on the CPU group
+    (no GPU synchronisation)."""
+    if not active():
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    _collective(lambda: dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_io_group), "agreeing with every rank")
+    return int(t.item())
 
 
 def run_on_main(fn, *args, **kwargs):
@@ -83,5 +192,7 @@ def run_on_main(fn, *args, **kwargs):
 
 
 def shutdown() -> None:
+    global _io_group
     if active():
         dist.destroy_process_group()
+    _io_group = None

@@ -7,6 +7,8 @@ class ItertrainError(Exception):
     """Base class: a failure with a readable one-paragraph message for the user."""
 
     exit_code = 1
+    label = "error"  # the message reads `itertrain: <label>: <message>`
+    every_node = False  # printed by rank 0 only; True: also by each node's local rank 0
 
 
 class UsageError(ItertrainError):
@@ -43,3 +45,22 @@ class RewardFunctionError(ItertrainError):
     """A user reward function raised or returned something that is not a number."""
 
     exit_code = 1
+
+
+class DistributedFailure(ItertrainError):
+    """Another rank or node is gone or did not answer in time (exit 1). Printed on every node, so each
+    node's own log says why it stopped; torchrun restarts the job when restarts remain."""
+
+    exit_code = 1
+    every_node = True
+
+
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: what schedulers treat as "terminated, retry" (README, Exit codes)
+
+
+class Preempted(ItertrainError):
+    """Stopped on SIGTERM/SIGUSR1 at a committed point: a checkpoint at the step it stopped, or the last
+    committed stage boundary. Relaunching with auto/auto resumes there (exit 143)."""
+
+    exit_code = PREEMPTED_EXIT_CODE
+    label = "preempted"

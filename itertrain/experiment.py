@@ -17,14 +17,16 @@ from itertrain.layout import EXPERIMENT_RECORD, MANIFEST_NAME, Kind, scan
 SCHEMA_VERSION = 1
 # A change to these is a different experiment (model, strategy, data): refused without
 # --allow_config_change. Each strategy adds its own (`Strategy.defining_fields`).
-DEFINING = ("model_name", "tokenizer_name", "strategy", "task", "iteration_init", "train_file", "eval_file")
+DEFINING = ("model_name", "tokenizer_name", "strategy", "task", "iteration_init", "train_file", "eval_file",
+            "use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "iteration_model")
 # Changes to these are expected and not worth a warning.
 _QUIET = {
     "resume_from", "resume_from_iteration", "overwrite_output_dir", "allow_config_change", "output_dir",
     "logging_dir", "local_rank", "run_name", "disable_tqdm", "log_level", "log_level_replica",
+    "preemption", "preemption_grace_s", "dist_timeout_s", "dist_io_timeout_s",  # how this launch runs, not what
 }
 _MAX_LAUNCHES = 100
-_PATHS = ("model_name", "tokenizer_name", "train_file", "eval_file", "prompts_file")
+_PATHS = ("model_name", "tokenizer_name", "train_file", "eval_file", "prompts_file", "reward_model")
 
 
 def load_record(root: Path) -> dict[str, Any]:
@@ -55,6 +57,8 @@ def resolved_arguments(cfg: RunConfig) -> dict[str, Any]:
     """The arguments worth recording (JSON-safe)."""
     args: dict[str, Any] = {}
     for group in cfg.groups()[:-1]:
+        if group is cfg.lora and not cfg.lora.use_peft:
+            continue  # LoRA settings mean nothing without --use_peft (and records from before LoRA have none)
         args.update(dataclass_dict(group))
     training = json.loads(cfg.training.to_json_string())
     args.update({k: v for k, v in training.items() if k not in args})

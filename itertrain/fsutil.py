@@ -58,6 +58,12 @@ def describe_write_error(e: OSError, path: Path) -> str:
         what = "an I/O error occurred (EIO)"
     elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         what = f"the location is not writable ({errno.errorcode.get(e.errno, e.errno)})"
+    elif e.errno == errno.EDQUOT:
+        what = "the disk quota is exhausted (EDQUOT)"
+    elif e.errno == errno.EFBIG:
+        limit = _file_size_limit()
+        what = ("a file reached the file size limit of this process (EFBIG; ulimit -f allows "
+                f"{limit} bytes)" if limit is not None else "a file is too large for the file system (EFBIG)")
     else:
         what = f"{e.strerror or e} ({errno.errorcode.get(e.errno or 0, e.errno)})"
     where = f" ({e.filename})" if e.filename and str(e.filename) not in str(path) else ""
@@ -83,6 +89,48 @@ def _free_bytes(path: Path) -> int | None:
     return None
 
 
+def _file_size_limit() -> int | None:
+    """This process's RLIMIT_FSIZE (`ulimit -f`) in bytes, None when unlimited."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def _diagnose(path: Path) -> OSError | None:
+    """The cause of a write that failed inside a library that gives no errno (torch's archive writer
+    says only "unexpected pos" or "file write failed"), read from the state it left: a full disk, a
+    read-only file system, a file at this process's size limit. None when none of these shows."""
+    path = Path(path)
+    free = _free_bytes(path)
+    if free is not None and free < (1 << 20):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None:
+        try:
+            if os.statvfs(existing).f_flag & os.ST_RDONLY:
+                return OSError(errno.EROFS, os.strerror(errno.EROFS))
+        except OSError:
+            pass
+        if not os.access(existing if existing.is_dir() else existing.parent, os.W_OK):
+            return OSError(errno.EACCES, os.strerror(errno.EACCES))
+    limit = _file_size_limit()
+    if limit is not None and existing is not None:
+        # The file that stopped growing at the limit is the one that failed: name it.
+        files = [existing] if existing.is_file() else [existing / f for f in tree_files(existing)]
+        full = next((f for f in files if _size(f) >= limit), None)
+        if full is not None:
+            return OSError(errno.EFBIG, os.strerror(errno.EFBIG), full.name)
+    return None
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -1
+
+
 def describe_library_write_error(e: BaseException, path: Path) -> str | None:
     """One readable sentence for a write that failed inside torch/safetensors/HF, or None when `e` is
     not a failed write. Their errors carry no errno: it is read from the text, or from the disk."""
@@ -94,9 +142,9 @@ def describe_library_write_error(e: BaseException, path: Path) -> str | None:
     for marker, code in _ERRNO_TEXTS.items():
         if marker in text:
             return describe_write_error(OSError(code, os.strerror(code)), path)
-    free = _free_bytes(path)
-    if free is not None and free < (1 << 20):
-        return describe_write_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), path)
+    cause = _diagnose(path)
+    if cause is not None:
+        return describe_write_error(cause, path)
     first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
     return f"could not write {path}: the write failed ({first[:160]})"
 

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from itertrain import distributed, faults
+
+T = TypeVar("T")
 
 
 def example_seed(*parts: int | str) -> int:
@@ -69,6 +71,12 @@ def _generate_batch(model, tokenizer, batch: list[Request], *, seed_parts: tuple
     return [tokenizer.decode(row, skip_special_tokens=True) for row in new]
 
 
+def deal(batches: list[T]) -> list[T]:
+    """This rank's share of batches formed over the whole work, dealt round-robin: which batches
+    exist does not depend on the number of ranks."""
+    return batches[distributed.rank()::distributed.world_size()]
+
+
 def sample_completions(
     model,
     tokenizer,
@@ -112,9 +120,7 @@ def sample_completions(
     bar.close()
     if was_training:
         model.train()
-    merged: dict[tuple[int, int], str] = {}
-    for part in distributed.all_gather(results):
-        merged.update(part)
+    merged = distributed.merge_gathered(results)
     return [[merged[(i, s)] for s in range(samples_per_prompt)] for i in range(len(prompts))]
 
 

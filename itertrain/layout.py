@@ -14,15 +14,14 @@ from enum import Enum
 from pathlib import Path
 from typing import Protocol
 
-# HF's own names, where HF defines them outside the (torch-importing) trainer module.
-from transformers.utils import (  # noqa: F401 - re-exported: the layout's file names
-    ADAPTER_CONFIG_NAME,
-    ADAPTER_SAFE_WEIGHTS_NAME,
-    CONFIG_NAME,
-    GENERATION_CONFIG_NAME,
-    SAFE_WEIGHTS_INDEX_NAME,
-    SAFE_WEIGHTS_NAME,
-)
+# HF's own file names (transformers.utils defines them; a test guards that they agree). Written out
+# here because importing transformers.utils imports torch on transformers 4.x, and this module is pure.
+CONFIG_NAME = "config.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_SAFE_WEIGHTS_NAME = "adapter_model.safetensors"
 
 # ---- directory and file names of an experiment -------------------------------------------------
 EXPERIMENT_RECORD = "itertrain.json"
@@ -33,6 +32,7 @@ RUNS_DIR = "runs"
 DATA_DIR = "data"
 BASE_MODEL_DIR = "base_model"  # the guide's layout: the model of iteration 0, written by another tool
 DEMO_EXPERIMENT = "experiment"  # `itertrain demo --output_dir D` keeps its experiment in D/experiment
+DEMO_DPO_EXPERIMENT = "experiment-dpo"  # and `itertrain demo --strategy iterative_dpo` in D/experiment-dpo
 
 CHECKPOINT_PREFIX = "checkpoint"  # = transformers.trainer_utils.PREFIX_CHECKPOINT_DIR (guarded by a test)
 CHECKPOINT_RE = re.compile(r"^checkpoint-([0-9]+)$")
@@ -48,10 +48,13 @@ TRAINING_ARGS_NAME = "training_args.bin"
 RNG_STATE_SINGLE = "rng_state.pth"
 FSDP_MODEL_PREFIX = "pytorch_model_fsdp"  # FSDP SHARDED_STATE_DICT: pytorch_model_fsdp_0/ (DCP)
 FSDP_OPTIMIZER_PREFIX = "optimizer"  # FSDP SHARDED_STATE_DICT: optimizer_0/ (DCP)
+FSDP_DIR_RE = re.compile(rf"^({FSDP_MODEL_PREFIX}|{FSDP_OPTIMIZER_PREFIX})_[0-9]+$")
 DEEPSPEED_STEP_RE = re.compile(r"^global_step[0-9]+$")
+DEEPSPEED_LATEST = "latest"  # DeepSpeed's pointer to the global_stepN/ of a checkpoint
 
 WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, ADAPTER_SAFE_WEIGHTS_NAME)
 TORCH_STATE_FILES = (OPTIMIZER_NAME, SCHEDULER_NAME)  # torch archives a full restore reads
+OPTIMIZER_FSDP_FULL = "optimizer.bin"  # FSDP FULL_STATE_DICT (HF's default): the whole state, by parameter name
 # Files of an iteration model that can be recreated from the base model when missing (SPEC §3).
 AUX_RE = re.compile(
     r"^(config\.json|generation_config\.json|tokenizer.*|special_tokens_map\.json|vocab\..*|merges\.txt|chat_template.*"
@@ -62,6 +65,39 @@ AUX_RE = re.compile(
 def rng_state_name(rank: int, world_size: int) -> str:
     """The RNG file HF Trainer writes for `rank` (one file on a single process)."""
     return RNG_STATE_SINGLE if world_size <= 1 else f"rng_state_{rank}.pth"
+
+
+def optimizer_file(checkpoint: str | Path) -> Path | None:
+    """The optimizer state file of a checkpoint: `optimizer.pt`, or FSDP FULL_STATE_DICT's
+    `optimizer.bin`; None when the optimizer state is sharded (or missing)."""
+    for name in (OPTIMIZER_NAME, OPTIMIZER_FSDP_FULL):
+        if (Path(checkpoint) / name).exists():
+            return Path(checkpoint) / name
+    return None
+
+
+def fsdp_dirs(checkpoint: str | Path) -> tuple[Path | None, Path | None]:
+    """(sharded weights, sharded optimizer) directories of a checkpoint HF wrote under FSDP with
+    SHARDED_STATE_DICT (`pytorch_model_fsdp_0/`, `optimizer_0/`), None where absent."""
+    found: dict[str, Path] = {}
+    for e in _entries(str(checkpoint)):
+        if _is_dir(e) and (m := FSDP_DIR_RE.match(e.name)):
+            found.setdefault(m.group(1), Path(checkpoint) / e.name)
+    return found.get(FSDP_MODEL_PREFIX), found.get(FSDP_OPTIMIZER_PREFIX)
+
+
+def deepspeed_step_dir(checkpoint: str | Path) -> Path | None:
+    """The `global_stepN/` of a checkpoint HF wrote under DeepSpeed: the one `latest` names (DeepSpeed
+    writes it after every file), else the only one there is."""
+    checkpoint = Path(checkpoint)
+    try:
+        tag = (checkpoint / DEEPSPEED_LATEST).read_text().strip()
+    except OSError:
+        tag = None
+    if tag is not None:
+        return checkpoint / tag if DEEPSPEED_STEP_RE.match(tag) and (checkpoint / tag).is_dir() else None
+    steps = [Path(checkpoint) / e.name for e in _entries(str(checkpoint)) if _is_dir(e) and DEEPSPEED_STEP_RE.match(e.name)]
+    return steps[0] if len(steps) == 1 else None
 
 
 class Kind(str, Enum):
@@ -89,16 +125,17 @@ def parse_iteration_name(name: str) -> int | None:
 
 
 def experiment_dir(path: str | Path) -> Path:
-    """The experiment a user means: DIR itself, or DIR/experiment when DIR is a demo's --output_dir."""
+    """The experiment a user means: DIR itself, or DIR/experiment (else DIR/experiment-dpo) when DIR is a
+    demo's --output_dir."""
     from itertrain.errors import UsageError
 
     root = Path(path)
     if not root.is_dir():
         raise UsageError(f"{root} is not a directory: pass an experiment's --output_dir")
-    inner = root / DEMO_EXPERIMENT
-    if not (root / EXPERIMENT_RECORD).exists() and (inner / EXPERIMENT_RECORD).exists():
-        return inner
-    return root
+    if (root / EXPERIMENT_RECORD).exists():
+        return root
+    return next((root / name for name in (DEMO_EXPERIMENT, DEMO_DPO_EXPERIMENT)
+                 if (root / name / EXPERIMENT_RECORD).exists()), root)
 
 
 def is_top_level(rel: str) -> bool:

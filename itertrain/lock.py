@@ -23,7 +23,7 @@ class RunLock:
         self.path = Path(output_dir) / LOCK_NAME
         self._fd: int | None = None
         self._previous: bytes | None = None
-        self._created_dir = False
+        self._created: list[Path] = []  # directories this launch created for the lock, deepest last
 
     def acquire(self) -> None:
         """Take the lock or raise LockHeld naming the holder."""
@@ -41,9 +41,10 @@ class RunLock:
 
             raise UsageError(f"{self.path} is a symbolic link; itertrain never writes through one. Remove it "
                              "(it is recreated by the next run)")
-        if not self.path.parent.exists():
+        missing = [d for d in (self.path.parent, *self.path.parent.parents) if not d.exists()]
+        if missing:
             self.path.parent.mkdir(parents=True)
-            self._created_dir = True
+            self._created = missing[::-1]  # e.g. ./experiments/ and ./experiments/new_experiment/
         while True:
             try:
                 self._previous = self.path.read_bytes()
@@ -79,11 +80,11 @@ class RunLock:
             if restore:
                 if self._previous is None:
                     os.unlink(self.path)
-                    if self._created_dir:
+                    for d in reversed(self._created):  # a refused launch leaves no directory behind
                         try:
-                            self.path.parent.rmdir()
+                            d.rmdir()
                         except OSError:
-                            pass
+                            break
                 else:
                     os.ftruncate(self._fd, 0)
                     os.pwrite(self._fd, self._previous, 0)

@@ -10,29 +10,35 @@ launch record, housekeeping after a crash) has nothing to do in between iteratio
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 import os
 import time
 from pathlib import Path
 from typing import Any
 
-from itertrain import distributed, faults
+from itertrain import distributed, faults, launcher, preemption
 from itertrain.args import RunConfig
 from itertrain.artifacts.manager import CheckpointConfig, CheckpointManager
 from itertrain.artifacts.manifest import fingerprint
 from itertrain.artifacts.retention import RetentionPolicy
-from itertrain.errors import ArtifactWriteError, TrainingFailed, UsageError
+from itertrain.errors import ArtifactWriteError, ItertrainError, TrainingFailed, UsageError
 from itertrain.experiment import DEFINING, check_resume, load_record, record_iteration
 from itertrain.fsutil import describe_library_write_error
+from itertrain.layout import MANIFEST_NAME, checkpoint_name
 from itertrain.lock import RunLock
+from itertrain.lora import ADAPTER, MERGED, settings_of
+from itertrain.lora.links import LORA, base_dir, lora_lineage
+from itertrain.lora.model import IterationModelSaver, load_iteration_model
 from itertrain.metrics import IterationLossCallback, MetricsLog, TensorBoardCallback, tensorboard_dir
 from itertrain.recovery.flags import AUTO, BASE, RecoveryFlags
 from itertrain.recovery.plan import Mode, RecoveryPlan, StateScope
 from itertrain.recovery.prepare import check_writes, hyperparameters, prepare_output_dir, print_report, resume_changes
-from itertrain.recovery.resolve import LoadOptions, Resolved, resolve
-from itertrain.recovery.restore import OptimizerMomentsCallback, load_model
+from itertrain.recovery.resolve import LoadOptions, Resolved, resolve, restored_lineage
+from itertrain.recovery.restore import OptimizerMomentsCallback
+from itertrain.shared_dir import check_same_output_dir
 from itertrain.strategies import ModelSource, Strategy, StrategyContext, load_strategy
-from itertrain.trainer import attach, with_recovery_hooks
+from itertrain.trainer import FaultPointCallback, attach, gathered_weights, with_recovery_hooks
 
 
 def say(msg: str) -> None:
@@ -45,26 +51,30 @@ def run_experiment(cfg: RunConfig) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-file load/save bars; the training bar stays
-    distributed.init()
+    distributed.init(cfg.dist.dist_timeout_s, cfg.dist.dist_io_timeout_s)  # done already when launched by the CLI
     root = cfg.output_dir
     tokenizer = _load_tokenizer(cfg)  # a bad tokenizer is a usage error: found before anything is written
     manager = CheckpointManager(CheckpointConfig(
         output_dir=root,
         retention=RetentionPolicy(cfg.training.save_total_limit, cfg.loop.keep_iteration_checkpoints,
-                                  carry_optimizer=cfg.loop.iteration_init == "previous"),
+                                  # a merged LoRA iteration starts a fresh adapter: no moments to carry
+                                  carry_optimizer=cfg.loop.iteration_init == "previous" and cfg.lora.mode != MERGED),
         fsync=cfg.loop.fsync, async_commit=cfg.loop.async_commit, async_save=cfg.loop.async_save,
         world_size=distributed.world_size(),
     ))
     strategy_cls = load_strategy(cfg.loop.strategy)
     ctx = StrategyContext(cfg, root, tokenizer, commit_data=manager.commit_data, move_aside=manager.move_aside)
     strategy = strategy_cls(ctx)
+    check_same_output_dir(root)  # a node-local output dir: exit 2, before the lock or anything is written
     lock = RunLock(root)
     distributed.run_on_main(lock.acquire)
     wrote = False
     try:
         record = distributed.run_on_main(load_record, root)
+        flags, restart_notes = launch_flags(cfg, record)
         opts = LoadOptions(cfg.model.model_name, cfg.model.tokenizer_name, cfg.model.model_dtype,
-                           cfg.model.trust_remote_code)
+                           cfg.model.trust_remote_code, settings_of(cfg.lora) if cfg.lora.use_peft else None,
+                           cfg.training.seed, deepspeed=bool(cfg.training.deepspeed), fsdp=bool(cfg.training.fsdp))
         defining = (*DEFINING, *strategy_cls.defining_fields)
         config_warnings: list[str] = []
 
@@ -74,14 +84,24 @@ def run_experiment(cfg: RunConfig) -> int:
             if plan.mode == Mode.COMPLETE:
                 return
             if plan.mode != Mode.FRESH:
-                config_warnings[:] = distributed.run_on_main(check_resume, record, cfg, defining)
-                config_warnings.extend(distributed.run_on_main(resume_changes, plan, root, cfg))
-            data_iterations = [k for k in range(plan.iteration, cfg.loop.num_iterations) if strategy.generates(k)]
-            distributed.run_on_main(check_writes, plan, root, cfg, data_iterations)
-            with_recovery_hooks(strategy.trainer_class())  # a Trainer class that would bypass the hooks: exit 2
+                changed = distributed.run_on_main(check_resume, record, cfg, defining)
+                applies = distributed.run_on_main(resume_changes, plan, root, cfg)
+                # A change that resume_changes explains (what applies now, what from the next
+                # iteration) is said once, that way, not also as a bare "argument changed".
+                explained = tuple(f"argument changed: {line.split(' ', 1)[0]}: " for line in applies)
+                config_warnings[:] = [w for w in changed if not w.startswith(explained)] + applies
+            iterations = range(plan.iteration, cfg.loop.num_iterations)
+            distributed.run_on_main(check_writes, plan, root, cfg, [k for k in iterations if strategy.generates(k)])
+            for k in iterations:
+                with_recovery_hooks(strategy.trainer_class_for(k))  # a Trainer class that would bypass the hooks: exit 2
             distributed.run_on_main(strategy.preflight, plan.iteration)
+            restored = distributed.run_on_main(restored_lineage, root, plan)
+            if restored is not None:  # what the checkpoint depends on but does not hold must be as it was
+                source = plan_source(ctx, plan, restored)
+                distributed.run_on_main(strategy.check_restored, plan.iteration, source, restored, plan.state_from)
 
-        resolved = resolve(root, cfg.recovery_flags(), record, opts, before_load=before_load)
+        resolved = resolve(root, flags, record, opts, before_load=before_load)
+        resolved.notes[:0] = restart_notes
         plan = resolved.plan
         distributed.run_on_main(print_report, resolved, cfg, config_warnings)
         if plan.mode == Mode.COMPLETE:
@@ -90,7 +110,8 @@ def run_experiment(cfg: RunConfig) -> int:
         wrote = True
         record = distributed.run_on_main(prepare_output_dir, cfg, resolved, record, manager, config_warnings)
         metrics = MetricsLog(root) if distributed.is_main() else None
-        auto = RecoveryFlags(AUTO, AUTO, False, cfg.loop.num_iterations, cfg.loop.iteration_init)
+        auto = dataclasses.replace(cfg.recovery_flags(), resume_from=AUTO, resume_from_iteration=AUTO,
+                                   overwrite_output_dir=False)
         while True:
             run_iteration(ctx, strategy, manager, resolved, record, metrics)
             if resolved.plan.iteration + 1 >= cfg.loop.num_iterations:
@@ -106,6 +127,22 @@ def run_experiment(cfg: RunConfig) -> int:
         if distributed.is_main():
             lock.release(restore=not wrote)
 
+
+
+def launch_flags(cfg: RunConfig, record: dict) -> tuple[RecoveryFlags, list[str]]:
+    """The recovery flags of this launch, and a report line when torchrun restarted it: a restarted
+    worker continues its launch as auto/auto would (see `launcher.continues_earlier_attempt`)."""
+    flags = cfg.recovery_flags()
+    n = launcher.restart_count()
+    if n < 1:
+        return flags, []
+    of = f" of {launcher.max_restarts()}" if launcher.max_restarts() else ""
+    if not launcher.continues_earlier_attempt(record):
+        return flags, [f"🔁 torchrun restart {n}{of}: no earlier attempt of this launch got to train, so the "
+                       "command line's recovery flags apply as written"]
+    auto = RecoveryFlags(AUTO, AUTO, False, cfg.loop.num_iterations, cfg.loop.iteration_init)
+    return auto, [f"🔁 torchrun restart {n}{of}: continuing this launch as --resume_from auto "
+                  "--resume_from_iteration auto (unattended recovery)"]
 
 
 def _load_tokenizer(cfg: RunConfig):
@@ -159,24 +196,30 @@ def iteration_train_loss(state, fallback: float) -> float:
     return sum(losses) / len(losses) if losses else fallback
 
 
-def _source(ctx: StrategyContext, resolved: Resolved) -> ModelSource:
-    """The previous iteration's model, as the plan names it: what this iteration's data comes from."""
-    plan, root = resolved.plan, ctx.root
+def plan_source(ctx: StrategyContext, plan: RecoveryPlan, restored: dict | None, loaded: Any = None) -> ModelSource:
+    """The previous iteration's model, as the plan names it: what this iteration's data comes from.
+    `restored`: the lineage of a checkpoint restored in full; `loaded`: the previous model when it is
+    already loaded (it is the starting weights)."""
+    root, cfg = ctx.root, ctx.cfg
     path = plan.previous_model
     if path is None:
-        lineage = resolved.restored or {}
+        lineage = restored or {}
         return ModelSource(lineage.get("previous_model") or "unknown", lineage.get("previous_id"),
                            load=lambda: _missing(plan))
-    loaded = resolved.model if plan.weights_from == path and plan.state_scope != StateScope.FULL else None
-    cfg = ctx.cfg
 
     def load():
         nonlocal loaded
-        if loaded is None:
-            loaded = load_model(root / path, cfg.model.model_dtype, cfg.model.trust_remote_code)
+        if loaded is None:  # an adapter-only iteration model is loaded on its base model
+            loaded = load_iteration_model(root / path, cfg)
         return loaded
 
     return ModelSource(path, fingerprint(root / path), load)
+
+
+def _source(ctx: StrategyContext, resolved: Resolved) -> ModelSource:
+    plan = resolved.plan
+    same = plan.weights_from == plan.previous_model and plan.state_scope != StateScope.FULL
+    return plan_source(ctx, plan, resolved.restored, resolved.model if same else None)
 
 
 def _missing(plan: RecoveryPlan):
@@ -188,8 +231,8 @@ def _missing(plan: RecoveryPlan):
 def build_trainer(strategy: Strategy, manager: CheckpointManager, resolved: Resolved, k: int, train_ds, eval_ds):
     """The strategy's Trainer class with itertrain's hooks, for iteration k."""
     cfg, root, plan = strategy.ctx.cfg, strategy.ctx.root, resolved.plan
-    args = iteration_training_args(cfg, k)
-    callbacks: list[Any] = []
+    args = strategy.training_arguments(k, iteration_training_args(cfg, k))
+    callbacks: list[Any] = [FaultPointCallback()]
     if plan.state_scope == StateScope.OPTIMIZER and plan.state_from:
         callbacks.append(OptimizerMomentsCallback(root / plan.state_from))
     if _reports_to_tensorboard(args):
@@ -200,7 +243,7 @@ def build_trainer(strategy: Strategy, manager: CheckpointManager, resolved: Reso
             args.logging_dir = os.environ["TENSORBOARD_LOGGING_DIR"]
     elif distributed.is_main():
         callbacks.append(TensorBoardCallback(root, k))
-    cls = with_recovery_hooks(strategy.trainer_class())
+    cls = with_recovery_hooks(strategy.trainer_class_for(k))
     trainer = cls(model=resolved.model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, callbacks=callbacks,
                   **strategy.trainer_kwargs(k, resolved.model, args))
     trainer.callback_handler.callbacks.insert(0, IterationLossCallback())  # before HF's printers
@@ -218,17 +261,22 @@ def run_iteration(ctx: StrategyContext, strategy: Strategy, manager: CheckpointM
     gen_stats: dict[str, Any] = {}
     if strategy.generates(k):
         say(f"🔁 iteration {k + 1}/{n} (iter_{k}) · stage: generate")
+        preemption.set_phase(f"generate (iteration {k})")
         faults.point("stage.generate")
         gen_stats = strategy.generate(k, source) or {}
 
     say(f"🔁 iteration {k + 1}/{n} (iter_{k}) · stage: train"
         + (f" (continuing at step {plan.step})" if plan.step else ""))
+    preemption.set_phase(f"the set-up of training (iteration {k})")
     faults.point("stage.train")
     weights_id = fingerprint(root / plan.weights_from) if plan.weights_from != BASE else "base"
+    lora = distributed.run_on_main(lora_lineage, cfg, plan, root)
     manager.start_iteration(k, {
         "weights_from": plan.weights_from, "weights_id": weights_id, "state_from": plan.state_from,
         "state_scope": plan.state_scope.value, "previous_model": source.path, "previous_id": source.fingerprint,
         "experiment_id": record.get("experiment_id"), "hyperparameters": hyperparameters(cfg, resolved.restored),
+        **strategy.iteration_lineage(k, source),
+        **lora,
     })
     train_ds, eval_ds = strategy.train_dataset(k), strategy.eval_dataset(k)
     trainer = build_trainer(strategy, manager, resolved, k, train_ds, eval_ds)
@@ -243,17 +291,22 @@ def run_iteration(ctx: StrategyContext, strategy: Strategy, manager: CheckpointM
             training_loss = iteration_train_loss(finished, float("nan"))
         else:
             training_loss = trainer.train(resume_from_checkpoint=resume).training_loss
-    except ArtifactWriteError:
+    except ItertrainError:
         raise
     except Exception as e:  # noqa: BLE001 - a failed write inside a library, or training itself failed
         message = describe_library_write_error(e, root)
         if message is not None:
             raise ArtifactWriteError(f"training of iteration {k} failed while writing: {message}") from e
+        if distributed.is_comm_error(e):
+            raise distributed.lost_contact(e, f"training iteration {k}", cfg.dist.dist_timeout_s) from e
         if isinstance(e, RuntimeError):
             raise TrainingFailed(f"training of iteration {k} failed: {str(e).splitlines()[0] if str(e) else e}") from e
         raise
+    step = trainer.state.global_step
+    preemption.raise_if_stopped(k, step, (root / checkpoint_name(step) / MANIFEST_NAME).exists())
 
     say(f"🔁 iteration {k + 1}/{n} (iter_{k}) · stage: evaluate")
+    preemption.set_phase(f"evaluate (iteration {k})")
     faults.point("stage.evaluate")
     results: dict[str, Any] = {"iteration": k, "train_loss": iteration_train_loss(trainer.state, training_loss),
                                "steps": trainer.state.global_step}
@@ -266,10 +319,16 @@ def run_iteration(ctx: StrategyContext, strategy: Strategy, manager: CheckpointM
     results["wall_time_s"] = round(time.time() - started, 2)
 
     say(f"🔁 iteration {k + 1}/{n} (iter_{k}) · stage: commit")
+    preemption.set_phase(f"commit (iteration {k})")
     faults.point("stage.commit")
+    model = trainer.model
+    if plan.lora:  # the merged model, or the adapter only with the reference to its base model
+        model = IterationModelSaver(model, plan.lora, base_dir(root, str(plan.adapter_base), cfg.model.model_name))
     manager.commit_iteration_model(
-        trainer.model, ctx.tokenizer, k, trainer.state.global_step, last=k + 1 >= n,
+        model, ctx.tokenizer, k, trainer.state.global_step, last=k + 1 >= n,
         max_shard_size=cfg.model.max_shard_size, metrics=results, replaces=resolved.replaces,
+        extra=lora if plan.lora == ADAPTER else {LORA: lora[LORA]} if lora else None,
+        state_dict=gathered_weights(trainer),
     )
     if metrics is not None:
         metrics.rebuild()

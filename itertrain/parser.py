@@ -8,19 +8,29 @@ from __future__ import annotations
 import json
 import os
 import sys
-from argparse import SUPPRESS, ArgumentParser
+from argparse import SUPPRESS, ArgumentParser, Namespace
 from dataclasses import MISSING, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from itertrain.args import ARGUMENT_GROUPS, RunConfig
+from itertrain.args import ARGUMENT_GROUPS, DistributedArguments, RunConfig
 from itertrain.errors import UsageError
+from itertrain.lora import check_settings
 from itertrain.strategies import available, load_strategy
 from itertrain.strategies.base import Strategy
 
 HF_GROUP = "Hugging Face TrainingArguments (all pass through)"
+
+
+class _SharedFieldsNamespace(Namespace):
+    """HfArgumentParser deletes each dataclass's fields from the namespace after building it. A field
+    that an itertrain group shares with TrainingArguments (see `Parser._parse_dataclass_field`) is
+    taken by the itertrain group, and then is simply absent for TrainingArguments (its default)."""
+
+    def __delattr__(self, name: str) -> None:
+        self.__dict__.pop(name, None)
 
 
 def added_fields(subclass: type, taken: set[str]) -> type | None:
@@ -75,15 +85,31 @@ def _groups(strategy: type[Strategy]) -> list[type]:
     return [*ours, *([added] if added else []), TrainingArguments]
 
 
-def make_parser(strategy: type[Strategy]):
+def _hf_parser(types: list[type], **kwargs: Any):
+    """An HfArgumentParser that raises one UsageError instead of printing usage and exiting."""
     from transformers import HfArgumentParser
 
     class Parser(HfArgumentParser):
         def error(self, message: str):  # argparse would print usage and exit; we raise one clear error
             raise UsageError(f"{message} (see `itertrain train --help`)")
 
+        @staticmethod
+        def _parse_dataclass_field(parser, field):
+            # One flag, one meaning: a TrainingArguments field that an itertrain group already defines
+            # (transformers 4.x has overwrite_output_dir) stays itertrain's; HF's copy keeps its default.
+            if f"--{field.name}" in parser._option_string_actions:
+                return
+            HfArgumentParser._parse_dataclass_field(parser, field)
+
+        def parse_known_args(self, args=None, namespace=None):
+            return super().parse_known_args(args, _SharedFieldsNamespace() if namespace is None else namespace)
+
+    return Parser(types, allow_abbrev=False, **kwargs)
+
+
+def make_parser(strategy: type[Strategy]):
     types = _groups(strategy)
-    parser = Parser(types, allow_abbrev=False, prog="itertrain train",
+    parser = _hf_parser(types, prog="itertrain train",
                     usage="itertrain train --model_name DIR --output_dir DIR [--resume_from auto|S|none] "
                           "[--resume_from_iteration auto|iter_K|none] [--config FILE.yaml] [flags]",
                     description="Run or resume an iterative training experiment (= train_iterative.py).")
@@ -135,6 +161,26 @@ def _yaml_to_argv(data: dict[str, Any], known: set[str], path: str) -> list[str]
     return argv
 
 
+def early_flags(argv: list[str]) -> DistributedArguments:
+    """The flags needed before the full parse, from the command line over `--config`: the process group
+    is created, and the signals are caught, before HF's TrainingArguments exist (building them would
+    create the process group itself). The full parse reads the same values again."""
+    config, _ = _pre_parse(argv)
+    data = _read_yaml(config) if config else {}
+    names = {f.name for f in fields(DistributedArguments)}
+    pre = _hf_parser([DistributedArguments])
+    given = [a for k, v in data.items() if k in names for a in _yaml_to_argv({k: v}, names, str(config))]
+    picked: list[str] = []
+    for i, a in enumerate(argv):  # only our flags (and a value that follows): the rest is parsed later
+        flag = a.split("=", 1)[0]
+        if flag.startswith("--") and flag[2:] in names:
+            picked.append(a)
+            if "=" not in a and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                picked.append(argv[i + 1])
+    (early,) = pre.parse_args_into_dataclasses(args=given + picked)
+    return early
+
+
 def _pre_parse(argv: list[str]) -> tuple[str | None, str | None]:
     """--config and --strategy, read before the full parser exists (the strategy chooses its groups)."""
     pre = ArgumentParser(add_help=False, allow_abbrev=False)
@@ -167,6 +213,7 @@ def parse_train_args(argv: list[str] | None = None, strategy: type[Strategy] | N
             and not a.startswith("--config=")]
     defaults = [a for k, v in cls.training_defaults.items() for a in (f"--{k}", str(v))]
     full = _platform_defaults() + defaults + (_yaml_to_argv(data, known, config) if config else []) + rest
+    check_sharding(full)  # before HF reads a DeepSpeed config (which needs deepspeed installed)
     try:
         *groups, remaining = parser.parse_args_into_dataclasses(args=full, return_remaining_strings=True)
     except UsageError:
@@ -176,11 +223,11 @@ def parse_train_args(argv: list[str] | None = None, strategy: type[Strategy] | N
     if remaining:
         raise UsageError(f"unrecognized arguments: {' '.join(remaining)} (see `itertrain train --help`; "
                          "flags are never abbreviated)")
-    recovery, model, loop, generation, *extra, training = groups
+    recovery, model, loop, generation, lora, dist_args, *extra, training = groups
     strategy_args = extra.pop(0) if cls.arguments_class else None
     if cls.training_arguments_class is not None:
         training = build_training_arguments(cls.training_arguments_class, training, extra[0] if extra else None)
-    cfg = RunConfig(model, loop, generation, recovery, training, strategy_args, argv)
+    cfg = RunConfig(model, loop, generation, recovery, training, strategy_args, argv, lora, dist_args)
     validate(cfg)
     cls.check_arguments(cfg)
     return cfg
@@ -232,10 +279,51 @@ def validate(cfg: RunConfig) -> None:
         value = getattr(group, name)
         if value and "{iteration}" not in value and not Path(value).is_file():
             raise UsageError(f"--{name} {value}: no such file")
-    if cfg.generation.reward_fn and ":" not in cfg.generation.reward_fn:
-        raise UsageError(f"--reward_fn {cfg.generation.reward_fn!r}: expected module:function")
+    gen = cfg.generation
+    if gen.reward_fn and ":" not in gen.reward_fn:
+        raise UsageError(f"--reward_fn {gen.reward_fn!r}: expected module:function")
+    if gen.reward_fn and gen.reward_model:
+        raise UsageError("--reward_fn and --reward_model both score samples: pass one of them")
+    if gen.reward_model and not _is_local_model(gen.reward_model):
+        raise UsageError(f"--reward_model {gen.reward_model}: not a local model directory (no config.json)")
+    check_settings(cfg.lora)  # LoRA flags; PEFT installed when --use_peft
+    if getattr(t, "enable_jit_checkpoint", False):
+        raise UsageError(
+            "--enable_jit_checkpoint: itertrain's own preemption handling replaces it (on by default, --preemption): "
+            "on SIGTERM or SIGUSR1 every rank agrees on one step, commits a checkpoint there and exits 143. HF's "
+            "variant saves on each rank alone, commits nothing, and lets the interrupted iteration be committed "
+            "as complete"
+        )
+    check_sharding(["--fsdp", " ".join(map(str, t.fsdp or [])), "--use_cpu", str(t.use_cpu)])
     check_report_to(t.report_to)
     check_launcher(os.environ)
+
+
+def _last_value(argv: list[str], flag: str) -> str | None:
+    value = None
+    for i, a in enumerate(argv):
+        if a == flag:
+            value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else "true"
+        elif a.startswith(flag + "="):
+            value = a.split("=", 1)[1]
+    return value
+
+
+def check_sharding(argv: list[str]) -> None:
+    """--fsdp and --deepspeed need GPUs: under --use_cpu (implied without a GPU) accelerate keeps the run
+    plain data-parallel and HF trains with DDP without a word. Refused before anything is written."""
+    import torch
+
+    cpu = not torch.cuda.is_available() or str(_last_value(argv, "--use_cpu")).lower() in ("true", "1", "yes")
+    if not cpu:
+        return
+    for flag, what in (("--fsdp", "FSDP"), ("--deepspeed", "DeepSpeed")):
+        value = _last_value(argv, flag)
+        if value is not None and value.strip().lower() not in ("", "false", "none", "no", "0", "[]"):
+            raise UsageError(
+                f"{flag} {value}: {what} needs GPUs. On CPU (--use_cpu, implied without a GPU) Hugging Face would "
+                f"silently train with plain DDP instead; drop {flag} for a CPU run, or run it on GPUs"
+            )
 
 
 def check_launcher(env: Any) -> None:

@@ -1,8 +1,9 @@
 """Per-iteration metrics: a markdown table for the terminal and a PNG (`itertrain plot DIR`).
 
 Panels are drawn only for what the experiment recorded: held-out accuracy (built-in tasks), losses
-(train, eval, eval on training rows), and the share of sampled answers kept (strategies that sample),
-each with labeled axes and a scale that shows small values.
+(train, eval, eval on training rows), the share of sampled answers kept (expert iteration) or the
+preference pairs and the mean reward of the samples (iterative DPO), each with labeled axes and a
+scale that shows small values.
 """
 
 from __future__ import annotations
@@ -28,21 +29,31 @@ def _accuracy_keys(rows: list[dict[str, Any]]) -> list[str]:
     return sorted({k for r in rows for k in r if k.startswith("accuracy_")}, key=lambda k: (len(k), k))
 
 
+def _cell(row: dict[str, Any], key: str, fmt: str = "") -> str:
+    return format(row[key], fmt) if row.get(key) is not None else "—"
+
+
 def metrics_table(exp_dir: Path) -> str:
-    """Markdown table: samples, acceptance rate, distinct samples kept, train loss, held-out accuracy per difficulty, wall time."""
+    """Markdown table: samples; acceptance rate and distinct samples kept (expert iteration) or mean reward
+    and preference pairs (iterative DPO); train loss; held-out accuracy per difficulty; wall time."""
     rows = read_metrics(exp_dir)
     acc = _accuracy_keys(rows)
-    sampled = any("samples" in r for r in rows)
-    head = ["iter", *(["samples", "accepted", "kept"] if sampled else []), "train loss",
-            *[k.removeprefix("accuracy_") + " acc" for k in acc], "wall s"]
+    columns: list[tuple[str, str, str]] = []  # (heading, metric, format) of the sampled data
+    if any("samples" in r for r in rows):
+        columns.append(("samples", "samples", ""))
+        if any("pairs" in r for r in rows):
+            columns += [("mean reward", "mean_reward", ".3f"), ("pairs", "pairs", "")]
+        else:
+            columns += [("accepted", "acceptance_rate", ".1%"), ("kept", "accepted", "")]
+    head = ["iter", *[c for c, _, _ in columns], "train loss", *[k.removeprefix("accuracy_") + " acc" for k in acc],
+            "wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [
             str(r["iteration"]),
-            *([str(r.get("samples", "—")), f"{r['acceptance_rate']:.1%}" if "acceptance_rate" in r else "—",
-               str(r.get("accepted", "—"))] if sampled else []),
-            f"{r['train_loss']:.3f}" if "train_loss" in r else "—",
-            *[f"{r[k]:.0%}" if k in r else "—" for k in acc],
+            *[_cell(r, key, fmt) for _, key, fmt in columns],
+            _cell(r, "train_loss", ".3f"),
+            *[_cell(r, k, ".0%") for k in acc],
             f"{r.get('wall_time_s', 0):.0f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -56,7 +67,8 @@ _LOSSES = (("train_loss", "train loss (mean over the iteration)"), ("eval_loss",
 def panels(rows: list[dict[str, Any]]) -> list[str]:
     """The panels worth drawing for these rows: only what the experiment recorded."""
     shown = {"accuracy": bool(_accuracy_keys(rows)), "loss": any(k in r for k, _ in _LOSSES for r in rows),
-             "rate": any(r.get("acceptance_rate") is not None for r in rows)}
+             "rate": any(r.get("acceptance_rate") is not None for r in rows),
+             "pairs": any(r.get("pairs") is not None for r in rows)}
     return [name for name, show in shown.items() if show]
 
 
@@ -83,7 +95,16 @@ def plot_metrics(exp_dir: Path, out: Path) -> Path:
         elif panel == "loss":
             for k, label in losses:
                 ax.plot(its, [r.get(k) for r in rows], marker="o", label=label)
-            ax.set(title="loss", ylabel="cross-entropy per token")
+            dpo = any("pairs" in r for r in rows)  # iteration 0 is SFT, the later ones DPO
+            ax.set(title="loss", ylabel="SFT: cross-entropy per token; DPO: its loss" if dpo else "cross-entropy per token")
+            ax.legend(fontsize=8)
+        elif panel == "pairs":
+            ax.bar(its, [r.get("pair_rate") or 0.0 for r in rows], label="prompts that gave a pair")
+            rewards = [r.get("mean_reward") for r in rows]
+            ax.plot(its, rewards, marker="o", color="C1", label="mean reward of the samples")
+            if all(v is None or 0 <= v <= 1 for v in rewards):
+                ax.set_ylim(0, 1)
+            ax.set(title="sampled answers: preference pairs", ylabel="share of prompts / reward")
             ax.legend(fontsize=8)
         else:
             shown = [v if v is not None else 0.0 for v in rates]

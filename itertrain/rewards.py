@@ -1,11 +1,21 @@
-"""Reward functions for the strategies that score their samples (`--reward_fn module:function`).
+"""Rewards for the strategies that score their samples: `--reward_fn module:function` or `--reward_model DIR`.
 
-Two forms are accepted, told apart by the signature (or by `fn.batched = True`):
-- per sample: `fn(prompt, completion, answer) -> float`;
-- batched, TRL's form: `fn(prompts, completions, **columns) -> list[float]`, where `columns` are the
-  prompt rows' other fields as lists (e.g. `answer=[...]`), one entry per completion.
+A reward function takes one of two forms, told apart by `fn.batched = True|False` when set, else by
+the signature (a parameter named `prompts` or `completions` means batched):
+- per sample: `fn(prompt, completion, answer) -> float` (called with keywords);
+- batched, TRL's form (as GRPOTrainer calls it, all by keyword, so it must accept `**kwargs`):
+  `fn(prompts=[...], completions=[...], completion_ids=[...], **columns, trainer_state=None,
+  log_extra=..., log_metric=...) -> list[float | None]`, one entry per completion, where `prompts` repeats
+  each prompt once per completion, `completion_ids` is each completion tokenized by the policy's
+  tokenizer (no special tokens), `columns` are the prompt rows' other fields as lists (e.g. `answer=[...]`),
+  `trainer_state` is None (sampling happens outside a Trainer) and `log_extra` / `log_metric` are no-ops.
+A reward of None means "not scored" (TRL's convention): the sample is never kept or paired.
 The function is imported with the current directory on the import path and tried on one example at
-launch, before anything is written (`check_reward_fn`).
+launch, before anything is written (`check_reward`).
+
+`--reward_model DIR` scores `prompt + completion` with a local AutoModelForSequenceClassification with
+one label (its logit is the reward), tokenized by DIR's tokenizer, in batches formed globally and dealt
+to ranks like generation's, gathered on every rank.
 """
 
 from __future__ import annotations
@@ -18,7 +28,10 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from itertrain import distributed
 from itertrain.errors import RewardFunctionError, UsageError
+
+Rewards = list[list[float | None]]  # rewards[i][s]: completion s of prompt row i
 
 
 def exact_match(prompt: str, completion: str, answer: str) -> float:
@@ -34,7 +47,23 @@ def _is_batched(fn: Callable[..., Any]) -> bool:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return False
-    return "prompts" in params and "completions" in params
+    return "prompts" in params or "completions" in params
+
+
+def _ignore(*args: Any, **kwargs: Any) -> None:
+    """TRL's log_extra / log_metric: accepted and ignored (there is no Trainer log while sampling)."""
+
+
+def _flatten(rows: list[dict[str, Any]], completions: list[list[str]]) -> list[tuple[int, dict[str, Any], str]]:
+    return [(i, row, c) for i, (row, outs) in enumerate(zip(rows, completions)) for c in outs]
+
+
+def _unflatten(values: list[Any], completions: list[list[str]]) -> Rewards:
+    out, k = [], 0
+    for outs in completions:
+        out.append(values[k:k + len(outs)])
+        k += len(outs)
+    return out
 
 
 @dataclass
@@ -45,27 +74,28 @@ class RewardFunction:
     spec: str
     batched: bool
 
-    def score(self, rows: list[dict[str, Any]], completions: list[list[str]]) -> list[list[float]]:
-        """rewards[i][s] for completion s of prompt row i."""
-        flat_rows = [(i, row) for i, row in enumerate(rows) for _ in completions[i]]
-        flat = [c for outs in completions for c in outs]
+    def score(self, rows: list[dict[str, Any]], completions: list[list[str]], tokenizer: Any = None) -> Rewards:
+        """rewards[i][s] for completion s of prompt row i (`tokenizer`: for TRL's `completion_ids`)."""
+        flat = _flatten(rows, completions)
         if self.batched:
-            columns = {k: [row.get(k) for _, row in flat_rows] for k in {k for _, r in flat_rows for k in r} - {"prompt"}}
-            try:
-                values = list(self.fn(prompts=[r["prompt"] for _, r in flat_rows], completions=flat, **columns))
-            except Exception as e:  # noqa: BLE001 - user code: report it readably, whatever it raised
-                raise RewardFunctionError(f"reward function {self.spec} raised {type(e).__name__}: {e}") from e
-            if len(values) != len(flat):
-                raise RewardFunctionError(f"reward function {self.spec} returned {len(values)} rewards for "
-                                          f"{len(flat)} completions")
+            values = self._batched(flat, tokenizer)
         else:
-            values = [self._one(i, row, c) for (i, row), c in zip(flat_rows, flat)]
-        out: list[list[float]] = []
-        k = 0
-        for i, row in enumerate(rows):
-            out.append([self._number(values[k + s], i, row, c) for s, c in enumerate(completions[i])])
-            k += len(completions[i])
-        return out
+            values = [self._one(i, row, c) for i, row, c in flat]
+        return _unflatten([self._number(v, i, row, c) for v, (i, row, c) in zip(values, flat)], completions)
+
+    def _batched(self, flat: list[tuple[int, dict[str, Any], str]], tokenizer: Any) -> list[Any]:
+        texts = [c for _, _, c in flat]
+        columns = {k: [row.get(k) for _, row, _ in flat] for k in sorted({k for _, r, _ in flat for k in r} - {"prompt"})}
+        ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in texts] if tokenizer is not None else None
+        try:
+            values = list(self.fn(prompts=[row["prompt"] for _, row, _ in flat], completions=texts, completion_ids=ids,
+                                  **columns, trainer_state=None, log_extra=_ignore, log_metric=_ignore))
+        except Exception as e:  # noqa: BLE001 - user code: report it readably, whatever it raised
+            raise RewardFunctionError(f"reward function {self.spec} raised {type(e).__name__}: {e}") from e
+        if len(values) != len(flat):
+            raise RewardFunctionError(f"reward function {self.spec} returned {len(values)} rewards for "
+                                      f"{len(flat)} completions")
+        return values
 
     def _one(self, index: int, row: dict[str, Any], completion: str) -> Any:
         try:
@@ -76,13 +106,15 @@ class RewardFunction:
                 f"(prompt {row['prompt']!r}, completion {completion!r})"
             ) from e
 
-    def _number(self, value: Any, index: int, row: dict[str, Any], completion: str) -> float:
+    def _number(self, value: Any, index: int, row: dict[str, Any], completion: str) -> float | None:
+        if value is None:
+            return None
         if isinstance(value, bool):
             return float(value)
         if not isinstance(value, (int, float)) or math.isnan(value):
             raise RewardFunctionError(
                 f"reward function {self.spec} returned {value!r} ({type(value).__name__}) on example {index} "
-                f"(prompt {row['prompt']!r}, completion {completion!r}); it must return a number"
+                f"(prompt {row['prompt']!r}, completion {completion!r}); it must return a number or None"
             )
         return float(value)
 
@@ -108,13 +140,93 @@ def load_reward_fn(spec: str | None) -> RewardFunction:
     return RewardFunction(fn, spec, _is_batched(fn))
 
 
-def check_reward_fn(spec: str | None, example: dict[str, Any]) -> RewardFunction:
-    """Import the reward function and call it on one example (its reference answer as the completion),
-    before anything is written. UsageError naming the function when it fails."""
-    reward = load_reward_fn(spec)
+@dataclass
+class RewardModel:
+    """`--reward_model DIR`, scored on every rank together (a collective call)."""
+
+    path: str
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+    batch_size: int = 64
+
+    @property
+    def spec(self) -> str:
+        return f"reward model {self.path}"
+
+    def load(self) -> tuple[Any, Any]:
+        """(model, tokenizer) from DIR; UsageError when it is not a one-label sequence classifier."""
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from itertrain.recovery.restore import _DTYPES
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True,
+                                                      trust_remote_code=self.trust_remote_code)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                self.path, dtype=_DTYPES[self.dtype], local_files_only=True, trust_remote_code=self.trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--reward_model {self.path} cannot be loaded as a sequence classifier with its "
+                             f"tokenizer ({str(e).splitlines()[0]})") from e
+        if model.config.num_labels != 1:
+            raise UsageError(f"--reward_model {self.path} has {model.config.num_labels} labels; a reward model has "
+                             "one (its logit is the reward)")
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "right"  # positions as in training; the score is read at the last real token
+        model.config.pad_token_id = tokenizer.pad_token_id
+        return model.eval(), tokenizer
+
+    def score(self, rows: list[dict[str, Any]], completions: list[list[str]], tokenizer: Any = None, *,
+              sharded: bool = True) -> Rewards:
+        """rewards[i][s]. `sharded`: a collective call (every rank calls it and gets every score). Batches
+        are formed over all samples (sorted by length) and dealt round-robin, so a score does not depend
+        on the number of ranks."""
+        import torch
+
+        from itertrain.generation import deal
+
+        model, tok = self.load()
+        texts = [row["prompt"] + c for _, row, c in _flatten(rows, completions)]
+        order = sorted(range(len(texts)), key=lambda n: (len(texts[n]), n))
+        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        scores: dict[int, float] = {}
+        with torch.no_grad():
+            for batch in deal(batches) if sharded else batches:
+                enc = tok([texts[n] for n in batch], return_tensors="pt", padding=True).to(model.device)
+                scores.update(zip(batch, model(**enc).logits[:, 0].float().tolist()))
+        del model
+        if sharded:
+            scores = distributed.merge_gathered(scores)
+        return _unflatten([scores[n] for n in range(len(texts))], completions)
+
+
+def reward_scorer(gen: Any, model_args: Any) -> RewardFunction | RewardModel:
+    """What scores samples under these flags (GenerationArguments, ModelArguments)."""
+    if gen.reward_model:
+        return RewardModel(gen.reward_model, model_args.model_dtype, model_args.trust_remote_code,
+                           gen.generation_batch_size)
+    return load_reward_fn(gen.reward_fn)
+
+
+def check_reward(scorer: RewardFunction | RewardModel, example: dict[str, Any], tokenizer: Any = None) -> None:
+    """Call the reward on one example (its reference answer as the completion) before anything is
+    written (one process). UsageError naming the function or model when it fails."""
     completion = str(example.get("answer", ""))
     try:
-        reward.score([example], [[completion]])
+        if isinstance(scorer, RewardModel):
+            scorer.score([example], [[completion]], sharded=False)
+        else:
+            scorer.score([example], [[completion]], tokenizer)
     except RewardFunctionError as e:
-        raise UsageError(f"--reward_fn {reward.spec} failed on the first prompt row at launch: {e}") from e
+        raise UsageError(f"--reward_fn {scorer.spec} failed on the first prompt row at launch: {e}") from e
+    except UsageError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a reward model that cannot score is a usage error found at launch
+        raise UsageError(f"{scorer.spec} failed on the first prompt row at launch ({type(e).__name__}: {e})") from e
+
+
+def check_reward_fn(spec: str | None, example: dict[str, Any]) -> RewardFunction:
+    """Import the reward function and call it on one example, before anything is written."""
+    reward = load_reward_fn(spec)
+    check_reward(reward, example)
     return reward

@@ -73,7 +73,8 @@ def status(argv: list[str]) -> int:
     args = record.get("arguments", {})
     target = ns.num_iterations or int(args.get("num_iterations", 1 << 30))
     flags = RecoveryFlags(ns.resume_from, ns.resume_from_iteration, False, target,
-                          ns.iteration_init or args.get("iteration_init", "previous"))
+                          ns.iteration_init or args.get("iteration_init", "previous"),
+                          args.get("iteration_model", "merged") if args.get("use_peft") else None)
     holder = live_holder(root)
     inv = discover(root, record)
     inv = dataclasses.replace(inv, iteration_models=tuple(missing_aux(root, m) for m in inv.iteration_models))
@@ -103,7 +104,8 @@ def status(argv: list[str]) -> int:
         print(f"  🎯 {m.path:<24} iteration {m.iteration:<4} {_label(m, flying)}{aux}{extra}")
     for c in inv.checkpoints:
         extra = f" — {c.problem}" if c.problem and c.path not in flying else ""
-        print(f"  📁 {c.path:<24} iteration {c.iteration:<4} step {c.step:<7} {_label(c, flying)}{extra}")
+        it = str(c.iteration) if c.iteration >= 0 else "?"  # a save without a manifest (yet) says no iteration
+        print(f"  📁 {c.path:<24} iteration {it:<4} step {c.step:<7} {_label(c, flying)}{extra}")
     for d in inv.data:
         print(f"  📦 {d.path:<24} iteration {d.iteration:<4} {_label(d, flying)}")
     if plan is not None:

@@ -19,15 +19,40 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch
 from transformers import Trainer, TrainerCallback
 
-from itertrain import distributed, faults
+from itertrain import distributed, faults, preemption
 from itertrain.artifacts.manager import CheckpointManager
 from itertrain.errors import ArtifactWriteError, UsageError
 from itertrain.fsutil import describe_library_write_error
 from itertrain.layout import checkpoint_name
+from itertrain.preemption import PreemptionCallback
 
 HOOKED = ("_save_checkpoint", "_save_optimizer_and_scheduler", "_load_from_checkpoint")
+
+
+def _restore_indexed_cpu_locations() -> None:
+    """Let torch.load take `map_location=torch.device("cpu", N)`. HF Trainer before transformers 5.18
+    loads a multi-process CPU run's optimizer state with map_location=args.device, which is "cpu:0",
+    and torch knows no such location ("don't know how to restore data location ... cpu:0"): every
+    2-rank CPU resume failed. Public torch API; it only adds a location torch otherwise refuses."""
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__).release >= (5, 18):
+        return
+
+    def tag(storage):  # never claims a storage when saving
+        return None
+
+    def restore(storage, location: str):
+        return storage if location.startswith("cpu:") else None
+
+    torch.serialization.register_package(90, tag, restore)
+
+
+_restore_indexed_cpu_locations()
 
 
 class RecoveryHooks:
@@ -123,6 +148,8 @@ def attach(trainer: Any, manager: CheckpointManager) -> Any:
     check_hooks(type(trainer))
     trainer.itertrain_checkpoints = manager
     trainer.add_callback(CommitCallback(manager))
+    if preemption.enabled():
+        trainer.add_callback(PreemptionCallback())  # after CommitCallback: see PreemptionCallback
     return trainer
 
 
@@ -137,7 +164,8 @@ class CommitCallback(TrainerCallback):
         if saver is not None and saver.last_step == state.global_step:
             return control  # --async_save: the background writer commits it once its files are durable
         best = state.best_model_checkpoint
-        self.manager.commit_checkpoint(state.global_step, os.path.basename(best) if best else None)
+        self.manager.commit_checkpoint(state.global_step, os.path.basename(best) if best else None,
+                                       preemption.checkpoint_extra(state.global_step))
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -145,3 +173,19 @@ class CommitCallback(TrainerCallback):
         if self.manager.saver is not None:
             self.manager.saver.release()  # the host buffers are not held between iterations
         return control
+
+
+class FaultPointCallback(TrainerCallback):
+    """The fault point `train.step` after every optimizer step (a kill in the middle of training)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        faults.point("train.step")
+        return control
+
+
+def gathered_weights(trainer: Any) -> dict | None:
+    """The whole model's weights when they are sharded across ranks (FSDP, DeepSpeed): a collective,
+    every rank calls it; rank 0 receives the full tensors. None when every rank holds them whole."""
+    if not (getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False)):
+        return None
+    return trainer.accelerator.get_state_dict(trainer.model_wrapped)

@@ -14,6 +14,8 @@
     python scripts/chaos.py --ci                         # the bounded set CI runs (>= 6 kills)
     python scripts/chaos.py --ci --async_save            # the killed runs save with --async_save (the
                                                          # reference does not): kills inside the background writer
+    python scripts/chaos.py --ci --strategy iterative_dpo   # the same for iterative DPO (TRL's DPOTrainer)
+    python scripts/chaos.py --ci --lora adapter          # the same with LoRA adapters (or --lora merged)
 
 Prints a JSON summary last (also written to --report).
 """
@@ -56,6 +58,7 @@ POINTS = {
     "stage.commit": "between stages: before commit",
     "generation.batch": "during generation, between batches",
     "manifest.data.write": "inside the generated-data commit",
+    "train.step": "during training, after an optimizer step",
 }
 # With --async_save: points inside the background writer (besides checkpoint.optimizer, reached there
 # too, and checkpoint.commit / manifest.*, reached from the writer's commit).
@@ -89,6 +92,33 @@ CI_SEQUENCE_ASYNC = [
     ("checkpoint.commit", 2),  # training iteration 1: every rank wrote checkpoint-8, manifest not
     ("timer", 0),  # a random moment of what is left
 ]
+# iterative_dpo: iteration 0 is SFT (the sequence above covers it); the kills land in the DPO iterations.
+DPO_CI_SEQUENCE = [
+    ("iteration.after_manifest", 1),  # iter_0 committed, its checkpoints not retired yet
+    ("generation.batch", 2),  # while sampling data/iter_1 from iter_0
+    ("manifest.data.write", 1),  # inside the commit of data/iter_1 (samples, pairs)
+    ("train.step", 6),  # DPO training of iteration 1, between checkpoint-4 and checkpoint-8
+    ("checkpoint.optimizer", 1),  # inside a DPO checkpoint save: weights written, optimizer not
+    ("manifest.trainer_checkpoint.write", 1),  # inside a DPO checkpoint's manifest
+    ("iteration.after_manifest", 1),  # iter_1 committed, its checkpoints not retired yet
+    ("timer", 0),  # a random moment of what is left
+]
+# What each strategy's data/iter_K must hold identically to the reference.
+DATA_FILES = {"expert_iteration": ("accepted.jsonl",), "iterative_dpo": ("samples.jsonl", "pairs.jsonl")}
+# With --lora: the same save paths, plus a fallback past a corrupt newest adapter checkpoint.
+CORRUPT = "corrupt"  # third element: after the kill, damage the newest committed checkpoint's adapter file
+LORA_CI_SEQUENCE = [
+    ("checkpoint.optimizer", 2),  # iteration 0: inside the save of checkpoint-8 (adapter written, optimizer not)
+    ("checkpoint.save", 2, CORRUPT),  # before checkpoint-12; then checkpoint-8's adapter is damaged: back to 4
+    ("iteration.before_manifest", 1),  # inside the commit of iter_0 (merged model, or adapter only)
+    ("iteration.after_manifest", 1),  # iter_0 committed, its checkpoints not retired yet
+    ("generation.batch", 2),  # sampling data/iter_1 from iter_0 (adapter mode: the base plus iter_0's adapter)
+    ("checkpoint.commit", 2),  # training iteration 1 on its committed data
+    ("timer", 0),  # a random moment of what is left
+]
+# The file of iter_K compared byte for byte, per --lora mode.
+ITERATION_FILES = {None: ("model.safetensors",), "merged": ("model.safetensors",),
+                   "adapter": ("adapter_model.safetensors", "adapter_config.json")}
 
 
 @dataclass
@@ -99,6 +129,7 @@ class Launch:
     returncode: int
     killed: bool
     resumed_at: tuple[int, int] | None  # (iteration, step) the launch continued at
+    rejected: list[str]  # candidates the launch's plan rejected (e.g. a damaged checkpoint)
     committed_before: tuple[int, int]  # newest committed point before the launch
     wall_s: float
 
@@ -139,7 +170,7 @@ def env_for(fault: str | None) -> dict[str, str]:
     return env
 
 
-def prepare(work: Path, iterations: int) -> list[str]:
+def prepare(work: Path, iterations: int, strategy: str = "expert_iteration", lora: str | None = None) -> list[str]:
     """Tiny model, data, and the experiment's flags (without --output_dir)."""
     model = work / "tiny-model"
     if not model.exists():
@@ -155,13 +186,19 @@ def prepare(work: Path, iterations: int) -> list[str]:
         for _ in range(24):
             a, b = rng.randint(0, 999), rng.randint(0, 999)
             f.write(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) + "\n")
+    # Expert iteration keeps every sample (threshold 0: the tiny model is rarely right). Iterative DPO
+    # scores with partial credit (a batched reward in TRL's form), so that most prompts give a pair
+    # (exact match would give none).
+    scoring = (["--reward_threshold", "0", "--samples_per_prompt", "2"] if strategy == "expert_iteration" else
+               ["--reward_fn", "itertrain.tasks.arithmetic:digit_credit", "--samples_per_prompt", "3"])
     return [
-        "--model_name", str(model), "--strategy", "expert_iteration", "--train_file", str(train),
-        "--prompts_file", str(prompts), "--samples_per_prompt", "2", "--temperature", "1.0",
-        "--reward_threshold", "0", "--max_new_tokens", "4", "--generation_batch_size", "8",
+        "--model_name", str(model), "--strategy", strategy, "--train_file", str(train),
+        "--prompts_file", str(prompts), "--temperature", "1.0",
+        *scoring, "--max_new_tokens", "4", "--generation_batch_size", "8",
         "--num_iterations", str(iterations), "--max_steps", "12", "--save_steps", "4", "--logging_steps", "2",
         "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--disable_tqdm", "true",
         "--report_to", "none", "--resume_from", "auto", "--resume_from_iteration", "auto",
+        *(["--use_peft", "--iteration_model", lora] if lora else []),
     ]
 
 
@@ -198,28 +235,46 @@ def committed_point(out: Path) -> tuple[int, int]:
     return best
 
 
-def resumed_at(out: Path, seen: set[str]) -> tuple[int, int] | None:
+def resumed_at(out: Path, seen: set[str]) -> tuple[tuple[int, int] | None, list[str]]:
+    """(iteration, step) the newest launch continued at, and the candidates its plan rejected."""
     runs = out / "runs"
     new = sorted(p for p in runs.glob("recovery-*.json") if p.name not in seen) if runs.exists() else []
     if not new:
-        return None
+        return None, []
     seen.update(p.name for p in new)
     plan = json.loads(new[-1].read_text())["plan"]
-    return (plan["iteration"], plan["step"])
+    return (plan["iteration"], plan["step"]), [f"{r['path']}: {r['reason']}" for r in plan["rejected"]]
+
+
+def corrupt_newest_adapter(out: Path) -> str | None:
+    """Flip a byte in the adapter file of the newest committed top-level checkpoint (a damaged disk)."""
+    from itertrain.recovery.discover import Status, discover
+
+    committed = [c for c in discover(out).checkpoints if c.status == Status.COMMITTED and "/" not in c.path]
+    if not committed:
+        return None
+    newest = max(committed, key=lambda c: (c.iteration, c.step))
+    path = out / newest.path / "adapter_model.safetensors"
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    return newest.path
 
 
 _VOLATILE = ("wall_time_s", "eval_runtime", "eval_samples_per_second", "eval_steps_per_second")
 
 
-def compare(ref: Path, got: Path, summary: Summary) -> None:
+def compare(ref: Path, got: Path, summary: Summary, data_files: tuple[str, ...] = DATA_FILES["expert_iteration"],
+            files: tuple[str, ...] = ITERATION_FILES[None]) -> None:
     refs = sorted(p.name for p in ref.glob("iter_*"))
     summary.total_iterations = len(refs)
     for name in refs:
-        a, b = ref / name / "model.safetensors", got / name / "model.safetensors"
-        if b.exists() and a.read_bytes() == b.read_bytes():
+        differ = [f for f in files if not (got / name / f).exists()
+                  or (ref / name / f).read_bytes() != (got / name / f).read_bytes()]
+        b = got / name / files[0]
+        if not differ:
             summary.identical_iterations += 1
-        else:
-            summary.differences.append(f"{name}/model.safetensors differs from the reference")
+        summary.differences += [f"{name}/{f} differs from the reference" for f in differ]
         ma = json.loads((ref / name / "itertrain.manifest.json").read_text())["extra"]["metrics"]
         mb = json.loads((got / name / "itertrain.manifest.json").read_text())["extra"]["metrics"] if b.exists() else {}
         for key, value in ma.items():
@@ -227,25 +282,29 @@ def compare(ref: Path, got: Path, summary: Summary) -> None:
                 summary.differences.append(f"{name} metric {key}: reference {value!r}, resumed {mb.get(key)!r}")
     for d in sorted((ref / "data").glob("iter_*")) if (ref / "data").exists() else []:
         summary.total_data += 1
-        other = got / "data" / d.name / "accepted.jsonl"
-        if other.exists() and other.read_bytes() == (d / "accepted.jsonl").read_bytes():
+        differ = [name for name in data_files if not (got / "data" / d.name / name).exists()
+                  or (got / "data" / d.name / name).read_bytes() != (d / name).read_bytes()]
+        if not differ:
             summary.identical_data += 1
-        else:
-            summary.differences.append(f"data/{d.name}/accepted.jsonl differs from the reference")
+        summary.differences += [f"data/{d.name}/{name} differs from the reference" for name in differ]
 
 
-def schedule(kills: int, seed: int, ci: bool, async_save: bool = False) -> list[tuple[str, int]]:
+def schedule(kills: int, seed: int, ci: bool, strategy: str = "expert_iteration", lora: str | None = None,
+             async_save: bool = False) -> list[tuple]:
     if ci:
-        return list(CI_SEQUENCE_ASYNC if async_save else CI_SEQUENCE)
+        if async_save:
+            return list(CI_SEQUENCE_ASYNC)
+        return list(LORA_CI_SEQUENCE if lora else DPO_CI_SEQUENCE if strategy == "iterative_dpo" else CI_SEQUENCE)
     rng = random.Random(seed)
     names = sorted({**POINTS, **(ASYNC_POINTS if async_save else {})})
     return [("timer", 0) if rng.random() < 0.3 else (rng.choice(names), rng.randint(1, 2)) for _ in range(kills)]
 
 
-def run(kills: int, seed: int, nproc: int, work: Path, ci: bool, iterations: int, async_save: bool = False) -> Summary:
+def run(kills: int, seed: int, nproc: int, work: Path, ci: bool, iterations: int,
+        strategy: str = "expert_iteration", lora: str | None = None, async_save: bool = False) -> Summary:
     started = time.time()
     work.mkdir(parents=True, exist_ok=True)
-    args = prepare(work, iterations)
+    args = prepare(work, iterations, strategy, lora)
     killed_args = [*args, "--async_save"] if async_save else args  # the reference saves synchronously
     summary = Summary(seed, nproc, kills, async_save)
     ref, out = work / "reference", work / "chaos"
@@ -264,9 +323,9 @@ def run(kills: int, seed: int, nproc: int, work: Path, ci: bool, iterations: int
     per_iteration_s = (reference_s - startup_s) / iterations
     rng = random.Random(seed)
     seen: set[str] = set()
-    plan = schedule(kills, seed, ci, async_save)
+    plan = schedule(kills, seed, ci, strategy, lora, async_save)
     with open(work / "chaos.log", "w") as log:
-        for i, (point, hit) in enumerate([*plan, ("none", 0)]):
+        for i, (point, hit, *after) in enumerate([*plan, ("none", 0)]):
             before = committed_point(out)
             fault = f"{point}=kill#{hit}" if point not in ("timer", "none") else None
             timer = startup_s + rng.uniform(0.0, 2.0) * per_iteration_s if point == "timer" else None
@@ -274,9 +333,11 @@ def run(kills: int, seed: int, nproc: int, work: Path, ci: bool, iterations: int
             log.flush()
             t = time.time()
             rc, killed = launch(killed_args, out, nproc, fault, timer, log)
-            at = resumed_at(out, seen)
-            summary.launches.append(Launch(point, hit, round(timer or 0, 2), rc, killed, at, before,
+            at, rejected = resumed_at(out, seen)
+            summary.launches.append(Launch(point, hit, round(timer or 0, 2), rc, killed, at, rejected, before,
                                            round(time.time() - t, 2)))
+            if CORRUPT in after and killed:
+                log.write(f"\n===== damaged the adapter of {corrupt_newest_adapter(out)} =====\n")
             summary.kills_done += killed
             if at is not None and at < before:
                 summary.progress_ok = False
@@ -292,7 +353,7 @@ def run(kills: int, seed: int, nproc: int, work: Path, ci: bool, iterations: int
     if not (out / f"iter_{iterations - 1}" / "itertrain.manifest.json").exists():
         summary.differences.append("the killed experiment never completed")
     else:
-        compare(ref, out, summary)
+        compare(ref, out, summary, DATA_FILES[strategy], ITERATION_FILES[lora])
     summary.wall_s = round(time.time() - started, 1)
     return summary
 
@@ -306,20 +367,25 @@ def main() -> int:
     p.add_argument("--ci", action="store_true", help="the bounded CI sequence (every save path, >= 6 kills)")
     p.add_argument("--async_save", action="store_true",
                    help="the killed runs save with --async_save (the reference does not); kill points inside its writer")
+    p.add_argument("--strategy", default="expert_iteration", choices=sorted(DATA_FILES),
+                   help="the experiment to kill: expert_iteration, or iterative_dpo (DPO iterations on TRL)")
+    p.add_argument("--lora", default=None, choices=["merged", "adapter"],
+                   help="train LoRA adapters (--use_peft) with this --iteration_model")
     p.add_argument("--workdir", default=None)
     p.add_argument("--report", default=None, help="also write the JSON summary here")
     ns = p.parse_args()
     work = Path(ns.workdir) if ns.workdir else Path(tempfile.mkdtemp(prefix="itertrain-chaos-"))
     # named kills fire early in a launch, so a soak needs about one iteration of work per kill
     iterations = ns.iterations or (3 if ns.ci else max(3, ns.kills))
-    summary = run(ns.kills, ns.seed, ns.nproc, work, ns.ci, iterations, ns.async_save)
+    summary = run(ns.kills, ns.seed, ns.nproc, work, ns.ci, iterations, ns.strategy, ns.lora, ns.async_save)
     result = {**asdict(summary), "ok": summary.ok, "workdir": str(work)}
     text = json.dumps(result, indent=2)
     if ns.report:
         Path(ns.report).write_text(text + "\n")
     for launch_ in summary.launches:
         print(f"  kill {launch_.kill:<36} #{launch_.hit} -> exit {launch_.returncode:>4}, resumed at "
-              f"{launch_.resumed_at}, committed before {launch_.committed_before}, {launch_.wall_s}s")
+              f"{launch_.resumed_at}, committed before {launch_.committed_before}, {launch_.wall_s}s"
+              + "".join(f"\n      rejected {r}" for r in launch_.rejected))
     print(f"kills {summary.kills_done}/{summary.kills_requested}, identical iterations "
           f"{summary.identical_iterations}/{summary.total_iterations}, identical data "
           f"{summary.identical_data}/{summary.total_data}, wall {summary.wall_s}s, seed {ns.seed}")

@@ -126,3 +126,12 @@ def sft_args(tiny_model, train_file):
                 str(train_file), "--num_iterations", str(iterations), *FAST_FLAGS, *extra]
 
     return make
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    """A directory that passes the --model_name check (for parsing tests: nothing loads it)."""
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    return d

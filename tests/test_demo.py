@@ -3,6 +3,7 @@ task, table, plot, resume on rerun). Whether accuracy rises is measured by the f
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -55,3 +56,28 @@ def test_demo_refuses_a_model_directory_that_holds_something_else(tmp_path: Path
     assert "holds no model" in r.stderr
     assert (model / "notes.txt").read_text() == "mine"
     assert not (tmp_path / "demo" / "experiment").exists()
+
+
+# The DPO demo, cut down the same way. A model trained for 6 steps gets no answer right, so exact match
+# would give no pair: partial credit (a batched reward in TRL's form) ranks its wrong answers.
+DPO_SHORT = ["--num_iterations", "2", "--sft_max_steps", "6", "--max_steps", "6", "--save_steps", "3",
+             "--logging_steps", "3", "--samples_per_prompt", "2", "--reward_fn", "itertrain.tasks.arithmetic:digit_credit",
+             "--disable_tqdm", "true"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="needs itertrain[dpo] (TRL)")
+def test_dpo_demo_runs_sft_then_dpo_on_the_same_problems_and_prints_its_pairs_table(tmp_path: Path) -> None:
+    r = itertrain("demo", "--strategy", "iterative_dpo", "--output_dir", str(tmp_path / "demo"), *DPO_SHORT, timeout=900)
+    assert r.returncode == 0, r.output
+    exp = tmp_path / "demo" / "experiment-dpo"
+    rows = [json.loads(line) for line in (exp / "runs" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["iteration"] for row in rows] == [0, 1]
+    assert rows[1]["samples"] == 2 * len(ArithmeticTask(seed=0).prompts(1)) and rows[1]["pairs"] > 0
+    pairs = (exp / "data" / "iter_1" / "pairs.jsonl").read_text().splitlines()
+    assert len(pairs) == rows[1]["pairs"] and manifest(exp / "data" / "iter_1")["extra"]["stats"]["pairs"] == len(pairs)
+    assert manifest(exp / "iter_1")["lineage"]["ref_model"] == "iter_0"
+    table = [line for line in r.stdout.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| iter | samples | mean reward | pairs | train loss | 3digit acc")
+    assert table[2].startswith(f"| 1 | {rows[1]['samples']} | {rows[1]['mean_reward']:.3f} | {rows[1]['pairs']} |")
+    assert (exp / "runs" / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / "demo" / "experiment").exists()  # expert iteration's demo directory is its own

@@ -119,10 +119,24 @@ def test_two_ranks_generate_the_same_data_as_one(tmp_path, ei_args, reference):
     ("return 'yes'", "returned 'yes' (str) on example 0"),
 ])
 def test_reward_function_errors_name_the_function_and_the_example(tmp_path, ei_args, body, expected):
-    (tmp_path / "my_rewards.py").write_text(f"def score(prompt, completion, answer):\n    {body}\n")
+    # Right on the launch check (which scores the reference answer), wrong on the sampled completions.
+    (tmp_path / "my_rewards.py").write_text(
+        f"def score(prompt, completion, answer):\n    if completion == answer:\n        return 1.0\n    {body}\n")
     out = tmp_path / "exp"
     r = itertrain("train", *ei_args(out, "--reward_fn", "my_rewards:score"), env={"PYTHONPATH": str(tmp_path)})
     assert r.returncode == 1, r.output
     assert "reward function my_rewards:score" in r.stderr and expected in r.stderr
     assert "prompt '" in r.stderr and "Traceback" not in r.stderr
     assert (out / "iter_0" / "itertrain.manifest.json").exists()  # iteration 0 stays committed
+
+
+def test_a_reward_function_that_fails_at_launch_exits_2_before_anything_is_written(tmp_path, ei_args):
+    # A TRL reward function written for another dataset: it reads a column the prompt rows do not have.
+    (tmp_path / "my_rewards.py").write_text(
+        "def score(prompts, completions, **kwargs):\n    return [float(c == s) for c, s in zip(completions, kwargs['solution'])]\n")
+    out = tmp_path / "exp"
+    r = itertrain("train", *ei_args(out, "--reward_fn", "my_rewards:score"), env={"PYTHONPATH": str(tmp_path)})
+    assert r.returncode == 2, r.output
+    assert "--reward_fn my_rewards:score failed on the first prompt row at launch" in r.stderr
+    assert "raised KeyError: 'solution'" in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()

@@ -15,6 +15,7 @@ from itertrain.recovery.discover import IterationModel, Status, TrainerCheckpoin
 
 def test_trainer_file_names_are_the_ones_transformers_defines():
     import transformers.trainer as T
+    import transformers.utils as U
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
     from itertrain import layout
@@ -26,6 +27,9 @@ def test_trainer_file_names_are_the_ones_transformers_defines():
     assert layout.TRAINING_ARGS_NAME == T.TRAINING_ARGS_NAME
     assert layout.FSDP_MODEL_PREFIX == T.FSDP_MODEL_NAME
     assert layout.CHECKPOINT_PREFIX == PREFIX_CHECKPOINT_DIR
+    for name in ("CONFIG_NAME", "GENERATION_CONFIG_NAME", "SAFE_WEIGHTS_NAME", "SAFE_WEIGHTS_INDEX_NAME",
+                 "ADAPTER_CONFIG_NAME", "ADAPTER_SAFE_WEIGHTS_NAME"):
+        assert getattr(layout, name) == getattr(U, name), name
     assert rng_state_name(0, 1) == "rng_state.pth" and rng_state_name(1, 2) == "rng_state_1.pth"
 
 

@@ -14,14 +14,6 @@ from itertrain.parser import parse_train_args
 from itertrain.strategies import available, load_strategy
 
 
-@pytest.fixture
-def model_dir(tmp_path):
-    d = tmp_path / "model"
-    d.mkdir()
-    (d / "config.json").write_text("{}")
-    return d
-
-
 def base(model_dir, tmp_path, *extra):
     data = tmp_path / "train.jsonl"
     data.write_text('{"text": "a"}\n')

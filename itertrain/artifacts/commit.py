@@ -42,6 +42,8 @@ class CommitWorker:
         self.world_size = world_size
         self.background = background
         self._thread: threading.Thread | None = None
+        self._done = threading.Event()  # set when the running job ended (landed or failed)
+        self._done.set()
         self._error: BaseException | None = None
 
     def commit(self, job: CommitJob) -> Manifest:
@@ -55,35 +57,47 @@ class CommitWorker:
         if not self.background:
             self._run(job)
             return
+        self._done.clear()
         self._thread = threading.Thread(target=self._run_captured, args=(job,), daemon=True,
                                         name=f"itertrain-commit-{job.directory.name}")
         self._thread.start()
 
     @property
     def busy(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return not self._done.is_set()
 
     def wait(self) -> None:
-        """Finish the running job; raise its error, if any, here."""
+        """Finish the running job; raise its error, if any, here.
+
+        Waits on an Event, not on Thread.join(): in Python 3.11 a Ctrl-C that interrupts join() marks
+        the thread as stopped while it still runs (bpo-45274), and every later join() returns at once,
+        which would let the run lock go while a manifest is still being written."""
         if self._thread is not None:
-            self._thread.join()
+            self._done.wait()
             self._thread = None
         if self._error is not None:
             error, self._error = self._error, None
             raise error
 
     def close(self) -> None:
-        """Finish the running job, dropping its error (used on the way out after another failure)."""
-        try:
-            self.wait()
-        except BaseException:  # noqa: BLE001 - already failing; the first error is the one reported
-            pass
+        """Finish the running job, dropping its error (used on the way out after another failure).
+        Another Ctrl-C does not cut it short: the lock is held until the job has landed or failed."""
+        while True:
+            try:
+                self.wait()
+                return
+            except KeyboardInterrupt:
+                continue
+            except BaseException:  # noqa: BLE001 - already failing; the first error is the one reported
+                return
 
     def _run_captured(self, job: CommitJob) -> None:
         try:
             self._run(job)
         except BaseException as e:  # noqa: BLE001 - re-raised on the training thread by wait()
             self._error = e
+        finally:
+            self._done.set()
 
     def _run(self, job: CommitJob) -> Manifest:
         if job.before is not None:

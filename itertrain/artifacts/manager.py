@@ -154,60 +154,96 @@ class CheckpointManager:
                 return
         self.move_aside([target.name])
 
-    def commit_checkpoint(self, step: int, best: str | None = None) -> None:
+    def commit_checkpoint(self, step: int, best: str | None = None, extra: dict[str, Any] | None = None) -> None:
         """After HF saved `checkpoint-step` on every rank: manifest (rank 0), then retention. With
         async_commit the manifest work runs on a thread; the checkpoint counts as committed only when
-        its manifest lands, so a crash before that leaves it torn and the previous one is used."""
+        its manifest lands, so a crash before that leaves it torn and the previous one is used.
+        `extra`: recorded in the manifest (e.g. that this is a preemption checkpoint)."""
         distributed.barrier()  # every rank's files are on disk
         if distributed.is_main():
-            self.worker.submit(self._checkpoint_job(step, best, self.iteration, dict(self.lineage)))
+            self.worker.submit(self._checkpoint_job(step, best, self.iteration, dict(self.lineage), extra))
+        if not self.config.async_commit:
+            # Rank 0 hashed every file inline: the others wait here, on itertrain's long-timeout group,
+            # rather than in training's next collective (whose timeout is meant for training steps).
+            distributed.barrier()
 
-    def checkpoint_committer(self, step: int):
+    def checkpoint_committer(self, step: int, extra: dict[str, Any] | None = None):
         """`--async_save`: what rank 0's writer calls once every rank's files of `checkpoint-step` are
         durable: commit the manifest from the digests taken while writing, then retention. The
         iteration and lineage are taken now (training thread), not when the writer gets there."""
         iteration, lineage = self.iteration, dict(self.lineage)
 
         def commit(digests: Digests, best: str | None) -> None:
-            self.worker.commit(self._checkpoint_job(step, best, iteration, lineage, digests))
+            self.worker.commit(self._checkpoint_job(step, best, iteration, lineage, extra, digests))
 
         return commit
 
     def _checkpoint_job(self, step: int, best: str | None, iteration: int, lineage: dict[str, Any],
-                        written: Digests | None = None) -> CommitJob:
+                        extra: dict[str, Any] | None = None, written: Digests | None = None) -> CommitJob:
         directory = self.root / checkpoint_name(step)
         protect = frozenset({directory.name} | ({Path(best).name} if best else set()))
 
         def retain(_: Manifest) -> None:
             self._apply_retention(Event.CHECKPOINT_COMMITTED, iteration, protect)
 
-        return CommitJob(directory, Kind.TRAINER_CHECKPOINT, iteration, step, lineage,
+        return CommitJob(directory, Kind.TRAINER_CHECKPOINT, iteration, step, lineage, dict(extra or {}),
                          before=lambda: faults.point("checkpoint.commit"), after=retain, written=written)
 
     # ---- iteration models --------------------------------------------------------------------------
     def commit_iteration_model(self, model, tokenizer, iteration: int, step: int, *, last: bool,
                                max_shard_size: str, metrics: dict[str, Any], replaces: frozenset[str] = frozenset(),
-                               extra: dict[str, Any] | None = None) -> None:
+                               extra: dict[str, Any] | None = None, state_dict: dict | None = None) -> None:
         """Write iter_K (rank 0), commit it, then retire iteration K's checkpoints. All ranks call.
 
         `replaces`: an existing iter_K this launch rejected (corrupt): it moves to superseded/ first.
-        Any other existing iter_K is committed work, and is never overwritten."""
+        Any other existing iter_K is committed work, and is never overwritten. `state_dict`: the whole
+        weights when the model is sharded across ranks (gathered beforehand by every rank)."""
         def write() -> None:
             self.wait()
             directory = self.root / iteration_name(iteration)
+            keep = self.config.retention.keep_iteration_checkpoints
+            rescued: list[str] = []
             if directory.name in replaces and (directory.exists() or directory.is_symlink()):
+                rescued, kept = self._rescue_checkpoints(directory)
+                keep = keep or kept
                 self.move_aside([directory.name])
             if (directory / MANIFEST_NAME).exists():
                 raise ArtifactWriteError(f"{directory} is already committed; refusing to overwrite it")
-            write_iteration_model(model, tokenizer, directory, max_shard_size=max_shard_size)
-            keep = self.config.retention.keep_iteration_checkpoints
+            write_iteration_model(model, tokenizer, directory, max_shard_size=max_shard_size, state_dict=state_dict)
             self.worker.commit(CommitJob(directory, Kind.ITERATION_MODEL, iteration, step, dict(self.lineage),
                                          {"metrics": metrics, KEPT_CHECKPOINTS: keep, **(extra or {})}))
+            for name in rescued:  # back where they were: the carry for iteration K+1, or the user's kept ones
+                safe_move(self.root / name, directory / name, self.root)
             faults.point("iteration.after_manifest")
             self._apply_retention(Event.ITERATION_COMMITTED, iteration, frozenset(), last=last,
                                   fault="iteration.retire")
 
         distributed.run_on_main(write)
+
+    def _rescue_checkpoints(self, directory: Path) -> tuple[list[str], bool]:
+        """Committed checkpoints kept inside a rejected iteration model are intact work (each has its own
+        manifest): before the model moves aside they move to the top level, where a crash before the
+        replacement commits still finds them (they can rebuild it), and they return into the new model
+        after. Returns (their names, whether the user kept them with --keep_iteration_checkpoints)."""
+        names = [e.rel.split("/", 1)[1] for e in scan(self.root)
+                 if e.kind == Kind.TRAINER_CHECKPOINT and e.rel.startswith(directory.name + "/") and not e.symlink]
+        rescued = []
+        for name in names:
+            try:
+                header = read_header(str(directory / name))
+            except ManifestError:
+                continue
+            if header is None or header.kind != Kind.TRAINER_CHECKPOINT.value or (self.root / name).exists():
+                continue  # torn, damaged or its name is taken: it moves aside with the model
+            safe_move(directory / name, self.root / name, self.root)
+            rescued.append(name)
+        try:
+            old = read_manifest(directory)
+        except ManifestError:
+            old = None
+        # Older manifests do not say; more than one checkpoint inside can only have been kept.
+        kept = bool(old.extra.get(KEPT_CHECKPOINTS, len(names) > 1)) if old is not None else len(names) > 1
+        return rescued, kept
 
     # ---- data ----------------------------------------------------------------------------------------
     def commit_data(self, directory: Path, iteration: int, lineage: dict[str, Any],

@@ -14,12 +14,13 @@ from itertrain.errors import ArtifactWriteError
 from itertrain.fsutil import describe_library_write_error
 
 
-def write_iteration_model(model: Any, tokenizer: Any, directory: Path, *, max_shard_size: str) -> None:
+def write_iteration_model(model: Any, tokenizer: Any, directory: Path, *, max_shard_size: str,
+                          state_dict: dict | None = None) -> None:
     """`save_pretrained` of the weights (sharded above `max_shard_size`), config, generation config
-    and tokenizer into `directory` (rank 0)."""
+    and tokenizer into `directory` (rank 0). `state_dict`: the whole weights of a sharded model."""
     try:
         faults.point("iteration.save")
-        model.save_pretrained(directory, max_shard_size=max_shard_size)
+        model.save_pretrained(directory, max_shard_size=max_shard_size, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)
         faults.point("iteration.before_manifest")

@@ -122,12 +122,36 @@ def decide(flags: RecoveryFlags, inv: Inventory, rejected: Mapping[str, str] | N
         # A checkpoint kept inside an iteration model this run replaces cannot be read once that
         # model moved aside: take the next candidate (auto), or refuse (explicit).
         inside = next((p for p in plan.supersedes if plan.state_from and plan.state_from.startswith(p + "/")), None)
-        if inside is None:
+        why = f"kept inside {inside}, which this run replaces" if inside else None
+        if why is None:
+            plan, why = with_lora(plan, flags)
+        if why is None:
             return plan
-        why = f"kept inside {inside}, which this run replaces"
         if flags.resume_from != AUTO:
             raise _refuse_explicit("--resume_from", flags.resume_from, f"{plan.state_from} is {why}", inv)
         rejected[plan.state_from] = why  # type: ignore[index]
+
+
+def with_lora(plan: RecoveryPlan, flags: RecoveryFlags) -> tuple[RecoveryPlan, str | None]:
+    """The plan's LoRA halves (`adapter_base`, `adapter_from`), or why its checkpoint cannot be used.
+
+    merged: iteration K's adapter applies to the model it started from (iter_{K-1}, or the base model
+    for K = 0 and under --iteration_init base); it is fresh unless a checkpoint of K is restored.
+    adapter: one adapter on the base model across iterations: from the checkpoint restored, from the
+    iteration model the iteration starts from (--iteration_init previous), or fresh."""
+    if flags.lora is None or plan.mode == Mode.COMPLETE:
+        return plan, None
+    k, base_init = plan.iteration, flags.iteration_init == "base"
+    restored = plan.state_from if plan.mode == Mode.CHECKPOINT else None
+    if flags.lora == "adapter":
+        start = None if base_init or plan.iteration_model is None or plan.mode == Mode.CHECKPOINT \
+            else plan.iteration_model.path
+        return plan.with_(lora=flags.lora, adapter_base=BASE, adapter_from=restored or start), None
+    applies_to = BASE if k == 0 or base_init else plan.previous_model
+    if applies_to is None:
+        return plan, (f"a LoRA adapter trained on iter_{k - 1} (--iteration_model merged), and no usable iter_{k - 1} "
+                      "exists to apply it to")
+    return plan.with_(lora=flags.lora, adapter_base=applies_to, adapter_from=restored), None
 
 
 def _decide(flags: RecoveryFlags, inv: Inventory, rejected: dict[str, str]) -> RecoveryPlan:
@@ -215,10 +239,15 @@ def _table(flags: RecoveryFlags, inv: Inventory, cands: _Candidates, ckpt: Train
     # optimizer moments from the checkpoint, next iteration from step 0. Under --iteration_init base
     # nothing comes from the checkpoint: the iteration starts from the base model with a fresh state.
     if ckpt.iteration <= k:
-        if base_init:
+        if base_init or flags.lora == "merged":
+            # --iteration_model merged: iteration K+1 trains a fresh LoRA adapter on iter_K, and the
+            # moments of iteration K's adapter belong to another adapter (same shapes, other parameters).
+            fresh = (f"{init_note}; training state starts fresh" if base_init else
+                     f"weights from {model.path} (LoRA adapter merged in); iteration {k + 1} trains a fresh adapter "
+                     "on it, so its optimizer moments start fresh")
             return RecoveryPlan.next_iteration(
                 model, weights=weights, ckpt=ckpt, supersedes=_superseded(inv, cands, k + 1, -1, None),
-                reason=f"{init_note}; training state starts fresh ({ckpt.path} is not used)",
+                reason=f"{fresh} ({ckpt.path} is not used)",
             )
         return RecoveryPlan.next_iteration(
             model, weights=weights, moments_from=ckpt, supersedes=_superseded(inv, cands, k + 1, -1, None),

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from itertrain.artifacts.manifest import ManifestError, ManifestHeader, read_header, read_manifest
 from itertrain.layout import (
+    ADAPTER_CONFIG_NAME,
     AUX_RE,
     BASE_MODEL_DIR,
     CONFIG_NAME,
@@ -23,7 +24,7 @@ from itertrain.layout import (
     model_order,
     scan,
 )
-from itertrain.recovery.verify import structural_problems
+from itertrain.recovery.verify import holds_adapter_only, structural_problems
 
 
 class Status(str, Enum):
@@ -204,8 +205,9 @@ def discover(output_dir: str | Path, record: dict | None = None) -> Inventory:
         if status == Status.TORN and (not is_experiment or e.rel in adopted or e.rel == BASE_MODEL_DIR):
             status, problem = _foreign_status(directory, Kind.ITERATION_MODEL)
             foreign = True
-            if not (directory / CONFIG_NAME).exists() and status == Status.UNVERIFIED:
-                aux = (CONFIG_NAME,)
+            config = ADAPTER_CONFIG_NAME if holds_adapter_only(directory) else CONFIG_NAME  # a LoRA adapter dir
+            if not (directory / config).exists() and status == Status.UNVERIFIED:
+                aux = (config,)
         elif header is not None and header.iteration != e.number:
             status, problem = Status.CORRUPT, f"manifest says iteration {header.iteration}, the name says {e.number}"
         models.append(IterationModel(e.rel, e.number, status, _mtime(directory), problem, aux, foreign, e.symlink))

@@ -48,6 +48,7 @@ class RecoveryFlags:
     overwrite_output_dir: bool = False
     num_iterations: int = 1
     iteration_init: str = "previous"  # previous | base
+    lora: str | None = None  # --use_peft: the --iteration_model mode (merged | adapter); None: full fine-tuning
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "resume_from", parse_resume_from(self.resume_from))

@@ -51,6 +51,10 @@ class RecoveryPlan:
     rejected: tuple[Rejection, ...] = ()
     supersedes: tuple[str, ...] = ()  # committed artifacts this run replaces: moved to superseded/ first
     weights_override: bool = False  # full state from a checkpoint, weights from elsewhere (scenario 5)
+    # LoRA (--use_peft): the weights are a full model plus an adapter.
+    lora: str | None = None  # the --iteration_model mode (merged | adapter); None: full fine-tuning
+    adapter_base: str | None = None  # the full model the adapter applies to: BASE or an iteration model
+    adapter_from: str | None = None  # the adapter's weights: a checkpoint or an adapter-only iter_K; None: fresh
 
     # ---- named constructors ---------------------------------------------------------------------------
     @classmethod
@@ -107,6 +111,9 @@ class RecoveryPlan:
             out.append(self.weights_from)
         if self.state_from and self.state_from not in out:
             out.append(self.state_from)
+        for rel in (self.adapter_base, self.adapter_from):  # LoRA: both halves of the weights
+            if rel and rel != BASE and rel not in out:
+                out.append(rel)
         # At an iteration's start, a strategy that generates samples from the previous model.
         if self.previous_model and self.previous_model not in out and self.mode in (Mode.ITERATION, Mode.BOTH):
             out.append(self.previous_model)

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from itertrain import console, distributed
+from itertrain import console, distributed, launcher
 from itertrain.args import RunConfig
 from itertrain.artifacts.manager import CheckpointManager
 from itertrain.errors import RecoveryRefused
@@ -172,7 +172,8 @@ def prepare_output_dir(cfg: RunConfig, resolved: Resolved, record: dict, manager
     for n in notes[len(resolved.notes):]:
         print(f"   {n}", flush=True)
     summary = {"world_size": distributed.world_size(), "mode": plan.mode.value, "iteration": plan.iteration,
-               "step": plan.step, "weights_from": plan.weights_from, "state_from": plan.state_from}
+               "step": plan.step, "weights_from": plan.weights_from, "state_from": plan.state_from,
+               **launcher.launch_summary()}
     return record_launch(root, record, cfg, summary)
 
 

@@ -45,13 +45,27 @@ def _strategy_line(plan: RecoveryPlan) -> str:
     return "📁 TRAINER checkpoint only - full restore"
 
 
+_MODEL_TEXT = {"merged": "model weights only, LoRA adapter merged in",
+               "adapter": "LoRA adapter only, for the base model"}
+
+
+def _lora_line(plan: RecoveryPlan, output_dir: str, base_model: str) -> str:
+    on = _show(output_dir, plan.adapter_base, base_model)
+    if plan.adapter_from:
+        return f"LoRA adapter (--iteration_model {plan.lora}) from {_show(output_dir, plan.adapter_from, base_model)}, on {on}"
+    fresh = f"LoRA adapter (--iteration_model {plan.lora}): a fresh adapter on {on}"
+    if plan.lora == "merged" and plan.iteration > 0:
+        fresh += "; its optimizer moments start fresh (the previous adapter is merged into that model)"
+    return fresh
+
+
 def render(plan: RecoveryPlan, output_dir: str, base_model: str, extra_lines: list[str] | None = None) -> str:
     """The guide's log box, extended with where the run continues, warnings and rejected candidates."""
     lines = [RULE, "CHECKPOINT RECOVERY SYSTEM", RULE]
     if plan.checkpoint is not None:
         c = plan.checkpoint
         lines.append(f"📁 Found trainer checkpoint: {os.path.join(output_dir, c.path)}")
-        lines.append("   ✅ Contains: model weights + optimizer + scheduler states")
+        lines.append(f"   ✅ Contains: {'LoRA adapter' if plan.lora else 'model weights'} + optimizer + scheduler states")
         if plan.state_from != c.path and plan.weights_from != c.path:
             lines.append("   ⏭️  Not used by this plan")
         lines.append(
@@ -61,7 +75,7 @@ def render(plan: RecoveryPlan, output_dir: str, base_model: str, extra_lines: li
     if plan.iteration_model is not None:
         m = plan.iteration_model
         lines.append(f"🎯 Found COMPLETE iteration {m.iteration} model: {os.path.join(output_dir, m.path)}")
-        lines.append("   ⚠️  Contains: model weights only (no optimizer/scheduler)")
+        lines.append(f"   ⚠️  Contains: {_MODEL_TEXT.get(plan.lora, 'model weights only')} (no optimizer/scheduler)")
     if plan.checkpoint is None and plan.iteration_model is None:
         lines.append("📭 No trainer checkpoint or iteration model selected")
     for r in plan.rejected:
@@ -75,6 +89,8 @@ def render(plan: RecoveryPlan, output_dir: str, base_model: str, extra_lines: li
         lines.append(f"   📁 Training state from: {_show(output_dir, plan.state_from, base_model)}")
         lines.append(f"   🔁 Training state applied: {_STATE_TEXT[plan.state_scope]}")
         lines.append(f"   ▶️  Continuing at: {plan.describe_resume()}")
+        if plan.lora:
+            lines.append(f"   🧩 {_lora_line(plan, output_dir, base_model)}")
     for w in plan.warnings:
         lines.append(f"   ⚠️  {w}")
     for s in plan.supersedes:

@@ -17,18 +17,19 @@ from itertrain import distributed
 from itertrain.errors import RecoveryRefused
 from itertrain.artifacts.manifest import ManifestError, read_manifest
 from itertrain.layout import Kind
+from itertrain.lora.links import check_links
 from itertrain.recovery.decide import decide
 from itertrain.recovery.discover import Inventory, IterationModel, discover, missing_aux
 from itertrain.recovery.flags import BASE, RecoveryFlags
 from itertrain.recovery.plan import Mode, RecoveryPlan, StateScope
 from itertrain.recovery.restore import (
     describe_load_error,
-    load_model,
+    load_weights,
     probe_state,
     repair_iteration_model,
     weights_dir,
 )
-from itertrain.recovery.verify import deep_problems
+from itertrain.recovery.verify import deep_problems, holds_adapter_only
 
 
 @dataclass
@@ -57,6 +58,10 @@ class LoadOptions:
     tokenizer_dir: str | None
     dtype: str
     trust_remote_code: bool
+    lora: dict[str, Any] | None = None  # --use_peft: the run's LoRA settings (itertrain.lora.settings_of)
+    seed: int = 0  # --seed: a fresh adapter of iteration K is drawn from seed + K
+    deepspeed: bool = False  # DeepSpeed restores weights that only its own files hold
+    fsdp: bool = False  # HF restores FSDP-sharded optimizer state only under --fsdp
 
 
 def _kind_of(inv: Inventory, rel: str) -> tuple[str, Any]:
@@ -121,42 +126,84 @@ def decide_verified(
 
 
 def repair(root: Path, plan: RecoveryPlan, opts: LoadOptions) -> tuple[list[str], dict[str, str]]:
-    """Rank 0: recreate missing config/tokenizer files of the chosen iteration model."""
+    """Rank 0: recreate missing config/tokenizer files of the chosen iteration model (for LoRA, also of
+    the adapter-only iteration model the adapter comes from)."""
     model = plan.iteration_model
-    if model is None or not model.missing_aux or plan.weights_from != model.path:
+    if model is None or not model.missing_aux or model.path not in (plan.weights_from, plan.adapter_from):
         return [], {}
     try:
-        return repair_iteration_model(model, root, opts.base_model, opts.tokenizer_dir), {}
+        return repair_iteration_model(model, root, opts.base_model, opts.tokenizer_dir, opts.lora), {}
     except (ValueError, OSError) as e:
         return [], {model.path: str(e)}
 
 
+def _load_weights(root: Path, plan: RecoveryPlan, opts: LoadOptions) -> tuple[Any, dict[str, str]]:
+    """The starting weights on this rank: a full model, or for LoRA the model the adapter applies to
+    plus the adapter (fresh or loaded). (model, {artifact: why it failed})."""
+    where = f"loading weights failed on rank {distributed.rank()}: "
+    if plan.lora:
+        from itertrain.lora.model import AdapterLoadError, attach_adapter, load_full
+        from itertrain.lora.links import base_dir
+
+        assert plan.adapter_base is not None and opts.lora is not None
+        directory = base_dir(root, plan.adapter_base, opts.base_model)
+        try:
+            full = load_full(directory, opts.dtype, opts.trust_remote_code)
+        except Exception as e:  # noqa: BLE001 - any load failure rejects the candidate
+            return None, {plan.adapter_base: where + describe_load_error(directory, e)}
+        adapter = root / plan.adapter_from if plan.adapter_from else None
+        try:
+            return attach_adapter(full, opts.lora, seed=opts.seed + plan.iteration, adapter_dir=adapter), {}
+        except AdapterLoadError as e:
+            return None, {str(plan.adapter_from): where + str(e)}
+        except Exception as e:  # noqa: BLE001
+            return None, {str(plan.adapter_from): where + describe_load_error(adapter or directory, e)}
+    directory = weights_dir(plan, root, opts.base_model)
+    key = plan.weights_from if plan.weights_from != BASE else BASE
+    if holds_adapter_only(directory):  # transformers would load the base named inside, with a frozen adapter
+        return None, {key: f"{directory.name} holds a LoRA adapter only, not full model weights: run with --use_peft "
+                           "(and the --iteration_model it was trained with)"}
+    try:
+        return load_weights(directory, opts.base_model, opts.dtype, opts.trust_remote_code, deepspeed=opts.deepspeed), {}
+    except Exception as e:  # noqa: BLE001 - any load failure rejects the candidate
+        return None, {key: where + describe_load_error(Path(directory), e)}
+
+
 def load_and_probe(root: Path, plan: RecoveryPlan, opts: LoadOptions) -> tuple[Any, dict[str, str], list[str]]:
     """Every rank: load the starting weights and check the state files. (model, failures, warnings)."""
-    failures: dict[str, str] = {}
-    try:
-        model = load_model(weights_dir(plan, root, opts.base_model), opts.dtype, opts.trust_remote_code)
-    except Exception as e:  # noqa: BLE001 - any load failure rejects the candidate
-        key = plan.weights_from if plan.weights_from != BASE else BASE
-        failures[key] = f"loading weights failed on rank {distributed.rank()}: " + describe_load_error(
-            Path(weights_dir(plan, root, opts.base_model)), e
-        )
+    model, failures = _load_weights(root, plan, opts)
+    if failures:
         return None, failures, []
-    problems, warnings = probe_state(plan, root, model, distributed.rank(), distributed.world_size())
+    problems, warnings = probe_state(plan, root, model, distributed.rank(), distributed.world_size(), fsdp=opts.fsdp)
     if problems:
         assert plan.state_from is not None
         failures[plan.state_from] = f"rank {distributed.rank()}: " + "; ".join(problems)
     return model, failures, warnings
 
 
-def _restored_lineage(root: Path, plan: RecoveryPlan) -> dict | None:
+def restored_lineage(root: Path, plan: RecoveryPlan) -> dict | None:
+    """The lineage a checkpoint restored in full recorded (what its iteration started from); None when
+    the plan restores no checkpoint in full, {} for one without a manifest."""
+    return _restored(root, plan)[0]
+
+
+def _restored(root: Path, plan: RecoveryPlan) -> tuple[dict | None, list[str]]:
+    """(lineage of the checkpoint restored in full, report lines about it): the lineage says what its
+    iteration started with; a preemption checkpoint is named as one."""
     if plan.state_scope != StateScope.FULL or not plan.state_from:
-        return None
+        return None, []
     try:
         manifest = read_manifest(root / plan.state_from)
     except ManifestError:
-        return None
-    return dict(manifest.lineage) if manifest is not None else {}
+        return None, []
+    if manifest is None:
+        return {}, []
+    notes = []
+    stop = manifest.extra.get("preemption")
+    if isinstance(stop, dict):
+        notes.append(f"⏸️  {plan.state_from} is a preemption checkpoint ({stop.get('signal')} at step {stop.get('step')}, "
+                     f"{stop.get('time')}): the run stopped there and continues from it")
+    return dict(manifest.lineage), notes
 
 
 def resolve(
@@ -180,6 +227,10 @@ def resolve(
             return Resolved(plan, inv, None, notes)
         if before_load is not None:
             before_load(plan)
+        failed = distributed.run_on_main(check_links, root, plan, opts.base_model)  # LoRA: what each adapter applies to
+        if failed:
+            rejected.update(failed)
+            continue
         repaired, failed = distributed.run_on_main(repair, root, plan, opts)
         notes += repaired
         if failed:
@@ -191,7 +242,8 @@ def resolve(
         if not failures:
             all_warnings = sorted({w for _, ws in outcomes for w in ws})
             plan = dataclasses.replace(plan, warnings=plan.warnings + tuple(all_warnings))
-            return Resolved(plan, inv, model, notes, distributed.run_on_main(_restored_lineage, root, plan))
+            restored, restored_notes = distributed.run_on_main(_restored, root, plan)
+            return Resolved(plan, inv, model, notes + restored_notes, restored)
         if BASE in failures:
             raise RecoveryRefused(f"the base model {opts.base_model} cannot be loaded: {failures[BASE]}")
         del model

@@ -19,8 +19,21 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from itertrain.artifacts.manifest import recommit
-from itertrain.layout import CONFIG_NAME, GENERATION_CONFIG_NAME, OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME, rng_state_name
+from itertrain.artifacts.manifest import read_manifest, recommit
+from itertrain.layout import (
+    ADAPTER_CONFIG_NAME,
+    CONFIG_NAME,
+    GENERATION_CONFIG_NAME,
+    OPTIMIZER_FSDP_FULL,
+    OPTIMIZER_NAME,
+    SCHEDULER_NAME,
+    TRAINER_STATE_NAME,
+    WEIGHT_FILES,
+    deepspeed_step_dir,
+    fsdp_dirs,
+    optimizer_file,
+    rng_state_name,
+)
 from itertrain.recovery.discover import IterationModel
 from itertrain.recovery.flags import BASE
 from itertrain.recovery.plan import RecoveryPlan, StateScope
@@ -31,7 +44,10 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def safe_load(path: Path) -> Any:
     """torch.load with weights_only=True (numpy RNG state allowlisted, as HF does); never runs pickled code."""
-    from transformers.trainer_pt_utils import safe_globals
+    try:
+        from transformers.trainer_pt_utils import safe_globals
+    except ImportError:  # older transformers (4.x, early 5.x) define it in transformers.trainer
+        from transformers.trainer import safe_globals
 
     with safe_globals():
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -54,6 +70,28 @@ def load_model(directory: Path, dtype: str, trust_remote_code: bool):
     return AutoModelForCausalLM.from_pretrained(
         directory, dtype=_DTYPES[dtype], local_files_only=True, trust_remote_code=trust_remote_code
     )
+
+
+def load_weights(directory: Path, base_model: str, dtype: str, trust_remote_code: bool, *, deepspeed: bool = False):
+    """The model with the weights of `directory`: an HF model dir or a checkpoint in any layout. A
+    checkpoint with sharded weights only (FSDP SHARDED_STATE_DICT, DeepSpeed ZeRO-3) has no config:
+    the architecture comes from the base model (every iteration shares it)."""
+    directory = Path(directory)
+    if any((directory / name).exists() for name in WEIGHT_FILES):
+        return load_model(directory, dtype, trust_remote_code)
+    fsdp_model, _ = fsdp_dirs(directory)
+    if fsdp_model is not None:
+        from itertrain.recovery.sharded import load_dcp_weights
+
+        model = load_model(Path(base_model), dtype, trust_remote_code)
+        load_dcp_weights(fsdp_model, model)
+        return model
+    if deepspeed_step_dir(directory) is not None:
+        if not deepspeed:
+            raise ValueError(f"the weights of {directory.name} are inside DeepSpeed's {deepspeed_step_dir(directory).name}/"
+                             " (ZeRO-3) and only DeepSpeed restores them: resume with --deepspeed")
+        return load_model(Path(base_model), dtype, trust_remote_code)  # DeepSpeed's resume overwrites them
+    return load_model(directory, dtype, trust_remote_code)  # fails with from_pretrained's own message
 
 
 def model_shapes_for_config(config_dir: Path) -> dict[str, tuple[int, ...]]:
@@ -79,8 +117,11 @@ def shape_mismatch(weights: dict[str, tuple[int, ...]], expected: dict[str, tupl
     return None
 
 
-def repair_iteration_model(model: IterationModel, root: Path, base_model: str, tokenizer_dir: str | None) -> list[str]:
-    """Recreate missing config/tokenizer/generation files from the base model (SPEC §3). Rank 0.
+def repair_iteration_model(model: IterationModel, root: Path, base_model: str, tokenizer_dir: str | None,
+                           lora: dict | None = None) -> list[str]:
+    """Recreate missing config/tokenizer/generation files from the base model (SPEC §3), and a missing
+    adapter_config.json of an adapter-only model from the LoRA settings its manifest recorded (the
+    run's `lora` settings for one written by another tool). Rank 0.
 
     Returns report lines; raises ValueError when the weights do not fit the base architecture.
     """
@@ -91,8 +132,19 @@ def repair_iteration_model(model: IterationModel, root: Path, base_model: str, t
         problem = shape_mismatch(weight_shapes(directory), model_shapes_for_config(base))
         if problem:
             raise ValueError(f"{CONFIG_NAME} is missing and the base model's config does not fit: {problem}")
+    if ADAPTER_CONFIG_NAME in model.missing_aux:
+        from itertrain.lora.files import rebuild_adapter_config
+        from itertrain.lora.links import LORA
+
+        manifest = None if model.foreign else read_manifest(directory)
+        settings = manifest.extra.get(LORA) if manifest is not None else lora
+        if not settings:
+            raise ValueError(f"{ADAPTER_CONFIG_NAME} is missing and no LoRA settings are recorded to recreate it from")
+        rebuild_adapter_config(directory, settings, base)
+        notes.append(f"🔧 created missing {ADAPTER_CONFIG_NAME} in {model.path} from the recorded LoRA settings "
+                     "(tensor shapes checked)")
     tok_src = Path(tokenizer_dir) if tokenizer_dir else base
-    for name in model.missing_aux:
+    for name in (n for n in model.missing_aux if n != ADAPTER_CONFIG_NAME):
         src = (base if name in (CONFIG_NAME, GENERATION_CONFIG_NAME) else tok_src) / name
         if src.exists():
             shutil.copyfile(src, directory / name)
@@ -127,26 +179,55 @@ def optimizer_state_problems(state: dict, model: torch.nn.Module) -> list[str]:
     return []
 
 
-def probe_state(plan: RecoveryPlan, root: Path, model: torch.nn.Module, rank: int, world_size: int) -> tuple[list[str], list[str]]:
-    """(problems, warnings) for loading the plan's training state on this rank."""
+def optimizer_problems(directory: Path, model: torch.nn.Module, scope: StateScope, world_size: int,
+                       fsdp: bool) -> tuple[list[str], list[str]]:
+    """(problems, warnings) of a checkpoint's optimizer state for this model, in the layout it has."""
+    from itertrain.recovery import sharded
+
+    whole = optimizer_file(directory)
+    _, fsdp_optimizer = fsdp_dirs(directory)
+    under_fsdp = (f"{directory.name} holds FSDP optimizer state, which HF Trainer restores only under --fsdp: "
+                  "resume it with the --fsdp setting it was written with")
+    if whole is None and fsdp_optimizer is not None:
+        problems = sharded.dcp_optimizer_problems(fsdp_optimizer, model)  # metadata only, any world size
+        return problems + ([under_fsdp] if scope == StateScope.FULL and not fsdp else []), []
+    if whole is None and deepspeed_step_dir(directory) is not None:
+        problems = sharded.deepspeed_problems(directory)
+        if scope == StateScope.OPTIMIZER:  # DeepSpeed's optimizer files are not weights-only loadable
+            return problems, [f"{directory.name} holds DeepSpeed optimizer state, which only DeepSpeed can read: "
+                              "the optimizer moments are not carried over, the new iteration starts them fresh"]
+        saved = sharded.deepspeed_world_size(directory)
+        if saved is not None and saved != world_size:
+            problems.append(f"{directory.name} was written by {saved} DeepSpeed rank(s), this run has {world_size}: "
+                            "DeepSpeed restores only the same data-parallel size (convert it to a universal "
+                            "checkpoint to change it)")
+        return problems, []
+    path = whole or directory / OPTIMIZER_NAME
+    try:
+        problems = optimizer_state_problems(safe_load(path), model)
+    except FileNotFoundError:
+        return [f"{OPTIMIZER_NAME} is missing"], []
+    except Exception as e:  # noqa: BLE001 - any failure to load is a reason to reject the candidate
+        return [describe_load_error(path, e)], []
+    full_fsdp = path.name == OPTIMIZER_FSDP_FULL and scope == StateScope.FULL and not fsdp
+    return problems + ([under_fsdp] if full_fsdp else []), []
+
+
+def probe_state(plan: RecoveryPlan, root: Path, model: torch.nn.Module, rank: int, world_size: int, *,
+                fsdp: bool = False) -> tuple[list[str], list[str]]:
+    """(problems, warnings) for loading the plan's training state on this rank (`fsdp`: this run
+    trains under --fsdp)."""
     if plan.state_from is None or plan.state_scope == StateScope.NONE:
         return [], []
     directory = root / plan.state_from
-    problems: list[str] = []
-    warnings: list[str] = []
-    try:
-        problems += optimizer_state_problems(safe_load(directory / OPTIMIZER_NAME), model)
-    except FileNotFoundError:
-        problems.append(f"{OPTIMIZER_NAME} is missing")
-    except Exception as e:  # noqa: BLE001 - any failure to load is a reason to reject the candidate
-        problems.append(describe_load_error(directory / OPTIMIZER_NAME, e))
+    problems, warnings = optimizer_problems(directory, model, plan.state_scope, world_size, fsdp)
     if plan.state_scope != StateScope.FULL:
         return problems, warnings
-    for name in (SCHEDULER_NAME,):
+    if (directory / SCHEDULER_NAME).exists() or deepspeed_step_dir(directory) is None:  # DeepSpeed may own it
         try:
-            safe_load(directory / name)
+            safe_load(directory / SCHEDULER_NAME)
         except Exception as e:  # noqa: BLE001
-            problems.append(describe_load_error(directory / name, e))
+            problems.append(describe_load_error(directory / SCHEDULER_NAME, e))
     try:
         json.loads((directory / TRAINER_STATE_NAME).read_text())["global_step"]
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -183,10 +264,21 @@ class OptimizerMomentsCallback(TrainerCallback):
     def __init__(self, checkpoint_dir: Path):
         self.checkpoint_dir = Path(checkpoint_dir)
 
-    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+    def on_train_begin(self, args, state, control, optimizer=None, model=None, **kwargs):
         if optimizer is None:
             return control
-        saved = safe_load(self.checkpoint_dir / OPTIMIZER_NAME)
+        from itertrain.recovery import sharded
+
+        whole = optimizer_file(self.checkpoint_dir)
+        _, fsdp_optimizer = fsdp_dirs(self.checkpoint_dir)
+        if whole is None:
+            if fsdp_optimizer is not None:  # sharded (FSDP): DCP reshards to this run's layout
+                sharded.carry_dcp_moments(fsdp_optimizer, model, optimizer)
+            return control  # DeepSpeed: not carried (the plan's report says so)
+        if whole.name == OPTIMIZER_FSDP_FULL:  # keyed by parameter name, possibly into a sharded optimizer
+            sharded.carry_named_moments(safe_load(whole), model, optimizer)
+            return control
+        saved = safe_load(whole)
         fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         optimizer.load_state_dict(saved)
         for group, hyper in zip(optimizer.param_groups, fresh):

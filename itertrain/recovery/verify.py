@@ -2,8 +2,9 @@
 
 Two depths:
 - `structural_problems`: metadata-level checks for directories that have no manifest (written by
-  plain HF Trainer, `save_pretrained`, or the guide's `base_model/`). Reads headers and archive
-  directories, never tensor data.
+  plain HF Trainer, `save_pretrained`, or the guide's `base_model/`), in every checkpoint layout HF
+  writes (plain, FSDP sharded, DeepSpeed: see `sharded.py`). Reads headers, archive directories and
+  pickle opcodes, never tensor data, and never runs pickled code.
 - `deep_problems`: for committed artifacts, every byte against the manifest's xxh3 checksums.
 """
 
@@ -15,7 +16,22 @@ import zipfile
 from pathlib import Path
 
 from itertrain.artifacts.manifest import Manifest, verify_checksums
-from itertrain.layout import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, TORCH_STATE_FILES, TRAINER_STATE_NAME, Kind
+from itertrain.layout import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_SAFE_WEIGHTS_NAME,
+    CONFIG_NAME,
+    DEEPSPEED_LATEST,
+    OPTIMIZER_NAME,
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    SCHEDULER_NAME,
+    TRAINER_STATE_NAME,
+    WEIGHT_FILES,
+    Kind,
+    deepspeed_step_dir,
+    fsdp_dirs,
+    optimizer_file,
+)
 
 _MAX_HEADER = 100 << 20
 
@@ -54,8 +70,10 @@ def weight_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
             raise ValueError(f"sharded weights incomplete: missing {', '.join(missing)}")
     elif (directory / SAFE_WEIGHTS_NAME).exists():
         files = [directory / SAFE_WEIGHTS_NAME]
+    elif (directory / ADAPTER_SAFE_WEIGHTS_NAME).exists():  # a LoRA checkpoint or adapter-only model
+        files = [directory / ADAPTER_SAFE_WEIGHTS_NAME]
     else:
-        raise ValueError("no safetensors weights (model.safetensors or an index)")
+        raise ValueError("no safetensors weights (model.safetensors, an index, or adapter_model.safetensors)")
     shapes: dict[str, tuple[int, ...]] = {}
     for f in files:
         for name, info in safetensors_header(f).items():
@@ -69,7 +87,15 @@ def weight_shapes(directory: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _torch_archive_problem(path: Path) -> str | None:
+def holds_adapter_only(directory: Path) -> bool:
+    """A LoRA adapter directory (PEFT's layout): adapter weights and no full model weights."""
+    directory = Path(directory)
+    return (directory / ADAPTER_SAFE_WEIGHTS_NAME).exists() and not (
+        (directory / SAFE_WEIGHTS_NAME).exists() or (directory / SAFE_WEIGHTS_INDEX_NAME).exists())
+
+
+def torch_archive_problem(path: Path) -> str | None:
+    """Why `path` is not a torch archive (a zip with a data.pkl), None when it is."""
     if not zipfile.is_zipfile(path):
         return f"{path.name} is not a readable torch archive"
     try:
@@ -84,35 +110,55 @@ def _torch_archive_problem(path: Path) -> str | None:
 def structural_problems(directory: Path, kind: str) -> list[str]:
     """Problems that make a manifest-less directory unusable. `kind`: trainer_checkpoint | iteration_model."""
     directory = Path(directory)
-    problems: list[str] = []
+    if kind == Kind.TRAINER_CHECKPOINT.value:
+        return _checkpoint_problems(directory)
+    problems = _weights_problems(directory)
+    for name in (CONFIG_NAME, ADAPTER_CONFIG_NAME):
+        if (directory / name).exists():
+            try:
+                json.loads((directory / name).read_text())
+            except (ValueError, OSError) as e:
+                problems.append(f"{name} does not parse: {e}")
+    return problems
+
+
+def _weights_problems(directory: Path) -> list[str]:
     try:
         weight_shapes(directory)
     except (ValueError, OSError, KeyError, json.JSONDecodeError) as e:
-        problems.append(f"weights: {e}")
-    if kind == Kind.TRAINER_CHECKPOINT.value:
-        try:
-            state = json.loads((directory / TRAINER_STATE_NAME).read_text())
-            int(state["global_step"])
-        except FileNotFoundError:
-            problems.append(f"{TRAINER_STATE_NAME} is missing")
-        except (ValueError, KeyError, TypeError, OSError) as e:
-            problems.append(f"{TRAINER_STATE_NAME} does not parse: {e}")
-        for name in TORCH_STATE_FILES:
-            if not (directory / name).exists():
-                problems.append(f"{name} is missing")
-            else:
-                p = _torch_archive_problem(directory / name)
-                if p:
-                    problems.append(p)
-        for rng in sorted(directory.glob("rng_state*.pth")):
-            p = _torch_archive_problem(rng)
-            if p:
-                problems.append(p)
-    elif (directory / CONFIG_NAME).exists():
-        try:
-            json.loads((directory / CONFIG_NAME).read_text())
-        except (ValueError, OSError) as e:
-            problems.append(f"config.json does not parse: {e}")
+        return [f"weights: {e}"]
+    return []
+
+
+def _checkpoint_problems(directory: Path) -> list[str]:
+    """A trainer checkpoint in any layout HF writes: plain (model.safetensors, optimizer.pt), FSDP
+    sharded (pytorch_model_fsdp_0/, optimizer_0/) or DeepSpeed (global_stepN/)."""
+    from itertrain.recovery import sharded
+
+    fsdp_model, fsdp_optimizer = fsdp_dirs(directory)
+    deepspeed = deepspeed_step_dir(directory) is not None or (directory / DEEPSPEED_LATEST).exists()
+    problems: list[str] = []
+    if fsdp_model is not None and not any((directory / n).exists() for n in WEIGHT_FILES):
+        problems += sharded.dcp_problems(fsdp_model)
+    elif not (deepspeed and not any((directory / n).exists() for n in WEIGHT_FILES)):  # ZeRO-3 keeps them inside
+        problems += _weights_problems(directory)
+    try:
+        int(json.loads((directory / TRAINER_STATE_NAME).read_text())["global_step"])
+    except FileNotFoundError:
+        problems.append(f"{TRAINER_STATE_NAME} is missing")
+    except (ValueError, KeyError, TypeError, OSError) as e:
+        problems.append(f"{TRAINER_STATE_NAME} does not parse: {e}")
+    archives = list(directory.glob("rng_state*.pth"))
+    whole = optimizer_file(directory)
+    if whole is not None or not (fsdp_optimizer or deepspeed):
+        archives += [whole or directory / OPTIMIZER_NAME, directory / SCHEDULER_NAME]
+    else:  # the optimizer is sharded; HF writes scheduler.pt beside it unless DeepSpeed owns the scheduler
+        problems += sharded.dcp_problems(fsdp_optimizer) if fsdp_optimizer else sharded.deepspeed_problems(directory)
+        archives += [directory / SCHEDULER_NAME] if fsdp_optimizer or (directory / SCHEDULER_NAME).exists() else []
+    for path in sorted(archives):
+        why = f"{path.name} is missing" if not path.exists() else torch_archive_problem(path)
+        if why:
+            problems.append(why)
     return problems
 
 

@@ -129,6 +129,26 @@ class Strategy:
 
         return Trainer
 
+    def trainer_class_for(self, iteration: int) -> type:
+        """The Trainer class of `iteration` (default: `trainer_class()`). Override when iterations train
+        differently, as iterative_dpo does (SFT at iteration 0, DPO after)."""
+        return self.trainer_class()
+
+    def training_arguments(self, iteration: int, args: Any) -> Any:
+        """The TrainingArguments of `iteration` (`args` is the iteration's own copy, seed already set);
+        change and return it for per-iteration values (e.g. a learning rate of the SFT iteration only)."""
+        return args
+
+    def iteration_lineage(self, iteration: int, source: ModelSource) -> dict[str, Any]:
+        """Entries added to the lineage of `iteration`'s checkpoints and model, for what they depend on
+        but do not hold (e.g. the fingerprint of a reference model). `source`: the previous model. Called
+        on every rank as the `train` stage starts, before `train_dataset` and `trainer_kwargs`."""
+        return {}
+
+    def check_restored(self, iteration: int, source: ModelSource, lineage: dict[str, Any], checkpoint: str) -> None:
+        """Before anything is written, when a launch restores `checkpoint` of `iteration` in full: raise
+        RecoveryRefused (exit 2) when it cannot be continued here; `lineage` is what the checkpoint recorded."""
+
     def trainer_kwargs(self, iteration: int, model: Any, args: Any) -> dict[str, Any]:
         """Keyword arguments for the trainer, besides model, args, datasets, collator, tokenizer and
         callbacks (e.g. a reference model)."""

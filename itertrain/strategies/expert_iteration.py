@@ -12,16 +12,17 @@ relaunch reuses it only when both match, so the data can never silently come fro
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 from itertrain import distributed
-from itertrain.artifacts.manifest import ManifestError, read_manifest
+from itertrain.artifacts.manifest import ManifestError, fingerprint, read_manifest
 from itertrain.data import read_jsonl, resolve_path, write_jsonl
 from itertrain.errors import TrainingFailed, UsageError
 from itertrain.generation import sample_completions
 from itertrain.layout import data_name
-from itertrain.rewards import check_reward_fn, load_reward_fn
+from itertrain.rewards import RewardFunction, RewardModel, Rewards, check_reward, reward_scorer
 from itertrain.strategies.base import ModelSource
 from itertrain.strategies.sft import SFTStrategy
 
@@ -32,9 +33,10 @@ STATS = "stats.json"
 
 class SampledDataStrategy(SFTStrategy):
     """Shared by the strategies that sample their own data from the previous model: prompts, the
-    data directory, the reuse rule for committed data, sampling and scoring."""
+    data directory, the reuse rule for committed data, sampling and scoring. Subclasses turn scored
+    samples into training data and commit it (`select_and_commit`)."""
 
-    defining_fields = ("prompts_file", "reward_fn")
+    defining_fields = ("prompts_file", "reward_fn", "reward_model")
 
     @classmethod
     def check_arguments(cls, cfg) -> None:
@@ -57,7 +59,7 @@ class SampledDataStrategy(SFTStrategy):
             super().preflight(iteration)
         later = [k for k in range(iteration, self.ctx.cfg.loop.num_iterations) if self.generates(k)]
         if later:
-            check_reward_fn(self.ctx.cfg.generation.reward_fn, self.prompt_rows(later[0])[0])
+            check_reward(self.scorer(), self.prompt_rows(later[0])[0], self.ctx.tokenizer)
 
     def rows_source(self, iteration: int) -> str:
         return super().rows_source(iteration) if iteration == 0 else str(self.data_dir(iteration) / ACCEPTED)
@@ -85,7 +87,9 @@ class SampledDataStrategy(SFTStrategy):
         return {"seed": self.ctx.cfg.training.seed, "samples_per_prompt": gen.samples_per_prompt,
                 "temperature": gen.temperature, "top_p": gen.top_p, "max_new_tokens": gen.max_new_tokens,
                 "reward_fn": gen.reward_fn or "exact_match", "reward_threshold": gen.reward_threshold,
-                "prompts": resolve_path(gen.prompts_file, iteration) if gen.prompts_file else self.ctx.cfg.loop.task}
+                "prompts": resolve_path(gen.prompts_file, iteration) if gen.prompts_file else self.ctx.cfg.loop.task,
+                **({"reward_model": os.path.abspath(gen.reward_model),
+                    "reward_model_id": fingerprint(Path(gen.reward_model))} if gen.reward_model else {})}
 
     def committed_stats(self, iteration: int, source_id: str | None) -> dict[str, Any] | None:
         """Stats of committed data for this iteration made by these weights and settings; None if it
@@ -125,7 +129,19 @@ class SampledDataStrategy(SFTStrategy):
             return stats
         rows = self.prompt_rows(iteration)
         completions = self.sample(iteration, source, rows)
-        return distributed.run_on_main(self.score_and_commit, iteration, rows, completions, source)
+        rewards = self.score(rows, completions)
+        return distributed.run_on_main(self.select_and_commit, iteration, rows, completions, rewards, source)
+
+    def scorer(self) -> RewardFunction | RewardModel:
+        return reward_scorer(self.ctx.cfg.generation, self.ctx.cfg.model)
+
+    def score(self, rows: list[dict[str, Any]], completions: list[list[str]]) -> Rewards:
+        """rewards[i][s] on every rank: a reward model scores sharded over the ranks, a reward function
+        runs on rank 0 (user code, called once)."""
+        scorer = self.scorer()
+        if isinstance(scorer, RewardModel):
+            return scorer.score(rows, completions)
+        return distributed.run_on_main(scorer.score, rows, completions, self.ctx.tokenizer)
 
     def commit(self, iteration: int, files: dict[str, list[dict[str, Any]]], stats: dict[str, Any],
                source: ModelSource) -> None:
@@ -140,8 +156,17 @@ class SampledDataStrategy(SFTStrategy):
         self.ctx.commit_data(directory, iteration, {"weights_from": source.path, "weights_id": source.fingerprint},
                              {"weights_id": source.fingerprint, "stats": stats, "settings": self.settings(iteration)})
 
-    def score_and_commit(self, iteration: int, rows, completions, source: ModelSource) -> dict[str, Any]:
+    def select_and_commit(self, iteration: int, rows: list[dict[str, Any]], completions: list[list[str]],
+                          rewards: Rewards, source: ModelSource) -> dict[str, Any]:
+        """Rank 0: turn the scored samples into training data, commit data/iter_K, return its stats."""
         raise NotImplementedError
+
+    @staticmethod
+    def sample_rows(rows: list[dict[str, Any]], completions: list[list[str]], rewards: Rewards) -> list[dict[str, Any]]:
+        """Every sample with its reward, as samples.jsonl holds them."""
+        return [{"example": i, "sample": s, "prompt": row["prompt"], "completion": c, "reward": r}
+                for i, (row, outs, rs) in enumerate(zip(rows, completions, rewards))
+                for s, (c, r) in enumerate(zip(outs, rs))]
 
     def labeled_rows(self) -> list[dict[str, Any]]:
         loop = self.ctx.cfg.loop
@@ -156,25 +181,20 @@ class SampledDataStrategy(SFTStrategy):
 
 class ExpertIterationStrategy(SampledDataStrategy):
     name = "expert_iteration"
-    defining_fields = ("prompts_file", "reward_fn", "data_policy")
+    defining_fields = ("prompts_file", "reward_fn", "reward_model", "data_policy")
 
-    def score_and_commit(self, iteration: int, rows, completions, source: ModelSource) -> dict[str, Any]:
-        gen = self.ctx.cfg.generation
-        rewards = load_reward_fn(gen.reward_fn).score(rows, completions)
-        samples, accepted, seen, solved = [], [], set(), 0
-        for i, (row, outs, rs) in enumerate(zip(rows, completions, rewards)):
-            ok_any = False
-            for s, (completion, reward) in enumerate(zip(outs, rs)):
-                samples.append({"example": i, "sample": s, "prompt": row["prompt"], "completion": completion,
-                                "reward": reward})
-                if reward >= gen.reward_threshold:
-                    ok_any = True
-                    if (row["prompt"], completion) not in seen:
-                        seen.add((row["prompt"], completion))
-                        accepted.append({"prompt": row["prompt"], "completion": completion})
-            solved += ok_any
-        n = len(samples)
-        passed = sum(s["reward"] >= gen.reward_threshold for s in samples)
+    def select_and_commit(self, iteration: int, rows, completions, rewards: Rewards, source: ModelSource) -> dict[str, Any]:
+        threshold = self.ctx.cfg.generation.reward_threshold
+        samples = self.sample_rows(rows, completions, rewards)
+        accepted, seen, solved = [], set(), set()
+        for s in samples:
+            if s["reward"] is not None and s["reward"] >= threshold:  # None: not scored, never kept
+                solved.add(s["example"])
+                if (s["prompt"], s["completion"]) not in seen:
+                    seen.add((s["prompt"], s["completion"]))
+                    accepted.append({"prompt": s["prompt"], "completion": s["completion"]})
+        n, solved = len(samples), len(solved)
+        passed = sum(s["reward"] is not None and s["reward"] >= threshold for s in samples)
         # acceptance_rate counts every passing sample; `accepted` is what is kept after deduplication.
         stats = {"samples": n, "accepted": len(accepted), "acceptance_rate": passed / max(n, 1),
                  "prompts_solved": solved, "prompts": len(rows)}

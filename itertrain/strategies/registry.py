@@ -21,6 +21,7 @@ ENTRY_POINT_GROUP = "itertrain.strategies"
 BUILTIN = {
     "sft": "itertrain.strategies.sft:SFTStrategy",
     "expert_iteration": "itertrain.strategies.expert_iteration:ExpertIterationStrategy",
+    "iterative_dpo": "itertrain.strategies.iterative_dpo:IterativeDPOStrategy",
 }
 _registered: dict[str, type[Strategy]] = {}
 
@@ -66,6 +67,8 @@ def _import(spec: str) -> type[Strategy]:
         sys.path.insert(0, os.getcwd())  # as `python -m` does: a module beside the command line is found
     try:
         module = importlib.import_module(module_name)
+    except UsageError:
+        raise  # a module that explains itself (e.g. a missing optional dependency)
     except Exception as e:  # noqa: BLE001 - any import failure of user code is reported in one line
         raise UsageError(f"--strategy {spec}: cannot import {module_name} ({type(e).__name__}: {e})") from e
     obj = module

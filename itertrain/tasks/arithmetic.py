@@ -92,3 +92,15 @@ class ArithmeticTask:
     @staticmethod
     def is_correct(completion: str, answer: str) -> bool:
         return completion.strip() == answer.strip()
+
+
+def digit_credit(prompts: list[str], completions: list[str], answer: list[str], **kwargs) -> list[float]:
+    """A shaped reward in TRL's batched form (`--reward_fn itertrain.tasks.arithmetic:digit_credit`): the
+    share of answer digits right in their place, less the length error relative to the answer. Unlike
+    exact match it ranks the wrong answers of a model that gets none right, so that such a model's
+    samples still form preference pairs."""
+    out = []
+    for completion, ans in zip(completions, answer):
+        c, a = completion.strip(), str(ans).strip()
+        out.append((sum(x == y for x, y in zip(c, a)) - abs(len(c) - len(a))) / max(len(a), 1))
+    return out

@@ -1,0 +1,92 @@
+"""An adapter-only iteration model on disk: its files written canonically, its tensor shapes checked
+against LoRA settings, and a missing `adapter_config.json` recreated from the run's recorded settings.
+
+PEFT writes `target_modules` from a set (its order follows PYTHONHASHSEED) and records the path the
+base was loaded from; itertrain rewrites the config with sorted keys and modules and the absolute
+base path, so an iteration model is byte-identical across processes and a rebuilt config equals the
+one that was lost.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from itertrain.layout import ADAPTER_CONFIG_NAME, ADAPTER_SAFE_WEIGHTS_NAME
+from itertrain.recovery.verify import safetensors_header
+
+PEFT_MODEL_CARD = "README.md"  # PEFT's model-card template: nothing of the run's, and not needed to load
+
+
+def adapter_shape_problem(adapter_dir: Path, expected: dict[str, tuple[int, ...]]) -> str | None:
+    """Why the adapter file's tensors (header only) do not match `expected`; None when they do."""
+    got = {k: tuple(v["shape"]) for k, v in safetensors_header(Path(adapter_dir) / ADAPTER_SAFE_WEIGHTS_NAME).items()
+           if k != "__metadata__"}
+    for name, shape in sorted(got.items()):
+        if name not in expected:
+            return f"tensor {name} is not produced by these LoRA settings (other --lora_target_modules?)"
+        if expected[name] != shape:
+            hint = ""
+            if ".lora_A." in name:
+                hint = f" (lora_A is (r, in): the file has r={shape[0]})"
+            elif ".lora_B." in name:
+                hint = f" (lora_B is (out, r): the file has r={shape[-1]})"
+            return f"tensor {name} has shape {list(shape)}, these settings need {list(expected[name])}{hint}"
+    missing = sorted(set(expected) - set(got))
+    if missing:
+        return f"{len(missing)} adapter tensors of these settings are missing from the file (e.g. {missing[0]})"
+    return None
+
+
+def canonical_config(config: dict[str, Any], base_dir: Path) -> str:
+    """adapter_config.json as itertrain writes it: the absolute base path, inference mode (as PEFT saves
+    it), sorted target modules and keys."""
+    config = dict(config)
+    config["base_model_name_or_path"] = str(Path(base_dir).resolve())
+    config["inference_mode"] = True
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+
+def write_adapter_files(peft_model, directory: Path, base_dir: Path) -> None:
+    """The trained adapter only (`adapter_model.safetensors`, `adapter_config.json`) into `directory`."""
+    from itertrain.lora.model import ADAPTER_NAME
+
+    peft_model.save_pretrained(str(directory), selected_adapters=[ADAPTER_NAME], save_embedding_layers=False)
+    path = directory / ADAPTER_CONFIG_NAME
+    path.write_text(canonical_config(json.loads(path.read_text()), base_dir))
+    (directory / PEFT_MODEL_CARD).unlink(missing_ok=True)
+
+
+def settings_config(settings: dict[str, Any], base_dir: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, Any]]:
+    """(tensor shapes, adapter_config.json content) that `settings` give on the base model in `base_dir`:
+    the base architecture is built on the meta device (no weights read, no memory used)."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from itertrain.lora.model import ADAPTER_NAME, expected_shapes, lora_config
+
+    hf_config = AutoConfig.from_pretrained(str(base_dir), local_files_only=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+        peft_model = get_peft_model(model, lora_config(settings))
+    with tempfile.TemporaryDirectory() as tmp:  # PEFT's own serialisation of the resolved config
+        peft_model.peft_config[ADAPTER_NAME].save_pretrained(tmp)
+        config = json.loads((Path(tmp) / ADAPTER_CONFIG_NAME).read_text())
+    return expected_shapes(peft_model), config
+
+
+def rebuild_adapter_config(directory: Path, settings: dict[str, Any], base_dir: Path) -> None:
+    """Recreate a missing adapter_config.json from recorded LoRA settings, after checking every tensor
+    of the adapter file against them. Raises ValueError when they do not fit. (LoRA alpha and dropout
+    leave no trace in the shapes: they come from the record, never from the current flags.)"""
+    shapes, config = settings_config(settings, base_dir)
+    problem = adapter_shape_problem(directory, shapes)
+    if problem:
+        raise ValueError(f"{ADAPTER_CONFIG_NAME} is missing and the recorded LoRA settings do not fit "
+                         f"{ADAPTER_SAFE_WEIGHTS_NAME}: {problem}")
+    (Path(directory) / ADAPTER_CONFIG_NAME).write_text(canonical_config(config, base_dir))

@@ -1,0 +1,111 @@
+"""Reward functions in both forms (per sample, and batched as TRL's GRPOTrainer calls them) and the
+`--reward_model` scorer, in one process."""
+
+from __future__ import annotations
+
+import pytest
+
+from itertrain.errors import RewardFunctionError, UsageError
+from itertrain.rewards import RewardFunction, RewardModel, check_reward, load_reward_fn
+
+ROWS = [{"prompt": "1+1=", "answer": "2", "level": 1}, {"prompt": "2+2=", "answer": "4", "level": 2}]
+COMPLETIONS = [["2", "3"], ["4", "x", "5"]]
+
+
+def test_trl_style_batched_function_gets_prompts_completions_ids_and_row_columns_as_lists():
+    seen = {}
+
+    def reward(prompts, completions, **kwargs):  # the form TRL documents: everything else by keyword
+        seen.update(prompts=prompts, completions=completions, **kwargs)
+        return [float(c == a) for c, a in zip(completions, kwargs["answer"])]
+
+    class CharTokenizer:
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": [ord(ch) for ch in text]}
+
+    fn = RewardFunction(reward, "t:reward", batched=True)
+    assert fn.score(ROWS, COMPLETIONS, CharTokenizer()) == [[1.0, 0.0], [1.0, 0.0, 0.0]]
+    assert seen["prompts"] == ["1+1=", "1+1=", "2+2=", "2+2=", "2+2="]
+    assert seen["completions"] == ["2", "3", "4", "x", "5"]
+    assert seen["completion_ids"] == [[50], [51], [52], [120], [53]]
+    assert seen["answer"] == ["2", "2", "4", "4", "4"] and seen["level"] == [1, 1, 2, 2, 2]
+    assert seen["trainer_state"] is None
+    seen["log_metric"]("x", 1.0)  # accepted and ignored, as TRL's are outside a Trainer
+    seen["log_extra"]("x", [1])
+
+
+def test_form_is_told_from_the_signature_or_the_marker():
+    def per_sample(prompt, completion, answer):
+        return 1.0
+
+    def trl_form(completions, **kwargs):
+        return [1.0] * len(completions)
+
+    def marked(*args, **kwargs):
+        return [0.5] * len(kwargs["completions"])
+
+    marked.batched = True
+    assert not RewardFunction(per_sample, "p", False).batched
+    for fn, batched in ((per_sample, False), (trl_form, True), (marked, True)):
+        from itertrain.rewards import _is_batched
+
+        assert _is_batched(fn) is batched, fn.__name__
+    assert RewardFunction(marked, "m", True).score(ROWS, COMPLETIONS) == [[0.5, 0.5], [0.5, 0.5, 0.5]]
+
+
+def test_none_means_not_scored_and_a_wrong_count_is_an_error():
+    fn = RewardFunction(lambda prompts, completions, **kw: [None, 1, 0, True, 2.5], "n", batched=True)
+    assert fn.score(ROWS, COMPLETIONS) == [[None, 1.0], [0.0, 1.0, 2.5]]
+    short = RewardFunction(lambda prompts, completions, **kw: [1.0], "s", batched=True)
+    with pytest.raises(RewardFunctionError, match="returned 1 rewards for 5 completions"):
+        short.score(ROWS, COMPLETIONS)
+
+
+def test_a_failing_reward_function_is_a_usage_error_at_launch_naming_it(tmp_path, monkeypatch):
+    (tmp_path / "bad_reward.py").write_text("def score(prompts, completions, **kw):\n    raise KeyError('answer')\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError, match=r"--reward_fn bad_reward:score failed on the first prompt row at launch.*"
+                                         r"raised KeyError"):
+        check_reward(load_reward_fn("bad_reward:score"), ROWS[0])
+
+
+def make_reward_model(directory, num_labels: int = 1):
+    """A tiny sequence classifier with the character tokenizer, created locally."""
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from itertrain.tiny_model import build_tokenizer
+
+    tok = build_tokenizer()
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, num_labels=num_labels,
+                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(config).save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def reward_model(tmp_path_factory):
+    return make_reward_model(tmp_path_factory.mktemp("rm") / "reward-model")
+
+
+def test_reward_model_scores_prompt_plus_completion_the_same_in_any_batch(reward_model):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    batched = RewardModel(str(reward_model), batch_size=4).score(ROWS, COMPLETIONS, sharded=False)
+    model = AutoModelForSequenceClassification.from_pretrained(reward_model).eval()
+    tok = AutoTokenizer.from_pretrained(reward_model)
+    with torch.no_grad():
+        alone = [[model(**tok(row["prompt"] + c, return_tensors="pt")).logits[0, 0].item() for c in outs]
+                 for row, outs in zip(ROWS, COMPLETIONS)]
+    assert [len(r) for r in batched] == [2, 3]
+    assert [v for r in batched for v in r] == pytest.approx([v for r in alone for v in r], abs=1e-5)
+    assert len({round(v, 6) for r in batched for v in r}) == 5  # a real model: the texts get different scores
+
+
+def test_a_reward_model_with_several_labels_is_refused(tmp_path):
+    with pytest.raises(UsageError, match="has 3 labels; a reward model has one"):
+        RewardModel(str(make_reward_model(tmp_path / "rm3", num_labels=3))).load()
