@@ -295,6 +295,13 @@ def validate(cfg: RunConfig) -> None:
             "as complete"
         )
     check_sharding(["--fsdp", " ".join(map(str, t.fsdp or [])), "--use_cpu", str(t.use_cpu)])
+    if loop.async_save:
+        from itertrain.artifacts.snapshot import launch_refusal
+
+        sharded = "--fsdp" if t.fsdp else "--deepspeed" if t.deepspeed else None
+        refusal = launch_refusal(use_peft=cfg.lora.use_peft, sharded=sharded, push_to_hub=bool(t.push_to_hub))
+        if refusal:
+            raise UsageError(refusal)
     check_report_to(t.report_to)
     check_launcher(os.environ)
 

@@ -77,7 +77,8 @@ class RecoveryHooks:
         faults.point("checkpoint.save")
         try:
             if saver is not None:
-                saver.save(self, trial, manager.checkpoint_committer(step))
+                # a preemption checkpoint is marked as such in its manifest, as on the synchronous path
+                saver.save(self, trial, manager.checkpoint_committer(step, preemption.checkpoint_extra(step)))
             else:
                 super()._save_checkpoint(model, trial)  # type: ignore[misc]
         except ArtifactWriteError:
@@ -108,6 +109,18 @@ def _async_refused(trainer: Any, reason: str | None) -> bool:
             print(f"itertrain: --async_save is not available with {reason}; checkpoints are saved by HF Trainer "
                   "synchronously", flush=True)
     return True
+
+
+def check_async_save(trainer_class: type) -> None:
+    """`--async_save` repeats `Trainer._save_checkpoint` itself: a trainer class that adds its own
+    steps to it (TRL's DPOTrainer writes a model card there) would silently lose them. Refused (exit 2)."""
+    owners = [c for c in trainer_class.__mro__ if "_save_checkpoint" in vars(c)
+              and c is not RecoveryHooks and c is not Trainer]
+    if owners:
+        raise UsageError(
+            f"--async_save with {owners[0].__name__}: it overrides Trainer._save_checkpoint, which --async_save "
+            "replaces by a snapshot and a background write, so its own save steps would not run; drop --async_save"
+        )
 
 
 def check_hooks(trainer_class: type) -> None:

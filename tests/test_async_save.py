@@ -7,7 +7,6 @@ test_async_save_gpu.py.)"""
 from __future__ import annotations
 
 import hashlib
-import inspect
 import shutil
 import time
 from pathlib import Path
@@ -248,23 +247,57 @@ def test_an_unsupported_setup_is_named():
     assert "push_to_hub" in unsupported_reason(SimpleNamespace(**{**base, "args": SimpleNamespace(push_to_hub=True)}))
 
 
-# The async path repeats these HF methods step by step (artifacts/async_save.py, snapshot.py). A new
-# transformers release that changes them must be read again before this fingerprint is updated.
-MIRRORED = {
-    "Trainer._save_checkpoint": "a9111e30faa9",
-    "Trainer._save_optimizer_and_scheduler": "c5ef974db69a",
-    "Trainer._save": "b136889e8792",
-    "PreTrainedModel.save_pretrained": "979de0ea85d7",
-}
+def test_the_hf_code_the_async_path_mirrors_is_checked_before_launch():
+    """On the pinned transformers the async path's copy of HF's save code is current; on any other
+    (the lower-bound check runs 4.56) --async_save is either current there too or refused by name."""
+    import transformers
+
+    from itertrain.artifacts.snapshot import MIRRORED, launch_refusal, mirrored_fingerprints
+
+    refusal = launch_refusal(use_peft=False, sharded=None, push_to_hub=False)
+    if transformers.__version__ == "5.24.0":  # constraints.txt
+        assert mirrored_fingerprints() == MIRRORED, "transformers changed code that --async_save repeats: re-check it"
+        assert refusal is None
+    elif mirrored_fingerprints() != MIRRORED:
+        assert refusal is not None and f"transformers {transformers.__version__} differs in" in refusal
+    for kwargs, flag in ((dict(use_peft=True, sharded=None, push_to_hub=False), "--use_peft"),
+                         (dict(use_peft=False, sharded="--fsdp", push_to_hub=False), "--fsdp"),
+                         (dict(use_peft=False, sharded=None, push_to_hub=True), "--push_to_hub")):
+        refusal = launch_refusal(**kwargs)
+        assert refusal is not None and refusal.startswith(f"--async_save with {flag}")
 
 
-def test_the_hf_code_the_async_path_mirrors_is_unchanged():
-    from transformers import PreTrainedModel, Trainer
+def test_async_save_with_lora_is_refused_at_parse_time_naming_both_flags(tmp_path):
+    """exit 2 before anything is written; without --use_peft the flag parses (and the record treats it as
+    how checkpoints are written, not what the experiment is)."""
+    from itertrain.errors import UsageError
+    from itertrain.experiment import _QUIET
+    from itertrain.parser import parse_train_args
 
-    got = {}
-    for name in MIRRORED:
-        owner, attr = name.split(".")
-        fn = getattr({"Trainer": Trainer, "PreTrainedModel": PreTrainedModel}[owner], attr)
-        got[name] = hashlib.sha256(inspect.getsource(fn).encode()).hexdigest()[:12]
-    assert got == MIRRORED, "transformers changed code that itertrain's --async_save repeats: re-check it"
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "a"}\n')
+    argv = ["--model_name", str(model), "--output_dir", str(tmp_path / "out"), "--train_file", str(data), "--async_save"]
+    assert parse_train_args(argv).loop.async_save is True and "async_save" in _QUIET
+    with pytest.raises(UsageError, match=r"--async_save with --use_peft: .*drop --async_save") as e:
+        parse_train_args([*argv, "--use_peft"])
+    assert e.value.exit_code == 2 and not (tmp_path / "out").exists()
 
+
+def test_async_save_refuses_a_trainer_class_with_its_own_save_steps():
+    """TRL's DPOTrainer writes a model card in its _save_checkpoint: --async_save would skip it (exit 2)."""
+    from transformers import Trainer
+
+    from itertrain.errors import UsageError
+    from itertrain.trainer import check_async_save, with_recovery_hooks
+
+    class CardTrainer(Trainer):
+        def _save_checkpoint(self, model, trial):
+            return super()._save_checkpoint(model, trial)
+
+    check_async_save(with_recovery_hooks(Trainer))
+    with pytest.raises(UsageError, match="--async_save with CardTrainer: it overrides Trainer._save_checkpoint") as e:
+        check_async_save(with_recovery_hooks(CardTrainer))
+    assert e.value.exit_code == 2

@@ -134,21 +134,28 @@ def collect_written(snap: Snapshot, own: Digests, cancel: Cancel, *, timeout: fl
 
 # ---- the writer thread --------------------------------------------------------------------------------------
 class BackgroundWriter:
-    """One background write at a time. `start` returns at once; `wait` joins it and raises its error
-    on the caller's thread; `abandon` stops it at the next chunk without raising."""
+    """One background write at a time. `start` returns at once; `wait` waits for it and raises its
+    error on the caller's thread; `abandon` stops it at the next chunk without raising.
+
+    Waits on an Event, not on Thread.join(): in Python 3.11 a Ctrl-C that interrupts join() marks the
+    thread as stopped while it still runs (bpo-45274), and a later join() would return at once, letting
+    the run lock go while the writer is still writing (the same reason as in `CommitWorker.wait`)."""
 
     def __init__(self) -> None:
         self._thread: threading.Thread | None = None
+        self._done = threading.Event()  # set when the running job ended (written, failed or abandoned)
+        self._done.set()
         self._cancel = Cancel()
         self._error: BaseException | None = None
 
     @property
     def busy(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return not self._done.is_set()
 
     def start(self, name: str, job: Callable[[Cancel], None]) -> None:
         self.wait()
         self._cancel = Cancel()
+        self._done.clear()
         self._thread = threading.Thread(target=self._run, args=(job, self._cancel), name=name, daemon=True)
         self._thread.start()
 
@@ -159,23 +166,23 @@ class BackgroundWriter:
             pass
         except BaseException as e:  # noqa: BLE001 - raised on the training thread by wait()
             self._error = e
+        finally:
+            self._done.set()
 
     def wait(self) -> None:
         if self._thread is not None:
-            self._thread.join()
+            self._done.wait()
             self._thread = None
         if self._error is not None:
             error, self._error = self._error, None
             raise error
 
     def abandon(self, timeout: float = 60.0) -> bool:
-        """Cancel the running write and join it; False if it is still running after `timeout` s (it
-        then dies with the process: a daemon thread). Its error, if any, is dropped."""
+        """Cancel the running write and wait for it; False if it is still running after `timeout` s
+        (it then dies with the process: a daemon thread). Its error, if any, is dropped."""
         self._cancel.set()
-        done = True
-        if self._thread is not None:
-            self._thread.join(timeout)
-            done = not self._thread.is_alive()
+        done = self._done.wait(timeout)
+        if done:
             self._thread = None
         self._error = None
         return done

@@ -217,6 +217,54 @@ def unsupported_reason(trainer: Any, trial: Any = None) -> str | None:
     return None
 
 
+# The HF code the async path repeats step by step (async_save.py, this file), as in transformers 5.24. A
+# release that changes it must be read again before these fingerprints are updated; until then
+# `--async_save` is refused there (a checkpoint that differs from HF's own would be worse than a slow one).
+MIRRORED = {
+    "Trainer._save_checkpoint": "a9111e30faa9",
+    "Trainer._save_optimizer_and_scheduler": "c5ef974db69a",
+    "Trainer._save": "b136889e8792",
+    "PreTrainedModel.save_pretrained": "979de0ea85d7",
+}
+
+
+def mirrored_fingerprints() -> dict[str, str]:
+    """The installed transformers' fingerprints of the methods in `MIRRORED`."""
+    import hashlib
+    import inspect
+
+    from transformers import PreTrainedModel, Trainer
+
+    owners = {"Trainer": Trainer, "PreTrainedModel": PreTrainedModel}
+    found = {}
+    for name in MIRRORED:
+        owner, attr = name.split(".")
+        source = inspect.getsource(getattr(owners[owner], attr))
+        found[name] = hashlib.sha256(source.encode()).hexdigest()[:12]
+    return found
+
+
+def launch_refusal(*, use_peft: bool, sharded: str | None, push_to_hub: bool) -> str | None:
+    """Why `--async_save` is refused for this launch (None when it is not): checked before anything is
+    written, so the user hears it at once instead of getting synchronous saves without asking."""
+    if use_peft:
+        return ("--async_save with --use_peft: LoRA adapter checkpoints are not snapshotted (they are small: "
+                "HF's synchronous save costs little there); drop --async_save")
+    if sharded:
+        return (f"--async_save with {sharded}: sharded training state is not snapshotted; drop --async_save "
+                f"or {sharded}")
+    if push_to_hub:
+        return "--async_save with --push_to_hub: uploads need the files on disk at the save step; drop one of them"
+    changed = sorted(k for k, v in mirrored_fingerprints().items() if MIRRORED[k] != v)
+    if changed:
+        import transformers
+
+        return (f"--async_save repeats HF's save code of transformers 5.24 step by step, and transformers "
+                f"{transformers.__version__} differs in {', '.join(changed)}: its checkpoints could differ from HF's "
+                "own; drop --async_save")
+    return None
+
+
 def _read_scratch(scratch: str, keep: Callable[[str], bool]) -> list[BytesFile]:
     """The files HF wrote into `scratch`, in the order it wrote them."""
     found = []
