@@ -374,6 +374,8 @@ def main() -> int:
     p.add_argument("--workdir", default=None)
     p.add_argument("--report", default=None, help="also write the JSON summary here")
     ns = p.parse_args()
+    if ns.async_save and (ns.lora or ns.strategy == "iterative_dpo"):  # itertrain refuses these (exit 2)
+        p.error("--async_save does not combine with --lora or --strategy iterative_dpo (itertrain refuses it)")
     work = Path(ns.workdir) if ns.workdir else Path(tempfile.mkdtemp(prefix="itertrain-chaos-"))
     # named kills fire early in a launch, so a soak needs about one iteration of work per kill
     iterations = ns.iterations or (3 if ns.ci else max(3, ns.kills))
