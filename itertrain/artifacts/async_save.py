@@ -133,6 +133,20 @@ def collect_written(snap: Snapshot, own: Digests, cancel: Cancel, *, timeout: fl
 
 
 # ---- the writer thread --------------------------------------------------------------------------------------
+WRITER_NICE = 10  # how much lower than training the writer's CPU priority is
+
+
+def _yield_cpu() -> None:
+    """Lower this thread's CPU priority (Linux: nice is per thread; the pump process and threads it
+    starts inherit it). On a host with few cores the training steps then win the cores and the write
+    takes what is left, instead of slowing every step that runs beside it."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + WRITER_NICE))
+    except (AttributeError, OSError):  # not Linux, or not allowed: the default priority
+        pass
+
+
 class BackgroundWriter:
     """One background write at a time. `start` returns at once; `wait` waits for it and raises its
     error on the caller's thread; `abandon` stops it at the next chunk without raising.
@@ -160,6 +174,7 @@ class BackgroundWriter:
         self._thread.start()
 
     def _run(self, job: Callable[[Cancel], None], cancel: Cancel) -> None:
+        _yield_cpu()
         try:
             job(cancel)
         except Abandoned:
