@@ -286,6 +286,13 @@ def validate(cfg: RunConfig) -> None:
         raise UsageError("--reward_fn and --reward_model both score samples: pass one of them")
     if gen.reward_model and not _is_local_model(gen.reward_model):
         raise UsageError(f"--reward_model {gen.reward_model}: not a local model directory (no config.json)")
+    if loop.async_save:  # before the LoRA checks: this refusal needs no PEFT installed
+        from itertrain.artifacts.snapshot import launch_refusal
+
+        sharded = "--fsdp" if t.fsdp else "--deepspeed" if t.deepspeed else None
+        refusal = launch_refusal(use_peft=cfg.lora.use_peft, sharded=sharded, push_to_hub=bool(t.push_to_hub))
+        if refusal:
+            raise UsageError(refusal)
     check_settings(cfg.lora)  # LoRA flags; PEFT installed when --use_peft
     if getattr(t, "enable_jit_checkpoint", False):
         raise UsageError(
@@ -294,14 +301,10 @@ def validate(cfg: RunConfig) -> None:
             "variant saves on each rank alone, commits nothing, and lets the interrupted iteration be committed "
             "as complete"
         )
+    if cfg.lora.use_peft and (t.fsdp or t.deepspeed):
+        raise UsageError("--use_peft with --fsdp or --deepspeed is not supported: itertrain writes a LoRA iteration "
+                         "model from the whole PEFT model on rank 0. Train LoRA with plain DDP (drop --fsdp/--deepspeed)")
     check_sharding(["--fsdp", " ".join(map(str, t.fsdp or [])), "--use_cpu", str(t.use_cpu)])
-    if loop.async_save:
-        from itertrain.artifacts.snapshot import launch_refusal
-
-        sharded = "--fsdp" if t.fsdp else "--deepspeed" if t.deepspeed else None
-        refusal = launch_refusal(use_peft=cfg.lora.use_peft, sharded=sharded, push_to_hub=bool(t.push_to_hub))
-        if refusal:
-            raise UsageError(refusal)
     check_report_to(t.report_to)
     check_launcher(os.environ)
 

@@ -2,7 +2,8 @@
 """The kill-and-relaunch half of the lower-bound check (scripts/check_lowest.sh runs it in .venv-lowest).
 
 itertrain overrides private HF Trainer methods, so the lowest declared versions must do a real recovery:
-a 2-iteration, 2-rank sft run under torchrun is SIGKILLed inside a checkpoint save of iteration 0, relaunched
+a 2-iteration, 2-rank sft run under torchrun (full fine-tuning, then LoRA adapters) is SIGKILLed inside a
+checkpoint save of iteration 0, relaunched
 with `--resume_from auto --resume_from_iteration auto`, SIGKILLed again inside iteration 1's first save,
 and relaunched again. It must finish, `itertrain verify` must exit 0, and iter_0 and iter_1 must equal,
 byte for byte, those of an uninterrupted run in the same environment; TensorBoard events and `itertrain plot`
@@ -29,7 +30,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-LIBRARIES = ("torch", "transformers", "accelerate", "datasets", "tokenizers", "huggingface-hub", "safetensors")
+LIBRARIES = ("torch", "transformers", "accelerate", "datasets", "tokenizers", "huggingface-hub", "safetensors", "peft")
+# The same sequence with LoRA adapters (PEFT at its floor): iter_K is the adapter only.
+LORA = (("--use_peft", "--iteration_model", "adapter"), "adapter_model.safetensors")
 FLAGS = ["--num_iterations", "2", "--max_steps", "12", "--save_steps", "4", "--per_device_train_batch_size", "4",
          "--logging_steps", "4", "--learning_rate", "1e-3", "--disable_tqdm", "true", "--report_to", "none"]
 
@@ -82,18 +85,22 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def check(work: Path) -> None:
-    model, data = work / "tiny-model", work / "train.jsonl"
-    LOGS.append(work / "logs")
+def check(work: Path, extra: tuple[str, ...] = (), weights: str = "model.safetensors") -> None:
+    """The kill-and-relaunch sequence in `work`; `extra`: flags for every run (e.g. LoRA), `weights`: the
+    file of iter_K compared byte for byte."""
+    model, data = work.parent / "tiny-model", work.parent / "train.jsonl"
+    work.mkdir(parents=True, exist_ok=True)
+    LOGS[:] = [work / "logs"]
     LOGS[0].mkdir(exist_ok=True)
-    r = run([sys.executable, "-m", "itertrain", "init-model", str(model)])
-    expect(r.returncode == 0, "itertrain init-model failed", r)
+    if not model.exists():
+        r = run([sys.executable, "-m", "itertrain", "init-model", str(model)])
+        expect(r.returncode == 0, "itertrain init-model failed", r)
     rng = random.Random(0)
     with open(data, "w") as f:
         for _ in range(96):
             a, b = rng.randint(0, 99), rng.randint(0, 99)
             f.write(json.dumps({"prompt": f"{a}+{b}=", "completion": str(a + b)}) + "\n")
-    args = ["--model_name", str(model), "--train_file", str(data), *FLAGS]
+    args = ["--model_name", str(model), "--train_file", str(data), *FLAGS, *extra]
     auto = ["--resume_from", "auto", "--resume_from_iteration", "auto"]
 
     ref, out = work / "reference", work / "interrupted"
@@ -121,10 +128,10 @@ def check(work: Path) -> None:
     r = run([sys.executable, "-m", "itertrain", "verify", str(out)])
     expect(r.returncode == 0, "itertrain verify found a problem in the resumed experiment", r)
     for k in (0, 1):
-        a, b = ref / f"iter_{k}" / "model.safetensors", out / f"iter_{k}" / "model.safetensors"
-        expect(a.is_file() and b.is_file(), f"iter_{k}/model.safetensors is missing")
-        expect(sha256(a) == sha256(b), f"iter_{k}/model.safetensors of the resumed run differs from the uninterrupted run")
-        print(f"  iter_{k}/model.safetensors identical to the uninterrupted run ({sha256(b)[:16]})")
+        a, b = ref / f"iter_{k}" / weights, out / f"iter_{k}" / weights
+        expect(a.is_file() and b.is_file(), f"iter_{k}/{weights} is missing")
+        expect(sha256(a) == sha256(b), f"iter_{k}/{weights} of the resumed run differs from the uninterrupted run")
+        print(f"  iter_{k}/{weights} identical to the uninterrupted run ({sha256(b)[:16]})")
 
     # The per-iteration metrics: TensorBoard events (written during the run) and the plot (matplotlib).
     expect(any((out / "runs" / "tensorboard").rglob("events.out.tfevents.*")), "no TensorBoard events were written")
@@ -149,7 +156,10 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     try:
-        check(work)
+        print("full fine-tuning:", flush=True)
+        check(work / "full")
+        print("LoRA adapters (--use_peft --iteration_model adapter):", flush=True)
+        check(work / "lora", *LORA)
     except CheckFailed as e:
         print(f"LOWER-BOUND CHECK FAILED: {e}\n(work directory and every command's output kept: {work})", file=sys.stderr, flush=True)
         print("kill-and-relaunch: 0 passed, 1 failed")

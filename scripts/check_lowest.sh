@@ -15,7 +15,7 @@ if [ "$(cat "$VENV/.itertrain-stamp" 2>/dev/null)" != "$stamp" ]; then
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
   # --no-compile: no .pyc for all of torch up front (halves the install); what runs compiles on import.
   "$VENV/bin/python" -m pip install -qq --disable-pip-version-check --no-compile \
-    -c constraints-lowest.txt torch -e '.[test]'
+    -c constraints-lowest.txt torch -e '.[test,lora]'
   # A declared dependency the resolver moved off its floor would make this check test something else.
   "$VENV/bin/python" - <<'EOF'
 import importlib.metadata as md, sys

@@ -23,27 +23,34 @@ PROBE = textwrap.dedent("""
     from itertrain import Strategy
     from itertrain.errors import UsageError
 
+    def record():
+        import huggingface_hub.constants as hub
+        seen = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")}
+        seen["hub_offline"] = bool(hub.HF_HUB_OFFLINE)
+        with open(os.environ["PROBE_OUT"], "w") as f:
+            json.dump(seen, f)
+
     class EnvProbe(Strategy):
         @classmethod
         def check_arguments(cls, cfg):
-            import huggingface_hub.constants as hub
-            seen = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")}
-            seen["hub_offline"] = bool(hub.HF_HUB_OFFLINE)
-            with open(os.environ["PROBE_OUT"], "w") as f:
-                json.dump(seen, f)
+            record()
             raise UsageError("probe: environment recorded")
 
         def train_rows(self, iteration):
             return []
+
+    def score(prompt, completion, answer):  # the demo's strategies are its own: it probes as a reward function
+        record()
+        raise ValueError("probe: environment recorded")
 """)
 
 
-def _probe(tmp_path, *command: str) -> dict:
+def _probe(tmp_path, *command: str, hook: tuple[str, ...] = ("--strategy", "probe_mod:EnvProbe")) -> dict:
     """Run `python -m itertrain COMMAND...` with no offline variable set; what the probe saw inside."""
     (tmp_path / "probe_mod.py").write_text(PROBE)
     seen = tmp_path / "seen.json"
     env = {k: v for k, v in base_env({"PROBE_OUT": str(seen)}).items() if k not in OFFLINE_VARS}
-    r = _run([PY, "-m", "itertrain", *command, "--strategy", "probe_mod:EnvProbe"], env, 300, tmp_path)
+    r = _run([PY, "-m", "itertrain", *command, *hook], env, 300, tmp_path)
     assert r.returncode == 2 and "probe: environment recorded" in r.stderr, r.output
     return json.loads(seen.read_text())
 
@@ -59,7 +66,7 @@ def test_a_users_train_run_is_not_put_in_offline_mode(tmp_path):
 
 
 def test_the_demo_runs_offline_by_itself(tmp_path):
-    seen = _probe(tmp_path, "demo", "--output_dir", str(tmp_path / "demo"))
+    seen = _probe(tmp_path, "demo", "--output_dir", str(tmp_path / "demo"), hook=("--reward_fn", "probe_mod:score"))
     assert seen["HF_HUB_OFFLINE"] == "1" and seen["HF_DATASETS_OFFLINE"] == "1" and seen["hub_offline"] is True
     assert (tmp_path / "demo" / "tiny-model" / "config.json").exists()
 

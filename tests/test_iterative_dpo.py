@@ -221,3 +221,29 @@ def test_reward_model_scores_every_sample_on_two_ranks_as_one_process_would(tmp_
     assert len(pairs) >= 10  # continuous scores: a prompt gives no pair only when its samples are one text
     assert all(p["chosen_reward"] == max(s["reward"] for s in samples if s["example"] == p["example"]) for p in pairs)
     assert manifest(out / "data/iter_1")["extra"]["settings"]["reward_model"] == str(rm)
+
+
+@pytest.mark.slow
+@needs_trl
+@pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="needs itertrain[lora] (PEFT)")
+def test_dpo_on_lora_adapters_killed_mid_training_resumes_byte_identical_against_the_adapter_reference(
+        tmp_path, tiny_model, dpo_files):
+    """--use_peft --iteration_model adapter: iteration 1 continues iter_0's adapter with DPO, against the
+    reference iter_0 = the base model plus iter_0's adapter (never the bare base, TRL's default for PEFT)."""
+    lora = ("--use_peft", "--iteration_model", "adapter", "--lora_r", "4")
+    ref, out = tmp_path / "ref", tmp_path / "killed"
+    r = itertrain("train", *dpo_args(tiny_model, dpo_files, ref, *lora), cwd=dpo_files, timeout=600)
+    assert r.returncode == 0, r.output
+    from itertrain.artifacts.manifest import fingerprint
+
+    lineage = manifest(ref / "iter_1")["lineage"]
+    assert (lineage["ref_model"], lineage["ref_model_id"]) == ("iter_0", fingerprint(ref / "iter_0"))
+    assert not (ref / "iter_1" / "model.safetensors").exists()  # the adapter only
+    r = itertrain("train", *dpo_args(tiny_model, dpo_files, out, *lora), fault="train.step=kill#18", cwd=dpo_files,
+                  timeout=600)
+    assert r.returncode != 0 and manifest(out / "checkpoint-4")["iteration"] == 1, r.output
+    r = itertrain("train", *dpo_args(tiny_model, dpo_files, out, *lora), *RESUME, cwd=dpo_files, timeout=600)
+    assert r.returncode == 0, r.output
+    assert "Continuing at: iteration 1, step 4" in r.stdout
+    for name in ("iter_0/adapter_model.safetensors", "iter_1/adapter_model.safetensors", "iter_1/adapter_config.json"):
+        assert (out / name).read_bytes() == (ref / name).read_bytes(), name

@@ -182,3 +182,9 @@ def test_an_adapter_whose_model_changed_is_rejected_and_a_changed_base_is_refuse
     (base / "model.safetensors").write_bytes(b"changed base")
     with pytest.raises(RecoveryRefused, match=f"checkpoint-8 is a LoRA adapter of the base model {base.resolve()}"):
         check_links(root, adapter, str(base))
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="--fsdp is refused on CPU before this check")
+def test_lora_with_fsdp_is_refused_before_training(argv):
+    with pytest.raises(UsageError, match="--use_peft with --fsdp or --deepspeed is not supported"):
+        parse_train_args(argv("--use_peft", "--fsdp", "full_shard"))

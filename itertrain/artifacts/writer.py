@@ -20,7 +20,8 @@ def write_iteration_model(model: Any, tokenizer: Any, directory: Path, *, max_sh
     and tokenizer into `directory` (rank 0). `state_dict`: the whole weights of a sharded model."""
     try:
         faults.point("iteration.save")
-        model.save_pretrained(directory, max_shard_size=max_shard_size, state_dict=state_dict)
+        whole = {} if state_dict is None else {"state_dict": state_dict}
+        model.save_pretrained(directory, max_shard_size=max_shard_size, **whole)
         if tokenizer is not None:
             tokenizer.save_pretrained(directory)
         faults.point("iteration.before_manifest")

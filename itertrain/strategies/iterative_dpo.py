@@ -252,11 +252,16 @@ class IterativeDPOStrategy(SampledDataStrategy):
         if iteration == 0:
             return super().trainer_kwargs(iteration, model, args)
         _quiet()
-        from itertrain.recovery.restore import load_model
+        from itertrain.lora.model import load_iteration_model
 
         # Always an explicit instance loaded from the reference's source: with ref_model=None TRL would
-        # reload model.config._name_or_path, which is the checkpoint after a resume, not the reference.
-        ref = load_model(self._reference_dir, self.ctx.cfg.model.model_dtype, self.ctx.cfg.model.trust_remote_code)
+        # reload model.config._name_or_path, which is the checkpoint after a resume, not the reference
+        # (and, under --use_peft, use the policy with its adapter disabled: the base, not iter_{K-1}).
+        # An adapter-only iter_{K-1} is the base with that adapter, merged: the reference is frozen, and
+        # TRL patches the reference's forward for a plain causal LM (a PeftModel breaks it).
+        ref = load_iteration_model(self._reference_dir, self.ctx.cfg)
+        if hasattr(ref, "merge_and_unload"):
+            ref = ref.merge_and_unload()
         return {"ref_model": ref, "processing_class": self.ctx.tokenizer}
 
     # ---- the reference model -------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ class ArithmeticTask:
     base_digits: int = 3  # labeled problems have 1..base_digits digits
     labeled_examples: int = 2000
     prompts_per_iteration: int = 4000
-    heldout_per_level: int = 100
+    heldout_per_level: int = 500  # one noisy iteration must not read as a fall (1 problem = 0.2%)
     heldout_levels: int = 4  # held-out sets for base_digits .. base_digits + heldout_levels - 1
     width: int = 6  # operands are written with this many digits, the answer with one more
 
