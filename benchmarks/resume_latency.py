@@ -54,16 +54,17 @@ MARKS = {
 }
 
 
-def _flags(s: Settings, out: Path) -> list[str]:
+def _flags(s: Settings, out: Path, extra: tuple[str, ...] = ()) -> list[str]:
     model = make_model(s.model, s.work)
     data = make_data(s.work, s.seq_chars)
     return job_flags(s, model, data, out, max_steps=RESUME_MAX_STEPS, save_steps=RESUME_STEP, logging_steps=1,
-                     extra=("--log_level", "info"))
+                     extra=("--log_level", "info", *extra))
 
 
-def prepare(s: Settings) -> tuple[Path, Path]:
-    """(itertrain experiment, plain HF output dir), both holding checkpoint-2 (cached)."""
-    base = s.work / "resume" / s.model.key
+def prepare(s: Settings, extra: tuple[str, ...] = ()) -> tuple[Path, Path]:
+    """(itertrain experiment, plain HF output dir), both holding checkpoint-2 (cached). `extra`: itertrain
+    flags of both the run that writes the checkpoint and the resumes (e.g. --async_save)."""
+    base = s.work / "resume" / (s.model.key + "".join(extra).replace("-", "_"))
     exp, hf = base / "itertrain-exp", base / "hf-out"
     ckpt = f"checkpoint-{RESUME_STEP}"
     if (exp / ckpt / MANIFEST).exists() and (hf / ckpt / "trainer_state.json").exists():
@@ -71,7 +72,7 @@ def prepare(s: Settings) -> tuple[Path, Path]:
     rmtree(base)
     base.mkdir(parents=True)
     log(s, f"resume: making {ckpt} with itertrain (model {s.model.key})")
-    r = run_monitored(itertrain_cmd(_flags(s, exp)), env=child_env(), watch_dir=exp, window_end=MANIFEST,
+    r = run_monitored(itertrain_cmd(_flags(s, exp, extra)), env=child_env(), watch_dir=exp, window_end=MANIFEST,
                       stop_after_windows=1, timeout=900)
     check_ok(r, "making the resume checkpoint")
     if not (exp / ckpt / MANIFEST).exists():
@@ -101,13 +102,13 @@ def _warm(path: Path) -> None:
                     pass
 
 
-def one_resume(s: Settings, variant: str, tag: str, cold: bool) -> RunResult:
-    exp, hf = prepare(s)
+def one_resume(s: Settings, variant: str, tag: str, cold: bool, extra: tuple[str, ...] = ()) -> RunResult:
+    exp, hf = prepare(s, extra)
     src = exp if variant == "itertrain" else hf
     out = s.work / "scratch" / f"resume-{variant}-{tag}"
     rmtree(out)
     link_tree(src, out)
-    flags = _flags(s, out)
+    flags = _flags(s, out, extra if variant == "itertrain" else ())
     cmd = (itertrain_cmd(flags) + ["--resume_from", "auto", "--resume_from_iteration", "auto"]
            if variant == "itertrain" else hf_cmd(flags, resume=True))
     if cold:

@@ -7,8 +7,9 @@
 Figures: plan (discover + decide on synthetic dirs), train (wall time with checkpoints vs plain HF),
 resume (launch -> first step vs plain HF resume), verify (checksum throughput vs raw read),
 memory (peak RSS during save and resume vs plain HF), lora (LoRA checkpoint size, save time and resume
-vs plain HF + PEFT and vs full fine-tuning). Compared variants always run interleaved in
-one invocation; medians are reported. Progress goes to stderr, results to stdout.
+vs plain HF + PEFT and vs full fine-tuning), async (--async_save vs HF's save: loop time lost per save,
+train() time every 50 and every 5 steps, peak RSS, resume; `--only async --repeats 2`: ~10 min).
+Compared variants always run interleaved in one invocation; medians are reported. Progress goes to stderr, results to stdout.
 Large scratch files (checkpoints) are deleted at the end unless --keep; the model and the synthetic
 plan dirs (sparse files) stay cached in the work dir (default /tmp/itertrain-bench).
 """
@@ -26,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import (  # noqa: E402
+    async_save,
     lora,
     memory,
     plan_time,
@@ -42,6 +44,7 @@ MODULES = {
     "train": train_overhead,
     "memory": memory,
     "lora": lora,
+    "async": async_save,
 }
 
 

@@ -83,6 +83,12 @@ class LoopArguments:
     async_commit: bool = field(
         default=True, metadata={"help": "Write checkpoint manifests (fsync + checksums) on a thread while training goes on."}
     )
+    async_save: bool = field(
+        default=False,
+        metadata={"help": "Snapshot the training state into host memory at a save step and write HF's checkpoint files "
+                          "(hashed while written, manifest last) on a thread while training goes on. Holds one extra "
+                          "copy of weights + optimizer state in host memory while training."},
+    )
     task: str | None = field(
         default=None, metadata={"help": "Built-in task providing data and metrics.", "choices": [None, "arithmetic"]}
     )

@@ -24,6 +24,7 @@ _QUIET = {
     "resume_from", "resume_from_iteration", "overwrite_output_dir", "allow_config_change", "output_dir",
     "logging_dir", "local_rank", "run_name", "disable_tqdm", "log_level", "log_level_replica",
     "preemption", "preemption_grace_s", "dist_timeout_s", "dist_io_timeout_s",  # how this launch runs, not what
+    "async_save",  # how checkpoints are written, not what they hold (the files are the same)
 }
 _MAX_LAUNCHES = 100
 _PATHS = ("model_name", "tokenizer_name", "train_file", "eval_file", "prompts_file", "reward_model")

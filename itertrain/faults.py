@@ -59,6 +59,11 @@ def _faults() -> list[_Fault]:
     return faults
 
 
+def armed(name: str) -> bool:
+    """True when ITERTRAIN_FAULT names this point (for points that cost something to offer)."""
+    return any(f.name == name for f in _faults())
+
+
 def point(name: str) -> None:
     """Reach the named fault point; fire an armed fault if this is its moment."""
     faults = _faults()

@@ -38,7 +38,7 @@ from itertrain.recovery.resolve import LoadOptions, Resolved, resolve, restored_
 from itertrain.recovery.restore import OptimizerMomentsCallback
 from itertrain.shared_dir import check_same_output_dir
 from itertrain.strategies import ModelSource, Strategy, StrategyContext, load_strategy
-from itertrain.trainer import FaultPointCallback, attach, gathered_weights, with_recovery_hooks
+from itertrain.trainer import FaultPointCallback, attach, check_async_save, gathered_weights, with_recovery_hooks
 
 
 def say(msg: str) -> None:
@@ -59,7 +59,8 @@ def run_experiment(cfg: RunConfig) -> int:
         retention=RetentionPolicy(cfg.training.save_total_limit, cfg.loop.keep_iteration_checkpoints,
                                   # a merged LoRA iteration starts a fresh adapter: no moments to carry
                                   carry_optimizer=cfg.loop.iteration_init == "previous" and cfg.lora.mode != MERGED),
-        fsync=cfg.loop.fsync, async_commit=cfg.loop.async_commit, world_size=distributed.world_size(),
+        fsync=cfg.loop.fsync, async_commit=cfg.loop.async_commit, async_save=cfg.loop.async_save,
+        world_size=distributed.world_size(),
     ))
     strategy_cls = load_strategy(cfg.loop.strategy)
     ctx = StrategyContext(cfg, root, tokenizer, commit_data=manager.commit_data, move_aside=manager.move_aside)
@@ -92,7 +93,9 @@ def run_experiment(cfg: RunConfig) -> int:
             iterations = range(plan.iteration, cfg.loop.num_iterations)
             distributed.run_on_main(check_writes, plan, root, cfg, [k for k in iterations if strategy.generates(k)])
             for k in iterations:
-                with_recovery_hooks(strategy.trainer_class_for(k))  # a Trainer class that would bypass the hooks: exit 2
+                hooked = with_recovery_hooks(strategy.trainer_class_for(k))  # one that would bypass the hooks: exit 2
+                if cfg.loop.async_save:
+                    check_async_save(hooked)
             distributed.run_on_main(strategy.preflight, plan.iteration)
             restored = distributed.run_on_main(restored_lineage, root, plan)
             if restored is not None:  # what the checkpoint depends on but does not hold must be as it was
@@ -122,8 +125,8 @@ def run_experiment(cfg: RunConfig) -> int:
         say(f"✅ experiment complete: {cfg.loop.num_iterations} iteration(s) committed in {root}")
         return 0
     finally:
+        manager.close()  # every rank: a background write and commit finish before the lock goes (SPEC §3)
         if distributed.is_main():
-            manager.close()  # a background commit finishes before the lock goes (SPEC §3)
             lock.release(restore=not wrote)
 
 

@@ -286,6 +286,13 @@ def validate(cfg: RunConfig) -> None:
         raise UsageError("--reward_fn and --reward_model both score samples: pass one of them")
     if gen.reward_model and not _is_local_model(gen.reward_model):
         raise UsageError(f"--reward_model {gen.reward_model}: not a local model directory (no config.json)")
+    if loop.async_save:  # before the LoRA checks: this refusal needs no PEFT installed
+        from itertrain.artifacts.snapshot import launch_refusal
+
+        sharded = "--fsdp" if t.fsdp else "--deepspeed" if t.deepspeed else None
+        refusal = launch_refusal(use_peft=cfg.lora.use_peft, sharded=sharded, push_to_hub=bool(t.push_to_hub))
+        if refusal:
+            raise UsageError(refusal)
     check_settings(cfg.lora)  # LoRA flags; PEFT installed when --use_peft
     if getattr(t, "enable_jit_checkpoint", False):
         raise UsageError(

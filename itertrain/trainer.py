@@ -6,10 +6,12 @@
    the training state comes from a checkpoint), so HF must not overwrite them.
 2. `_save_checkpoint`: the CheckpointManager frees the target directory first (a stale checkpoint
    of an older iteration with the same step moves into its iter_K/, never overwritten in place), and
-   a failed write becomes one line naming the path and the cause.
+   a failed write becomes one line naming the path and the cause. With `--async_save` the save is a
+   snapshot and a background write (`artifacts/async_save.py`), committed by the writer.
 3. `_save_optimizer_and_scheduler`: a fault point inside the save, for the crash harness.
-`CommitCallback` commits each checkpoint after HF wrote it. `with_recovery_hooks(cls)` puts the
-mixin in front of any Trainer class; tests on the lowest supported transformers guard the overrides.
+`_finalize_training` first waits for a background checkpoint write (HF may load the best checkpoint
+from disk there). `CommitCallback` commits each checkpoint HF wrote synchronously. `with_recovery_hooks(cls)`
+puts the mixin in front of any Trainer class; tests on the lowest supported transformers guard the overrides.
 """
 
 from __future__ import annotations
@@ -66,10 +68,19 @@ class RecoveryHooks:
         if manager is None:
             raise RuntimeError("RecoveryHooks: the trainer was built without itertrain's CheckpointManager")
         step = self.state.global_step  # type: ignore[attr-defined]
+        saver = manager.saver
+        if saver is not None and _async_refused(self, saver.unsupported(self, trial)):
+            saver = None
+        if saver is not None:
+            saver.wait()  # every rank: the previous checkpoint is written (and committed on rank 0)
         manager.before_save(step)
         faults.point("checkpoint.save")
         try:
-            super()._save_checkpoint(model, trial)  # type: ignore[misc]
+            if saver is not None:
+                # a preemption checkpoint is marked as such in its manifest, as on the synchronous path
+                saver.save(self, trial, manager.checkpoint_committer(step, preemption.checkpoint_extra(step)))
+            else:
+                super()._save_checkpoint(model, trial)  # type: ignore[misc]
         except ArtifactWriteError:
             raise
         except Exception as e:  # noqa: BLE001 - torch/safetensors report a full disk as their own errors
@@ -81,6 +92,35 @@ class RecoveryHooks:
     def _save_optimizer_and_scheduler(self, output_dir):
         faults.point("checkpoint.optimizer")  # the weights are written, the optimizer is not yet
         super()._save_optimizer_and_scheduler(output_dir)  # type: ignore[misc]
+
+    def _finalize_training(self, *args, **kwargs):
+        if self.itertrain_checkpoints is not None:
+            self.itertrain_checkpoints.wait()  # the last checkpoint is on disk before HF may read it
+        return super()._finalize_training(*args, **kwargs)  # type: ignore[misc]
+
+
+def _async_refused(trainer: Any, reason: str | None) -> bool:
+    """True (and said once, by rank 0) when `--async_save` cannot snapshot this trainer's checkpoints."""
+    if reason is None:
+        return False
+    if not getattr(trainer, "_itertrain_async_refusal_said", False):
+        trainer._itertrain_async_refusal_said = True
+        if distributed.is_main():
+            print(f"itertrain: --async_save is not available with {reason}; checkpoints are saved by HF Trainer "
+                  "synchronously", flush=True)
+    return True
+
+
+def check_async_save(trainer_class: type) -> None:
+    """`--async_save` repeats `Trainer._save_checkpoint` itself: a trainer class that adds its own
+    steps to it (TRL's DPOTrainer writes a model card there) would silently lose them. Refused (exit 2)."""
+    owners = [c for c in trainer_class.__mro__ if "_save_checkpoint" in vars(c)
+              and c is not RecoveryHooks and c is not Trainer]
+    if owners:
+        raise UsageError(
+            f"--async_save with {owners[0].__name__}: it overrides Trainer._save_checkpoint, which --async_save "
+            "replaces by a snapshot and a background write, so its own save steps would not run; drop --async_save"
+        )
 
 
 def check_hooks(trainer_class: type) -> None:
@@ -133,14 +173,18 @@ class CommitCallback(TrainerCallback):
         self.manager = manager
 
     def on_save(self, args, state, control, **kwargs):
+        saver = self.manager.saver
+        if saver is not None and saver.last_step == state.global_step:
+            return control  # --async_save: the background writer commits it once its files are durable
         best = state.best_model_checkpoint
         self.manager.commit_checkpoint(state.global_step, os.path.basename(best) if best else None,
                                        preemption.checkpoint_extra(state.global_step))
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
-        if distributed.is_main():
-            self.manager.wait()  # the last checkpoint is committed before training returns
+        self.manager.wait()  # the last checkpoint is written and committed before training returns
+        if self.manager.saver is not None:
+            self.manager.saver.release()  # the host buffers are not held between iterations
         return control
 
 

@@ -12,6 +12,8 @@
 
     python scripts/chaos.py --kills 8 --seed 3          # a soak
     python scripts/chaos.py --ci                         # the bounded set CI runs (>= 6 kills)
+    python scripts/chaos.py --ci --async_save            # the killed runs save with --async_save (the
+                                                         # reference does not): kills inside the background writer
     python scripts/chaos.py --ci --strategy iterative_dpo   # the same for iterative DPO (TRL's DPOTrainer)
     python scripts/chaos.py --ci --lora adapter          # the same with LoRA adapters (or --lora merged)
 
@@ -58,6 +60,13 @@ POINTS = {
     "manifest.data.write": "inside the generated-data commit",
     "train.step": "during training, after an optimizer step",
 }
+# With --async_save: points inside the background writer (besides checkpoint.optimizer, reached there
+# too, and checkpoint.commit / manifest.*, reached from the writer's commit).
+ASYNC_POINTS = {
+    "checkpoint.write.weights": "--async_save writer, mid-file: inside model.safetensors",
+    "checkpoint.write.optimizer": "--async_save writer, mid-file: inside optimizer.pt",
+    "checkpoint.write.done": "--async_save writer: this rank's files durable, not yet committed",
+}
 # The bounded sequence CI runs: every save path at least once, in the order the run reaches them.
 CI_SEQUENCE = [
     ("checkpoint.optimizer", 2),  # iteration 0: inside the save of checkpoint-8
@@ -67,6 +76,20 @@ CI_SEQUENCE = [
     ("manifest.data.write", 1),  # inside the commit of data/iter_1
     ("generation.batch", 2),  # while regenerating data/iter_1
     ("checkpoint.commit", 2),  # training iteration 1 on its committed data
+    ("timer", 0),  # a random moment of what is left
+]
+# The same with --async_save, plus kills inside the background writer while it is mid-file.
+CI_SEQUENCE_ASYNC = [
+    ("checkpoint.write.weights", 2),  # iteration 0: inside model.safetensors of checkpoint-8
+    ("checkpoint.write.optimizer", 1),  # resumed at 4: inside optimizer.pt of checkpoint-8
+    ("checkpoint.optimizer", 2),  # resumed at 4: checkpoint-8 committed, inside the write of checkpoint-12
+    ("manifest.trainer_checkpoint.write", 1),  # resumed at 8: inside the manifest of checkpoint-12
+    ("iteration.before_manifest", 1),  # inside the commit of iter_0
+    ("iteration.after_manifest", 1),  # iter_0 committed, checkpoints not retired yet
+    ("manifest.data.write", 1),  # inside the commit of data/iter_1
+    ("generation.batch", 2),  # while regenerating data/iter_1
+    ("checkpoint.write.done", 3),  # iteration 1: a rank's files of checkpoint-8 durable, commit not
+    ("checkpoint.commit", 2),  # training iteration 1: every rank wrote checkpoint-8, manifest not
     ("timer", 0),  # a random moment of what is left
 ]
 # iterative_dpo: iteration 0 is SFT (the sequence above covers it); the kills land in the DPO iterations.
@@ -116,6 +139,7 @@ class Summary:
     seed: int
     nproc: int
     kills_requested: int
+    async_save: bool = False  # the killed runs saved with --async_save
     launches: list[Launch] = field(default_factory=list)
     kills_done: int = 0
     progress_ok: bool = True
@@ -266,20 +290,24 @@ def compare(ref: Path, got: Path, summary: Summary, data_files: tuple[str, ...] 
         summary.differences += [f"data/{d.name}/{name} differs from the reference" for name in differ]
 
 
-def schedule(kills: int, seed: int, ci: bool, strategy: str = "expert_iteration", lora: str | None = None) -> list[tuple]:
+def schedule(kills: int, seed: int, ci: bool, strategy: str = "expert_iteration", lora: str | None = None,
+             async_save: bool = False) -> list[tuple]:
     if ci:
+        if async_save:
+            return list(CI_SEQUENCE_ASYNC)
         return list(LORA_CI_SEQUENCE if lora else DPO_CI_SEQUENCE if strategy == "iterative_dpo" else CI_SEQUENCE)
     rng = random.Random(seed)
-    names = sorted(POINTS)
+    names = sorted({**POINTS, **(ASYNC_POINTS if async_save else {})})
     return [("timer", 0) if rng.random() < 0.3 else (rng.choice(names), rng.randint(1, 2)) for _ in range(kills)]
 
 
 def run(kills: int, seed: int, nproc: int, work: Path, ci: bool, iterations: int,
-        strategy: str = "expert_iteration", lora: str | None = None) -> Summary:
+        strategy: str = "expert_iteration", lora: str | None = None, async_save: bool = False) -> Summary:
     started = time.time()
     work.mkdir(parents=True, exist_ok=True)
     args = prepare(work, iterations, strategy, lora)
-    summary = Summary(seed, nproc, kills)
+    killed_args = [*args, "--async_save"] if async_save else args  # the reference saves synchronously
+    summary = Summary(seed, nproc, kills, async_save)
     ref, out = work / "reference", work / "chaos"
     shutil.rmtree(ref, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)
@@ -297,7 +325,7 @@ def run(kills: int, seed: int, nproc: int, work: Path, ci: bool, iterations: int
     rng = random.Random(seed)
     seen: set[str] = set()
     damaged: set[str] = set()
-    plan = schedule(kills, seed, ci, strategy, lora)
+    plan = schedule(kills, seed, ci, strategy, lora, async_save)
     with open(work / "chaos.log", "w") as log:
         for i, (point, hit, *after) in enumerate([*plan, ("none", 0)]):
             before = committed_point(out, frozenset(damaged))
@@ -306,7 +334,7 @@ def run(kills: int, seed: int, nproc: int, work: Path, ci: bool, iterations: int
             log.write(f"\n===== launch {i}: kill at {point}#{hit} timer={timer} =====\n")
             log.flush()
             t = time.time()
-            rc, killed = launch(args, out, nproc, fault, timer, log)
+            rc, killed = launch(killed_args, out, nproc, fault, timer, log)
             at, rejected = resumed_at(out, seen)
             summary.launches.append(Launch(point, hit, round(timer or 0, 2), rc, killed, at, rejected, before,
                                            round(time.time() - t, 2)))
@@ -341,6 +369,8 @@ def main() -> int:
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--iterations", type=int, default=None, help="default: one per kill (>= 3); 3 with --ci")
     p.add_argument("--ci", action="store_true", help="the bounded CI sequence (every save path, >= 6 kills)")
+    p.add_argument("--async_save", action="store_true",
+                   help="the killed runs save with --async_save (the reference does not); kill points inside its writer")
     p.add_argument("--strategy", default="expert_iteration", choices=sorted(DATA_FILES),
                    help="the experiment to kill: expert_iteration, or iterative_dpo (DPO iterations on TRL)")
     p.add_argument("--lora", default=None, choices=["merged", "adapter"],
@@ -348,10 +378,12 @@ def main() -> int:
     p.add_argument("--workdir", default=None)
     p.add_argument("--report", default=None, help="also write the JSON summary here")
     ns = p.parse_args()
+    if ns.async_save and (ns.lora or ns.strategy == "iterative_dpo"):  # itertrain refuses these (exit 2)
+        p.error("--async_save does not combine with --lora or --strategy iterative_dpo (itertrain refuses it)")
     work = Path(ns.workdir) if ns.workdir else Path(tempfile.mkdtemp(prefix="itertrain-chaos-"))
     # named kills fire early in a launch, so a soak needs about one iteration of work per kill
     iterations = ns.iterations or (3 if ns.ci else max(3, ns.kills))
-    summary = run(ns.kills, ns.seed, ns.nproc, work, ns.ci, iterations, ns.strategy, ns.lora)
+    summary = run(ns.kills, ns.seed, ns.nproc, work, ns.ci, iterations, ns.strategy, ns.lora, ns.async_save)
     result = {**asdict(summary), "ok": summary.ok, "workdir": str(work)}
     text = json.dumps(result, indent=2)
     if ns.report:

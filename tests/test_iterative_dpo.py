@@ -247,3 +247,15 @@ def test_dpo_on_lora_adapters_killed_mid_training_resumes_byte_identical_against
     assert "Continuing at: iteration 1, step 4" in r.stdout
     for name in ("iter_0/adapter_model.safetensors", "iter_1/adapter_model.safetensors", "iter_1/adapter_config.json"):
         assert (out / name).read_bytes() == (ref / name).read_bytes(), name
+
+
+@pytest.mark.slow
+@needs_trl
+def test_async_save_with_iterative_dpo_exits_2_naming_dpotrainer_before_anything_is_written(tmp_path, tiny_model,
+                                                                                           dpo_files):
+    """TRL's DPOTrainer adds a step to _save_checkpoint (its model card) that --async_save would skip."""
+    out = tmp_path / "exp"
+    r = itertrain("train", *dpo_args(tiny_model, dpo_files, out, "--async_save"), cwd=dpo_files)
+    assert r.returncode == 2, r.output
+    assert "--async_save with DPOTrainer: it overrides Trainer._save_checkpoint" in r.stderr
+    assert not out.exists()  # a refused launch leaves nothing behind

@@ -58,11 +58,14 @@ def relaunch(out: Path, tiny_model: Path, train_file: Path):
                     env=env())
 
 
-@pytest.mark.parametrize("how", ["SIGTERM to torchrun", "SIGUSR1 to rank 1 only"])
+@pytest.mark.parametrize("how", ["SIGTERM to torchrun", "SIGUSR1 to rank 1 only", "SIGTERM to torchrun, --async_save"])
 def test_sigterm_to_torchrun_commits_the_step_it_stopped_and_the_relaunch_resumes_there(
         tmp_path, tiny_model, train_file, reference, how):
+    """With --async_save the preemption checkpoint is written in the background; every rank waits for
+    its commit before exit 143 (the reference saves synchronously: the model must not differ)."""
     out = tmp_path / "exp"
-    with Job(torchrun_cmd(args(out, tiny_model, train_file), port=free_port()), env(slow=0.5)) as job:
+    extra = ["--async_save"] if how.endswith("--async_save") else []
+    with Job(torchrun_cmd(args(out, tiny_model, train_file, *extra), port=free_port()), env(slow=0.5)) as job:
         job.wait_for(LOSS, 6)
         done = job.count(LOSS)  # steps finished when the signal is sent; the next one is in progress
         if how.startswith("SIGTERM"):

@@ -49,17 +49,40 @@ def test_iterative_dpo_kills_anywhere_give_byte_identical_iteration_models_and_p
     assert summary["kills_done"] >= 7, r.stdout[-3000:]
 
 
-@pytest.mark.parametrize("point,errno_name,text", [
-    ("checkpoint.optimizer", "enospc", "the disk is full (ENOSPC)"),
-    ("manifest.trainer_checkpoint.write", "eio", "an I/O error occurred (EIO)"),
-    ("iteration.before_manifest", "enospc", "the disk is full (ENOSPC)"),
-    ("checkpoint.save", "erofs", "not writable (EROFS)"),
+def test_kills_inside_the_async_writer_give_the_iteration_models_of_synchronous_saves(tmp_path):
+    """scripts/chaos.py --ci --async_save: the reference run saves synchronously; the killed runs save
+    with --async_save and are SIGKILLed (torchrun and both ranks) inside the background writer while it
+    is mid-file (model.safetensors, optimizer.pt), once a rank's files are durable but not committed,
+    inside the commit, and at every other save path; every iter_K must equal the reference byte for byte."""
+    report = tmp_path / "chaos.json"
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "chaos.py"), "--ci", "--async_save", "--workdir",
+                        str(tmp_path / "w"), "--report", str(report)], capture_output=True, text=True, env=base_env(),
+                       timeout=2400)
+    summary = json.loads(report.read_text())
+    assert summary["async_save"]
+    killed = [launch["kill"] for launch in summary["launches"] if launch["killed"]]
+    assert {"checkpoint.write.weights", "checkpoint.write.optimizer", "checkpoint.write.done"} <= set(killed), \
+        r.stdout[-3000:]
+    assert summary["kills_done"] >= 10 and summary["progress_ok"], summary["differences"]
+    assert summary["differences"] == [], summary["differences"]
+    assert summary["identical_iterations"] == summary["total_iterations"] == 3
+    assert summary["identical_data"] == summary["total_data"] == 2
+    assert r.returncode == 0
+
+
+@pytest.mark.parametrize("point,errno_name,text,extra", [
+    ("checkpoint.optimizer", "enospc", "the disk is full (ENOSPC)", ()),
+    ("manifest.trainer_checkpoint.write", "eio", "an I/O error occurred (EIO)", ()),
+    ("iteration.before_manifest", "enospc", "the disk is full (ENOSPC)", ()),
+    ("checkpoint.save", "erofs", "not writable (EROFS)", ()),
+    ("checkpoint.optimizer", "enospc", "the disk is full (ENOSPC)", ("--async_save",)),  # in the writer thread
+    ("checkpoint.write.optimizer", "eio", "an I/O error occurred (EIO)", ("--async_save",)),  # mid-file
 ])
 def test_failed_write_exits_1_keeps_committed_artifacts_and_the_next_launch_resumes(tmp_path, sft_args, point,
-                                                                                    errno_name, text):
+                                                                                    errno_name, text, extra):
     out = tmp_path / "exp"
     hit = 1 if point.startswith("iteration") else 2
-    r = itertrain("train", *sft_args(out), fault=f"{point}={errno_name}#{hit}")
+    r = itertrain("train", *sft_args(out, *extra), fault=f"{point}={errno_name}#{hit}")
     assert r.returncode == 1, r.output
     assert text in r.stderr and "Traceback" not in r.stderr
     committed = sorted(p.name for p in out.glob("checkpoint-*") if (p / "itertrain.manifest.json").exists())
@@ -72,6 +95,60 @@ def test_failed_write_exits_1_keeps_committed_artifacts_and_the_next_launch_resu
     assert r.returncode == 0, r.output
     resumed = [name for name in before if f"Found trainer checkpoint: {out}/{name}" in r.stdout]
     assert resumed == [max(committed, key=lambda n: int(n.split('-')[1]))]
+    assert itertrain("verify", str(out)).returncode == 0
+
+
+def _interrupt_while_writing(tmp_path, sft_args, times: int):
+    """Ctrl-C (SIGINT) while the --async_save writer is held inside optimizer.pt of checkpoint-8."""
+    import os
+    import signal
+    import time
+
+    from conftest import PY
+
+    out = tmp_path / "exp"
+    proc = subprocess.Popen([PY, "-m", "itertrain", "train", *sft_args(out, "--async_save", iterations=1)], cwd=REPO,
+                            env=base_env({"ITERTRAIN_FAULT": "checkpoint.write.optimizer=sleep:12#2"}),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 240
+    while not (out / "checkpoint-8" / "optimizer.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGINT)
+    err = ""
+    if times == 2:  # once itertrain says it is finishing the write: the second Ctrl-C abandons it
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            err += line
+            if "finishing the background write of checkpoint-8" in line:
+                os.kill(proc.pid, signal.SIGINT)
+                break
+    stdout, rest = proc.communicate(timeout=240)
+    return out, proc.returncode, stdout, err + rest
+
+
+def test_ctrl_c_while_the_async_writer_is_mid_file_finishes_and_commits_that_checkpoint(tmp_path, sft_args):
+    out, rc, stdout, stderr = _interrupt_while_writing(tmp_path, sft_args, times=1)
+    assert rc == 130, stdout + stderr
+    assert "finishing the background write of checkpoint-8" in stderr and "Traceback" not in stderr
+    assert manifest(out / "checkpoint-8")["step"] == 8  # a snapshot is a whole checkpoint: committed
+    assert itertrain("verify", str(out)).returncode == 0
+    r = itertrain("train", *sft_args(out, "--async_save", iterations=1), "--resume_from", "auto",
+                  "--resume_from_iteration", "auto")
+    assert r.returncode == 0 and "Continuing at: iteration 0, step 8" in r.stdout, r.output
+    ref = tmp_path / "ref"
+    assert itertrain("train", *sft_args(ref, iterations=1)).returncode == 0  # never interrupted, synchronous saves
+    assert (out / "iter_0" / "model.safetensors").read_bytes() == (ref / "iter_0" / "model.safetensors").read_bytes()
+
+
+def test_second_ctrl_c_abandons_the_async_write_and_the_previous_checkpoint_is_used(tmp_path, sft_args):
+    out, rc, stdout, stderr = _interrupt_while_writing(tmp_path, sft_args, times=2)
+    assert rc == 130, stdout + stderr
+    assert "abandoned the background write of checkpoint-8" in stderr and "Traceback" not in stderr
+    assert not (out / "checkpoint-8" / "itertrain.manifest.json").exists()  # never committed half-written
+    assert manifest(out / "checkpoint-4")["step"] == 4
+    r = itertrain("train", *sft_args(out, "--async_save", iterations=1), "--resume_from", "auto",
+                  "--resume_from_iteration", "auto")
+    assert r.returncode == 0 and "Continuing at: iteration 0, step 4" in r.stdout, r.output
     assert itertrain("verify", str(out)).returncode == 0
 
 

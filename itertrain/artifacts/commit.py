@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from itertrain.artifacts.manifest import Manifest, commit_directory
+from itertrain.artifacts.manifest import FileEntry, Manifest, commit_directory
 from itertrain.errors import ArtifactWriteError
 from itertrain.fsutil import describe_write_error
 from itertrain.layout import Kind
@@ -31,6 +31,7 @@ class CommitJob:
     extra: Mapping[str, Any] = field(default_factory=dict)
     before: Callable[[], None] | None = None  # e.g. a fault point
     after: Callable[[Manifest], None] | None = None  # e.g. rotation, once the manifest landed
+    written: Mapping[str, FileEntry] | None = None  # hashed while written (--async_save): no read-back
 
 
 class CommitWorker:
@@ -105,6 +106,7 @@ class CommitWorker:
             manifest = commit_directory(
                 job.directory, kind=job.kind.value, iteration=job.iteration, step=job.step,
                 lineage=dict(job.lineage), world_size=self.world_size, extra=dict(job.extra), fsync=self.fsync,
+                written=job.written,
             )
         except ArtifactWriteError:
             raise

@@ -9,12 +9,14 @@ files (SPEC §2, §5). Strategies never see the manager: they get `commit_data` 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from itertrain import distributed, faults
+from itertrain.artifacts.async_save import AsyncSaver, Digests
 from itertrain.artifacts.commit import CommitJob, CommitWorker
 from itertrain.artifacts.manifest import Manifest, ManifestError, read_header, read_manifest
 from itertrain.artifacts.retention import Action, Event, ListedCheckpoint, Op, RetentionPolicy, plan_retention
@@ -40,6 +42,7 @@ class CheckpointConfig:
     retention: RetentionPolicy = field(default_factory=RetentionPolicy)
     fsync: bool = True
     async_commit: bool = True  # hash, fsync and write checkpoint manifests on a thread while training goes on
+    async_save: bool = False  # snapshot at the save step; write, hash and commit on a thread (every rank)
     world_size: int = 1
 
 
@@ -84,6 +87,7 @@ class CheckpointManager:
         self.iteration = 0
         self.lineage: dict[str, Any] = {}
         self.worker = CommitWorker(fsync=config.fsync, world_size=config.world_size, background=config.async_commit)
+        self.saver = AsyncSaver(fsync=config.fsync) if config.async_save else None
 
     def start_iteration(self, iteration: int, lineage: dict[str, Any]) -> None:
         """The iteration whose checkpoints the next commits describe (main thread)."""
@@ -91,11 +95,39 @@ class CheckpointManager:
         self.lineage = dict(lineage)
 
     def wait(self) -> None:
-        """Rank 0: finish the commit running in the background; raise its error, if any."""
+        """Finish what runs in the background: this rank's checkpoint write (`--async_save`, every
+        rank) and the commit that follows it (rank 0); raise its error, if any. Any rank may call it."""
+        if self.saver is not None:
+            self.saver.wait()
         self.worker.wait()
 
+    def abandon(self) -> None:
+        """Stop this rank's background checkpoint write (`--async_save`) without committing it: the
+        checkpoint stays torn and the next launch resumes from the previous one. A manifest already
+        being written finishes (it is atomic). For a shutdown that cannot wait (SIGTERM's deadline, a
+        second Ctrl-C); errors are dropped. Any rank may call it."""
+        if self.saver is not None:
+            self.saver.abandon()
+        self.worker.close()
+
     def close(self) -> None:
-        """Rank 0, on the way out: let a background commit finish before the lock is released."""
+        """Every rank, on the way out: let the background write and commit finish (a snapshot is a
+        consistent checkpoint, so it is committed) before the lock is released; errors are dropped
+        (the run is already ending). Interrupted (a second Ctrl-C), it abandons the write instead."""
+        saver = self.saver
+        try:
+            if saver is not None and saver.busy:
+                if distributed.is_main():
+                    print(f"itertrain: finishing the background write of {checkpoint_name(saver.last_step or 0)} "
+                          "(Ctrl-C again abandons it: the previous checkpoint is kept)", file=sys.stderr, flush=True)
+                saver.wait()
+        except KeyboardInterrupt:
+            self.abandon()
+            if saver is not None and distributed.is_main():
+                print(f"itertrain: abandoned the background write of {checkpoint_name(saver.last_step or 0)}; it "
+                      "stays uncommitted", file=sys.stderr, flush=True)
+        except BaseException:  # noqa: BLE001 - already failing; the first error is the one reported
+            pass
         self.worker.close()
 
     # ---- trainer checkpoints ---------------------------------------------------------------------
@@ -129,20 +161,33 @@ class CheckpointManager:
         `extra`: recorded in the manifest (e.g. that this is a preemption checkpoint)."""
         distributed.barrier()  # every rank's files are on disk
         if distributed.is_main():
-            directory = self.root / checkpoint_name(step)
-            iteration = self.iteration
-            protect = frozenset({directory.name} | ({Path(best).name} if best else set()))
-
-            def retain(_: Manifest) -> None:
-                self._apply_retention(Event.CHECKPOINT_COMMITTED, iteration, protect)
-
-            self.worker.submit(CommitJob(directory, Kind.TRAINER_CHECKPOINT, iteration, step, dict(self.lineage),
-                                         dict(extra or {}), before=lambda: faults.point("checkpoint.commit"),
-                                         after=retain))
+            self.worker.submit(self._checkpoint_job(step, best, self.iteration, dict(self.lineage), extra))
         if not self.config.async_commit:
             # Rank 0 hashed every file inline: the others wait here, on itertrain's long-timeout group,
             # rather than in training's next collective (whose timeout is meant for training steps).
             distributed.barrier()
+
+    def checkpoint_committer(self, step: int, extra: dict[str, Any] | None = None):
+        """`--async_save`: what rank 0's writer calls once every rank's files of `checkpoint-step` are
+        durable: commit the manifest from the digests taken while writing, then retention. The
+        iteration and lineage are taken now (training thread), not when the writer gets there."""
+        iteration, lineage = self.iteration, dict(self.lineage)
+
+        def commit(digests: Digests, best: str | None) -> None:
+            self.worker.commit(self._checkpoint_job(step, best, iteration, lineage, extra, digests))
+
+        return commit
+
+    def _checkpoint_job(self, step: int, best: str | None, iteration: int, lineage: dict[str, Any],
+                        extra: dict[str, Any] | None = None, written: Digests | None = None) -> CommitJob:
+        directory = self.root / checkpoint_name(step)
+        protect = frozenset({directory.name} | ({Path(best).name} if best else set()))
+
+        def retain(_: Manifest) -> None:
+            self._apply_retention(Event.CHECKPOINT_COMMITTED, iteration, protect)
+
+        return CommitJob(directory, Kind.TRAINER_CHECKPOINT, iteration, step, lineage, dict(extra or {}),
+                         before=lambda: faults.point("checkpoint.commit"), after=retain, written=written)
 
     # ---- iteration models --------------------------------------------------------------------------
     def commit_iteration_model(self, model, tokenizer, iteration: int, step: int, *, last: bool,

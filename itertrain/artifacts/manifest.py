@@ -14,11 +14,12 @@ import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import xxhash
 
 from itertrain import faults
+from itertrain.errors import ArtifactWriteError
 from itertrain.fsutil import atomic_write_json, tree_files
 from itertrain.layout import MANIFEST_NAME, Kind
 
@@ -139,11 +140,22 @@ def build_manifest(
     world_size: int = 1,
     extra: dict[str, Any] | None = None,
     fsync: bool = True,
+    written: Mapping[str, FileEntry] | None = None,
 ) -> Manifest:
-    """Hash every file below `directory` (fsyncing each) and describe it as a manifest."""
-    files: dict[str, FileEntry] = {}
-    for rel in tree_files(directory, exclude={MANIFEST_NAME}):
-        files[rel] = hash_file(directory / rel, fsync=fsync)
+    """Hash every file below `directory` (fsyncing each) and describe it as a manifest.
+
+    `written`: the entries of files hashed (and fsynced) while they were written (`--async_save`);
+    nothing is read back. The directory must then hold exactly those files with those sizes."""
+    present = tree_files(directory, exclude={MANIFEST_NAME})
+    if written is None:
+        files = {rel: hash_file(directory / rel, fsync=fsync) for rel in present}
+    else:
+        sizes = {rel: os.stat(os.path.join(directory, rel)).st_size for rel in present}
+        if sizes != {rel: e.size for rel, e in written.items()}:
+            differ = sorted(set(sizes) ^ set(written) or {r for r in sizes if sizes[r] != written[r].size})
+            raise ArtifactWriteError(f"could not commit {directory}: it does not hold the files that were written "
+                                     f"({', '.join(differ[:4])})")
+        files = {rel: written[rel] for rel in present}
     return Manifest(
         kind=kind,
         iteration=iteration,
