@@ -33,9 +33,11 @@ def reproducible_cpu_math() -> None:
     """Bit-identical CPU arithmetic on any x86 machine: MKL's conditional numerical reproducibility and
     ATen's portable kernels, instead of code paths chosen per processor (AVX-512 on one machine, AVX2
     on another round differently, and the demo's data and table would differ). Must run before torch
-    is imported; a value the user set wins."""
+    is imported; a value the user set wins. One thread: how a parallel reduction is split depends on the
+    thread count, which is the core count by default (and the demo's tiny matrices gain little from more)."""
     os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
     os.environ.setdefault("ATEN_CPU_CAPABILITY", "default")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def _quiet_libraries() -> None:

@@ -17,6 +17,7 @@ from conftest import PY, _run, base_env
 pytestmark = pytest.mark.slow  # real itertrain processes (no training)
 
 OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+MATH_VARS = ("MKL_CBWR", "ATEN_CPU_CAPABILITY", "OMP_NUM_THREADS")  # what the demo sets for reproducible arithmetic
 
 PROBE = textwrap.dedent("""
     import json, os
@@ -27,6 +28,7 @@ PROBE = textwrap.dedent("""
         import huggingface_hub.constants as hub
         seen = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")}
         seen["hub_offline"] = bool(hub.HF_HUB_OFFLINE)
+        seen["math"] = {k: os.environ.get(k) for k in ("MKL_CBWR", "ATEN_CPU_CAPABILITY", "OMP_NUM_THREADS")}
         with open(os.environ["PROBE_OUT"], "w") as f:
             json.dump(seen, f)
 
@@ -46,10 +48,10 @@ PROBE = textwrap.dedent("""
 
 
 def _probe(tmp_path, *command: str, hook: tuple[str, ...] = ("--strategy", "probe_mod:EnvProbe")) -> dict:
-    """Run `python -m itertrain COMMAND...` with no offline variable set; what the probe saw inside."""
+    """Run `python -m itertrain COMMAND...` with no offline or math variable set; what the probe saw inside."""
     (tmp_path / "probe_mod.py").write_text(PROBE)
     seen = tmp_path / "seen.json"
-    env = {k: v for k, v in base_env({"PROBE_OUT": str(seen)}).items() if k not in OFFLINE_VARS}
+    env = {k: v for k, v in base_env({"PROBE_OUT": str(seen)}).items() if k not in OFFLINE_VARS + MATH_VARS}
     r = _run([PY, "-m", "itertrain", *command, *hook], env, 300, tmp_path)
     assert r.returncode == 2 and "probe: environment recorded" in r.stderr, r.output
     return json.loads(seen.read_text())
@@ -61,13 +63,15 @@ def test_a_users_train_run_is_not_put_in_offline_mode(tmp_path):
     (model / "config.json").write_text("{}")  # the probe stops the run before the model is read
     seen = _probe(tmp_path, "train", "--model_name", str(model), "--output_dir", str(tmp_path / "exp"))
     assert seen == {"HF_HUB_OFFLINE": None, "HF_DATASETS_OFFLINE": None, "TRANSFORMERS_OFFLINE": None,
-                    "hub_offline": False}
+                    "hub_offline": False, "math": {"MKL_CBWR": None, "ATEN_CPU_CAPABILITY": None, "OMP_NUM_THREADS": None}}
     assert not (tmp_path / "exp").exists()
 
 
 def test_the_demo_runs_offline_by_itself(tmp_path):
     seen = _probe(tmp_path, "demo", "--output_dir", str(tmp_path / "demo"), hook=("--reward_fn", "probe_mod:score"))
     assert seen["HF_HUB_OFFLINE"] == "1" and seen["HF_DATASETS_OFFLINE"] == "1" and seen["hub_offline"] is True
+    # the same arithmetic on any x86 CPU: portable kernels, MKL's reproducible mode, one thread
+    assert seen["math"] == {"MKL_CBWR": "COMPATIBLE", "ATEN_CPU_CAPABILITY": "default", "OMP_NUM_THREADS": "1"}
     assert (tmp_path / "demo" / "tiny-model" / "config.json").exists()
 
 
