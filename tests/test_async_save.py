@@ -148,7 +148,7 @@ def test_writer_errors_surface_on_wait_and_abandon_stops_mid_file(tmp_path, monk
     assert writer.abandon() is True  # returns once the write stopped at its next chunk
     assert not writer.busy and done == []
     size = (tmp_path / "c" / "model.safetensors").stat().st_size
-    assert 0 < size < 256 << 20 and not (tmp_path / "c" / "optimizer.pt").exists()
+    assert size < 64 << 20 and not (tmp_path / "c" / "optimizer.pt").exists()  # stopped before the end (64 MiB)
     writer.wait()  # an abandoned write raises nothing
 
 
