@@ -54,17 +54,10 @@ def _gpu_trainer(tiny_model: Path, train_file: Path, output_dir: Path, cls):
 def test_a_save_during_bf16_training_is_hfs_checkpoint_byte_for_byte(tmp_path, tiny_model, train_file, monkeypatch):
     from transformers import Trainer
 
+    from test_async_save import _async_trainer_class
+
     saver, written = AsyncSaver(fsync=False), {}
-
-    class AsyncTrainer(Trainer):
-        def _save_checkpoint(self, model, trial):
-            step = self.state.global_step
-            saver.save(self, trial, lambda digests, best: written.setdefault(step, digests))
-
-        def _finalize_training(self, *args, **kwargs):
-            saver.wait()
-            return super()._finalize_training(*args, **kwargs)
-
+    AsyncTrainer = _async_trainer_class(saver, written)
     run = tmp_path / "run"  # one output_dir for both runs: training_args.bin records it
     _gpu_trainer(tiny_model, train_file, run, Trainer).train()
     run.rename(tmp_path / "hf")
