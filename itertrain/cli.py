@@ -29,14 +29,10 @@ commands:
 `itertrain train --help` lists every flag (HF TrainingArguments included)."""
 
 
-def reproducible_cpu_math() -> None:
-    """Bit-identical CPU arithmetic on any x86 machine: MKL's conditional numerical reproducibility and
-    ATen's portable kernels, instead of code paths chosen per processor (AVX-512 on one machine, AVX2
-    on another round differently, and the demo's data and table would differ). Must run before torch
-    is imported; a value the user set wins. One thread: how a parallel reduction is split depends on the
-    thread count, which is the core count by default (and the demo's tiny matrices gain little from more)."""
-    os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
-    os.environ.setdefault("ATEN_CPU_CAPABILITY", "default")
+def _demo_threads() -> None:
+    """One OpenMP thread for the demo (a user's OMP_NUM_THREADS wins): its matrices are too small to gain
+    from more, a second thread spinning while another program holds the core made it 10x slower, and
+    the arithmetic then does not depend on the core count. Must run before torch is imported."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
@@ -161,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command == "demo":
-        reproducible_cpu_math()
+        _demo_threads()
     if command in READ_ONLY:
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     if command not in COMMANDS:
