@@ -301,6 +301,11 @@ def validate(cfg: RunConfig) -> None:
             "variant saves on each rank alone, commits nothing, and lets the interrupted iteration be committed "
             "as complete"
         )
+    hf_timeout = next(f.default for f in fields(type(t)) if f.name == "ddp_timeout")
+    if t.ddp_timeout != hf_timeout:  # HF's value would be ignored silently: itertrain creates the group itself
+        raise UsageError(f"--ddp_timeout {t.ddp_timeout}: itertrain creates the process group itself and does not "
+                         "use it; set --dist_timeout_s (process-group init and training collectives) or "
+                         "--dist_io_timeout_s (itertrain's own collectives) instead")
     if cfg.lora.use_peft and (t.fsdp or t.deepspeed):
         raise UsageError("--use_peft with --fsdp or --deepspeed is not supported: itertrain writes a LoRA iteration "
                          "model from the whole PEFT model on rank 0. Train LoRA with plain DDP (drop --fsdp/--deepspeed)")

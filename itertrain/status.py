@@ -17,7 +17,7 @@ from typing import Any
 from itertrain.artifacts.manifest import ManifestError, read_manifest
 from itertrain.errors import ItertrainError, UsageError
 from itertrain.experiment import load_record
-from itertrain.layout import experiment_dir
+from itertrain.layout import ADAPTER_CONFIG_NAME, experiment_dir
 from itertrain.lock import describe_holder, live_holder
 from itertrain.metrics import committed_metrics
 from itertrain.recovery.decide import decide
@@ -100,7 +100,7 @@ def status(argv: list[str]) -> int:
               "after it stops")
     for m in inv.iteration_models:
         extra = f" — {m.problem}" if m.problem else ""
-        aux = f" (missing {', '.join(m.missing_aux)}: recreated from the base model on resume)" if m.missing_aux else ""
+        aux = f" (missing {', '.join(m.missing_aux)}: {_recreated_from(m.missing_aux)} on resume)" if m.missing_aux else ""
         print(f"  🎯 {m.path:<24} iteration {m.iteration:<4} {_label(m, flying)}{aux}{extra}")
     for c in inv.checkpoints:
         extra = f" — {c.problem}" if c.problem and c.path not in flying else ""
@@ -190,3 +190,14 @@ def verify(argv: list[str]) -> int:
         print(f"{len(checked) - bad} of {len(checked)} artifacts verified" + (f", {bad} failed" if bad else "")
               + (f", {len(results) - len(checked)} being written" if len(checked) < len(results) else ""))
     return 1 if bad else 0
+
+
+def _recreated_from(missing: list[str] | tuple[str, ...]) -> str:
+    """Where resume recreates missing small files from: adapter_config.json from the LoRA settings the
+    manifest records, the others (config, tokenizer) from the base model."""
+    sources = []
+    if ADAPTER_CONFIG_NAME in missing:
+        sources.append(f"{ADAPTER_CONFIG_NAME} recreated from the recorded LoRA settings")
+    if any(n != ADAPTER_CONFIG_NAME for n in missing):
+        sources.append("the others from the base model" if sources else "recreated from the base model")
+    return ", ".join(sources)

@@ -46,6 +46,7 @@ _HAS_JIT = "enable_jit_checkpoint" in {f.name for f in __import__("dataclasses")
                  "replaces it", marks=pytest.mark.skipif(not _HAS_JIT, reason="transformers < 5 has no such flag")),
     (["--fsdp", "full_shard"], "--fsdp full_shard: FSDP needs GPUs"),
     (["--deepspeed", "ds.json"], "--deepspeed ds.json: DeepSpeed needs GPUs"),
+    (["--ddp_timeout", "100"], "--ddp_timeout 100: itertrain creates the process group itself and does not use it"),
 ])
 def test_hf_jit_checkpoint_and_sharding_on_cpu_are_refused(base, flags, text, monkeypatch):
     import torch

@@ -183,10 +183,13 @@ def _decide(flags: RecoveryFlags, inv: Inventory, rejected: dict[str, str]) -> R
         plan = RecoveryPlan.complete(plan.iteration, flags.num_iterations, weights_from=plan.weights_from,
                                      ckpt=ckpt, model=model)
     if plan.mode == Mode.FRESH and inv.has_committed_progress and not flags.overwrite_output_dir:
+        already_auto = flags.resume_from == AUTO and flags.resume_from_iteration == AUTO
+        advice = ("every candidate to continue from was rejected (below): put the damaged files back (a copy, a "
+                  "backup), or start over" if already_auto else
+                  "To continue it, run with --resume_from auto --resume_from_iteration auto; to start over")
         raise RecoveryRefused(
             f"refusing to start from scratch: {inv.output_dir} holds committed progress "
-            f"({inv.describe()}). To continue it, run with --resume_from auto --resume_from_iteration auto; "
-            "to start over and move the existing artifacts aside, add --overwrite_output_dir."
+            f"({inv.describe()}). {advice} and move the existing artifacts aside: add --overwrite_output_dir."
             + (f" Rejected: {'; '.join(f'{r.path}: {r.reason}' for r in cands.rejected)}." if cands.rejected else "")
         )
     later = [p for p in plan.supersedes if not p.startswith("checkpoint-")]

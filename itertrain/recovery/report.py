@@ -10,6 +10,7 @@ from typing import Any
 from itertrain.recovery.discover import Inventory
 from itertrain.recovery.flags import BASE, RecoveryFlags
 from itertrain.recovery.plan import Mode, RecoveryPlan, StateScope
+from itertrain.recovery.verify import holds_adapter_only
 
 RULE = "=" * 60
 THIN = "-" * 60
@@ -65,7 +66,8 @@ def render(plan: RecoveryPlan, output_dir: str, base_model: str, extra_lines: li
     if plan.checkpoint is not None:
         c = plan.checkpoint
         lines.append(f"📁 Found trainer checkpoint: {os.path.join(output_dir, c.path)}")
-        lines.append(f"   ✅ Contains: {'LoRA adapter' if plan.lora else 'model weights'} + optimizer + scheduler states")
+        adapter = plan.lora or holds_adapter_only(os.path.join(output_dir, c.path))
+        lines.append(f"   ✅ Contains: {'LoRA adapter' if adapter else 'model weights'} + optimizer + scheduler states")
         if plan.state_from != c.path and plan.weights_from != c.path:
             lines.append("   ⏭️  Not used by this plan")
         lines.append(
@@ -75,7 +77,9 @@ def render(plan: RecoveryPlan, output_dir: str, base_model: str, extra_lines: li
     if plan.iteration_model is not None:
         m = plan.iteration_model
         lines.append(f"🎯 Found COMPLETE iteration {m.iteration} model: {os.path.join(output_dir, m.path)}")
-        lines.append(f"   ⚠️  Contains: {_MODEL_TEXT.get(plan.lora, 'model weights only')} (no optimizer/scheduler)")
+        # What the directory holds, also when the plan trains nothing (a complete experiment has no LoRA plan)
+        held = "adapter" if holds_adapter_only(os.path.join(output_dir, m.path)) else plan.lora
+        lines.append(f"   ⚠️  Contains: {_MODEL_TEXT.get(held, 'model weights only')} (no optimizer/scheduler)")
     if plan.checkpoint is None and plan.iteration_model is None:
         lines.append("📭 No trainer checkpoint or iteration model selected")
     for r in plan.rejected:
