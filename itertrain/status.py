@@ -19,6 +19,7 @@ from itertrain.errors import ItertrainError, UsageError
 from itertrain.experiment import load_record
 from itertrain.layout import ADAPTER_CONFIG_NAME, experiment_dir
 from itertrain.lock import describe_holder, live_holder
+from itertrain.lora.links import check_links
 from itertrain.metrics import committed_metrics
 from itertrain.recovery.decide import decide
 from itertrain.recovery.discover import Inventory, Status, discover, missing_aux
@@ -83,7 +84,8 @@ def status(argv: list[str]) -> int:
     try:
         while True:
             plan = with_missing_aux(root, decide(flags, inv, rejected))
-            failures = verify_chosen(root, inv, plan)
+            # and, as a launch does, every LoRA adapter against the model it applies to (a changed base refuses)
+            failures = verify_chosen(root, inv, plan) or check_links(root, plan, str(args.get("model_name", "")))
             if not failures:
                 break
             rejected.update(failures)

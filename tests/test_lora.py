@@ -140,6 +140,8 @@ def test_an_adapter_experiment_whose_base_model_changed_is_refused_naming_the_ba
     assert r.returncode == 2, r.output
     assert f"iter_0 is a LoRA adapter of the base model {base.resolve()}" in r.stderr
     assert "now has weights fingerprint" in r.stderr and "Put the original base model back" in r.stderr
+    s = itertrain("status", str(out), "--num_iterations", "2")  # status predicts the same refusal
+    assert s.returncode == 2 and "plan: refused — iter_0 is a LoRA adapter of the base model" in s.stdout, s.output
     assert tree_hash(out) == before
     r = itertrain("train", *moved, "--num_iterations", "2", "--allow_config_change", *AUTO)
     assert r.returncode == 0, r.output  # --model_name moved: same weights, same fingerprint
