@@ -1,4 +1,4 @@
-"""`--async_save` vs plain HF Trainer's save, side by side in one invocation (issue 15).
+"""`--async_save` vs plain HF Trainer's save, side by side in one invocation.
 
 The same job (model, data, seed, batch, fp32, `--logging_steps 1`) as itertrain with `--async_save`
 and as the plain-HF program (`hf_train.py`), interleaved (A-B / B-A), in two cases:

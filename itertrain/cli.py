@@ -1,4 +1,4 @@
-"""Command line: `itertrain train|status|verify|init-model|demo|plot` (SPEC §6).
+"""Command line: `itertrain train|status|verify|init-model|demo|plot`.
 
 Errors are ItertrainError subclasses; this is the one place that turns them into exit codes:
 0 done, 1 training failed, 2 usage or recovery refused, 3 lock held by another run, 143 preempted

@@ -1,4 +1,4 @@
-"""Rank 0's console output, also written to `runs/train-<time>.log` (SPEC §6).
+"""Rank 0's console output, also written to `runs/train-<time>.log`.
 
 Capture starts when the command starts (so the recovery report is in the log) and holds the text in
 memory until the run is allowed to write: a refused launch leaves no log behind. Python-level tee of

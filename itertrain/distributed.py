@@ -1,4 +1,4 @@
-"""The few collective operations the loop needs: rank 0 decides, everyone follows (SPEC §5).
+"""The few collective operations the loop needs: rank 0 decides, everyone follows.
 
 Two process groups, both created by `init` before the flags are parsed (HF's TrainingArguments would
 otherwise create the default group while parsing, through accelerate, with a 30-minute timeout on CPU

@@ -1,4 +1,4 @@
-"""Exception types; the CLI turns each into an exit code (SPEC §6)."""
+"""Exception types; the CLI turns each into an exit code."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""What the launcher (torchrun) tells a worker, and what a worker owes it (SPEC §5).
+"""What the launcher (torchrun) tells a worker, and what a worker owes it.
 
 - `restart_count`, `run_id`, `launcher_id`: torchrun's environment, read in one place.
 - `die_with_launcher`: a worker exits when its torchrun agent dies. torchrun starts every worker in a

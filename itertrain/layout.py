@@ -1,4 +1,4 @@
-"""The experiment layout (SPEC §2): names, artifact kinds, what a checkpoint holds, the one scanner and
+"""The experiment layout: names, artifact kinds, what a checkpoint holds, the one scanner and
 the one ordering. Everything that reads or writes an output directory takes its names from here.
 
 To change how the newest checkpoint is chosen, change `checkpoint_order`; to change what a trainer
@@ -55,7 +55,7 @@ DEEPSPEED_LATEST = "latest"  # DeepSpeed's pointer to the global_stepN/ of a che
 WEIGHT_FILES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, ADAPTER_SAFE_WEIGHTS_NAME)
 TORCH_STATE_FILES = (OPTIMIZER_NAME, SCHEDULER_NAME)  # torch archives a full restore reads
 OPTIMIZER_FSDP_FULL = "optimizer.bin"  # FSDP FULL_STATE_DICT (HF's default): the whole state, by parameter name
-# Files of an iteration model that can be recreated from the base model when missing (SPEC §3).
+# Files of an iteration model that can be recreated from the base model when missing.
 AUX_RE = re.compile(
     r"^(config\.json|generation_config\.json|tokenizer.*|special_tokens_map\.json|vocab\..*|merges\.txt|chat_template.*"
     r"|adapter_config\.json)$"
@@ -209,7 +209,7 @@ class _OrderedCheckpoint(_Ordered, Protocol):
 
 def checkpoint_order(c: _OrderedCheckpoint) -> tuple:
     """Newest = highest iteration; within it, committed checkpoints by step after (older, adopted)
-    ones written by other tools, which are ordered by modification time (SPEC §3); a top-level copy
+    ones written by other tools, which are ordered by modification time; a top-level copy
     before a kept one. Serves `auto`, rotation and the optimizer-moment carry alike."""
     return (c.iteration, not c.foreign, c.mtime if c.foreign else c.step, is_top_level(c.path))
 

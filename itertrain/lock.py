@@ -1,4 +1,4 @@
-"""The run lock `.itertrain.lock` (SPEC §7): one live run per output dir.
+"""The run lock `.itertrain.lock`: one live run per output dir.
 
 fcntl.flock is released by the kernel when the holder dies, so a SIGKILLed run never blocks the
 next launch. The file names the holder (pid, host, start time) for the error message. On release

@@ -1,4 +1,4 @@
-"""The iteration loop (SPEC §4): recover, then for each iteration generate -> train -> evaluate -> commit.
+"""The iteration loop: recover, then for each iteration generate -> train -> evaluate -> commit.
 
 Read top to bottom: `run_experiment` is the whole experiment; `run_iteration` is one iteration's
 stages. Moving from iteration K to K+1 goes through the recovery path a relaunch takes (discover,
@@ -79,7 +79,7 @@ def run_experiment(cfg: RunConfig) -> int:
         config_warnings: list[str] = []
 
         def before_load(plan: RecoveryPlan) -> None:
-            """Everything checkable, before anything is written (SPEC §3): the experiment record, the
+            """Everything checkable, before anything is written: the experiment record, the
             iteration's data and reward function, and what this plan would write through a symlink."""
             if plan.mode == Mode.COMPLETE:
                 return
@@ -125,7 +125,7 @@ def run_experiment(cfg: RunConfig) -> int:
         say(f"✅ experiment complete: {cfg.loop.num_iterations} iteration(s) committed in {root}")
         return 0
     finally:
-        manager.close()  # every rank: a background write and commit finish before the lock goes (SPEC §3)
+        manager.close()  # every rank: a background write and commit finish before the lock goes
         if distributed.is_main():
             lock.release(restore=not wrote)
 

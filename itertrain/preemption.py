@@ -1,4 +1,4 @@
-"""Preemption (SPEC §5): SIGTERM or SIGUSR1 -> every rank agrees at the next step boundary -> a
+"""Preemption: SIGTERM or SIGUSR1 -> every rank agrees at the next step boundary -> a
 checkpoint is committed at that step -> exit 143 (`PREEMPTED_EXIT_CODE`), one line from rank 0.
 
 How a signal travels:

@@ -1,4 +1,4 @@
-"""Every rank must see the same output directory (SPEC §5): checkpoints are written by every rank
+"""Every rank must see the same output directory: checkpoints are written by every rank
 (RNG states, shards) and committed by rank 0, so a node-local directory would split them between
 nodes and commit checkpoints that are incomplete everywhere.
 

@@ -1,4 +1,4 @@
-"""Unit tests of the recovery decision table (SPEC §3), the guide's scenarios 1-5, ordering and rule 4.
+"""Unit tests of the recovery decision table, the guide's scenarios 1-5, ordering and rule 4.
 
 `decide(flags, inventory, rejected)` is pure: every inventory here is built directly from the
 discover() dataclasses (tests/plan_helpers.py), with relative paths as discover() produces them.
@@ -17,7 +17,7 @@ from plan_helpers import ckpt, flags, inventory, model
 
 
 # --------------------------------------------------------------------------------------------
-# SPEC §3 decision table, one test per row
+# The decision table, one test per row
 
 
 def test_row1_none_none_on_empty_dir_trains_from_scratch():

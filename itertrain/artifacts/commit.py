@@ -4,7 +4,7 @@ background thread while training goes on.
 A job carries everything it needs (directory, kind, iteration, step, lineage, and what to run after
 the manifest landed): the worker never reads state the training thread may change meanwhile. Jobs
 run one at a time, in order; `wait()` joins the running one and re-raises its error on the caller's
-thread, and the run lock is released only after `close()` (SPEC §3: the lock is held until every
+thread, and the run lock is released only after `close()` (the lock is held until every
 background write finished or was abandoned).
 """
 

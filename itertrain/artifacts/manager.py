@@ -3,7 +3,7 @@
 The train loop and HF Trainer (through `CommitCallback` and `RecoveryHooks`) call it; it composes
 the commit worker (manifests), the iteration-model writer and the pure retention plan. Rank 0 alone
 writes manifests, moves and deletes; every commit sits behind a barrier that waits for all ranks'
-files (SPEC §2, §5). Strategies never see the manager: they get `commit_data` and `move_aside`.
+files. Strategies never see the manager: they get `commit_data` and `move_aside`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Manifests: the commit record of every artifact directory (SPEC §2).
+"""Manifests: the commit record of every artifact directory.
 
 A directory is *committed* when its manifest exists and matches the bytes on disk. The manifest is
 written last, by rank 0, after a barrier, through temp file + fsync + rename + fsync(dir).

@@ -1,7 +1,7 @@
 """Retention: which trainer checkpoints to keep, move into an iteration model, or delete. Pure.
 
 `plan_retention` is a function from (the committed checkpoints on disk, what just happened, the
-policy) to a list of actions; `CheckpointManager` applies them. Rules (SPEC §2, §7):
+policy) to a list of actions; `CheckpointManager` applies them. Rules:
 - rotation (`--save_total_limit`) runs only after a new checkpoint committed, only within the
   iteration in progress, and never removes the newest checkpoint or the best one;
 - when iteration K's model commits, its checkpoints go, except the newest while iteration K+1 needs

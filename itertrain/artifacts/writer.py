@@ -1,4 +1,4 @@
-"""The iteration-model writer: `iter_K` as a self-contained Hugging Face model directory (SPEC §1).
+"""The iteration-model writer: `iter_K` as a self-contained Hugging Face model directory.
 
 Writes the files only; the manifest that commits them is the CommitWorker's job. A failed write is
 an ArtifactWriteError naming the path and the cause.

@@ -1,4 +1,4 @@
-"""The recovery decision (SPEC §3): a pure function from (flags, inventory) to a RecoveryPlan.
+"""The recovery decision: a pure function from (flags, inventory) to a RecoveryPlan.
 
 No torch, no file access: everything it needs is in `RecoveryFlags` and the `Inventory`. The four
 rules, in order:
@@ -115,7 +115,7 @@ def _superseded(inv: Inventory, cands: _Candidates, iteration: int, step: int, k
 
 
 def decide(flags: RecoveryFlags, inv: Inventory, rejected: Mapping[str, str] | None = None) -> RecoveryPlan:
-    """The recovery plan for these flags and this inventory (SPEC §3). Raises RecoveryRefused."""
+    """The recovery plan for these flags and this inventory. Raises RecoveryRefused."""
     rejected = dict(rejected or {})
     while True:
         plan = _decide(flags, inv, rejected)
@@ -199,7 +199,7 @@ def _decide(flags: RecoveryFlags, inv: Inventory, rejected: dict[str, str]) -> R
 
 def _table(flags: RecoveryFlags, inv: Inventory, cands: _Candidates, ckpt: TrainerCheckpoint | None,
            model: IterationModel | None) -> RecoveryPlan:
-    """The decision table of SPEC §3, one branch per row."""
+    """The decision table, one branch per row."""
     base_init = flags.iteration_init == "base"
 
     # Row 1: none / none -> fresh.

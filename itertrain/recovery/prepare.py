@@ -106,8 +106,8 @@ def _save_steps(cfg: RunConfig, from_step: int) -> list[int]:
 
 
 def check_writes(plan: RecoveryPlan, root: Path, cfg: RunConfig, data_iterations: list[int]) -> None:
-    """Refuse up front a plan that would have to write, move or delete through a symbolic link
-    (SPEC §3): the run's own directories, the artifacts it replaces, the names it saves into.
+    """Refuse up front a plan that would have to write, move or delete through a symbolic link:
+    the run's own directories, the artifacts it replaces, the names it saves into.
     `data_iterations`: the iterations whose generated data the run writes."""
     if plan.mode == Mode.COMPLETE:
         return

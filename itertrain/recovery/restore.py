@@ -119,7 +119,7 @@ def shape_mismatch(weights: dict[str, tuple[int, ...]], expected: dict[str, tupl
 
 def repair_iteration_model(model: IterationModel, root: Path, base_model: str, tokenizer_dir: str | None,
                            lora: dict | None = None) -> list[str]:
-    """Recreate missing config/tokenizer/generation files from the base model (SPEC §3), and a missing
+    """Recreate missing config/tokenizer/generation files from the base model, and a missing
     adapter_config.json of an adapter-only model from the LoRA settings its manifest recorded (the
     run's `lora` settings for one written by another tool). Rank 0.
 

@@ -1,4 +1,4 @@
-"""Sharded training state, as HF Trainer writes it under FSDP and DeepSpeed (SPEC §5): checked without
+"""Sharded training state, as HF Trainer writes it under FSDP and DeepSpeed: checked without
 running any pickled code, restored, and its optimizer moments carried across an iteration boundary.
 
 FSDP with SHARDED_STATE_DICT: `checkpoint-S/pytorch_model_fsdp_0/` and `optimizer_0/`, written by

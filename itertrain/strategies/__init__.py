@@ -1,4 +1,4 @@
-"""Strategies: what each iteration trains on (SPEC §4). The plug-in API is `Strategy` and
+"""Strategies: what each iteration trains on. The plug-in API is `Strategy` and
 `register_strategy`; `load_strategy` finds one by name, entry point or `module:Class`."""
 
 from itertrain.strategies.base import ModelSource, Strategy, StrategyContext

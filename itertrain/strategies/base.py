@@ -1,4 +1,4 @@
-"""The strategy plug-in API: what each iteration trains on (SPEC §4).
+"""The strategy plug-in API: what each iteration trains on.
 
 A strategy is a subclass of `itertrain.Strategy`. The smallest one overrides only
 `train_rows(iteration)`; the others add a `generate` stage, their own dataset, collator or Trainer
