@@ -69,6 +69,13 @@ def test_no_file_in_the_repository_cites_a_path_issue_or_spec_outside_it():
     assert not found, "cite docs/design.md (by section) or nothing:\n" + "\n".join(found)
 
 
+def test_every_page_closes_its_code_blocks():
+    # An unclosed fence turns the rest of a page into code (GitHub renders README.md without MkDocs).
+    unclosed = [str(p.relative_to(REPO)) for p in doc_pages()
+                if sum(line.lstrip().startswith("```") for line in p.read_text().splitlines()) % 2]
+    assert not unclosed, f"a code block is never closed in {unclosed}"
+
+
 def test_readme_links_point_at_files_inside_the_repository():
     # The docs pages' links are checked by `mkdocs build --strict`; the README is outside docs/.
     bad = []
