@@ -27,7 +27,7 @@ OUTSIDE = [
     ("a section of an outside spec", re.compile("SPEC" + r"\s*§")),
     ("an issue number", re.compile(r"\b[Ii]ssue" + r"s? #?\d+")),
 ]
-MD_LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+MD_LINK = re.compile(r"\]\(([^)#\s]+)(?:#([^)\s]*))?\)")
 
 
 def doc_pages() -> list[Path]:
@@ -81,15 +81,28 @@ def test_every_page_closes_its_code_blocks():
     assert not unclosed, f"a code block is never closed in {unclosed}"
 
 
-def test_readme_links_point_at_files_inside_the_repository():
+def heading_anchors(page: Path) -> set[str]:
+    """The anchors MkDocs gives the page's headings (Python-Markdown's toc slugify)."""
+    anchors, fence = set(), False
+    for line in page.read_text().splitlines():
+        fence ^= line.lstrip().startswith("```")
+        if not fence and line.startswith("#"):
+            title = re.sub(r"[^\w\s-]", "", line.lstrip("#").strip()).strip().lower()
+            anchors.add(re.sub(r"[-\s]+", "-", title))
+    return anchors
+
+
+def test_readme_links_point_at_files_and_headings_inside_the_repository():
     # The docs pages' links are checked by `mkdocs build --strict`; the README is outside docs/.
     bad = []
-    for target in MD_LINK.findall((REPO / "README.md").read_text()):
+    for target, anchor in MD_LINK.findall((REPO / "README.md").read_text()):
         if re.match(r"[a-z]+://", target):
             continue
         resolved = (REPO / target).resolve()
         if not resolved.is_relative_to(REPO) or not resolved.exists():
             bad.append(target)
+        elif anchor and resolved.suffix == ".md" and anchor not in heading_anchors(resolved):
+            bad.append(f"{target}#{anchor}")
     assert not bad, f"README.md links to what the repository does not hold: {bad}"
 
 
