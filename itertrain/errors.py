@@ -55,7 +55,7 @@ class DistributedFailure(ItertrainError):
     every_node = True
 
 
-PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: what schedulers treat as "terminated, retry" (README, Exit codes)
+PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: what schedulers treat as "terminated, retry" (docs/design.md §6)
 
 
 class Preempted(ItertrainError):

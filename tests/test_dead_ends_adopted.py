@@ -1,4 +1,4 @@
-"""Issue 10, items 3 and 7: directories written by other tools. Expert iteration takes the model it
+"""Dead ends (states a user could not get out of): directories written by other tools. Expert iteration takes the model it
 samples from out of the plan (the guide's `base_model/`), and a plain HF checkpoint taken at its own
 `max_steps` continues to the current `--max_steps`. Real plain-HF output, real itertrain runs."""
 

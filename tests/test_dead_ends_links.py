@@ -1,4 +1,4 @@
-"""Issue 10, items 6, 9 and 10: a corrupt experiment record, symbolic links, and manifest entries that
+"""Dead ends (states a user could not get out of): a corrupt experiment record, symbolic links, and manifest entries that
 leave their artifact. Each either works read-only or is refused before anything is written (exit 2,
 the output dir byte-identical). Real runs, real files, real links."""
 

@@ -1,4 +1,4 @@
-"""Issue 10, items 11, 12 and 13: a live run and the tools that look at it, Ctrl-C during a background
+"""Dead ends (states a user could not get out of): a live run and the tools that look at it, Ctrl-C during a background
 commit, and writes that fail (a file size limit, a full disk). Real processes, real signals, real
 EFBIG and ENOSPC."""
 

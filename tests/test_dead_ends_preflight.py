@@ -1,4 +1,4 @@
-"""Issue 10, item 14: everything a launch can check (flags, the data of the iteration about to run,
+"""Dead ends (states a user could not get out of): everything a launch can check (flags, the data of the iteration about to run,
 reward functions, tracker integrations, the output dir itself) is checked before anything is written.
 A refused launch exits 2 with one line naming the file or flag, and leaves the output dir
 byte-identical (or never creates it). Real processes, real files."""

@@ -1,4 +1,4 @@
-"""Issue 10, items 4, 5, 8 and 15: what the report says is what happens, kept checkpoints stay kept,
+"""Dead ends (states a user could not get out of): what the report says is what happens, kept checkpoints stay kept,
 changed hyperparameters are reported and recorded as they apply, and rank 0 speaks once. Real
 processes, real kills and signals."""
 

@@ -1,4 +1,4 @@
-"""Issue 10, items 1 and 2: the guide's third command on an experiment that went further, and a
+"""Dead ends (states a user could not get out of): the guide's third command on an experiment that went further, and a
 damaged newest iteration model. Real torchrun (2 ranks, gloo), real SIGKILLs, real files; the
 iteration models are compared byte for byte with an uninterrupted run where the rules say they
 must be equal."""

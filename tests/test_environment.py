@@ -70,7 +70,7 @@ def test_a_users_train_run_is_not_put_in_offline_mode(tmp_path):
 def test_the_demo_runs_offline_by_itself(tmp_path):
     seen = _probe(tmp_path, "demo", "--output_dir", str(tmp_path / "demo"), hook=("--reward_fn", "probe_mod:score"))
     assert seen["HF_HUB_OFFLINE"] == "1" and seen["HF_DATASETS_OFFLINE"] == "1" and seen["hub_offline"] is True
-    # one thread; the processor's fastest kernels, as for any run (README: what varies between machines,
+    # one thread; the processor's fastest kernels, as for any run (docs/demo.md: what varies between machines,
     # and the settings that make the arithmetic the same on any x86 CPU, at about 5x the time)
     assert seen["math"] == {"MKL_CBWR": None, "ATEN_CPU_CAPABILITY": None, "OMP_NUM_THREADS": "1"}
     assert (tmp_path / "demo" / "tiny-model" / "config.json").exists()

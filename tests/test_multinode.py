@@ -22,7 +22,7 @@ def args(out: Path, tiny_model: Path, train_file: Path, *extra: str) -> list[str
 
 
 def node(rank: int, port: int, flags: list[str], log: Path, wrap: tuple[str, ...] = ()) -> Job:
-    """Node `rank` of 2: static rendezvous (node 0's agent hosts the store; see README, Multi-node)."""
+    """Node `rank` of 2: static rendezvous (node 0's agent hosts the store; see docs/preemption.md, Multi-node)."""
     cmd = [*wrap, PY, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={rank}",
            "--master_addr=127.0.0.1", f"--master_port={port}", str(REPO / "train_iterative.py"), *flags]
     return Job(cmd, base_env(), log=log)

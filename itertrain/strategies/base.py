@@ -41,14 +41,14 @@ class StrategyContext:
 class Strategy:
     """Base class of iteration strategies. Override `train_rows`; everything else has a default.
 
-    Class attributes:
-      name: the registry name (set by `register_strategy` when not given).
-      defining_fields: argument names that, besides model, strategy and data files, define the
-        experiment (a change on resume is refused without --allow_config_change).
-      arguments_class: a dataclass of the strategy's own flags (parsed into `ctx.cfg.strategy_args`).
-      training_arguments_class: a TrainingArguments subclass (e.g. trl.DPOConfig): its own fields become
-        flags under their own names (those itertrain already has keep itertrain's meaning).
-      training_defaults: TrainingArguments defaults of this strategy (the YAML file and flags override them).
+    Attributes:
+        name: the registry name (set by `register_strategy` when not given).
+        defining_fields: argument names that, besides model, strategy and data files, define the
+            experiment (a change on resume is refused without --allow_config_change).
+        arguments_class: a dataclass of the strategy's own flags (parsed into `ctx.cfg.strategy_args`).
+        training_arguments_class: a TrainingArguments subclass (e.g. trl.DPOConfig): its own fields become
+            flags under their own names (those itertrain already has keep itertrain's meaning).
+        training_defaults: TrainingArguments defaults of this strategy (the YAML file and flags override them).
     """
 
     name: ClassVar[str] = ""
@@ -109,6 +109,7 @@ class Strategy:
                              source=self.rows_source(iteration))
 
     def eval_dataset(self, iteration: int) -> Any:
+        """The evaluation dataset (default: `eval_rows`, tokenized; None when there are none)."""
         from itertrain.data import build_dataset
 
         rows = self.eval_rows(iteration)
@@ -118,6 +119,7 @@ class Strategy:
                              source=f"{type(self).__qualname__}.eval_rows({iteration})")
 
     def data_collator(self) -> Any:
+        """The data collator handed to the Trainer (default: pads each batch with the tokenizer's pad token)."""
         from itertrain.data import PadCollator
 
         return PadCollator(self.ctx.tokenizer.pad_token_id)

@@ -109,7 +109,7 @@ class SampledDataStrategy(SFTStrategy):
         return None
 
     def sample(self, iteration: int, source: ModelSource, rows: list[dict[str, Any]]) -> list[list[str]]:
-        """completions[i][s], on every rank (sharded across ranks, gathered)."""
+        """`completions[i][s]`, on every rank (sharded across ranks, gathered)."""
         cfg, gen = self.ctx.cfg, self.ctx.cfg.generation
         return sample_completions(
             source.load(), self.ctx.tokenizer, [r["prompt"] for r in rows],
@@ -136,7 +136,7 @@ class SampledDataStrategy(SFTStrategy):
         return reward_scorer(self.ctx.cfg.generation, self.ctx.cfg.model)
 
     def score(self, rows: list[dict[str, Any]], completions: list[list[str]]) -> Rewards:
-        """rewards[i][s] on every rank: a reward model scores sharded over the ranks, a reward function
+        """`rewards[i][s]` on every rank: a reward model scores sharded over the ranks, a reward function
         runs on rank 0 (user code, called once)."""
         scorer = self.scorer()
         if isinstance(scorer, RewardModel):
