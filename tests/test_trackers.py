@@ -1,0 +1,54 @@
+"""Trackers that understand iterations: one run per experiment, kept in itertrain.json and continued by a
+relaunch; one step axis across iterations; each iteration's committed metrics logged (real processes)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import PY, base_env, itertrain
+from jobs import Job
+
+STEPS = [4, 8, 12, 16, 20, 24, 28, 32, 36]  # 3 iterations of 12 steps, logged every 4
+
+
+def _tracked(sft_args, out: Path, tracker: str, env: dict[str, str], *extra: str) -> None:
+    """3 iterations; the first launch is preempted (SIGTERM) while it trains iteration 1 (it commits a
+    checkpoint and exits 143); the same command relaunched with auto/auto finishes the experiment."""
+    args = [a if a != "none" else tracker for a in sft_args(out, *extra, iterations=3)]
+    held = base_env({**env, "ITERTRAIN_FAULT": "train.step=sleep:300#18"})  # step 6 of iteration 1
+    with Job([PY, "-m", "itertrain", "train", *args], held) as job:
+        job.wait_for("'loss': ", 4, timeout=600)  # iteration 1's step 4 is logged
+        time.sleep(2)
+        job.signal_agent(signal.SIGTERM)
+        assert job.wait(180) == 143, job.output
+    assert (out / "iter_0").is_dir() and not (out / "iter_1").exists()
+    again = itertrain("train", *args, "--resume_from", "auto", "--resume_from_iteration", "auto", env=env, timeout=600)
+    assert again.returncode == 0, again.output
+    assert "(continued)" in again.stdout, again.stdout
+
+
+def _record_id(out: Path, tracker: str) -> str:
+    return json.loads((out / "itertrain.json").read_text())["trackers"][tracker]
+
+
+@pytest.mark.slow
+def test_wandb_offline_one_run_whose_step_continues_across_iterations_and_a_relaunch(tmp_path, sft_args):
+    pytest.importorskip("wandb")
+    from wandb_offline import run_records
+
+    out = tmp_path / "exp"
+    _tracked(sft_args, out, "wandb", {"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    runs = sorted((out / "runs" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2, runs  # one directory per launch ...
+    read = [run_records(d) for d in runs]
+    assert {run_id for run_id, _ in read} == {_record_id(out, "wandb")}  # ... of the one run itertrain.json names
+    rows = [row for _, history in read for row in history]
+    losses = [(r["train/global_step"], r["train/iteration"]) for r in rows if "train/loss" in r]
+    assert losses == [(s, (s - 1) // 12) for s in STEPS], losses
+    committed = [(r["train/global_step"], r["iteration/iteration"]) for r in rows if "iteration/train_loss" in r]
+    assert committed == [(12, 0), (24, 1), (36, 2)], committed
