@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from itertrain import distributed, faults, launcher, preemption, trackers
+from itertrain import distributed, faults, hub, launcher, preemption, trackers
 from itertrain.args import RunConfig
 from itertrain.artifacts.manager import CheckpointConfig, CheckpointManager
 from itertrain.artifacts.manifest import fingerprint
@@ -108,6 +108,8 @@ def run_experiment(cfg: RunConfig) -> int:
         distributed.run_on_main(print_report, resolved, cfg, config_warnings)
         if plan.mode == Mode.COMPLETE:
             say(f"✅ {root}: all {cfg.loop.num_iterations} iterations are committed; nothing to do.")
+            for line in distributed.run_on_main(hub.push_committed, root, cfg.training) or []:
+                say(f"   {line}")  # an upload that failed after the last commit is retried here
             return 0
         wrote = True
         record = distributed.run_on_main(prepare_output_dir, cfg, resolved, record, manager, config_warnings)
@@ -171,6 +173,7 @@ def iteration_training_args(cfg: RunConfig, iteration: int):
     if cfg.training.data_seed is not None:
         args.data_seed = cfg.training.data_seed + iteration
     args.save_total_limit = None  # rotation runs after our commit, never on uncommitted checkpoints
+    args.push_to_hub = False  # itertrain pushes each committed iteration model itself (itertrain.hub)
     return args
 
 
@@ -340,6 +343,8 @@ def run_iteration(ctx: StrategyContext, strategy: Strategy, manager: CheckpointM
         metrics.rebuild()
         record_iteration(root, k, manager.lineage.get("hyperparameters", {}))
         trackers.log_iteration(root, cfg.training, k)
+        for line in hub.push_committed(root, cfg.training):  # after the commit, never before
+            say("   " + line)
         say("   " + metrics.describe(k))
     distributed.barrier()
     del trainer

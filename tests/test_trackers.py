@@ -52,3 +52,34 @@ def test_wandb_offline_one_run_whose_step_continues_across_iterations_and_a_rela
     assert losses == [(s, (s - 1) // 12) for s in STEPS], losses
     committed = [(r["train/global_step"], r["iteration/iteration"]) for r in rows if "iteration/train_loss" in r]
     assert committed == [(12, 0), (24, 1), (36, 2)], committed
+
+
+@pytest.mark.slow
+def test_mlflow_file_store_one_run_whose_step_continues_across_iterations_and_a_relaunch(tmp_path, sft_args):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    out, store = tmp_path / "exp", f"file://{tmp_path / 'mlruns'}"
+    _tracked(sft_args, out, "mlflow", {"MLFLOW_TRACKING_URI": store})
+    client = MlflowClient(tracking_uri=store)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r.info.run_id for r in runs] == [_record_id(out, "mlflow")]  # one run, the one itertrain.json names
+    run_id = runs[0].info.run_id
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == STEPS
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "iteration")][-1] == (36, 2)
+    assert [m.step for m in client.get_metric_history(run_id, "iteration/train_loss")] == [12, 24, 36]
+
+
+@pytest.mark.slow
+def test_tensorboard_step_continues_across_iterations(tmp_path, sft_args):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "exp"
+    args = [a if a != "none" else "tensorboard" for a in sft_args(out, iterations=2)]
+    assert itertrain("train", *args, timeout=600).returncode == 0
+    steps = []
+    for k in (0, 1):
+        acc = EventAccumulator(str(next((out / "runs" / "tensorboard" / f"iter_{k}").rglob("events.*")).parent))
+        acc.Reload()
+        steps += [e.step for e in acc.Scalars("train/loss")]
+    assert steps == STEPS[:6], steps
