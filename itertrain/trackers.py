@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from itertrain.errors import UsageError
 from itertrain.experiment import load_record
 from itertrain.fsutil import atomic_write_json
 from itertrain.layout import EXPERIMENT_RECORD
@@ -47,10 +48,14 @@ def open_runs(root: Path, args: Any) -> list[str]:
     record = load_record(root)
     ids = dict(record.get(RECORD_KEY) or {})
     lines: list[str] = []
-    if "wandb" in names:
-        lines.append(_open_wandb(root, args, ids))
-    if "mlflow" in names:
-        lines.append(_open_mlflow(args, ids))
+    for name, opener in (("wandb", _open_wandb), ("mlflow", _open_mlflow)):
+        if name in names:
+            try:
+                lines.append(opener(root, args, ids))
+            except Exception as e:  # noqa: BLE001 - any tracker failure: one line, exit 2, before training
+                first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise UsageError(f"--report_to {name}: the tracker could not open its run ({first}); fix its "
+                                 f"settings (environment variables) or drop {name} from --report_to") from e
     if record and ids != (record.get(RECORD_KEY) or {}):
         atomic_write_json(Path(root) / EXPERIMENT_RECORD, {**record, RECORD_KEY: ids})
     return lines
@@ -69,7 +74,7 @@ def _open_wandb(root: Path, args: Any, ids: dict[str, str]) -> str:
     return f"📊 W&B run {ids['wandb']}" + (" (continued)" if known else " (new; id kept in itertrain.json)")
 
 
-def _open_mlflow(args: Any, ids: dict[str, str]) -> str:
+def _open_mlflow(root: Path, args: Any, ids: dict[str, str]) -> str:
     import mlflow
 
     known = ids.get("mlflow")

@@ -60,7 +60,7 @@ def test_mlflow_file_store_one_run_whose_step_continues_across_iterations_and_a_
     from mlflow.tracking import MlflowClient
 
     out, store = tmp_path / "exp", f"file://{tmp_path / 'mlruns'}"
-    _tracked(sft_args, out, "mlflow", {"MLFLOW_TRACKING_URI": store})
+    _tracked(sft_args, out, "mlflow", {"MLFLOW_TRACKING_URI": store, "MLFLOW_ALLOW_FILE_STORE": "true"})
     client = MlflowClient(tracking_uri=store)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert [r.info.run_id for r in runs] == [_record_id(out, "mlflow")]  # one run, the one itertrain.json names
