@@ -4,7 +4,7 @@ Hugging Face's own integration callbacks (W&B, MLflow, TensorBoard, trackio) sti
 only (1) opens the experiment's W&B / MLflow run itself, with the id kept in `itertrain.json`, so every
 iteration and every relaunch continues that one run; (2) shows those callbacks the experiment's global step
 (iteration K's step = the steps of iterations 0..K-1 + its own) with `iteration` added to each log; and
-(3) logs each iteration's committed metrics (the metrics.jsonl row) as `iteration/<name>`. Rank 0 only.
+(3) logs each iteration's committed metrics (the metrics.jsonl row) as `committed/<name>`. Rank 0 only.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from itertrain.fsutil import atomic_write_json
 from itertrain.layout import EXPERIMENT_RECORD
 from itertrain.metrics import committed_metrics
 
+PREFIX = "committed/"  # a committed iteration's metrics: committed/<name>, at the step where it ended
 RECORD_KEY = "trackers"  # itertrain.json: {"wandb": run id, "mlflow": run id}
 _STEP_KEY = "train/global_step"  # the x-axis HF's W&B integration defines
 
@@ -165,19 +166,22 @@ def attach(trainer: Any, root: Path, iteration: int) -> Any:
 
 
 def log_iteration(root: Path, args: Any, iteration: int) -> None:
-    """Rank 0, after iteration K committed: its metrics.jsonl row to the open runs, as iteration/<name>,
+    """Rank 0, after iteration K committed: its metrics.jsonl row to the open runs, as committed/<name>,
     at the step where the iteration ended."""
     row = next((r for r in committed_metrics(root) if r.get("iteration") == iteration), None)
     if row is None:
         return
     step = step_offset(root, iteration) + int(row.get("steps") or 0)
-    values = {f"iteration/{k}": float(v) for k, v in row.items()
-              if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "iteration"}
-    values["iteration/iteration"] = float(iteration)
+    # Not "iteration/...": MLflow's file store keeps a metric per file, and "iteration" is one already.
+    values = {f"{PREFIX}{k}": float(v) for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     names = reported(args)
     import sys
 
-    if "wandb" in names and "wandb" in sys.modules and sys.modules["wandb"].run is not None:
-        sys.modules["wandb"].log({**values, _STEP_KEY: step})
-    if "mlflow" in names and "mlflow" in sys.modules and sys.modules["mlflow"].active_run() is not None:
-        sys.modules["mlflow"].log_metrics(values, step=step)
+    try:
+        if "wandb" in names and "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+            sys.modules["wandb"].log({**values, _STEP_KEY: step})
+        if "mlflow" in names and "mlflow" in sys.modules and sys.modules["mlflow"].active_run() is not None:
+            sys.modules["mlflow"].log_metrics(values, step=step)
+    except Exception as e:  # noqa: BLE001 - a tracker's failure never stops training; the metrics are committed
+        print(f"   ⚠️  iteration {iteration}'s metrics did not reach the tracker ({str(e).splitlines()[0]}); "
+              "they are in runs/metrics.jsonl", flush=True)

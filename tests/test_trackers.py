@@ -50,7 +50,7 @@ def test_wandb_offline_one_run_whose_step_continues_across_iterations_and_a_rela
     rows = [row for _, history in read for row in history]
     losses = [(r["train/global_step"], r["train/iteration"]) for r in rows if "train/loss" in r]
     assert losses == [(s, (s - 1) // 12) for s in STEPS], losses
-    committed = [(r["train/global_step"], r["iteration/iteration"]) for r in rows if "iteration/train_loss" in r]
+    committed = [(r["train/global_step"], r["committed/iteration"]) for r in rows if "committed/train_loss" in r]
     assert committed == [(12, 0), (24, 1), (36, 2)], committed
 
 
@@ -67,7 +67,7 @@ def test_mlflow_file_store_one_run_whose_step_continues_across_iterations_and_a_
     run_id = runs[0].info.run_id
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == STEPS
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "iteration")][-1] == (36, 2)
-    assert [m.step for m in client.get_metric_history(run_id, "iteration/train_loss")] == [12, 24, 36]
+    assert [m.step for m in client.get_metric_history(run_id, "committed/train_loss")] == [12, 24, 36]
 
 
 @pytest.mark.slow
