@@ -99,10 +99,14 @@ def close_runs() -> None:
     """Rank 0, as a launch ends (also on preemption, which skips the interpreter's exit hooks)."""
     import sys
 
-    if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
-        sys.modules["wandb"].finish()
-    if "mlflow" in sys.modules and sys.modules["mlflow"].active_run() is not None:
-        sys.modules["mlflow"].end_run()
+    try:
+        if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+            sys.modules["wandb"].finish()
+        if "mlflow" in sys.modules and sys.modules["mlflow"].active_run() is not None:
+            sys.modules["mlflow"].end_run()
+    except Exception as e:  # noqa: BLE001 - never hides how the launch ended (an error being raised, say)
+        print(f"   ⚠️  a tracker did not close its run ({str(e).splitlines()[0] if str(e) else type(e).__name__})",
+              flush=True)
 
 
 class IterationSteps:
