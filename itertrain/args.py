@@ -52,6 +52,11 @@ class RecoveryArguments:
     def __post_init__(self) -> None:
         self.resume_from = parse_resume_from(self.resume_from)
         self.resume_from_iteration = parse_resume_from_iteration(self.resume_from_iteration)
+        if self.overwrite_output_dir and resume_default() == "auto":
+            # Starting over is what --overwrite_output_dir asks for; the environment's auto must not turn it
+            # into a resume (auto/auto would continue the committed progress and never move it aside).
+            self.resume_from = "none" if self.resume_from == "auto" else self.resume_from
+            self.resume_from_iteration = "none" if self.resume_from_iteration == "auto" else self.resume_from_iteration
 
 
 @dataclass

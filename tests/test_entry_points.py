@@ -27,6 +27,8 @@ def test_itertrain_resume_auto_makes_auto_the_default_and_an_explicit_flag_still
     cfg = parse_train_args(argv)
     assert (cfg.recovery.resume_from, cfg.recovery.resume_from_iteration) == ("auto", "auto")
     assert parse_train_args([*argv, "--resume_from", "none"]).recovery.resume_from == "none"
+    over = parse_train_args([*argv, "--overwrite_output_dir"]).recovery  # starting over is not turned into a resume
+    assert (over.resume_from, over.resume_from_iteration) == ("none", "none")
     monkeypatch.setenv("ITERTRAIN_RESUME", "yes")
     with pytest.raises(UsageError, match="ITERTRAIN_RESUME='yes' is not valid: set it to auto") as e:
         parse_train_args(argv)
