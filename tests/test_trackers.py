@@ -55,8 +55,10 @@ def test_wandb_offline_one_run_whose_step_continues_across_iterations_and_a_rela
 
 
 @pytest.mark.slow
-def test_mlflow_file_store_one_run_whose_step_continues_across_iterations_and_a_relaunch(tmp_path, sft_args):
+def test_mlflow_file_store_one_run_whose_step_continues_across_iterations_and_a_relaunch(tmp_path, sft_args,
+                                                                                         monkeypatch):
     pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps the file store behind this switch
     from mlflow.tracking import MlflowClient
 
     out, store = tmp_path / "exp", f"file://{tmp_path / 'mlruns'}"
