@@ -37,8 +37,8 @@ def push_committed(root: Path, args: Any) -> list[str]:
 
     root, repo = Path(root), repo_id(root, args)
     record = load_record(root)
-    hub = dict(record.get(RECORD_KEY) or {})
-    pushed = dict(hub.get("pushed") or {}) if hub.get("repo_id") == repo else {}
+    hub = record.get(RECORD_KEY) if isinstance(record.get(RECORD_KEY), dict) else {}
+    pushed = dict(hub["pushed"]) if hub.get("repo_id") == repo and isinstance(hub.get("pushed"), dict) else {}
     todo = [int(r["iteration"]) for r in committed_metrics(root) if revision(int(r["iteration"])) not in pushed]
     if not todo:
         return []

@@ -47,7 +47,8 @@ def open_runs(root: Path, args: Any) -> list[str]:
     runs, keeping their ids in itertrain.json. Returns report lines."""
     names = reported(args)
     record = load_record(root)
-    ids = dict(record.get(RECORD_KEY) or {})
+    known = record.get(RECORD_KEY)
+    ids = {k: v for k, v in known.items() if isinstance(v, str)} if isinstance(known, dict) else {}
     lines: list[str] = []
     for name, opener in (("wandb", _open_wandb), ("mlflow", _open_mlflow)):
         if name in names:
