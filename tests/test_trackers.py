@@ -85,3 +85,25 @@ def test_tensorboard_step_continues_across_iterations(tmp_path, sft_args):
         acc.Reload()
         steps += [e.step for e in acc.Scalars("train/loss")]
     assert steps == STEPS[:6], steps
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_killed_outright_is_continued_under_the_same_id_on_the_same_step_axis(tmp_path, sft_args):
+    """SIGKILL (the whole job) as iteration 1 is evaluated: W&B's offline writer loses what it had buffered,
+    but the relaunch continues the same run id and logs iteration 1 and 2 at the experiment's steps."""
+    pytest.importorskip("wandb")
+    from wandb_offline import run_records
+
+    out, env = tmp_path / "exp", {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    args = [a if a != "none" else "wandb" for a in sft_args(out, iterations=3)]
+    first = itertrain("train", *args, fault="stage.evaluate=kill#2", env=env, timeout=600)
+    assert first.returncode != 0 and not (out / "iter_1").exists(), first.output
+    again = itertrain("train", *args, "--resume_from", "auto", "--resume_from_iteration", "auto", env=env, timeout=600)
+    assert again.returncode == 0 and "(continued)" in again.stdout, again.output
+    runs = sorted((out / "runs" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(d.name.endswith("-" + _record_id(out, "wandb")) for d in runs), runs
+    run_id, rows = run_records(runs[-1])
+    assert run_id == _record_id(out, "wandb")
+    assert [r["train/global_step"] for r in rows if "train/loss" in r] == STEPS[-3:]  # iteration 2, after 24 steps
+    assert [(r["train/global_step"], r["committed/iteration"]) for r in rows if "committed/train_loss" in r] == [
+        (24, 1), (36, 2)]
