@@ -16,6 +16,9 @@ from itertrain.fsutil import atomic_write_json
 from itertrain.layout import EXPERIMENT_RECORD
 from itertrain.metrics import committed_metrics
 
+# The model only: iter_K/ may also hold trainer checkpoints (the optimizer moments carried to the next
+# iteration, or all of them under --keep_iteration_checkpoints), which are not part of the model.
+IGNORE = ["checkpoint-*", "checkpoint-*/*"]
 RECORD_KEY = "hub"  # itertrain.json: {"repo_id": ..., "pushed": {"iter_K": commit id}}
 
 
@@ -49,7 +52,7 @@ def push_committed(root: Path, args: Any) -> list[str]:
         for k in todo:
             api.create_branch(repo, branch=revision(k), exist_ok=True)
             info = api.upload_folder(repo_id=repo, folder_path=str(root / revision(k)), revision=revision(k),
-                                     commit_message=f"itertrain: iteration model iter_{k}")
+                                     commit_message=f"itertrain: iteration model iter_{k}", ignore_patterns=IGNORE)
             pushed[revision(k)] = str(getattr(info, "oid", "") or "")
             atomic_write_json(root / EXPERIMENT_RECORD, {**load_record(root), RECORD_KEY: {"repo_id": repo,
                                                                                           "pushed": pushed}})

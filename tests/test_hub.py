@@ -25,7 +25,9 @@ def test_push_to_hub_pushes_each_committed_iteration_and_retries_a_failed_upload
     uploads = [(c["call"], c["revision"]) for c in log if c["call"].startswith("upload")]
     assert uploads == [("upload_folder", "iter_0"), ("upload_failed", "iter_1"), ("upload_folder", "iter_1"),
                        ("upload_folder", "iter_2")], uploads
-    assert all(c["committed"] and "model.safetensors" in c["files"] for c in log if c["call"] == "upload_folder")
+    sent = [c for c in log if c["call"] == "upload_folder"]
+    assert all(c["committed"] and "model.safetensors" in c["files"] for c in sent), sent
+    assert not [f for c in sent for f in c["files"] if "checkpoint-" in f], sent  # the model, not the carried moments
     assert not [c for c in log if c.get("revision") in (None, "main") and c["call"] == "upload_folder"]
     record = json.loads((out / "itertrain.json").read_text())
     assert record["hub"] == {"repo_id": "me/tiny-iter",
