@@ -7,11 +7,25 @@ strategy, the parser or torch.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from itertrain.errors import UsageError
 from itertrain.recovery.flags import RecoveryFlags, parse_resume_from, parse_resume_from_iteration
+
+
+RESUME_ENV = "ITERTRAIN_RESUME"  # =auto: both recovery flags default to auto (a requeue script's one setting)
+
+
+def resume_default() -> str:
+    """The default of --resume_from and --resume_from_iteration: none, or auto under ITERTRAIN_RESUME=auto."""
+    value = os.environ.get(RESUME_ENV, "").strip().lower()
+    if value not in ("", "none", "auto"):
+        raise UsageError(f"{RESUME_ENV}={os.environ[RESUME_ENV]!r} is not valid: set it to auto (a relaunch continues "
+                         "where the last one stopped, as --resume_from auto --resume_from_iteration auto) or unset it")
+    return value or "none"
 
 
 @dataclass
@@ -19,10 +33,14 @@ class RecoveryArguments:
     _argument_group_name = "recovery (the guide's flags)"
 
     resume_from: str = field(
-        default="none", metadata={"help": "Trainer checkpoint to resume: auto (newest committed) | none | S (checkpoint-S)."}
+        default_factory=resume_default,
+        metadata={"help": "Trainer checkpoint to resume: auto (newest committed) | none | S (checkpoint-S). "
+                          f"Default none; auto when the environment sets {RESUME_ENV}=auto."}
     )
     resume_from_iteration: str = field(
-        default="none", metadata={"help": "Iteration model to resume from: auto (newest complete) | none | iter_K."}
+        default_factory=resume_default,
+        metadata={"help": "Iteration model to resume from: auto (newest complete) | none | iter_K. "
+                          f"Default none; auto when the environment sets {RESUME_ENV}=auto."}
     )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Start from scratch over committed progress (old artifacts are moved to superseded/)."}
@@ -34,6 +52,11 @@ class RecoveryArguments:
     def __post_init__(self) -> None:
         self.resume_from = parse_resume_from(self.resume_from)
         self.resume_from_iteration = parse_resume_from_iteration(self.resume_from_iteration)
+        if self.overwrite_output_dir and resume_default() == "auto":
+            # Starting over is what --overwrite_output_dir asks for; the environment's auto must not turn it
+            # into a resume (auto/auto would continue the committed progress and never move it aside).
+            self.resume_from = "none" if self.resume_from == "auto" else self.resume_from
+            self.resume_from_iteration = "none" if self.resume_from_iteration == "auto" else self.resume_from_iteration
 
 
 @dataclass

@@ -53,12 +53,19 @@ def check_rows(rows: list[dict[str, Any]], source: str) -> None:
             raise UsageError(f"{source}: row {n} needs prompt+completion or text, got keys {sorted(row)}")
 
 
+def prompt_ids(tokenizer, text: str) -> list[int]:
+    """A prompt's token ids as training and generation see it: BOS (when the tokenizer has one), then the
+    text without the tokenizer's own special tokens (`StrategyContext.encode`)."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return bos + tokenizer(str(text), add_special_tokens=False)["input_ids"]
+
+
 def tokenize_example(row: dict[str, Any], tokenizer, max_length: int) -> dict[str, list[int]]:
     """prompt/completion (loss on the completion only) or text (loss on everything); BOS and EOS added."""
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     if "prompt" in row and "completion" in row:
-        prompt = bos + tokenizer(str(row["prompt"]), add_special_tokens=False)["input_ids"]
+        prompt = prompt_ids(tokenizer, row["prompt"])
         completion = tokenizer(str(row["completion"]), add_special_tokens=False)["input_ids"] + eos
         ids = (prompt + completion)[:max_length]
         labels = ([IGNORE_INDEX] * len(prompt) + completion)[:max_length]

@@ -56,10 +56,9 @@ class Request:
 
 def _generate_batch(model, tokenizer, batch: list[Request], *, seed_parts: tuple, temperature: float,
                     top_p: float, max_new_tokens: int) -> list[str]:
-    enc = tokenizer(
-        [(tokenizer.bos_token or "") + r.prompt for r in batch],
-        return_tensors="pt", padding=True, add_special_tokens=False,
-    ).to(model.device)
+    from itertrain.data import prompt_ids  # the prompt's ids as training sees them (StrategyContext.encode)
+
+    enc = tokenizer.pad({"input_ids": [prompt_ids(tokenizer, r.prompt) for r in batch]}, return_tensors="pt").to(model.device)
     kwargs: dict[str, Any] = {"do_sample": False, "max_new_tokens": max_new_tokens, "use_cache": True,
                               "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
     if temperature > 0:

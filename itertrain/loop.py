@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from itertrain import distributed, faults, launcher, preemption
+from itertrain import distributed, faults, hub, launcher, preemption, trackers
 from itertrain.args import RunConfig
 from itertrain.artifacts.manager import CheckpointConfig, CheckpointManager
 from itertrain.artifacts.manifest import fingerprint
@@ -108,10 +108,14 @@ def run_experiment(cfg: RunConfig) -> int:
         distributed.run_on_main(print_report, resolved, cfg, config_warnings)
         if plan.mode == Mode.COMPLETE:
             say(f"✅ {root}: all {cfg.loop.num_iterations} iterations are committed; nothing to do.")
+            for line in distributed.run_on_main(hub.push_committed, root, cfg.training) or []:
+                say(f"   {line}")  # an upload that failed after the last commit is retried here
             return 0
         wrote = True
         record = distributed.run_on_main(prepare_output_dir, cfg, resolved, record, manager, config_warnings)
         metrics = MetricsLog(root) if distributed.is_main() else None
+        for line in distributed.run_on_main(trackers.open_runs, root, cfg.training) or []:
+            say(f"   {line}")
         auto = dataclasses.replace(cfg.recovery_flags(), resume_from=AUTO, resume_from_iteration=AUTO,
                                    overwrite_output_dir=False)
         while True:
@@ -127,6 +131,7 @@ def run_experiment(cfg: RunConfig) -> int:
     finally:
         manager.close()  # every rank: a background write and commit finish before the lock goes
         if distributed.is_main():
+            trackers.close_runs()
             lock.release(restore=not wrote)
 
 
@@ -168,6 +173,7 @@ def iteration_training_args(cfg: RunConfig, iteration: int):
     if cfg.training.data_seed is not None:
         args.data_seed = cfg.training.data_seed + iteration
     args.save_total_limit = None  # rotation runs after our commit, never on uncommitted checkpoints
+    args.push_to_hub = False  # itertrain pushes each committed iteration model itself (itertrain.hub)
     return args
 
 
@@ -249,6 +255,7 @@ def build_trainer(strategy: Strategy, manager: CheckpointManager, resolved: Reso
     trainer = cls(model=resolved.model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, callbacks=callbacks,
                   **strategy.trainer_kwargs(k, resolved.model, args))
     trainer.callback_handler.callbacks.insert(0, IterationLossCallback())  # before HF's printers
+    trackers.attach(trainer, root, k)  # the experiment's step axis and tracker run, not the iteration's
     return attach(trainer, manager)
 
 
@@ -262,12 +269,12 @@ def run_iteration(ctx: StrategyContext, strategy: Strategy, manager: CheckpointM
 
     gen_stats: dict[str, Any] = {}
     if strategy.generates(k):
-        say(f"🔁 iteration {k + 1}/{n} (iter_{k}) · stage: generate")
+        say(f"🔁 iter_{k} of iter_0..iter_{n - 1} · stage: generate")
         preemption.set_phase(f"generate (iteration {k})")
         faults.point("stage.generate")
         gen_stats = strategy.generate(k, source) or {}
 
-    say(f"🔁 iteration {k + 1}/{n} (iter_{k}) · stage: train"
+    say(f"🔁 iter_{k} of iter_0..iter_{n - 1} · stage: train"
         + (f" (continuing at step {plan.step})" if plan.step else ""))
     preemption.set_phase(f"the set-up of training (iteration {k})")
     faults.point("stage.train")
@@ -307,7 +314,7 @@ def run_iteration(ctx: StrategyContext, strategy: Strategy, manager: CheckpointM
     step = trainer.state.global_step
     preemption.raise_if_stopped(k, step, (root / checkpoint_name(step) / MANIFEST_NAME).exists())
 
-    say(f"🔁 iteration {k + 1}/{n} (iter_{k}) · stage: evaluate")
+    say(f"🔁 iter_{k} of iter_0..iter_{n - 1} · stage: evaluate")
     preemption.set_phase(f"evaluate (iteration {k})")
     faults.point("stage.evaluate")
     results: dict[str, Any] = {"iteration": k, "train_loss": iteration_train_loss(trainer.state, training_loss),
@@ -320,7 +327,7 @@ def run_iteration(ctx: StrategyContext, strategy: Strategy, manager: CheckpointM
     results.update(gen_stats)
     results["wall_time_s"] = round(time.time() - started, 2)
 
-    say(f"🔁 iteration {k + 1}/{n} (iter_{k}) · stage: commit")
+    say(f"🔁 iter_{k} of iter_0..iter_{n - 1} · stage: commit")
     preemption.set_phase(f"commit (iteration {k})")
     faults.point("stage.commit")
     model = trainer.model
@@ -335,6 +342,9 @@ def run_iteration(ctx: StrategyContext, strategy: Strategy, manager: CheckpointM
     if metrics is not None:
         metrics.rebuild()
         record_iteration(root, k, manager.lineage.get("hyperparameters", {}))
+        trackers.log_iteration(root, cfg.training, k)
+        for line in hub.push_committed(root, cfg.training):  # after the commit, never before
+            say("   " + line)
         say("   " + metrics.describe(k))
     distributed.barrier()
     del trainer

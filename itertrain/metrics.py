@@ -65,10 +65,22 @@ class MetricsLog:
     def describe(self, iteration: int) -> str:
         for row in committed_metrics(self.root):
             if row.get("iteration") == iteration:
-                shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
-                         if k not in ("iteration", "prompts", "prompts_solved")}
-                return f"📈 iter_{iteration}: " + ", ".join(f"{k}={v}" for k, v in shown.items())
+                return f"📈 iter_{iteration}: " + describe_row(row)
         return f"📈 iter_{iteration}: no metrics recorded"
+
+
+def describe_row(row: dict[str, Any]) -> str:
+    """One iteration's metrics as `name=value` pairs; a count next to a rate is shown as a fraction with its
+    percentage (passed=7/280 (2.5 %)), so a count is never read as a rate or the other way round."""
+    shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
+             if k not in ("iteration", "prompts", "prompts_solved")}
+    samples, rate = row.get("samples"), row.get("acceptance_rate")
+    if isinstance(samples, int) and isinstance(rate, (int, float)):
+        # acceptance_rate counts every passing sample; `accepted` is what was kept after deduplication
+        shown["acceptance_rate"] = f"{round(rate * samples)}/{samples} passed ({rate:.1%})".replace("%", " %")
+        if "accepted" in shown:
+            shown["accepted"] = f"{shown['accepted']} distinct kept"
+    return ", ".join(f"{k}={v}" for k, v in shown.items())
 
 
 def tensorboard_dir(root: Path, iteration: int) -> Path:

@@ -64,11 +64,43 @@ _LOSSES = (("train_loss", "train loss (mean over the iteration)"), ("eval_loss",
            ("eval_train_loss", "loss on training rows"))
 
 
+# Figures the built-in panels draw, or bookkeeping: everything else numeric is a plug-in's metric.
+_KNOWN = {"iteration", "steps", "wall_time_s", "samples", "accepted", "acceptance_rate", "pairs", "pair_rate",
+          "mean_reward", "mean_margin", "prompts", "prompts_solved", "train_loss_this_launch"}
+
+
+def plugin_keys(rows: list[dict[str, Any]]) -> list[str]:
+    """Numeric metrics no built-in panel draws (a strategy's `task_metrics`, its generate stats)."""
+    known = _KNOWN | {k for k, _ in _LOSSES} | set(_accuracy_keys(rows))
+    return sorted({k for r in rows for k, v in r.items()
+                   if k not in known and not k.startswith("eval_")  # the trainer's own evaluation figures
+                   and not k.endswith(("_runtime", "_per_second"))
+                   and isinstance(v, (int, float)) and not isinstance(v, bool)})
+
+
+def loss_series(rows: list[dict[str, Any]]) -> list[tuple[str, list[float | None]]]:
+    """(label, value per row) of each loss line. In iterative DPO the SFT iteration's loss and the DPO
+    iterations' loss are different quantities: two lines, never one."""
+    dpo = [("pairs" in r) for r in rows]
+    series = []
+    for key, label in _LOSSES:
+        if not any(key in r for r in rows):
+            continue
+        if any(dpo):
+            for kind, is_dpo in (("SFT", False), ("DPO", True)):
+                values = [r.get(key) if d == is_dpo else None for r, d in zip(rows, dpo)]
+                if any(v is not None for v in values):
+                    series.append((f"{label}, {kind}", values))
+        else:
+            series.append((label, [r.get(key) for r in rows]))
+    return series
+
+
 def panels(rows: list[dict[str, Any]]) -> list[str]:
     """The panels worth drawing for these rows: only what the experiment recorded."""
     shown = {"accuracy": bool(_accuracy_keys(rows)), "loss": any(k in r for k, _ in _LOSSES for r in rows),
              "rate": any(r.get("acceptance_rate") is not None for r in rows),
-             "pairs": any(r.get("pairs") is not None for r in rows)}
+             "pairs": any(r.get("pairs") is not None for r in rows), "plugin": bool(plugin_keys(rows))}
     return [name for name, show in shown.items() if show]
 
 
@@ -82,7 +114,6 @@ def plot_metrics(exp_dir: Path, out: Path) -> Path:
     rows = read_metrics(exp_dir)
     its = [r["iteration"] for r in rows]
     acc = _accuracy_keys(rows)
-    losses = [(k, label) for k, label in _LOSSES if any(k in r for r in rows)]
     rates = [r.get("acceptance_rate") for r in rows]
     names = panels(rows)
     fig, axes = plt.subplots(1, len(names), figsize=(4.4 * len(names), 3.8), squeeze=False)
@@ -93,10 +124,15 @@ def plot_metrics(exp_dir: Path, out: Path) -> Path:
             ax.set(title="held-out exact-match accuracy", ylabel="accuracy (share of problems)", ylim=(-0.02, 1.02))
             ax.legend(fontsize=8, title="operand digits", title_fontsize=8)
         elif panel == "loss":
-            for k, label in losses:
-                ax.plot(its, [r.get(k) for r in rows], marker="o", label=label)
+            for label, values in loss_series(rows):
+                ax.plot(its, values, marker="o", label=label)
             dpo = any("pairs" in r for r in rows)  # iteration 0 is SFT, the later ones DPO
             ax.set(title="loss", ylabel="SFT: cross-entropy per token; DPO: its loss" if dpo else "cross-entropy per token")
+            ax.legend(fontsize=8)
+        elif panel == "plugin":
+            for k in plugin_keys(rows):
+                ax.plot(its, [r.get(k) for r in rows], marker="o", label=k)
+            ax.set(title="other metrics (strategy, task)", ylabel="value")
             ax.legend(fontsize=8)
         elif panel == "pairs":
             ax.bar(its, [r.get("pair_rate") or 0.0 for r in rows], label="prompts that gave a pair")

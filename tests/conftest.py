@@ -193,6 +193,9 @@ EXTENDED = (
     "test_resilience.py::test_ctrl_c_while_the_async_writer_is_mid_file",
     "test_preemption.py::test_a_signal_during_generation_or_evaluation_stops_at_the_last_committed_point[generate",
     "test_foundation.py::test_two_rank_torchrun_run_commits_the_same_layout",
+    "test_trackers.py::test_mlflow_file_store_one_run_whose_step_continues_across_iterations_and_a_relaunch",
+    "test_trackers.py::test_tensorboard_step_continues_across_iterations",
+    "test_trackers.py::test_wandb_offline_run_killed_outright_is_continued_under_the_same_id_on_the_same_step_axis",
 )
 
 

@@ -134,3 +134,20 @@ def test_plot_draws_only_what_the_experiment_recorded():
     demo = [{"iteration": 1, "train_loss": 1.0, "accuracy_4digit": 0.5, "acceptance_rate": 0.000125}]
     assert panels(sft) == ["loss"]
     assert panels(demo) == ["accuracy", "loss", "rate"]
+
+
+def test_plot_draws_plugin_metrics_and_the_sft_and_dpo_losses_as_two_lines():
+    from itertrain.plot import loss_series, panels, plugin_keys
+
+    dpo = [{"iteration": 0, "train_loss": 2.0, "exact_match": 0.25, "eval_rewards/chosen": 0.1},
+           {"iteration": 1, "train_loss": 0.69, "pairs": 12, "pair_rate": 0.5, "exact_match": 0.5}]
+    assert plugin_keys(dpo) == ["exact_match"] and panels(dpo)[-1] == "plugin"
+    assert loss_series(dpo) == [("train loss (mean over the iteration), SFT", [2.0, None]),
+                                ("train loss (mean over the iteration), DPO", [None, 0.69])]
+
+
+def test_progress_line_shows_a_count_next_to_its_rate_as_a_fraction():
+    from itertrain.metrics import describe_row
+
+    line = describe_row({"iteration": 2, "samples": 280, "accepted": 7, "acceptance_rate": 0.025})
+    assert line == "samples=280, accepted=7 distinct kept, acceptance_rate=7/280 passed (2.5 %)"

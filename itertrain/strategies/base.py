@@ -37,6 +37,13 @@ class StrategyContext:
     commit_data: Callable[..., Any]  # (directory, iteration, lineage, extra) -> Manifest; rank 0, after the files
     move_aside: Callable[[list[str]], Path | None]  # committed artifacts to superseded/<time>/; rank 0
 
+    def encode(self, prompt: str) -> list[int]:
+        """The prompt's token ids exactly as training and generation see them: BOS first (when the tokenizer
+        has one; `tokenizer(prompt)` may leave it out), no EOS. Use it to score or sample in a plug-in."""
+        from itertrain.data import prompt_ids
+
+        return prompt_ids(self.tokenizer, prompt)
+
 
 class Strategy:
     """Base class of iteration strategies. Override `train_rows`; everything else has a default.

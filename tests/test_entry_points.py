@@ -1,0 +1,58 @@
+"""pip users' command lines: `torchrun --no-python itertrain train ...` from any directory, and a requeue
+script that runs the same command every time (ITERTRAIN_RESUME=auto)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import PY, _run, base_env, free_port, weights
+from itertrain.errors import UsageError
+
+
+def test_itertrain_resume_auto_makes_auto_the_default_and_an_explicit_flag_still_wins(tmp_path, monkeypatch):
+    from itertrain.parser import parse_train_args
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "a"}\n')
+    argv = ["--model_name", str(model), "--output_dir", str(tmp_path / "out"), "--train_file", str(data)]
+    assert (parse_train_args(argv).recovery.resume_from, parse_train_args(argv).recovery.resume_from_iteration) == (
+        "none", "none")
+    monkeypatch.setenv("ITERTRAIN_RESUME", "auto")
+    cfg = parse_train_args(argv)
+    assert (cfg.recovery.resume_from, cfg.recovery.resume_from_iteration) == ("auto", "auto")
+    assert parse_train_args([*argv, "--resume_from", "none"]).recovery.resume_from == "none"
+    over = parse_train_args([*argv, "--overwrite_output_dir"]).recovery  # starting over is not turned into a resume
+    assert (over.resume_from, over.resume_from_iteration) == ("none", "none")
+    monkeypatch.setenv("ITERTRAIN_RESUME", "yes")
+    with pytest.raises(UsageError, match="ITERTRAIN_RESUME='yes' is not valid: set it to auto") as e:
+        parse_train_args(argv)
+    assert e.value.exit_code == 2 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_no_python_itertrain_from_outside_the_repo_requeued_with_the_same_command(
+        tmp_path, tiny_model, train_file, sft_args):
+    """2 ranks, started as `torchrun --no-python itertrain train ...` in a directory outside the repository;
+    the first launch is killed as iteration 1 starts training, the same command finishes the experiment."""
+    out, elsewhere = tmp_path / "exp", tmp_path / "jobdir"
+    elsewhere.mkdir()
+    env = {"ITERTRAIN_RESUME": "auto", "PATH": os.pathsep.join([str(Path(PY).parent), os.environ.get("PATH", "")])}
+
+    def launch(**extra: str):
+        cmd = [PY, "-m", "torch.distributed.run", "--no-python", "--nproc_per_node=2", f"--master_port={free_port()}",
+               "itertrain", "train", *sft_args(out)]
+        return _run(cmd, base_env({**env, **extra}), 600, elsewhere)
+
+    first = launch(ITERTRAIN_FAULT="stage.train=kill#2")
+    assert first.returncode != 0 and (out / "iter_0").is_dir() and not (out / "iter_1").exists(), first.output
+    iter_0 = (out / "iter_0" / "model.safetensors").read_bytes()
+    again = launch()
+    assert again.returncode == 0, again.output
+    assert (out / "iter_0" / "model.safetensors").read_bytes() == iter_0  # continued, not started over
+    assert set(weights(out / "iter_1")) and not list(elsewhere.iterdir())  # nothing written where it was started
