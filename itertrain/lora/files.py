@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from itertrain.layout import ADAPTER_CONFIG_NAME, ADAPTER_SAFE_WEIGHTS_NAME
-from itertrain.recovery.verify import safetensors_header
+from itertrain.weights import safetensors_header
 
 PEFT_MODEL_CARD = "README.md"  # PEFT's model-card template: nothing of the run's, and not needed to load
 

@@ -16,7 +16,7 @@ import torch
 from itertrain.layout import ADAPTER_SAFE_WEIGHTS_NAME
 from itertrain.lora import MERGED, peft_target_modules
 from itertrain.lora.files import adapter_shape_problem, write_adapter_files
-from itertrain.recovery.verify import holds_adapter_only
+from itertrain.weights import holds_adapter_only, load_model
 
 ADAPTER_NAME = "default"  # PEFT's name of the trained adapter (TRL's DPOTrainer may add a frozen "ref")
 
@@ -42,8 +42,6 @@ def lora_config(settings: dict[str, Any]):
 def load_full(directory: Path, dtype: str, trust_remote_code: bool):
     """A full model from a directory, by absolute path: PEFT records the path it was loaded from as
     `base_model_name_or_path`, and reads that directory's config at every adapter save."""
-    from itertrain.recovery.restore import load_model
-
     directory = Path(directory).resolve()
     if holds_adapter_only(directory):
         raise AdapterLoadError(f"{directory} holds a LoRA adapter, not the full model an adapter applies to")
@@ -89,8 +87,6 @@ def load_with_adapter(adapter_dir: Path, base_dir: Path, settings: dict[str, Any
 def load_source(directory: Path, base_dir: Path, settings: dict[str, Any] | None, dtype: str,
                 trust_remote_code: bool):
     """Any iteration model: a full one directly, an adapter-only one on its base model."""
-    from itertrain.recovery.restore import load_model
-
     if holds_adapter_only(directory):
         if settings is None:
             raise AdapterLoadError(f"{directory} holds a LoRA adapter only: run with --use_peft "

@@ -29,7 +29,8 @@ from itertrain.recovery.restore import (
     repair_iteration_model,
     weights_dir,
 )
-from itertrain.recovery.verify import deep_problems, holds_adapter_only
+from itertrain.recovery.verify import deep_problems
+from itertrain.weights import holds_adapter_only
 
 
 @dataclass

@@ -37,10 +37,7 @@ from itertrain.layout import (
 from itertrain.recovery.discover import IterationModel
 from itertrain.recovery.flags import BASE
 from itertrain.recovery.plan import RecoveryPlan, StateScope
-from itertrain.recovery.verify import weight_shapes
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
-
+from itertrain.weights import load_model, weight_shapes
 
 def safe_load(path: Path) -> Any:
     """torch.load with weights_only=True (numpy RNG state allowlisted, as HF does); never runs pickled code."""
@@ -62,14 +59,6 @@ def describe_load_error(path: Path, e: Exception) -> str:
 
 def weights_dir(plan: RecoveryPlan, root: Path, base_model: str) -> Path:
     return Path(base_model) if plan.weights_from == BASE else root / plan.weights_from
-
-
-def load_model(directory: Path, dtype: str, trust_remote_code: bool):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(
-        directory, dtype=_DTYPES[dtype], local_files_only=True, trust_remote_code=trust_remote_code
-    )
 
 
 def load_weights(directory: Path, base_model: str, dtype: str, trust_remote_code: bool, *, deepspeed: bool = False):
