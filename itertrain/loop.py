@@ -31,7 +31,7 @@ from itertrain.lora import ADAPTER, MERGED, settings_of
 from itertrain.lora.links import LORA, base_dir, lora_lineage
 from itertrain.lora.model import IterationModelSaver, load_iteration_model
 from itertrain.metrics import IterationLossCallback, MetricsLog, TensorBoardCallback, tensorboard_dir
-from itertrain.recovery.flags import AUTO, BASE, RecoveryFlags
+from itertrain.recovery.flags import AUTO, BASE, RecoveryFlags, flags_of
 from itertrain.recovery.plan import Mode, RecoveryPlan, StateScope
 from itertrain.recovery.prepare import check_writes, hyperparameters, prepare_output_dir, print_report, resume_changes
 from itertrain.recovery.resolve import LoadOptions, Resolved, resolve, restored_lineage
@@ -112,7 +112,7 @@ def run_experiment(cfg: RunConfig) -> int:
         wrote = True
         record = distributed.run_on_main(prepare_output_dir, cfg, resolved, record, manager, config_warnings)
         metrics = MetricsLog(root) if distributed.is_main() else None
-        auto = dataclasses.replace(cfg.recovery_flags(), resume_from=AUTO, resume_from_iteration=AUTO,
+        auto = dataclasses.replace(flags_of(cfg), resume_from=AUTO, resume_from_iteration=AUTO,
                                    overwrite_output_dir=False)
         while True:
             run_iteration(ctx, strategy, manager, resolved, record, metrics)
@@ -134,7 +134,7 @@ def run_experiment(cfg: RunConfig) -> int:
 def launch_flags(cfg: RunConfig, record: dict) -> tuple[RecoveryFlags, list[str]]:
     """The recovery flags of this launch, and a report line when torchrun restarted it: a restarted
     worker continues its launch as auto/auto would (see `launcher.continues_earlier_attempt`)."""
-    flags = cfg.recovery_flags()
+    flags = flags_of(cfg)
     n = launcher.restart_count()
     if n < 1:
         return flags, []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -91,3 +92,14 @@ def holds_adapter_only(directory: Path) -> bool:
         (directory / SAFE_WEIGHTS_NAME).exists() or (directory / SAFE_WEIGHTS_INDEX_NAME).exists())
 
 
+def torch_archive_problem(path: Path) -> str | None:
+    """Why `path` is not a torch archive (a zip with a data.pkl), None when it is."""
+    if not zipfile.is_zipfile(path):
+        return f"{path.name} is not a readable torch archive"
+    try:
+        with zipfile.ZipFile(path) as z:
+            if not any(n.endswith("data.pkl") for n in z.namelist()):
+                return f"{path.name} is not a torch archive (no data.pkl)"
+    except (zipfile.BadZipFile, OSError) as e:
+        return f"{path.name} is not a readable archive: {e}"
+    return None

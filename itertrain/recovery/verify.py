@@ -11,7 +11,6 @@ Two depths:
 from __future__ import annotations
 
 import json
-import zipfile
 from pathlib import Path
 
 from itertrain.artifacts.manifest import Manifest, verify_checksums
@@ -28,20 +27,7 @@ from itertrain.layout import (
     fsdp_dirs,
     optimizer_file,
 )
-from itertrain.weights import weight_shapes
-
-
-def torch_archive_problem(path: Path) -> str | None:
-    """Why `path` is not a torch archive (a zip with a data.pkl), None when it is."""
-    if not zipfile.is_zipfile(path):
-        return f"{path.name} is not a readable torch archive"
-    try:
-        with zipfile.ZipFile(path) as z:
-            if not any(n.endswith("data.pkl") for n in z.namelist()):
-                return f"{path.name} is not a torch archive (no data.pkl)"
-    except (zipfile.BadZipFile, OSError) as e:
-        return f"{path.name} is not a readable archive: {e}"
-    return None
+from itertrain.weights import torch_archive_problem, weight_shapes
 
 
 def structural_problems(directory: Path, kind: str) -> list[str]:
