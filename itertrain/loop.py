@@ -171,6 +171,17 @@ def iteration_training_args(cfg: RunConfig, iteration: int):
     return args
 
 
+def _no_hf_rotation(strategy: Strategy, args: Any, hook: str) -> None:
+    """HF's own rotation would delete checkpoints before they are committed: itertrain rotates after
+    its commit (--save_total_limit on the command line). A strategy hook may not turn HF's back on."""
+    if getattr(args, "save_total_limit", None) is not None:
+        raise UsageError(
+            f"strategy {type(strategy).__name__}: {hook} set save_total_limit={args.save_total_limit} on the "
+            "TrainingArguments; HF Trainer would then delete checkpoints before itertrain commits them. Leave it "
+            "unset in the strategy and pass --save_total_limit on the command line (itertrain rotates after each commit)"
+        )
+
+
 def _reports_to_tensorboard(args) -> bool:
     report_to = args.report_to if isinstance(args.report_to, list) else [args.report_to]
     return "tensorboard" in report_to or "all" in report_to
@@ -234,6 +245,7 @@ def build_trainer(strategy: Strategy, manager: CheckpointManager, resolved: Reso
     """The strategy's Trainer class with itertrain's hooks, for iteration k."""
     cfg, root, plan = strategy.ctx.cfg, strategy.ctx.root, resolved.plan
     args = strategy.training_arguments(k, iteration_training_args(cfg, k))
+    _no_hf_rotation(strategy, args, "training_arguments")
     callbacks: list[Any] = [FaultPointCallback()]
     if plan.state_scope == StateScope.OPTIMIZER and plan.state_from:
         callbacks.append(OptimizerMomentsCallback(root / plan.state_from))
@@ -246,8 +258,11 @@ def build_trainer(strategy: Strategy, manager: CheckpointManager, resolved: Reso
     elif distributed.is_main():
         callbacks.append(TensorBoardCallback(root, k))
     cls = with_recovery_hooks(strategy.trainer_class_for(k))
+    kwargs = strategy.trainer_kwargs(k, resolved.model, args)
+    _no_hf_rotation(strategy, args, "trainer_kwargs")
     trainer = cls(model=resolved.model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, callbacks=callbacks,
-                  **strategy.trainer_kwargs(k, resolved.model, args))
+                  **kwargs)
+    _no_hf_rotation(strategy, trainer.args, "its Trainer class")
     trainer.callback_handler.callbacks.insert(0, IterationLossCallback())  # before HF's printers
     return attach(trainer, manager)
 
