@@ -96,13 +96,21 @@ def settings_config(settings: dict[str, Any], base_dir: Path) -> tuple[dict[str,
     return expected_shapes(peft_model), config
 
 
-def rebuild_adapter_config(directory: Path, settings: dict[str, Any], base_dir: Path) -> None:
-    """Recreate a missing adapter_config.json from recorded LoRA settings, after checking every tensor
-    of the adapter file against them. Raises ValueError when they do not fit. (LoRA alpha and dropout
+def adapter_config_problem(directory: Path, settings: dict[str, Any], base_dir: Path) -> tuple[str | None, str]:
+    """(why the recorded LoRA settings do not fit the adapter file in `directory`, or None; the
+    adapter_config.json text they give). Reads headers only, writes nothing. (LoRA alpha and dropout
     leave no trace in the shapes: they come from the record, never from the current flags.)"""
     shapes, config = settings_config(settings, base_dir)
     problem = adapter_shape_problem(directory, shapes)
+    why = (f"{ADAPTER_CONFIG_NAME} is missing and the recorded LoRA settings do not fit "
+           f"{ADAPTER_SAFE_WEIGHTS_NAME}: {problem}") if problem else None
+    return why, canonical_config(config, base_dir)
+
+
+def rebuild_adapter_config(directory: Path, settings: dict[str, Any], base_dir: Path) -> None:
+    """Recreate a missing adapter_config.json from recorded LoRA settings, after checking every tensor
+    of the adapter file against them. Raises ValueError when they do not fit."""
+    problem, text = adapter_config_problem(directory, settings, base_dir)
     if problem:
-        raise ValueError(f"{ADAPTER_CONFIG_NAME} is missing and the recorded LoRA settings do not fit "
-                         f"{ADAPTER_SAFE_WEIGHTS_NAME}: {problem}")
-    (Path(directory) / ADAPTER_CONFIG_NAME).write_text(canonical_config(config, base_dir))
+        raise ValueError(problem)
+    (Path(directory) / ADAPTER_CONFIG_NAME).write_text(text)
