@@ -241,7 +241,8 @@ def _missing(plan: RecoveryPlan):
                          f"(--resume_from_iteration) instead")
 
 
-def build_trainer(strategy: Strategy, manager: CheckpointManager, resolved: Resolved, k: int, train_ds, eval_ds):
+def build_trainer(strategy: Strategy, manager: CheckpointManager, resolved: Resolved, k: int, train_ds, eval_ds,
+                  source: ModelSource):
     """The strategy's Trainer class with itertrain's hooks, for iteration k."""
     cfg, root, plan = strategy.ctx.cfg, strategy.ctx.root, resolved.plan
     args = strategy.training_arguments(k, iteration_training_args(cfg, k))
@@ -258,7 +259,7 @@ def build_trainer(strategy: Strategy, manager: CheckpointManager, resolved: Reso
     elif distributed.is_main():
         callbacks.append(TensorBoardCallback(root, k))
     cls = with_recovery_hooks(strategy.trainer_class_for(k))
-    kwargs = strategy.trainer_kwargs(k, resolved.model, args)
+    kwargs = strategy.trainer_kwargs_for(k, resolved.model, args, source)
     _no_hf_rotation(strategy, args, "trainer_kwargs")
     trainer = cls(model=resolved.model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, callbacks=callbacks,
                   **kwargs)
@@ -295,8 +296,9 @@ def run_iteration(ctx: StrategyContext, strategy: Strategy, manager: CheckpointM
         **strategy.iteration_lineage(k, source),
         **lora,
     })
-    train_ds, eval_ds = strategy.train_dataset(k), strategy.eval_dataset(k)
-    trainer = build_trainer(strategy, manager, resolved, k, train_ds, eval_ds)
+    train_ds, evaluation = strategy.train_dataset(k), strategy.evaluation(k)
+    eval_ds = evaluation.dataset if evaluation is not None else None
+    trainer = build_trainer(strategy, manager, resolved, k, train_ds, eval_ds, source)
     resume = str(root / plan.state_from) if plan.state_scope == StateScope.FULL and plan.state_from else None
     try:
         finished = finished_state(resume, trainer.args.max_steps)
@@ -327,8 +329,8 @@ def run_iteration(ctx: StrategyContext, strategy: Strategy, manager: CheckpointM
     faults.point("stage.evaluate")
     results: dict[str, Any] = {"iteration": k, "train_loss": iteration_train_loss(trainer.state, training_loss),
                                "steps": trainer.state.global_step}
-    if eval_ds is not None:
-        prefix = strategy.eval_prefix
+    if evaluation is not None:
+        prefix = evaluation.prefix
         results.update({key: v for key, v in trainer.evaluate(metric_key_prefix=prefix).items()
                         if key.startswith(prefix + "_") and not key.endswith(_TIMING)})
     results.update(strategy.task_metrics(k, trainer.model))
