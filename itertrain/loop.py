@@ -54,14 +54,7 @@ def run_experiment(cfg: RunConfig) -> int:
     distributed.init(cfg.dist.dist_timeout_s, cfg.dist.dist_io_timeout_s)  # done already when launched by the CLI
     root = cfg.output_dir
     tokenizer = _load_tokenizer(cfg)  # a bad tokenizer is a usage error: found before anything is written
-    manager = CheckpointManager(CheckpointConfig(
-        output_dir=root,
-        retention=RetentionPolicy(cfg.training.save_total_limit, cfg.loop.keep_iteration_checkpoints,
-                                  # a merged LoRA iteration starts a fresh adapter: no moments to carry
-                                  carry_optimizer=cfg.loop.iteration_init == "previous" and cfg.lora.mode != MERGED),
-        fsync=cfg.loop.fsync, async_commit=cfg.loop.async_commit, async_save=cfg.loop.async_save,
-        world_size=distributed.world_size(),
-    ))
+    manager = _checkpoint_manager(cfg)
     strategy_cls = load_strategy(cfg.loop.strategy)
     ctx = StrategyContext(cfg, root, tokenizer, commit_data=manager.commit_data, move_aside=manager.move_aside)
     strategy = strategy_cls(ctx)
@@ -129,6 +122,17 @@ def run_experiment(cfg: RunConfig) -> int:
         if distributed.is_main():
             lock.release(restore=not wrote)
 
+
+
+def _checkpoint_manager(cfg: RunConfig) -> CheckpointManager:
+    return CheckpointManager(CheckpointConfig(
+        output_dir=cfg.output_dir,
+        retention=RetentionPolicy(cfg.training.save_total_limit, cfg.loop.keep_iteration_checkpoints,
+                                  # a merged LoRA iteration starts a fresh adapter: no moments to carry
+                                  carry_optimizer=cfg.loop.iteration_init == "previous" and cfg.lora.mode != MERGED),
+        fsync=cfg.loop.fsync, async_commit=cfg.loop.async_commit, async_save=cfg.loop.async_save,
+        world_size=distributed.world_size(),
+    ))
 
 
 def launch_flags(cfg: RunConfig, record: dict) -> tuple[RecoveryFlags, list[str]]:
@@ -268,6 +272,31 @@ def build_trainer(strategy: Strategy, manager: CheckpointManager, resolved: Reso
     return attach(trainer, manager)
 
 
+def train(trainer: Any, resume: str | None, k: int, cfg: RunConfig) -> float:
+    """Train iteration k (from the checkpoint `resume`, restored in full, when given); its training loss.
+    A library's failure becomes the ItertrainError a user can act on."""
+    try:
+        finished = finished_state(resume, trainer.args.max_steps)
+        if finished is not None:
+            # The checkpoint is the iteration's last step: nothing is left to train (HF Trainer would
+            # run one extra step when resumed at max_steps). An iteration model rebuilt this way is
+            # byte-identical to the one the iteration committed.
+            trainer.state = finished
+            return iteration_train_loss(finished, float("nan"))
+        return trainer.train(resume_from_checkpoint=resume).training_loss
+    except ItertrainError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a failed write inside a library, or training itself failed
+        message = describe_library_write_error(e, cfg.output_dir)
+        if message is not None:
+            raise ArtifactWriteError(f"training of iteration {k} failed while writing: {message}") from e
+        if distributed.is_comm_error(e):
+            raise distributed.lost_contact(e, f"training iteration {k}", cfg.dist.dist_timeout_s) from e
+        if isinstance(e, RuntimeError):
+            raise TrainingFailed(f"training of iteration {k} failed: {str(e).splitlines()[0] if str(e) else e}") from e
+        raise
+
+
 def run_iteration(ctx: StrategyContext, strategy: Strategy, manager: CheckpointManager, resolved: Resolved,
                   record: dict, metrics) -> None:
     """One iteration's stages: generate -> train -> evaluate -> commit."""
@@ -300,27 +329,7 @@ def run_iteration(ctx: StrategyContext, strategy: Strategy, manager: CheckpointM
     eval_ds = evaluation.dataset if evaluation is not None else None
     trainer = build_trainer(strategy, manager, resolved, k, train_ds, eval_ds, source)
     resume = str(root / plan.state_from) if plan.state_scope == StateScope.FULL and plan.state_from else None
-    try:
-        finished = finished_state(resume, trainer.args.max_steps)
-        if finished is not None:
-            # The checkpoint is the iteration's last step: nothing is left to train (HF Trainer would
-            # run one extra step when resumed at max_steps). An iteration model rebuilt this way is
-            # byte-identical to the one the iteration committed.
-            trainer.state = finished
-            training_loss = iteration_train_loss(finished, float("nan"))
-        else:
-            training_loss = trainer.train(resume_from_checkpoint=resume).training_loss
-    except ItertrainError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a failed write inside a library, or training itself failed
-        message = describe_library_write_error(e, root)
-        if message is not None:
-            raise ArtifactWriteError(f"training of iteration {k} failed while writing: {message}") from e
-        if distributed.is_comm_error(e):
-            raise distributed.lost_contact(e, f"training iteration {k}", cfg.dist.dist_timeout_s) from e
-        if isinstance(e, RuntimeError):
-            raise TrainingFailed(f"training of iteration {k} failed: {str(e).splitlines()[0] if str(e) else e}") from e
-        raise
+    training_loss = train(trainer, resume, k, cfg)
     step = trainer.state.global_step
     preemption.raise_if_stopped(k, step, (root / checkpoint_name(step) / MANIFEST_NAME).exists())
 

@@ -238,6 +238,14 @@ def _table(flags: RecoveryFlags, inv: Inventory, cands: _Candidates, ckpt: Train
             warnings=warnings, supersedes=_superseded(inv, cands, k + 1, -1, None),
         )
 
+    return _both(flags, inv, cands, ckpt, model, weights, init_note)
+
+
+def _both(flags: RecoveryFlags, inv: Inventory, cands: _Candidates, ckpt: TrainerCheckpoint, model: IterationModel,
+          weights: str, init_note: str) -> RecoveryPlan:
+    """The decision table's rows with both a checkpoint and an iteration model (rows 4 to 6)."""
+    k, base_init = model.iteration, flags.iteration_init == "base"
+
     # Row 4: the iteration model is newer (checkpoint from iteration <= K): weights from iter_K,
     # optimizer moments from the checkpoint, next iteration from step 0. Under --iteration_init base
     # nothing comes from the checkpoint: the iteration starts from the base model with a fresh state.
