@@ -31,7 +31,7 @@ from itertrain.lora import ADAPTER, MERGED, settings_of
 from itertrain.lora.links import LORA, base_dir, lora_lineage
 from itertrain.lora.model import IterationModelSaver, load_iteration_model
 from itertrain.metrics import IterationLossCallback, MetricsLog, TensorBoardCallback, tensorboard_dir
-from itertrain.recovery.flags import AUTO, BASE, RecoveryFlags
+from itertrain.recovery.flags import AUTO, BASE, RecoveryFlags, flags_of
 from itertrain.recovery.plan import Mode, RecoveryPlan, StateScope
 from itertrain.recovery.prepare import check_writes, hyperparameters, prepare_output_dir, print_report, resume_changes
 from itertrain.recovery.resolve import LoadOptions, Resolved, resolve, restored_lineage
@@ -54,14 +54,7 @@ def run_experiment(cfg: RunConfig) -> int:
     distributed.init(cfg.dist.dist_timeout_s, cfg.dist.dist_io_timeout_s)  # done already when launched by the CLI
     root = cfg.output_dir
     tokenizer = _load_tokenizer(cfg)  # a bad tokenizer is a usage error: found before anything is written
-    manager = CheckpointManager(CheckpointConfig(
-        output_dir=root,
-        retention=RetentionPolicy(cfg.training.save_total_limit, cfg.loop.keep_iteration_checkpoints,
-                                  # a merged LoRA iteration starts a fresh adapter: no moments to carry
-                                  carry_optimizer=cfg.loop.iteration_init == "previous" and cfg.lora.mode != MERGED),
-        fsync=cfg.loop.fsync, async_commit=cfg.loop.async_commit, async_save=cfg.loop.async_save,
-        world_size=distributed.world_size(),
-    ))
+    manager = _checkpoint_manager(cfg)
     strategy_cls = load_strategy(cfg.loop.strategy)
     ctx = StrategyContext(cfg, root, tokenizer, commit_data=manager.commit_data, move_aside=manager.move_aside)
     strategy = strategy_cls(ctx)
@@ -116,7 +109,7 @@ def run_experiment(cfg: RunConfig) -> int:
         metrics = MetricsLog(root) if distributed.is_main() else None
         for line in distributed.run_on_main(trackers.open_runs, root, cfg.training) or []:
             say(f"   {line}")
-        auto = dataclasses.replace(cfg.recovery_flags(), resume_from=AUTO, resume_from_iteration=AUTO,
+        auto = dataclasses.replace(flags_of(cfg), resume_from=AUTO, resume_from_iteration=AUTO,
                                    overwrite_output_dir=False)
         while True:
             run_iteration(ctx, strategy, manager, resolved, record, metrics)
@@ -136,10 +129,21 @@ def run_experiment(cfg: RunConfig) -> int:
 
 
 
+def _checkpoint_manager(cfg: RunConfig) -> CheckpointManager:
+    return CheckpointManager(CheckpointConfig(
+        output_dir=cfg.output_dir,
+        retention=RetentionPolicy(cfg.training.save_total_limit, cfg.loop.keep_iteration_checkpoints,
+                                  # a merged LoRA iteration starts a fresh adapter: no moments to carry
+                                  carry_optimizer=cfg.loop.iteration_init == "previous" and cfg.lora.mode != MERGED),
+        fsync=cfg.loop.fsync, async_commit=cfg.loop.async_commit, async_save=cfg.loop.async_save,
+        world_size=distributed.world_size(),
+    ))
+
+
 def launch_flags(cfg: RunConfig, record: dict) -> tuple[RecoveryFlags, list[str]]:
     """The recovery flags of this launch, and a report line when torchrun restarted it: a restarted
     worker continues its launch as auto/auto would (see `launcher.continues_earlier_attempt`)."""
-    flags = cfg.recovery_flags()
+    flags = flags_of(cfg)
     n = launcher.restart_count()
     if n < 1:
         return flags, []
@@ -175,6 +179,17 @@ def iteration_training_args(cfg: RunConfig, iteration: int):
     args.save_total_limit = None  # rotation runs after our commit, never on uncommitted checkpoints
     args.push_to_hub = False  # itertrain pushes each committed iteration model itself (itertrain.hub)
     return args
+
+
+def _no_hf_rotation(strategy: Strategy, args: Any, hook: str) -> None:
+    """HF's own rotation would delete checkpoints before they are committed: itertrain rotates after
+    its commit (--save_total_limit on the command line). A strategy hook may not turn HF's back on."""
+    if getattr(args, "save_total_limit", None) is not None:
+        raise UsageError(
+            f"strategy {type(strategy).__name__}: {hook} set save_total_limit={args.save_total_limit} on the "
+            "TrainingArguments; HF Trainer would then delete checkpoints before itertrain commits them. Leave it "
+            "unset in the strategy and pass --save_total_limit on the command line (itertrain rotates after each commit)"
+        )
 
 
 def _reports_to_tensorboard(args) -> bool:
@@ -236,10 +251,12 @@ def _missing(plan: RecoveryPlan):
                          f"(--resume_from_iteration) instead")
 
 
-def build_trainer(strategy: Strategy, manager: CheckpointManager, resolved: Resolved, k: int, train_ds, eval_ds):
+def build_trainer(strategy: Strategy, manager: CheckpointManager, resolved: Resolved, k: int, train_ds, eval_ds,
+                  source: ModelSource):
     """The strategy's Trainer class with itertrain's hooks, for iteration k."""
     cfg, root, plan = strategy.ctx.cfg, strategy.ctx.root, resolved.plan
     args = strategy.training_arguments(k, iteration_training_args(cfg, k))
+    _no_hf_rotation(strategy, args, "training_arguments")
     callbacks: list[Any] = [FaultPointCallback()]
     if plan.state_scope == StateScope.OPTIMIZER and plan.state_from:
         callbacks.append(OptimizerMomentsCallback(root / plan.state_from))
@@ -252,11 +269,39 @@ def build_trainer(strategy: Strategy, manager: CheckpointManager, resolved: Reso
     elif distributed.is_main():
         callbacks.append(TensorBoardCallback(root, k))
     cls = with_recovery_hooks(strategy.trainer_class_for(k))
+    kwargs = strategy.trainer_kwargs_for(k, resolved.model, args, source)
+    _no_hf_rotation(strategy, args, "trainer_kwargs")
     trainer = cls(model=resolved.model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, callbacks=callbacks,
-                  **strategy.trainer_kwargs(k, resolved.model, args))
+                  **kwargs)
+    _no_hf_rotation(strategy, trainer.args, "its Trainer class")
     trainer.callback_handler.callbacks.insert(0, IterationLossCallback())  # before HF's printers
     trackers.attach(trainer, root, k)  # the experiment's step axis and tracker run, not the iteration's
     return attach(trainer, manager)
+
+
+def train(trainer: Any, resume: str | None, k: int, cfg: RunConfig) -> float:
+    """Train iteration k (from the checkpoint `resume`, restored in full, when given); its training loss.
+    A library's failure becomes the ItertrainError a user can act on."""
+    try:
+        finished = finished_state(resume, trainer.args.max_steps)
+        if finished is not None:
+            # The checkpoint is the iteration's last step: nothing is left to train (HF Trainer would
+            # run one extra step when resumed at max_steps). An iteration model rebuilt this way is
+            # byte-identical to the one the iteration committed.
+            trainer.state = finished
+            return iteration_train_loss(finished, float("nan"))
+        return trainer.train(resume_from_checkpoint=resume).training_loss
+    except ItertrainError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a failed write inside a library, or training itself failed
+        message = describe_library_write_error(e, cfg.output_dir)
+        if message is not None:
+            raise ArtifactWriteError(f"training of iteration {k} failed while writing: {message}") from e
+        if distributed.is_comm_error(e):
+            raise distributed.lost_contact(e, f"training iteration {k}", cfg.dist.dist_timeout_s) from e
+        if isinstance(e, RuntimeError):
+            raise TrainingFailed(f"training of iteration {k} failed: {str(e).splitlines()[0] if str(e) else e}") from e
+        raise
 
 
 def run_iteration(ctx: StrategyContext, strategy: Strategy, manager: CheckpointManager, resolved: Resolved,
@@ -287,30 +332,11 @@ def run_iteration(ctx: StrategyContext, strategy: Strategy, manager: CheckpointM
         **strategy.iteration_lineage(k, source),
         **lora,
     })
-    train_ds, eval_ds = strategy.train_dataset(k), strategy.eval_dataset(k)
-    trainer = build_trainer(strategy, manager, resolved, k, train_ds, eval_ds)
+    train_ds, evaluation = strategy.train_dataset(k), strategy.evaluation(k)
+    eval_ds = evaluation.dataset if evaluation is not None else None
+    trainer = build_trainer(strategy, manager, resolved, k, train_ds, eval_ds, source)
     resume = str(root / plan.state_from) if plan.state_scope == StateScope.FULL and plan.state_from else None
-    try:
-        finished = finished_state(resume, trainer.args.max_steps)
-        if finished is not None:
-            # The checkpoint is the iteration's last step: nothing is left to train (HF Trainer would
-            # run one extra step when resumed at max_steps). An iteration model rebuilt this way is
-            # byte-identical to the one the iteration committed.
-            trainer.state = finished
-            training_loss = iteration_train_loss(finished, float("nan"))
-        else:
-            training_loss = trainer.train(resume_from_checkpoint=resume).training_loss
-    except ItertrainError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a failed write inside a library, or training itself failed
-        message = describe_library_write_error(e, root)
-        if message is not None:
-            raise ArtifactWriteError(f"training of iteration {k} failed while writing: {message}") from e
-        if distributed.is_comm_error(e):
-            raise distributed.lost_contact(e, f"training iteration {k}", cfg.dist.dist_timeout_s) from e
-        if isinstance(e, RuntimeError):
-            raise TrainingFailed(f"training of iteration {k} failed: {str(e).splitlines()[0] if str(e) else e}") from e
-        raise
+    training_loss = train(trainer, resume, k, cfg)
     step = trainer.state.global_step
     preemption.raise_if_stopped(k, step, (root / checkpoint_name(step) / MANIFEST_NAME).exists())
 
@@ -319,8 +345,8 @@ def run_iteration(ctx: StrategyContext, strategy: Strategy, manager: CheckpointM
     faults.point("stage.evaluate")
     results: dict[str, Any] = {"iteration": k, "train_loss": iteration_train_loss(trainer.state, training_loss),
                                "steps": trainer.state.global_step}
-    if eval_ds is not None:
-        prefix = strategy.eval_prefix
+    if evaluation is not None:
+        prefix = evaluation.prefix
         results.update({key: v for key, v in trainer.evaluate(metric_key_prefix=prefix).items()
                         if key.startswith(prefix + "_") and not key.endswith(_TIMING)})
     results.update(strategy.task_metrics(k, trainer.model))
