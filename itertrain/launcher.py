@@ -62,6 +62,25 @@ def _start_time(pid: int) -> str:
         return "?"
 
 
+def local_peer_exited(env: Any = None) -> bool:
+    """True when a worker of this node's torchrun agent has exited (fewer of the agent's children are
+    alive than LOCAL_WORLD_SIZE): a SIGTERM now is the agent stopping the rest of the group, not a
+    scheduler's preemption. False outside torchrun or when it cannot be told."""
+    env = os.environ if env is None else env
+    expected = _int("LOCAL_WORLD_SIZE", env)
+    if not under_torchrun(env) or expected <= 1:
+        return False
+    agent, alive = os.getppid(), 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state, parent = f.read().rsplit(")", 1)[1].split()[:2]
+        except (OSError, ValueError):
+            continue
+        alive += int(parent) == agent and state != "Z"
+    return alive < expected
+
+
 def launcher_id(env: Any = None) -> str | None:
     """Who launched this worker, the same across torchrun's restarts of it: the rendezvous id when the
     user gave one (`--rdzv_id`; torchrun's default is "none"), else this host's agent process. None
@@ -122,6 +141,9 @@ def rendezvous_store(timeout: timedelta) -> Any:
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
                           is_master=not agent_store and rank == 0, timeout=timeout, multi_tenant=True,
                           wait_for_workers=False)
+    from itertrain import failures
+
+    failures.attach(store, run_id(), restart_count(), agent_store)
     attempt = f"restart{restart_count()}/" if agent_store else ""
     return dist.PrefixStore(f"itertrain/{run_id() or 'none'}/{attempt}", store)
 

@@ -131,6 +131,10 @@ def run_experiment(cfg: RunConfig) -> int:
 
 
 
+def first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:400]
+
+
 def launch_flags(cfg: RunConfig, record: dict) -> tuple[RecoveryFlags, list[str]]:
     """The recovery flags of this launch, and a report line when torchrun restarted it: a restarted
     worker continues its launch as auto/auto would (see `launcher.continues_earlier_attempt`)."""
@@ -299,11 +303,8 @@ def run_iteration(ctx: StrategyContext, strategy: Strategy, manager: CheckpointM
         message = describe_library_write_error(e, root)
         if message is not None:
             raise ArtifactWriteError(f"training of iteration {k} failed while writing: {message}") from e
-        if distributed.is_comm_error(e):
-            raise distributed.lost_contact(e, f"training iteration {k}", cfg.dist.dist_timeout_s) from e
-        if isinstance(e, RuntimeError):
-            raise TrainingFailed(f"training of iteration {k} failed: {str(e).splitlines()[0] if str(e) else e}") from e
-        raise
+        own = TrainingFailed(f"training of iteration {k} failed: {type(e).__name__}: {first_line(e)}")
+        raise distributed.training_failure(e, f"training iteration {k}", cfg.dist.dist_timeout_s, own) from e
     step = trainer.state.global_step
     preemption.raise_if_stopped(k, step, (root / checkpoint_name(step) / MANIFEST_NAME).exists())
 
