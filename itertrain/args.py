@@ -7,11 +7,42 @@ strategy, the parser or torch.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from itertrain.recovery.flags import RecoveryFlags, parse_resume_from, parse_resume_from_iteration
+from itertrain.errors import UsageError
+
+AUTO, NONE = "auto", "none"
+_STEP_RE = re.compile(r"^[0-9]+$")
+_ITER_RE = re.compile(r"^iter_[0-9]+$")
+
+
+def parse_resume_from(value: str) -> str:
+    """Validate --resume_from: auto | none | a non-negative integer step."""
+    v = str(value).strip()
+    if v.lower() in (AUTO, NONE):
+        return v.lower()
+    if _STEP_RE.match(v):
+        return str(int(v))
+    raise UsageError(
+        f"--resume_from {value!r} is not valid: use 'auto' (newest trainer checkpoint), 'none', "
+        "or a step number such as 20 (meaning checkpoint-20)"
+    )
+
+
+def parse_resume_from_iteration(value: str) -> str:
+    """Validate --resume_from_iteration: auto | none | iter_K."""
+    v = str(value).strip()
+    if v.lower() in (AUTO, NONE):
+        return v.lower()
+    if _ITER_RE.match(v):
+        return f"iter_{int(v[5:])}"
+    raise UsageError(
+        f"--resume_from_iteration {value!r} is not valid: use 'auto' (newest complete iteration model), "
+        "'none', or iter_K such as iter_2"
+    )
 
 
 @dataclass
@@ -215,16 +246,6 @@ class RunConfig:
         """The argument dataclasses, itertrain's first."""
         extra = [self.strategy_args] if self.strategy_args is not None else []
         return [self.model, self.loop, self.generation, self.recovery, self.lora, self.dist, *extra, self.training]
-
-    def recovery_flags(self) -> RecoveryFlags:
-        return RecoveryFlags(
-            resume_from=self.recovery.resume_from,
-            resume_from_iteration=self.recovery.resume_from_iteration,
-            overwrite_output_dir=self.recovery.overwrite_output_dir,
-            num_iterations=self.loop.num_iterations,
-            iteration_init=self.loop.iteration_init,
-            lora=self.lora.mode,
-        )
 
 
 ARGUMENT_GROUPS = (RecoveryArguments, ModelArguments, LoopArguments, GenerationArguments, LoraArguments,

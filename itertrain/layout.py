@@ -30,6 +30,7 @@ MANIFEST_NAME = "itertrain.manifest.json"
 SUPERSEDED_DIR = "superseded"
 RUNS_DIR = "runs"
 DATA_DIR = "data"
+BASE = "base"  # a weights source meaning --model_name (a plan's weights_from, an adapter's base)
 BASE_MODEL_DIR = "base_model"  # the guide's layout: the model of iteration 0, written by another tool
 DEMO_EXPERIMENT = "experiment"  # `itertrain demo --output_dir D` keeps its experiment in D/experiment
 DEMO_DPO_EXPERIMENT = "experiment-dpo"  # and `itertrain demo --strategy iterative_dpo` in D/experiment-dpo

@@ -31,7 +31,7 @@ from itertrain.lora import ADAPTER, MERGED, settings_of
 from itertrain.lora.links import LORA, base_dir, lora_lineage
 from itertrain.lora.model import IterationModelSaver, load_iteration_model
 from itertrain.metrics import IterationLossCallback, MetricsLog, TensorBoardCallback, tensorboard_dir
-from itertrain.recovery.flags import AUTO, BASE, RecoveryFlags
+from itertrain.recovery.flags import AUTO, BASE, RecoveryFlags, flags_of
 from itertrain.recovery.plan import Mode, RecoveryPlan, StateScope
 from itertrain.recovery.prepare import check_writes, hyperparameters, prepare_output_dir, print_report, resume_changes
 from itertrain.recovery.resolve import LoadOptions, Resolved, resolve, restored_lineage
@@ -112,7 +112,7 @@ def run_experiment(cfg: RunConfig) -> int:
         wrote = True
         record = distributed.run_on_main(prepare_output_dir, cfg, resolved, record, manager, config_warnings)
         metrics = MetricsLog(root) if distributed.is_main() else None
-        auto = dataclasses.replace(cfg.recovery_flags(), resume_from=AUTO, resume_from_iteration=AUTO,
+        auto = dataclasses.replace(flags_of(cfg), resume_from=AUTO, resume_from_iteration=AUTO,
                                    overwrite_output_dir=False)
         while True:
             run_iteration(ctx, strategy, manager, resolved, record, metrics)
@@ -138,7 +138,7 @@ def first_line(e: BaseException) -> str:
 def launch_flags(cfg: RunConfig, record: dict) -> tuple[RecoveryFlags, list[str]]:
     """The recovery flags of this launch, and a report line when torchrun restarted it: a restarted
     worker continues its launch as auto/auto would (see `launcher.continues_earlier_attempt`)."""
-    flags = cfg.recovery_flags()
+    flags = flags_of(cfg)
     n = launcher.restart_count()
     if n < 1:
         return flags, []
@@ -173,6 +173,17 @@ def iteration_training_args(cfg: RunConfig, iteration: int):
         args.data_seed = cfg.training.data_seed + iteration
     args.save_total_limit = None  # rotation runs after our commit, never on uncommitted checkpoints
     return args
+
+
+def _no_hf_rotation(strategy: Strategy, args: Any, hook: str) -> None:
+    """HF's own rotation would delete checkpoints before they are committed: itertrain rotates after
+    its commit (--save_total_limit on the command line). A strategy hook may not turn HF's back on."""
+    if getattr(args, "save_total_limit", None) is not None:
+        raise UsageError(
+            f"strategy {type(strategy).__name__}: {hook} set save_total_limit={args.save_total_limit} on the "
+            "TrainingArguments; HF Trainer would then delete checkpoints before itertrain commits them. Leave it "
+            "unset in the strategy and pass --save_total_limit on the command line (itertrain rotates after each commit)"
+        )
 
 
 def _reports_to_tensorboard(args) -> bool:
@@ -238,6 +249,7 @@ def build_trainer(strategy: Strategy, manager: CheckpointManager, resolved: Reso
     """The strategy's Trainer class with itertrain's hooks, for iteration k."""
     cfg, root, plan = strategy.ctx.cfg, strategy.ctx.root, resolved.plan
     args = strategy.training_arguments(k, iteration_training_args(cfg, k))
+    _no_hf_rotation(strategy, args, "training_arguments")
     callbacks: list[Any] = [FaultPointCallback()]
     if plan.state_scope == StateScope.OPTIMIZER and plan.state_from:
         callbacks.append(OptimizerMomentsCallback(root / plan.state_from))
@@ -250,8 +262,11 @@ def build_trainer(strategy: Strategy, manager: CheckpointManager, resolved: Reso
     elif distributed.is_main():
         callbacks.append(TensorBoardCallback(root, k))
     cls = with_recovery_hooks(strategy.trainer_class_for(k))
+    kwargs = strategy.trainer_kwargs(k, resolved.model, args)
+    _no_hf_rotation(strategy, args, "trainer_kwargs")
     trainer = cls(model=resolved.model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, callbacks=callbacks,
-                  **strategy.trainer_kwargs(k, resolved.model, args))
+                  **kwargs)
+    _no_hf_rotation(strategy, trainer.args, "its Trainer class")
     trainer.callback_handler.callbacks.insert(0, IterationLossCallback())  # before HF's printers
     return attach(trainer, manager)
 

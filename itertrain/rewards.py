@@ -157,13 +157,13 @@ class RewardModel:
         """(model, tokenizer) from DIR; UsageError when it is not a one-label sequence classifier."""
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from itertrain.recovery.restore import _DTYPES
+        from itertrain.weights import dtype_of
 
         try:
             tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True,
                                                       trust_remote_code=self.trust_remote_code)
             model = AutoModelForSequenceClassification.from_pretrained(
-                self.path, dtype=_DTYPES[self.dtype], local_files_only=True, trust_remote_code=self.trust_remote_code)
+                self.path, dtype=dtype_of(self.dtype), local_files_only=True, trust_remote_code=self.trust_remote_code)
         except (OSError, ValueError) as e:
             raise UsageError(f"--reward_model {self.path} cannot be loaded as a sequence classifier with its "
                              f"tokenizer ({str(e).splitlines()[0]})") from e
@@ -224,9 +224,3 @@ def check_reward(scorer: RewardFunction | RewardModel, example: dict[str, Any], 
     except Exception as e:  # noqa: BLE001 - a reward model that cannot score is a usage error found at launch
         raise UsageError(f"{scorer.spec} failed on the first prompt row at launch ({type(e).__name__}: {e})") from e
 
-
-def check_reward_fn(spec: str | None, example: dict[str, Any]) -> RewardFunction:
-    """Import the reward function and call it on one example, before anything is written."""
-    reward = load_reward_fn(spec)
-    check_reward(reward, example)
-    return reward

@@ -113,3 +113,26 @@ def test_trainer_class_that_bypasses_the_hooks_is_refused_before_anything_is_wri
            "before itertrain's RecoveryHooks" in r.stderr
     assert "Traceback" not in r.stderr
     assert not out.exists()
+
+
+ROTATING = textwrap.dedent("""
+    from itertrain import Strategy
+
+    class Rotating(Strategy):
+        def train_rows(self, iteration):
+            return [{"prompt": f"{a}+{iteration}=", "completion": str(a + iteration)} for a in range(40)]
+
+        def training_arguments(self, iteration, args):
+            args.save_total_limit = 2
+            return args
+""")
+
+
+def test_strategy_that_turns_on_hf_checkpoint_rotation_is_a_usage_error_before_training(tmp_path, tiny_model):
+    (tmp_path / "rotmod.py").write_text(ROTATING)
+    out = tmp_path / "exp"
+    r = itertrain("train", "--model_name", str(tiny_model), "--output_dir", str(out), "--strategy", "rotmod:Rotating",
+                  *FAST_FLAGS, cwd=tmp_path)
+    assert r.returncode == 2, r.output
+    assert "training_arguments set save_total_limit=2" in r.stderr and "--save_total_limit" in r.stderr, r.output
+    assert not list(out.glob("checkpoint-*")) and not (out / "iter_0").exists()

@@ -146,6 +146,28 @@ def test_missing_config_of_an_iteration_model_is_recreated_from_the_base_model(e
     assert itertrain("verify", str(out)).returncode == 0
 
 
+def test_a_plan_one_rank_rejects_after_loading_writes_nothing_not_even_the_config_repair(exp):
+    """The plan would recreate iter_1's config.json (a copy and a re-commit), but rank 1 then finds its RNG
+    state missing: the launch is refused and the directory is byte-for-byte as before (the repair waits
+    until every rank accepted the plan)."""
+    from itertrain.artifacts.manifest import commit_directory, read_manifest
+
+    out, args = exp
+    (out / "iter_1" / "config.json").unlink()
+    ckpt = out / "checkpoint-8"
+    (ckpt / "rng_state_1.pth").unlink()
+    old = read_manifest(ckpt)
+    commit_directory(ckpt, kind=old.kind, iteration=old.iteration, step=old.step, lineage=old.lineage,
+                     world_size=old.world_size)  # committed as it is: only rank 1 can tell it is unusable
+    before = tree_hash(out)
+    r = torchrun(*args, "--resume_from", "8", "--resume_from_iteration", "iter_1")
+    assert r.returncode != 0 and "exitcode  : 2" in r.output, r.output  # rank 0's exit code, through torchrun
+    assert "rank 1: rng_state_1.pth (the RNG state of rank 1) is missing" in r.output, r.output
+    assert "created missing config.json" not in r.output
+    assert tree_hash(out) == before
+    assert not (out / "iter_1" / "config.json").exists()
+
+
 def test_malicious_pickle_in_a_checkpoint_is_refused_and_never_executed(exp, tmp_path):
     out, args = exp
     # A plain HF Trainer directory (no itertrain manifests): the structural check passes, the load must not.

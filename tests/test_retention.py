@@ -100,3 +100,24 @@ def test_a_move_never_overwrites_an_existing_kept_checkpoint():
     actions = plan_retention(listing, event=Event.ITERATION_COMMITTED, iteration=0,
                              policy=RetentionPolicy(keep_iteration_checkpoints=True), backed={0})
     assert ops(actions) == {("delete", "checkpoint-12", None)}
+
+
+def test_whether_checkpoints_inside_a_model_were_kept_by_the_user_follows_one_rule(tmp_path):
+    """The manifest's record wins; an older manifest without it: kept only when more than one is inside;
+    an unreadable manifest: kept (retention never deletes what may be the user's)."""
+    from itertrain.artifacts.manager import KEPT_CHECKPOINTS, kept_by_user
+    from itertrain.artifacts.manifest import commit_directory
+    from itertrain.layout import MANIFEST_NAME
+
+    def model(name: str, extra: dict):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text("{}")
+        commit_directory(d, kind="iteration_model", iteration=0, step=0, extra=extra)
+        return d
+
+    said_no, said_yes, older = model("no", {KEPT_CHECKPOINTS: False}), model("yes", {KEPT_CHECKPOINTS: True}), model("old", {})
+    assert (kept_by_user(said_no, 3), kept_by_user(said_yes, 1)) == (False, True)
+    assert (kept_by_user(older, 1), kept_by_user(older, 2)) == (False, True)
+    (older / MANIFEST_NAME).write_text("{not json")
+    assert kept_by_user(older, 1) is True

@@ -46,6 +46,20 @@ class CheckpointConfig:
     world_size: int = 1
 
 
+def kept_by_user(model_dir: Path, inside: int) -> bool:
+    """Whether the `inside` committed checkpoints kept inside iteration model `model_dir` were kept by the
+    user (--keep_iteration_checkpoints), which exempts them from retention. The one rule: the model's
+    manifest says; an older manifest does not, and more than one checkpoint inside can only have been
+    kept; an unreadable manifest counts as kept (never delete what may be the user's)."""
+    try:
+        manifest = read_manifest(model_dir)
+    except ManifestError:
+        return True
+    if manifest is None:
+        return inside > 1
+    return bool(manifest.extra.get(KEPT_CHECKPOINTS, inside > 1))
+
+
 def committed_listing(root: Path) -> tuple[list[ListedCheckpoint], set[int]]:
     """(committed trainer checkpoints, iterations with a committed model) from manifest headers."""
     checkpoints: list[ListedCheckpoint] = []
@@ -67,12 +81,7 @@ def committed_listing(root: Path) -> tuple[list[ListedCheckpoint], set[int]]:
             if not is_top_level(e.rel):
                 inside[header.iteration] = inside.get(header.iteration, 0) + 1
     for k, n in inside.items():
-        try:
-            m = read_manifest(Path(root) / iteration_name(k))
-            # Older manifests do not say; more than one checkpoint inside can only have been kept.
-            kept[k] = bool(m.extra.get(KEPT_CHECKPOINTS, n > 1)) if m else n > 1
-        except ManifestError:
-            kept[k] = True
+        kept[k] = kept_by_user(Path(root) / iteration_name(k), n)
     checkpoints = [ListedCheckpoint(c.path, c.iteration, c.step, kept_by_user=not is_top_level(c.path)
                                     and kept.get(c.iteration, True)) for c in checkpoints]
     return checkpoints, models
@@ -227,22 +236,21 @@ class CheckpointManager:
         after. Returns (their names, whether the user kept them with --keep_iteration_checkpoints)."""
         names = [e.rel.split("/", 1)[1] for e in scan(self.root)
                  if e.kind == Kind.TRAINER_CHECKPOINT and e.rel.startswith(directory.name + "/") and not e.symlink]
-        rescued = []
+        committed = []
         for name in names:
             try:
                 header = read_header(str(directory / name))
             except ManifestError:
                 continue
-            if header is None or header.kind != Kind.TRAINER_CHECKPOINT.value or (self.root / name).exists():
-                continue  # torn, damaged or its name is taken: it moves aside with the model
+            if header is not None and header.kind == Kind.TRAINER_CHECKPOINT.value:
+                committed.append(name)
+        kept = kept_by_user(directory, len(committed))  # read before anything moves
+        rescued = []
+        for name in committed:
+            if (self.root / name).exists():
+                continue  # its name is taken: it moves aside with the model (as torn or damaged ones do)
             safe_move(directory / name, self.root / name, self.root)
             rescued.append(name)
-        try:
-            old = read_manifest(directory)
-        except ManifestError:
-            old = None
-        # Older manifests do not say; more than one checkpoint inside can only have been kept.
-        kept = bool(old.extra.get(KEPT_CHECKPOINTS, len(names) > 1)) if old is not None else len(names) > 1
         return rescued, kept
 
     # ---- data ----------------------------------------------------------------------------------------

@@ -14,10 +14,30 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from itertrain.lora import peft_target_modules
 from itertrain.layout import ADAPTER_CONFIG_NAME, ADAPTER_SAFE_WEIGHTS_NAME
-from itertrain.recovery.verify import safetensors_header
+from itertrain.weights import safetensors_header
 
+ADAPTER_NAME = "default"  # PEFT's name of the trained adapter (TRL's DPOTrainer may add a frozen "ref")
 PEFT_MODEL_CARD = "README.md"  # PEFT's model-card template: nothing of the run's, and not needed to load
+
+
+def lora_config(settings: dict[str, Any]):
+    """The LoraConfig TRL's `get_peft_config` builds from these flags (a fresh object: PEFT resolves
+    target_modules in place when it applies a config)."""
+    from peft import LoraConfig
+
+    return LoraConfig(task_type="CAUSAL_LM", r=settings["lora_r"], lora_alpha=settings["lora_alpha"],
+                      lora_dropout=settings["lora_dropout"], bias="none",
+                      target_modules=peft_target_modules(settings["lora_target_modules"]))
+
+
+def expected_shapes(peft_model) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of the trained adapter as `save_pretrained` writes it (adapter name stripped)."""
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(peft_model, adapter_name=ADAPTER_NAME)
+    return {k: tuple(v.shape) for k, v in state.items()}
 
 
 def adapter_shape_problem(adapter_dir: Path, expected: dict[str, tuple[int, ...]]) -> str | None:
@@ -53,8 +73,6 @@ def canonical_config(config: dict[str, Any], base_dir: Path) -> str:
 
 def write_adapter_files(peft_model, directory: Path, base_dir: Path) -> None:
     """The trained adapter only (`adapter_model.safetensors`, `adapter_config.json`) into `directory`."""
-    from itertrain.lora.model import ADAPTER_NAME
-
     peft_model.save_pretrained(str(directory), selected_adapters=[ADAPTER_NAME], save_embedding_layers=False)
     path = directory / ADAPTER_CONFIG_NAME
     path.write_text(canonical_config(json.loads(path.read_text()), base_dir))
@@ -68,8 +86,6 @@ def settings_config(settings: dict[str, Any], base_dir: Path) -> tuple[dict[str,
     from peft import get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from itertrain.lora.model import ADAPTER_NAME, expected_shapes, lora_config
-
     hf_config = AutoConfig.from_pretrained(str(base_dir), local_files_only=True)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config)
@@ -80,13 +96,21 @@ def settings_config(settings: dict[str, Any], base_dir: Path) -> tuple[dict[str,
     return expected_shapes(peft_model), config
 
 
-def rebuild_adapter_config(directory: Path, settings: dict[str, Any], base_dir: Path) -> None:
-    """Recreate a missing adapter_config.json from recorded LoRA settings, after checking every tensor
-    of the adapter file against them. Raises ValueError when they do not fit. (LoRA alpha and dropout
+def adapter_config_problem(directory: Path, settings: dict[str, Any], base_dir: Path) -> tuple[str | None, str]:
+    """(why the recorded LoRA settings do not fit the adapter file in `directory`, or None; the
+    adapter_config.json text they give). Reads headers only, writes nothing. (LoRA alpha and dropout
     leave no trace in the shapes: they come from the record, never from the current flags.)"""
     shapes, config = settings_config(settings, base_dir)
     problem = adapter_shape_problem(directory, shapes)
+    why = (f"{ADAPTER_CONFIG_NAME} is missing and the recorded LoRA settings do not fit "
+           f"{ADAPTER_SAFE_WEIGHTS_NAME}: {problem}") if problem else None
+    return why, canonical_config(config, base_dir)
+
+
+def rebuild_adapter_config(directory: Path, settings: dict[str, Any], base_dir: Path) -> None:
+    """Recreate a missing adapter_config.json from recorded LoRA settings, after checking every tensor
+    of the adapter file against them. Raises ValueError when they do not fit."""
+    problem, text = adapter_config_problem(directory, settings, base_dir)
     if problem:
-        raise ValueError(f"{ADAPTER_CONFIG_NAME} is missing and the recorded LoRA settings do not fit "
-                         f"{ADAPTER_SAFE_WEIGHTS_NAME}: {problem}")
-    (Path(directory) / ADAPTER_CONFIG_NAME).write_text(canonical_config(config, base_dir))
+        raise ValueError(problem)
+    (Path(directory) / ADAPTER_CONFIG_NAME).write_text(text)

@@ -19,7 +19,7 @@ import xxhash
 
 from itertrain.artifacts.manifest import ManifestError, hash_file, read_manifest
 from itertrain.errors import RecoveryRefused
-from itertrain.recovery.flags import BASE
+from itertrain.layout import BASE
 
 ADAPTER_OF = "adapter_of"  # lineage (checkpoints) / manifest extra (iteration models): what the adapter applies to
 LORA = "lora"  # the LoRA settings an artifact was trained with (manifest extra, lineage)

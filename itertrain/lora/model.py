@@ -14,12 +14,9 @@ from typing import Any
 import torch
 
 from itertrain.layout import ADAPTER_SAFE_WEIGHTS_NAME
-from itertrain.lora import MERGED, peft_target_modules
-from itertrain.lora.files import adapter_shape_problem, write_adapter_files
-from itertrain.recovery.verify import holds_adapter_only
-
-ADAPTER_NAME = "default"  # PEFT's name of the trained adapter (TRL's DPOTrainer may add a frozen "ref")
-
+from itertrain.lora import MERGED
+from itertrain.lora.files import ADAPTER_NAME, adapter_shape_problem, expected_shapes, lora_config, write_adapter_files
+from itertrain.weights import holds_adapter_only, load_model
 
 # PEFT asks every model a deprecated transformers question on each forward pass (one warning per rank).
 warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -29,33 +26,13 @@ class AdapterLoadError(Exception):
     """An adapter's weights do not fit the model and LoRA settings they are loaded into."""
 
 
-def lora_config(settings: dict[str, Any]):
-    """The LoraConfig TRL's `get_peft_config` builds from these flags (a fresh object: PEFT resolves
-    target_modules in place when it applies a config)."""
-    from peft import LoraConfig
-
-    return LoraConfig(task_type="CAUSAL_LM", r=settings["lora_r"], lora_alpha=settings["lora_alpha"],
-                      lora_dropout=settings["lora_dropout"], bias="none",
-                      target_modules=peft_target_modules(settings["lora_target_modules"]))
-
-
 def load_full(directory: Path, dtype: str, trust_remote_code: bool):
     """A full model from a directory, by absolute path: PEFT records the path it was loaded from as
     `base_model_name_or_path`, and reads that directory's config at every adapter save."""
-    from itertrain.recovery.restore import load_model
-
     directory = Path(directory).resolve()
     if holds_adapter_only(directory):
         raise AdapterLoadError(f"{directory} holds a LoRA adapter, not the full model an adapter applies to")
     return load_model(directory, dtype, trust_remote_code)
-
-
-def expected_shapes(peft_model) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape of the trained adapter as `save_pretrained` writes it (adapter name stripped)."""
-    from peft import get_peft_model_state_dict
-
-    state = get_peft_model_state_dict(peft_model, adapter_name=ADAPTER_NAME)
-    return {k: tuple(v.shape) for k, v in state.items()}
 
 
 def attach_adapter(model, settings: dict[str, Any], *, seed: int, adapter_dir: Path | None = None):
@@ -89,8 +66,6 @@ def load_with_adapter(adapter_dir: Path, base_dir: Path, settings: dict[str, Any
 def load_source(directory: Path, base_dir: Path, settings: dict[str, Any] | None, dtype: str,
                 trust_remote_code: bool):
     """Any iteration model: a full one directly, an adapter-only one on its base model."""
-    from itertrain.recovery.restore import load_model
-
     if holds_adapter_only(directory):
         if settings is None:
             raise AdapterLoadError(f"{directory} holds a LoRA adapter only: run with --use_peft "

@@ -24,7 +24,8 @@ from itertrain.layout import (
     model_order,
     scan,
 )
-from itertrain.recovery.verify import holds_adapter_only, structural_problems
+from itertrain.recovery.verify import structural_problems
+from itertrain.weights import holds_adapter_only
 
 
 class Status(str, Enum):

@@ -2,41 +2,16 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from itertrain.errors import UsageError
+from itertrain.args import AUTO, NONE, parse_resume_from, parse_resume_from_iteration
+from itertrain.layout import BASE
 
-AUTO, NONE = "auto", "none"
-BASE = "base"  # a weights source meaning --model_name
-_STEP_RE = re.compile(r"^[0-9]+$")
-_ITER_RE = re.compile(r"^iter_[0-9]+$")
+if TYPE_CHECKING:
+    from itertrain.args import RunConfig
 
-
-def parse_resume_from(value: str) -> str:
-    """Validate --resume_from: auto | none | a non-negative integer step."""
-    v = str(value).strip()
-    if v.lower() in (AUTO, NONE):
-        return v.lower()
-    if _STEP_RE.match(v):
-        return str(int(v))
-    raise UsageError(
-        f"--resume_from {value!r} is not valid: use 'auto' (newest trainer checkpoint), 'none', "
-        "or a step number such as 20 (meaning checkpoint-20)"
-    )
-
-
-def parse_resume_from_iteration(value: str) -> str:
-    """Validate --resume_from_iteration: auto | none | iter_K."""
-    v = str(value).strip()
-    if v.lower() in (AUTO, NONE):
-        return v.lower()
-    if _ITER_RE.match(v):
-        return f"iter_{int(v[5:])}"
-    raise UsageError(
-        f"--resume_from_iteration {value!r} is not valid: use 'auto' (newest complete iteration model), "
-        "'none', or iter_K such as iter_2"
-    )
+__all__ = ["AUTO", "BASE", "NONE", "RecoveryFlags", "flags_of", "parse_resume_from", "parse_resume_from_iteration"]
 
 
 @dataclass(frozen=True)
@@ -63,3 +38,15 @@ class RecoveryFlags:
         """K of an explicit --resume_from_iteration iter_K."""
         v = self.resume_from_iteration
         return int(v[5:]) if v not in (AUTO, NONE) else None
+
+
+def flags_of(cfg: RunConfig) -> RecoveryFlags:
+    """The recovery flags of a run's configuration."""
+    return RecoveryFlags(
+        resume_from=cfg.recovery.resume_from,
+        resume_from_iteration=cfg.recovery.resume_from_iteration,
+        overwrite_output_dir=cfg.recovery.overwrite_output_dir,
+        num_iterations=cfg.loop.num_iterations,
+        iteration_init=cfg.loop.iteration_init,
+        lora=cfg.lora.mode,
+    )

@@ -29,6 +29,7 @@ from itertrain.layout import (
     is_top_level,
     iteration_name,
 )
+from itertrain.recovery.flags import flags_of
 from itertrain.recovery.plan import Mode, RecoveryPlan, StateScope
 from itertrain.recovery.report import render, report_json
 from itertrain.recovery.resolve import Resolved, verify_artifact
@@ -167,7 +168,7 @@ def prepare_output_dir(cfg: RunConfig, resolved: Resolved, record: dict, manager
     log = console.write_to(runs / f"train-{stamp}.log")
     if log is not None:
         notes.append(f"console log: {log}")
-    report = report_json(plan, inv, cfg.recovery_flags(), world_size=distributed.world_size(), notes=notes + warnings)
+    report = report_json(plan, inv, flags_of(cfg), world_size=distributed.world_size(), notes=notes + warnings)
     atomic_write_json(runs / f"recovery-{stamp}-{os.getpid()}.json", report)
     for n in notes[len(resolved.notes):]:
         print(f"   {n}", flush=True)

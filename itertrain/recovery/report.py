@@ -10,7 +10,7 @@ from typing import Any
 from itertrain.recovery.discover import Inventory
 from itertrain.recovery.flags import BASE, RecoveryFlags
 from itertrain.recovery.plan import Mode, RecoveryPlan, StateScope
-from itertrain.recovery.verify import holds_adapter_only
+from itertrain.weights import holds_adapter_only
 
 RULE = "=" * 60
 THIN = "-" * 60

@@ -27,9 +27,12 @@ from itertrain.recovery.restore import (
     load_weights,
     probe_state,
     repair_iteration_model,
+    repair_problem,
     weights_dir,
+    with_base_configs,
 )
-from itertrain.recovery.verify import deep_problems, holds_adapter_only
+from itertrain.recovery.verify import deep_problems
+from itertrain.weights import holds_adapter_only
 
 
 @dataclass
@@ -125,16 +128,44 @@ def decide_verified(
         rejected.update(failures)
 
 
+def repair_problems(root: Path, plan: RecoveryPlan, opts: LoadOptions) -> dict[str, str]:
+    """Rank 0, before anything is loaded: {model: why} when the chosen iteration model's missing config
+    files cannot be recreated (reads only; the repair itself waits for every rank's acceptance)."""
+    model = _to_repair(plan)
+    if model is None:
+        return {}
+    try:
+        why = repair_problem(model, root, opts.base_model, opts.lora)
+    except (ValueError, OSError) as e:
+        why = str(e)
+    return {model.path: why} if why else {}
+
+
 def repair(root: Path, plan: RecoveryPlan, opts: LoadOptions) -> tuple[list[str], dict[str, str]]:
-    """Rank 0: recreate missing config/tokenizer files of the chosen iteration model (for LoRA, also of
-    the adapter-only iteration model the adapter comes from)."""
-    model = plan.iteration_model
-    if model is None or not model.missing_aux or model.path not in (plan.weights_from, plan.adapter_from):
+    """Rank 0, once every rank accepted the plan: recreate missing config/tokenizer files of the chosen
+    iteration model (for LoRA, also of the adapter-only iteration model the adapter comes from)."""
+    model = _to_repair(plan)
+    if model is None:
         return [], {}
     try:
         return repair_iteration_model(model, root, opts.base_model, opts.tokenizer_dir, opts.lora), {}
     except (ValueError, OSError) as e:
         return [], {model.path: str(e)}
+
+
+def _to_repair(plan: RecoveryPlan) -> IterationModel | None:
+    """The plan's iteration model when it is read and misses config/tokenizer files."""
+    model = plan.iteration_model
+    if model is None or not model.missing_aux or model.path not in (plan.weights_from, plan.adapter_from,
+                                                                     plan.adapter_base):
+        return None
+    return model
+
+
+def _missing(plan: RecoveryPlan, rel: str | None) -> tuple[str, ...]:
+    """The config files of `rel` that are gone: read from the base model until the repair writes them."""
+    model = _to_repair(plan)
+    return model.missing_aux if model is not None and model.path == rel else ()
 
 
 def _load_weights(root: Path, plan: RecoveryPlan, opts: LoadOptions) -> tuple[Any, dict[str, str]]:
@@ -148,7 +179,9 @@ def _load_weights(root: Path, plan: RecoveryPlan, opts: LoadOptions) -> tuple[An
         assert plan.adapter_base is not None and opts.lora is not None
         directory = base_dir(root, plan.adapter_base, opts.base_model)
         try:
-            full = load_full(directory, opts.dtype, opts.trust_remote_code)
+            missing = _missing(plan, plan.adapter_base)
+            full = (with_base_configs(directory.resolve(), opts.base_model, opts.dtype, opts.trust_remote_code, missing)
+                    if missing else load_full(directory, opts.dtype, opts.trust_remote_code))
         except Exception as e:  # noqa: BLE001 - any load failure rejects the candidate
             return None, {plan.adapter_base: where + describe_load_error(directory, e)}
         adapter = root / plan.adapter_from if plan.adapter_from else None
@@ -164,7 +197,8 @@ def _load_weights(root: Path, plan: RecoveryPlan, opts: LoadOptions) -> tuple[An
         return None, {key: f"{directory.name} holds a LoRA adapter only, not full model weights: run with --use_peft "
                            "(and the --iteration_model it was trained with)"}
     try:
-        return load_weights(directory, opts.base_model, opts.dtype, opts.trust_remote_code, deepspeed=opts.deepspeed), {}
+        return load_weights(directory, opts.base_model, opts.dtype, opts.trust_remote_code, deepspeed=opts.deepspeed,
+                            missing=_missing(plan, plan.weights_from)), {}
     except Exception as e:  # noqa: BLE001 - any load failure rejects the candidate
         return None, {key: where + describe_load_error(Path(directory), e)}
 
@@ -217,7 +251,8 @@ def resolve(
     """The plan every rank will follow, with its starting weights loaded. Raises RecoveryRefused.
 
     `before_load(plan)` runs on every rank once per candidate plan, before anything is written
-    (used for the experiment-record comparison, which may refuse).
+    (used for the experiment-record comparison, which may refuse). Nothing is written here until every
+    rank loaded and probed the plan: then rank 0 recreates missing config files of the chosen model.
     """
     rejected: dict[str, str] = {}
     notes: list[str] = []
@@ -231,19 +266,20 @@ def resolve(
         if failed:
             rejected.update(failed)
             continue
-        repaired, failed = distributed.run_on_main(repair, root, plan, opts)
-        notes += repaired
+        failed = distributed.run_on_main(repair_problems, root, plan, opts)
         if failed:
             rejected.update(failed)
             continue
         model, failures, warnings = load_and_probe(root, plan, opts)
         outcomes = distributed.all_gather((failures, warnings))
         failures = {k: v for f, _ in outcomes for k, v in f.items()}
+        if not failures:  # every rank accepted the plan: only now is anything written
+            repaired, failures = distributed.run_on_main(repair, root, plan, opts)
         if not failures:
             all_warnings = sorted({w for _, ws in outcomes for w in ws})
             plan = dataclasses.replace(plan, warnings=plan.warnings + tuple(all_warnings))
             restored, restored_notes = distributed.run_on_main(_restored, root, plan)
-            return Resolved(plan, inv, model, notes + restored_notes, restored)
+            return Resolved(plan, inv, model, notes + repaired + restored_notes, restored)
         if BASE in failures:
             raise RecoveryRefused(f"the base model {opts.base_model} cannot be loaded: {failures[BASE]}")
         del model

@@ -37,10 +37,7 @@ from itertrain.layout import (
 from itertrain.recovery.discover import IterationModel
 from itertrain.recovery.flags import BASE
 from itertrain.recovery.plan import RecoveryPlan, StateScope
-from itertrain.recovery.verify import weight_shapes
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
-
+from itertrain.weights import load_model, weight_shapes
 
 def safe_load(path: Path) -> Any:
     """torch.load with weights_only=True (numpy RNG state allowlisted, as HF does); never runs pickled code."""
@@ -64,21 +61,16 @@ def weights_dir(plan: RecoveryPlan, root: Path, base_model: str) -> Path:
     return Path(base_model) if plan.weights_from == BASE else root / plan.weights_from
 
 
-def load_model(directory: Path, dtype: str, trust_remote_code: bool):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(
-        directory, dtype=_DTYPES[dtype], local_files_only=True, trust_remote_code=trust_remote_code
-    )
-
-
-def load_weights(directory: Path, base_model: str, dtype: str, trust_remote_code: bool, *, deepspeed: bool = False):
+def load_weights(directory: Path, base_model: str, dtype: str, trust_remote_code: bool, *, deepspeed: bool = False,
+                 missing: tuple[str, ...] = ()):
     """The model with the weights of `directory`: an HF model dir or a checkpoint in any layout. A
     checkpoint with sharded weights only (FSDP SHARDED_STATE_DICT, DeepSpeed ZeRO-3) has no config:
-    the architecture comes from the base model (every iteration shares it)."""
+    the architecture comes from the base model (every iteration shares it). `missing`: config files
+    of `directory` that are gone and will be recreated from the base model; they are read from there
+    now, so that nothing is written before the plan is final."""
     directory = Path(directory)
     if any((directory / name).exists() for name in WEIGHT_FILES):
-        return load_model(directory, dtype, trust_remote_code)
+        return with_base_configs(directory, base_model, dtype, trust_remote_code, missing)
     fsdp_model, _ = fsdp_dirs(directory)
     if fsdp_model is not None:
         from itertrain.recovery.sharded import load_dcp_weights
@@ -92,6 +84,24 @@ def load_weights(directory: Path, base_model: str, dtype: str, trust_remote_code
                              " (ZeRO-3) and only DeepSpeed restores them: resume with --deepspeed")
         return load_model(Path(base_model), dtype, trust_remote_code)  # DeepSpeed's resume overwrites them
     return load_model(directory, dtype, trust_remote_code)  # fails with from_pretrained's own message
+
+
+def with_base_configs(directory: Path, base_model: str, dtype: str, trust_remote_code: bool,
+                      missing: tuple[str, ...] = ()):
+    """The model of `directory`, its missing config.json / generation_config.json taken from the base
+    model (as a repair would copy them), read-only."""
+    if CONFIG_NAME not in missing:
+        model = load_model(directory, dtype, trust_remote_code)
+    else:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(base_model, local_files_only=True, trust_remote_code=trust_remote_code)
+        model = load_model(directory, dtype, trust_remote_code, config=config)
+    if GENERATION_CONFIG_NAME in missing and (Path(base_model) / GENERATION_CONFIG_NAME).exists():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(base_model, local_files_only=True)
+    return model
 
 
 def model_shapes_for_config(config_dir: Path) -> dict[str, tuple[int, ...]]:
@@ -117,30 +127,52 @@ def shape_mismatch(weights: dict[str, tuple[int, ...]], expected: dict[str, tupl
     return None
 
 
+def _recorded_lora(model: IterationModel, directory: Path, lora: dict | None) -> dict | None:
+    from itertrain.lora.links import LORA
+
+    manifest = None if model.foreign else read_manifest(directory)
+    return manifest.extra.get(LORA) if manifest is not None else lora
+
+
+def repair_problem(model: IterationModel, root: Path, base_model: str, lora: dict | None = None) -> str | None:
+    """Why the missing config files of `model` cannot be recreated from the base model (its weights do
+    not fit the base architecture, or no recorded LoRA settings fit the adapter); None when they can.
+    Reads headers and configs only: writes nothing (the repair itself waits until every rank accepted
+    the plan)."""
+    directory, base = root / model.path, Path(base_model)
+    if CONFIG_NAME in model.missing_aux:
+        problem = shape_mismatch(weight_shapes(directory), model_shapes_for_config(base))
+        if problem:
+            return f"{CONFIG_NAME} is missing and the base model's config does not fit: {problem}"
+    if ADAPTER_CONFIG_NAME in model.missing_aux:
+        from itertrain.lora.files import adapter_config_problem
+
+        settings = _recorded_lora(model, directory, lora)
+        if not settings:
+            return f"{ADAPTER_CONFIG_NAME} is missing and no LoRA settings are recorded to recreate it from"
+        return adapter_config_problem(directory, settings, base)[0]
+    return None
+
+
 def repair_iteration_model(model: IterationModel, root: Path, base_model: str, tokenizer_dir: str | None,
                            lora: dict | None = None) -> list[str]:
     """Recreate missing config/tokenizer/generation files from the base model, and a missing
     adapter_config.json of an adapter-only model from the LoRA settings its manifest recorded (the
-    run's `lora` settings for one written by another tool). Rank 0.
+    run's `lora` settings for one written by another tool), then commit the model again. Rank 0, once
+    every rank accepted the plan.
 
     Returns report lines; raises ValueError when the weights do not fit the base architecture.
     """
     directory = root / model.path
     base = Path(base_model)
+    problem = repair_problem(model, root, base_model, lora)
+    if problem:
+        raise ValueError(problem)
     notes: list[str] = []
-    if CONFIG_NAME in model.missing_aux:
-        problem = shape_mismatch(weight_shapes(directory), model_shapes_for_config(base))
-        if problem:
-            raise ValueError(f"{CONFIG_NAME} is missing and the base model's config does not fit: {problem}")
     if ADAPTER_CONFIG_NAME in model.missing_aux:
         from itertrain.lora.files import rebuild_adapter_config
-        from itertrain.lora.links import LORA
 
-        manifest = None if model.foreign else read_manifest(directory)
-        settings = manifest.extra.get(LORA) if manifest is not None else lora
-        if not settings:
-            raise ValueError(f"{ADAPTER_CONFIG_NAME} is missing and no LoRA settings are recorded to recreate it from")
-        rebuild_adapter_config(directory, settings, base)
+        rebuild_adapter_config(directory, _recorded_lora(model, directory, lora), base)  # type: ignore[arg-type]
         notes.append(f"🔧 created missing {ADAPTER_CONFIG_NAME} in {model.path} from the recorded LoRA settings "
                      "(tensor shapes checked)")
     tok_src = Path(tokenizer_dir) if tokenizer_dir else base

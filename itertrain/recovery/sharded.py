@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from itertrain.layout import deepspeed_step_dir
+from itertrain.weights import torch_archive_problem
 
 # What `.metadata` may refer to: DCP's own metadata classes and plain containers.
 _METADATA_GLOBALS = {
@@ -247,8 +248,6 @@ def carry_named_moments(saved: dict, model: torch.nn.Module, optimizer: Any) -> 
 # ---- DeepSpeed -----------------------------------------------------------------------------------
 def deepspeed_problems(checkpoint: Path) -> list[str]:
     """Structure of a DeepSpeed checkpoint (`latest` -> `global_stepN/`), without loading a file."""
-    from itertrain.recovery.verify import torch_archive_problem
-
     step_dir = deepspeed_step_dir(checkpoint)
     if step_dir is None:
         return ["no DeepSpeed global_stepN directory (or `latest` names one that is missing)"]
