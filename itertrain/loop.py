@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from itertrain import distributed, faults, launcher, preemption
+from itertrain import data_lineage, distributed, faults, launcher, preemption
 from itertrain.args import RunConfig
 from itertrain.artifacts.manager import CheckpointConfig, CheckpointManager
 from itertrain.artifacts.manifest import fingerprint
@@ -101,6 +101,9 @@ def run_experiment(cfg: RunConfig) -> int:
             if restored is not None:  # what the checkpoint depends on but does not hold must be as it was
                 source = plan_source(ctx, plan, restored)
                 distributed.run_on_main(strategy.check_restored, plan.iteration, source, restored, plan.state_from)
+                config_warnings.extend(distributed.run_on_main(
+                    data_lineage.check_restored, strategy, plan.iteration, restored, str(plan.state_from),
+                    cfg.recovery.allow_config_change))
 
         resolved = resolve(root, flags, record, opts, before_load=before_load)
         resolved.notes[:0] = restart_notes
@@ -129,6 +132,11 @@ def run_experiment(cfg: RunConfig) -> int:
         if distributed.is_main():
             lock.release(restore=not wrote)
 
+
+
+def _data_entry(strategy: Strategy, k: int) -> dict[str, Any]:
+    data = data_lineage.current(strategy, k)
+    return {data_lineage.KEY: data} if data is not None else {}
 
 
 def first_line(e: BaseException) -> str:
@@ -297,6 +305,7 @@ def run_iteration(ctx: StrategyContext, strategy: Strategy, manager: CheckpointM
         "state_scope": plan.state_scope.value, "previous_model": source.path, "previous_id": source.fingerprint,
         "experiment_id": record.get("experiment_id"), "hyperparameters": hyperparameters(cfg, resolved.restored),
         **strategy.iteration_lineage(k, source),
+        **_data_entry(strategy, k),
         **lora,
     })
     train_ds, eval_ds = strategy.train_dataset(k), strategy.eval_dataset(k)

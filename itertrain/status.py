@@ -14,6 +14,7 @@ from argparse import ArgumentParser
 from pathlib import Path
 from typing import Any
 
+from itertrain import data_lineage
 from itertrain.artifacts.manifest import ManifestError, read_manifest
 from itertrain.errors import ItertrainError, UsageError
 from itertrain.experiment import load_record
@@ -92,8 +93,10 @@ def status(argv: list[str]) -> int:
         error = None
     except ItertrainError as e:
         plan, error = None, e
+    data = data_lineage.status_of(root, args, plan)
     if ns.json:
-        print(json.dumps(_status_json(root, record, inv, plan, error, holder, flying, target), indent=2))
+        out = _status_json(root, record, inv, plan, error, holder, flying, target)
+        print(json.dumps({**out, "training_data": data}, indent=2))
         return error.exit_code if error else 0
     print(f"{root}: {'itertrain experiment' if inv.is_experiment else 'no itertrain.json (artifacts from other tools)'}"
           + (f", {record['arguments'].get('num_iterations')} iterations planned" if record.get("arguments") else ""))
@@ -112,6 +115,8 @@ def status(argv: list[str]) -> int:
         print(f"  📦 {d.path:<24} iteration {d.iteration:<4} {_label(d, flying)}")
     if plan is not None:
         print(render(plan, str(root), args.get("model_name", "--model_name")))
+        if data is not None:
+            print(data_lineage.status_line(data))
     else:
         print(f"plan: refused — {error}")
     return error.exit_code if error else 0
