@@ -75,9 +75,7 @@ def status_of(root: Any, arguments: dict[str, Any], plan: Any) -> dict[str, Any]
     None when the plan continues no checkpoint or the checkpoint recorded no data."""
     from itertrain.artifacts.manifest import ManifestError, read_manifest
     from itertrain.data import read_jsonl, resolve_path
-    from itertrain.recovery.plan import StateScope
-
-    if plan is None or plan.state_scope != StateScope.FULL or not plan.state_from:
+    if plan is None or plan.state_scope.value != "full" or not plan.state_from:  # StateScope.FULL
         return None
     try:
         manifest = read_manifest(root / plan.state_from)

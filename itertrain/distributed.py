@@ -79,6 +79,9 @@ def init(timeout_s: float = 300.0, io_timeout_s: float = 1800.0) -> None:
     watchdog.start()
     try:
         store = launcher.rendezvous_store(timeout)
+        if launcher.store_client is not None:
+            failures.attach(launcher.store_client[0], launcher.run_id(), launcher.restart_count(),
+                            launcher.store_client[1])
         final = failures.earlier_final()
         if final is not None:  # a deterministic failure: repeating it would only repeat its line
             raise final.error(f" (attempt {final.attempt} of this torchrun launch ended on it; not retried: "

@@ -24,6 +24,7 @@ from datetime import timedelta
 from typing import Any
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+store_client: tuple[Any, bool] | None = None  # (the rendezvous store, unprefixed; whether the agent hosts it)
 POLL_S = 1.0  # the fallback watchdog's period
 
 
@@ -141,9 +142,8 @@ def rendezvous_store(timeout: timedelta) -> Any:
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
                           is_master=not agent_store and rank == 0, timeout=timeout, multi_tenant=True,
                           wait_for_workers=False)
-    from itertrain import failures
-
-    failures.attach(store, run_id(), restart_count(), agent_store)
+    global store_client
+    store_client = (store, agent_store)
     attempt = f"restart{restart_count()}/" if agent_store else ""
     return dist.PrefixStore(f"itertrain/{run_id() or 'none'}/{attempt}", store)
 
