@@ -78,3 +78,27 @@ def test_a_sigkilled_peer_under_max_restarts_is_a_lost_peer_not_a_preemption_and
     assert "preempted" not in output, output[-4000:]
     assert "torchrun restart 1 of 1: continuing this launch" in output
     assert (out / "iter_0" / "model.safetensors").exists()
+
+
+RAISING_ROWS = textwrap.dedent("""
+    from itertrain import Strategy
+
+    class Broken(Strategy):
+        def train_rows(self, iteration):
+            raise KeyError("prompt_column")
+""")
+
+
+def test_a_plugin_whose_train_rows_raise_gives_one_line_and_exit_2_before_anything_is_written(tmp_path, tiny_model):
+    work = tmp_path / "project"
+    work.mkdir()
+    (work / "brokenmod.py").write_text(RAISING_ROWS)
+    out = tmp_path / "exp"
+    rc, output = torchrun_with([], ["--model_name", str(tiny_model), "--output_dir", str(out), "--strategy",
+                                    "brokenmod:Broken", "--num_iterations", "1", *FAST_FLAGS], work)
+    assert "itertrain: error: Broken.train_rows(0) raised KeyError: 'prompt_column'. Nothing was written" in output, \
+        output
+    assert output.count("itertrain: error:") == 1 and "brokenmod.py" not in output, output  # no traceback
+    assert rc == 1  # torchrun's own code for a failed worker; the worker's is 2:
+    assert "exitcode  : 2" in output, output
+    assert not out.exists() or not any(out.iterdir()), list(out.iterdir())
