@@ -68,6 +68,7 @@ def run_experiment(cfg: RunConfig) -> int:
     check_same_output_dir(root)  # a node-local output dir: exit 2, before the lock or anything is written
     lock = RunLock(root)
     distributed.run_on_main(lock.acquire)
+    read_only = distributed.broadcast(lock.read_only)  # a read-only dir: a finished experiment is only reported
     wrote = False
     try:
         record = distributed.run_on_main(load_record, root)
@@ -83,6 +84,8 @@ def run_experiment(cfg: RunConfig) -> int:
             iteration's data and reward function, and what this plan would write through a symlink."""
             if plan.mode == Mode.COMPLETE:
                 return
+            if read_only:
+                raise ArtifactWriteError(f"iteration {plan.iteration} cannot run: {read_only}")
             if plan.mode != Mode.FRESH:
                 changed = distributed.run_on_main(check_resume, record, cfg, defining)
                 applies = distributed.run_on_main(resume_changes, plan, root, cfg)

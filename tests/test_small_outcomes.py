@@ -35,3 +35,48 @@ def test_dpo_whose_reward_function_scores_nothing_says_no_sample_was_scored(tmp_
     assert "no prompt gave a preference pair (none of the 6 samples was scored: the reward function returned None " \
            "for every one)" in r.stderr, r.output
     assert "min_reward_margin" not in r.stderr, r.output
+
+
+def _can_mount_read_only() -> bool:
+    import subprocess
+
+    try:
+        return subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c",
+                               "mount --bind /tmp /tmp && mount -o remount,ro,bind /tmp /tmp"],
+                              capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def read_only(directory, cmd: list[str]) -> list[str]:
+    """`cmd` in a private mount namespace where `directory` is a read-only bind mount of itself (root
+    ignores file permissions, so chmod -R a-w would prove nothing for a test running as root)."""
+    d = str(directory)
+    return ["unshare", "-m", "--propagation", "private", "sh", "-c",
+            f"mount --bind '{d}' '{d}' && mount -o remount,ro,bind '{d}' '{d}' && exec \"$@\"", "sh", *cmd]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _can_mount_read_only(), reason="needs `unshare -m` and mount (root or CAP_SYS_ADMIN)")
+def test_a_finished_experiment_on_a_read_only_directory_is_reported_complete_under_two_ranks(
+        tmp_path, tiny_model, train_file):
+    from conftest import PY, _run, base_env, free_port, tree_hash
+
+    out = tmp_path / "exp"
+    args = ["--model_name", str(tiny_model), "--output_dir", str(out), "--train_file", str(train_file),
+            *FAST_FLAGS, "--resume_from", "auto", "--resume_from_iteration", "auto"]
+    assert itertrain("train", *args, "--num_iterations", "1").returncode == 0
+    before = tree_hash(out)
+
+    def torchrun_ro(*extra: str):
+        cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+               "-m", "itertrain", "train", *args, *extra]
+        return _run(read_only(tmp_path, cmd), base_env(), 600, None)
+
+    r = torchrun_ro("--num_iterations", "1")
+    assert r.returncode == 0, r.output
+    assert f"✅ {out}: all 1 iterations are committed; nothing to do." in r.output
+    r = torchrun_ro("--num_iterations", "2")  # more to do: refused in one line, nothing changed
+    assert r.returncode == 1, r.output
+    assert "itertrain: error: iteration 1 cannot run: could not write " in r.output and "(EROFS)" in r.output, r.output
+    assert tree_hash(out) == before
