@@ -54,21 +54,13 @@ def run_experiment(cfg: RunConfig) -> int:
     distributed.init(cfg.dist.dist_timeout_s, cfg.dist.dist_io_timeout_s)  # done already when launched by the CLI
     root = cfg.output_dir
     tokenizer = _load_tokenizer(cfg)  # a bad tokenizer is a usage error: found before anything is written
-    manager = CheckpointManager(CheckpointConfig(
-        output_dir=root,
-        retention=RetentionPolicy(cfg.training.save_total_limit, cfg.loop.keep_iteration_checkpoints,
-                                  # a merged LoRA iteration starts a fresh adapter: no moments to carry
-                                  carry_optimizer=cfg.loop.iteration_init == "previous" and cfg.lora.mode != MERGED),
-        fsync=cfg.loop.fsync, async_commit=cfg.loop.async_commit, async_save=cfg.loop.async_save,
-        world_size=distributed.world_size(),
-    ))
+    manager = _checkpoint_manager(cfg)
     strategy_cls = load_strategy(cfg.loop.strategy)
     ctx = StrategyContext(cfg, root, tokenizer, commit_data=manager.commit_data, move_aside=manager.move_aside)
     strategy = strategy_cls(ctx)
     check_same_output_dir(root)  # a node-local output dir: exit 2, before the lock or anything is written
     lock = RunLock(root)
-    distributed.run_on_main(lock.acquire)
-    read_only = distributed.broadcast(lock.read_only)  # a read-only dir: a finished experiment is only reported
+    read_only = distributed.run_on_main(acquire, lock)  # a read-only dir: a finished experiment is only reported
     wrote = False
     try:
         record = distributed.run_on_main(load_record, root)
@@ -137,6 +129,12 @@ def run_experiment(cfg: RunConfig) -> int:
 
 
 
+def acquire(lock: RunLock) -> str | None:
+    """Take the run lock (rank 0); why the directory is read-only, when it is (no lock is then held)."""
+    lock.acquire()
+    return lock.read_only
+
+
 def _data_entry(strategy: Strategy, k: int) -> dict[str, Any]:
     data = data_lineage.current(strategy, k)
     return {data_lineage.KEY: data} if data is not None else {}
@@ -144,6 +142,17 @@ def _data_entry(strategy: Strategy, k: int) -> dict[str, Any]:
 
 def first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [""])[0][:400]
+
+
+def _checkpoint_manager(cfg: RunConfig) -> CheckpointManager:
+    return CheckpointManager(CheckpointConfig(
+        output_dir=cfg.output_dir,
+        retention=RetentionPolicy(cfg.training.save_total_limit, cfg.loop.keep_iteration_checkpoints,
+                                  # a merged LoRA iteration starts a fresh adapter: no moments to carry
+                                  carry_optimizer=cfg.loop.iteration_init == "previous" and cfg.lora.mode != MERGED),
+        fsync=cfg.loop.fsync, async_commit=cfg.loop.async_commit, async_save=cfg.loop.async_save,
+        world_size=distributed.world_size(),
+    ))
 
 
 def launch_flags(cfg: RunConfig, record: dict) -> tuple[RecoveryFlags, list[str]]:
@@ -256,7 +265,8 @@ def _missing(plan: RecoveryPlan):
                          f"(--resume_from_iteration) instead")
 
 
-def build_trainer(strategy: Strategy, manager: CheckpointManager, resolved: Resolved, k: int, train_ds, eval_ds):
+def build_trainer(strategy: Strategy, manager: CheckpointManager, resolved: Resolved, k: int, train_ds, eval_ds,
+                  source: ModelSource):
     """The strategy's Trainer class with itertrain's hooks, for iteration k."""
     cfg, root, plan = strategy.ctx.cfg, strategy.ctx.root, resolved.plan
     args = strategy.training_arguments(k, iteration_training_args(cfg, k))
@@ -273,13 +283,35 @@ def build_trainer(strategy: Strategy, manager: CheckpointManager, resolved: Reso
     elif distributed.is_main():
         callbacks.append(TensorBoardCallback(root, k))
     cls = with_recovery_hooks(strategy.trainer_class_for(k))
-    kwargs = strategy.trainer_kwargs(k, resolved.model, args)
+    kwargs = strategy.trainer_kwargs_for(k, resolved.model, args, source)
     _no_hf_rotation(strategy, args, "trainer_kwargs")
     trainer = cls(model=resolved.model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, callbacks=callbacks,
                   **kwargs)
     _no_hf_rotation(strategy, trainer.args, "its Trainer class")
     trainer.callback_handler.callbacks.insert(0, IterationLossCallback())  # before HF's printers
     return attach(trainer, manager)
+
+
+def train(trainer: Any, resume: str | None, k: int, cfg: RunConfig) -> float:
+    """Train iteration k (from the checkpoint `resume`, restored in full, when given); its training loss.
+    A library's failure becomes the ItertrainError a user can act on."""
+    try:
+        finished = finished_state(resume, trainer.args.max_steps)
+        if finished is not None:
+            # The checkpoint is the iteration's last step: nothing is left to train (HF Trainer would
+            # run one extra step when resumed at max_steps). An iteration model rebuilt this way is
+            # byte-identical to the one the iteration committed.
+            trainer.state = finished
+            return iteration_train_loss(finished, float("nan"))
+        return trainer.train(resume_from_checkpoint=resume).training_loss
+    except ItertrainError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a failed write inside a library, or training itself failed
+        message = describe_library_write_error(e, cfg.output_dir)
+        if message is not None:
+            raise ArtifactWriteError(f"training of iteration {k} failed while writing: {message}") from e
+        own = TrainingFailed(f"training of iteration {k} failed: {type(e).__name__}: {first_line(e)}")
+        raise distributed.training_failure(e, f"training iteration {k}", cfg.dist.dist_timeout_s, own) from e
 
 
 def run_iteration(ctx: StrategyContext, strategy: Strategy, manager: CheckpointManager, resolved: Resolved,
@@ -311,27 +343,11 @@ def run_iteration(ctx: StrategyContext, strategy: Strategy, manager: CheckpointM
         **_data_entry(strategy, k),
         **lora,
     })
-    train_ds, eval_ds = strategy.train_dataset(k), strategy.eval_dataset(k)
-    trainer = build_trainer(strategy, manager, resolved, k, train_ds, eval_ds)
+    train_ds, evaluation = strategy.train_dataset(k), strategy.evaluation(k)
+    eval_ds = evaluation.dataset if evaluation is not None else None
+    trainer = build_trainer(strategy, manager, resolved, k, train_ds, eval_ds, source)
     resume = str(root / plan.state_from) if plan.state_scope == StateScope.FULL and plan.state_from else None
-    try:
-        finished = finished_state(resume, trainer.args.max_steps)
-        if finished is not None:
-            # The checkpoint is the iteration's last step: nothing is left to train (HF Trainer would
-            # run one extra step when resumed at max_steps). An iteration model rebuilt this way is
-            # byte-identical to the one the iteration committed.
-            trainer.state = finished
-            training_loss = iteration_train_loss(finished, float("nan"))
-        else:
-            training_loss = trainer.train(resume_from_checkpoint=resume).training_loss
-    except ItertrainError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a failed write inside a library, or training itself failed
-        message = describe_library_write_error(e, root)
-        if message is not None:
-            raise ArtifactWriteError(f"training of iteration {k} failed while writing: {message}") from e
-        own = TrainingFailed(f"training of iteration {k} failed: {type(e).__name__}: {first_line(e)}")
-        raise distributed.training_failure(e, f"training iteration {k}", cfg.dist.dist_timeout_s, own) from e
+    training_loss = train(trainer, resume, k, cfg)
     step = trainer.state.global_step
     preemption.raise_if_stopped(k, step, (root / checkpoint_name(step) / MANIFEST_NAME).exists())
 
@@ -340,8 +356,8 @@ def run_iteration(ctx: StrategyContext, strategy: Strategy, manager: CheckpointM
     faults.point("stage.evaluate")
     results: dict[str, Any] = {"iteration": k, "train_loss": iteration_train_loss(trainer.state, training_loss),
                                "steps": trainer.state.global_step}
-    if eval_ds is not None:
-        prefix = strategy.eval_prefix
+    if evaluation is not None:
+        prefix = evaluation.prefix
         results.update({key: v for key, v in trainer.evaluate(metric_key_prefix=prefix).items()
                         if key.startswith(prefix + "_") and not key.endswith(_TIMING)})
     results.update(strategy.task_metrics(k, trainer.model))

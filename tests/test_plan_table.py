@@ -278,3 +278,21 @@ def test_auto_iteration_does_not_pair_explicit_checkpoint_with_an_older_inconsis
     assert (plan.iteration, plan.step) == (4, 50)
 
 
+
+
+def test_newest_usable_skips_rejected_torn_and_stale_marks_alike_and_takes_the_next_older():
+    """One function answers "newest and usable": a rejection (verification or loading failed) and a torn
+    directory leave the next older artifact; a stale mark (its iteration's model exists) changes nothing."""
+    from itertrain.recovery.decide import newest_usable
+
+    inv = inventory(model("iter_0", 0), model("iter_1", 1), ckpt("checkpoint-8", 1), ckpt("checkpoint-4", 2),
+                    ckpt("checkpoint-12", 2, status=Status.TORN), ckpt("checkpoint-8x", 2, step=8))
+    auto = flags("auto", "auto")
+    chosen, chosen_model, _ = newest_usable(auto, inv, {})
+    assert (chosen.path, chosen_model.path) == ("checkpoint-8x", "iter_1")
+    chosen, chosen_model, _ = newest_usable(auto, inv, {"checkpoint-8x": "verification failed", "iter_1": "load failed"})
+    assert (chosen.path, chosen_model.path) == ("checkpoint-4", "iter_0")
+    assert inv.checkpoints[0].status == Status.STALE and inv.checkpoints[0].path == "checkpoint-8"
+    gone = {"checkpoint-8x": "x", "checkpoint-4": "x", "iter_1": "x"}
+    assert newest_usable(auto, inv, gone)[0].path == "checkpoint-8"  # marked stale, still usable
+    assert newest_usable(flags("auto", "none"), inv, {})[0].path == "checkpoint-8x"

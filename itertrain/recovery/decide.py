@@ -9,9 +9,11 @@ rules, in order:
    boundary only the optimizer moments carry over;
 4. `auto` only considers candidates consistent with an explicit value on the other flag.
 
-`decide` is called again with `rejected` growing when verification or loading of a chosen
-artifact fails (auto only): that is the fallback to the next older candidate. A rejected iteration
-model no longer makes its iteration's checkpoints stale: they may rebuild it.
+`newest_usable` is the one place that says which artifacts are newest and usable. `decide` is
+called again with `rejected` growing when verification or loading of a chosen artifact fails (auto
+only), and retries itself when the plan cannot serve the chosen checkpoint: that is the fallback to
+the next older candidate. A rejected iteration model no longer counts as done: the checkpoints of its
+iteration may rebuild it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Mapping
 
 from itertrain.errors import RecoveryRefused
 from itertrain.layout import checkpoint_order, is_top_level, model_order
-from itertrain.recovery.discover import Inventory, IterationModel, Status, TrainerCheckpoint, mark_stale
+from itertrain.recovery.discover import Inventory, IterationModel, Status, TrainerCheckpoint
 from itertrain.recovery.flags import AUTO, BASE, NONE, RecoveryFlags
 from itertrain.recovery.plan import Mode, Rejection, RecoveryPlan
 
@@ -42,7 +44,7 @@ def _candidates(inv: Inventory, rejected: Mapping[str, str]) -> _Candidates:
             c.models.append(model)
         else:
             c.rejected.append(Rejection(model.path, f"{model.status.value}: {model.problem}"))
-    for ckpt in mark_stale(list(inv.checkpoints), list(inv.iteration_models), set(rejected)):
+    for ckpt in inv.checkpoints:  # a stale checkpoint (its iteration's model exists) is usable as any other
         if ckpt.path in rejected:
             c.rejected.append(Rejection(ckpt.path, rejected[ckpt.path]))
         elif ckpt.status.usable:
@@ -154,7 +156,14 @@ def with_lora(plan: RecoveryPlan, flags: RecoveryFlags) -> tuple[RecoveryPlan, s
     return plan.with_(lora=flags.lora, adapter_base=applies_to, adapter_from=restored), None
 
 
-def _decide(flags: RecoveryFlags, inv: Inventory, rejected: dict[str, str]) -> RecoveryPlan:
+def newest_usable(flags: RecoveryFlags, inv: Inventory, rejected: Mapping[str, str]
+                  ) -> tuple[TrainerCheckpoint | None, IterationModel | None, _Candidates]:
+    """Which trainer checkpoint and which iteration model this launch continues from: the one answer to
+    "which artifact is newest and usable". Usable: its status allows it (committed, stale, or adopted from
+    another tool and structurally sound) and nothing rejected it; newest: the layout's one ordering
+    (`checkpoint_order`, `model_order`). Rules 1 and 4 of the module docstring apply here. Everything
+    that finds an artifact unusable later (deep verification, loading on every rank, a plan it cannot
+    serve) adds it to `rejected` and asks again: that is the whole fallback."""
     cands = _candidates(inv, rejected)
     rf, ri = flags.resume_from, flags.resume_from_iteration
 
@@ -177,7 +186,11 @@ def _decide(flags: RecoveryFlags, inv: Inventory, rejected: dict[str, str]) -> R
             # continued without retraining (and replacing) that iteration's model.
             ckpts = [c for c in ckpts if c.iteration > _done(cands)]
         ckpt = max(ckpts, key=checkpoint_order, default=None)
+    return ckpt, model, cands
 
+
+def _decide(flags: RecoveryFlags, inv: Inventory, rejected: dict[str, str]) -> RecoveryPlan:
+    ckpt, model, cands = newest_usable(flags, inv, rejected)
     plan = _table(flags, inv, cands, ckpt, model)
     if plan.mode != Mode.COMPLETE and plan.iteration >= flags.num_iterations:
         plan = RecoveryPlan.complete(plan.iteration, flags.num_iterations, weights_from=plan.weights_from,
@@ -237,6 +250,14 @@ def _table(flags: RecoveryFlags, inv: Inventory, cands: _Candidates, ckpt: Train
             model, weights=weights, reason=f"iteration model only: {init_note}, training state starts fresh",
             warnings=warnings, supersedes=_superseded(inv, cands, k + 1, -1, None),
         )
+
+    return _both(flags, inv, cands, ckpt, model, weights, init_note)
+
+
+def _both(flags: RecoveryFlags, inv: Inventory, cands: _Candidates, ckpt: TrainerCheckpoint, model: IterationModel,
+          weights: str, init_note: str) -> RecoveryPlan:
+    """The decision table's rows with both a checkpoint and an iteration model (rows 4 to 6)."""
+    k, base_init = model.iteration, flags.iteration_init == "base"
 
     # Row 4: the iteration model is newer (checkpoint from iteration <= K): weights from iter_K,
     # optimizer moments from the checkpoint, next iteration from step 0. Under --iteration_init base

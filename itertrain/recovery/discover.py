@@ -110,11 +110,10 @@ class Inventory:
         return ", ".join(parts) if parts else "no checkpoints and no iteration models"
 
 
-def mark_stale(checkpoints: list[TrainerCheckpoint], models: list[IterationModel],
-               rejected: frozenset[str] | set[str] = frozenset()) -> list[TrainerCheckpoint]:
-    """Committed checkpoints of an iteration whose model is usable (and not rejected) are stale; a
-    checkpoint marked stale earlier becomes committed again when that model is rejected."""
-    done = max((m.iteration for m in models if m.status.usable and m.path not in rejected), default=-1)
+def mark_stale(checkpoints: list[TrainerCheckpoint], models: list[IterationModel]) -> list[TrainerCheckpoint]:
+    """Committed checkpoints of an iteration whose model is usable are stale (shown so; still usable:
+    which artifact a launch uses is `decide.newest_usable`'s answer alone)."""
+    done = max((m.iteration for m in models if m.status.usable), default=-1)
     out = []
     for c in checkpoints:
         if c.status in (Status.COMMITTED, Status.STALE):

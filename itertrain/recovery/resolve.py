@@ -255,11 +255,10 @@ def resolve(
     rank loaded and probed the plan: then rank 0 recreates missing config files of the chosen model.
     """
     rejected: dict[str, str] = {}
-    notes: list[str] = []
     while True:
         plan, inv = distributed.run_on_main(decide_verified, root, flags, rejected, record)
         if plan.mode == Mode.COMPLETE:
-            return Resolved(plan, inv, None, notes)
+            return Resolved(plan, inv, None, [])
         if before_load is not None:
             before_load(plan)
         failed = distributed.run_on_main(check_links, root, plan, opts.base_model)  # LoRA: what each adapter applies to
@@ -279,7 +278,7 @@ def resolve(
             all_warnings = sorted({w for _, ws in outcomes for w in ws})
             plan = dataclasses.replace(plan, warnings=plan.warnings + tuple(all_warnings))
             restored, restored_notes = distributed.run_on_main(_restored, root, plan)
-            return Resolved(plan, inv, model, notes + repaired + restored_notes, restored)
+            return Resolved(plan, inv, model, repaired + restored_notes, restored)
         if BASE in failures:
             raise RecoveryRefused(f"the base model {opts.base_model} cannot be loaded: {failures[BASE]}")
         del model

@@ -27,6 +27,14 @@ class ModelSource:
     load: Callable[[], Any]  # the loaded model (loaded once; the loop may hand over one already loaded)
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """An iteration's held-out evaluation: the dataset and the prefix of its metrics (eval_loss, ...)."""
+
+    dataset: Any
+    prefix: str = "eval"
+
+
 @dataclass
 class StrategyContext:
     """What a strategy sees of the run."""
@@ -56,7 +64,7 @@ class Strategy:
     arguments_class: ClassVar[type | None] = None
     training_arguments_class: ClassVar[type | None] = None
     training_defaults: ClassVar[dict[str, Any]] = {}
-    eval_prefix: str = "eval"  # metric prefix of the loss on eval_rows()
+    eval_prefix: ClassVar[str] = "eval"  # metric prefix of the loss on eval_rows() (per iteration: `evaluation`)
 
     def __init__(self, ctx: StrategyContext):
         self.ctx = ctx
@@ -117,6 +125,12 @@ class Strategy:
         return build_dataset(rows, self.ctx.tokenizer, self.ctx.cfg.loop.max_seq_length,
                              source=f"{type(self).__qualname__}.eval_rows({iteration})")
 
+    def evaluation(self, iteration: int) -> Evaluation | None:
+        """The held-out evaluation of `iteration` (default: `eval_dataset` under `eval_prefix`), None for none.
+        Override when the prefix depends on the iteration's data (what is evaluated decides its name)."""
+        dataset = self.eval_dataset(iteration)
+        return None if dataset is None else Evaluation(dataset, self.eval_prefix)
+
     def data_collator(self) -> Any:
         from itertrain.data import PadCollator
 
@@ -153,6 +167,11 @@ class Strategy:
         """Keyword arguments for the trainer, besides model, args, datasets, collator, tokenizer and
         callbacks (e.g. a reference model)."""
         return {"data_collator": self.data_collator(), "processing_class": self.ctx.tokenizer}
+
+    def trainer_kwargs_for(self, iteration: int, model: Any, args: Any, source: ModelSource) -> dict[str, Any]:
+        """`trainer_kwargs` for `iteration`, whose previous model is `source` (default: `trainer_kwargs`).
+        Override when the trainer needs a model the plan names, as iterative_dpo's reference model."""
+        return self.trainer_kwargs(iteration, model, args)
 
     def task_metrics(self, iteration: int, model: Any) -> dict[str, float]:
         """Extra held-out metrics (e.g. exact-match accuracy). Called on every rank."""

@@ -46,7 +46,7 @@ from itertrain.data import read_jsonl, resolve_path  # noqa: E402
 from itertrain.errors import RecoveryRefused, TrainingFailed  # noqa: E402
 from itertrain.layout import data_name  # noqa: E402
 from itertrain.rewards import Rewards, why_no_pairs  # noqa: E402
-from itertrain.strategies.base import ModelSource  # noqa: E402
+from itertrain.strategies.base import Evaluation, ModelSource  # noqa: E402
 from itertrain.strategies.expert_iteration import SAMPLES, SampledDataStrategy  # noqa: E402
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")  # TRL's trainers report usage unless told not to
@@ -221,16 +221,22 @@ class IterativeDPOStrategy(SampledDataStrategy):
         return self.preference_dataset(self.train_rows(iteration))
 
     def eval_dataset(self, iteration: int) -> Any:
-        """Iteration 0: the SFT eval loss. DPO iterations: DPO's metrics on the --eval_file rows when they
-        are preference pairs (eval_*), else on up to 128 of the iteration's own pairs (eval_train_*)."""
-        self.eval_prefix = "eval"
         if iteration == 0:
             return super().eval_dataset(0)
+        found = self.evaluation(iteration)
+        return found.dataset if found is not None else None
+
+    def evaluation(self, iteration: int) -> Evaluation | None:
+        """Iteration 0: the SFT eval loss. DPO iterations: DPO's metrics on the --eval_file rows when they
+        are preference pairs (eval_*), else on up to 128 of the iteration's own pairs (eval_train_*)."""
+        if iteration == 0:
+            dataset = super().eval_dataset(0)
+            return Evaluation(dataset, "eval") if dataset is not None else None
         loop = self.ctx.cfg.loop
         rows = read_jsonl(resolve_path(loop.eval_file, iteration)) if loop.eval_file else []
-        if not rows or not all(_is_pair(r) for r in rows):
-            self.eval_prefix, rows = "eval_train", self.train_rows(iteration)[:EVAL_PAIRS]
-        return self.preference_dataset(rows)
+        if rows and all(_is_pair(r) for r in rows):
+            return Evaluation(self.preference_dataset(rows), "eval")
+        return Evaluation(self.preference_dataset(self.train_rows(iteration)[:EVAL_PAIRS]), "eval_train")
 
     # ---- training ------------------------------------------------------------------------------------------
     def trainer_class(self) -> type:
@@ -247,9 +253,9 @@ class IterativeDPOStrategy(SampledDataStrategy):
                 args.max_steps = self.dpo.sft_max_steps
         return args
 
-    def trainer_kwargs(self, iteration: int, model: Any, args: Any) -> dict[str, Any]:
+    def trainer_kwargs_for(self, iteration: int, model: Any, args: Any, source: ModelSource) -> dict[str, Any]:
         if iteration == 0:
-            return super().trainer_kwargs(iteration, model, args)
+            return super().trainer_kwargs_for(iteration, model, args, source)
         _quiet()
         from itertrain.lora.model import load_iteration_model
 
@@ -258,7 +264,7 @@ class IterativeDPOStrategy(SampledDataStrategy):
         # (and, under --use_peft, use the policy with its adapter disabled: the base, not iter_{K-1}).
         # An adapter-only iter_{K-1} is the base with that adapter, merged: the reference is frozen, and
         # TRL patches the reference's forward for a plain causal LM (a PeftModel breaks it).
-        ref = load_iteration_model(self._reference_dir, self.ctx.cfg)
+        ref = load_iteration_model(self.reference(source)[2], self.ctx.cfg)
         if hasattr(ref, "merge_and_unload"):
             ref = ref.merge_and_unload()
         return {"ref_model": ref, "processing_class": self.ctx.tokenizer}
@@ -275,7 +281,7 @@ class IterativeDPOStrategy(SampledDataStrategy):
     def iteration_lineage(self, iteration: int, source: ModelSource) -> dict[str, Any]:
         if iteration == 0:
             return {}
-        name, fp, self._reference_dir = self.reference(source)  # loaded by trainer_kwargs
+        name, fp, _ = self.reference(source)
         return {"ref_model": name, "ref_model_id": fp}
 
     def check_restored(self, iteration: int, source: ModelSource, lineage: dict[str, Any], checkpoint: str) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 from itertrain.data import read_jsonl, resolve_path
 from itertrain.errors import UsageError
-from itertrain.strategies.base import Strategy
+from itertrain.strategies.base import Evaluation, Strategy
 
 
 class SFTStrategy(Strategy):
@@ -41,8 +41,12 @@ class SFTStrategy(Strategy):
         if loop.task:
             return self.task().eval_rows()
         # No held-out file: report the loss on (at most 128 of) the training rows, under its own name.
-        self.eval_prefix = "eval_train"
         return self.train_rows(iteration)[:128]
+
+    def evaluation(self, iteration: int) -> Evaluation | None:
+        found = super().evaluation(iteration)
+        held_out = self.ctx.cfg.loop.eval_file or self.ctx.cfg.loop.task
+        return found if found is None or held_out else Evaluation(found.dataset, "eval_train")
 
     def task_metrics(self, iteration: int, model) -> dict[str, float]:
         if not self.ctx.cfg.loop.task:
