@@ -80,3 +80,50 @@ def test_a_finished_experiment_on_a_read_only_directory_is_reported_complete_und
     assert r.returncode == 1, r.output
     assert "itertrain: error: iteration 1 cannot run: could not write " in r.output and "(EROFS)" in r.output, r.output
     assert tree_hash(out) == before
+
+
+@pytest.mark.slow
+def test_verify_reports_a_torn_leftover_and_exits_0_and_status_lists_superseded(tmp_path, sft_args):
+    out = tmp_path / "exp"
+    r = itertrain("train", *sft_args(out, iterations=1), fault="checkpoint.optimizer=kill#2")  # checkpoint-8 torn
+    assert r.returncode == -9, r.output
+    v = itertrain("verify", str(out))
+    assert v.returncode == 0, v.output
+    line = next(ln for ln in v.stdout.splitlines() if "checkpoint-8" in ln)
+    assert line.startswith("🧹") and "a save that never completed; never used, the next launch removes it" in line
+    assert "1 torn leftover(s) of a save that never completed (not a failure" in v.stdout
+    report = json.loads(itertrain("verify", str(out), "--json").stdout)
+    assert report["ok"] is True and {a["path"]: a.get("leftover") for a in report["artifacts"]}["checkpoint-8"]
+
+    # --overwrite_output_dir moves the committed work aside: status names it
+    r = itertrain("train", *sft_args(out, "--max_steps", "4", iterations=1), "--overwrite_output_dir")
+    assert r.returncode == 0, r.output
+    (aside,) = (out / "superseded").iterdir()
+    s = itertrain("status", str(out))
+    assert s.returncode == 0, s.output
+    assert f"🗄️  superseded/{aside.name}/" in s.stdout and "checkpoint-4" in s.stdout.split("superseded/")[1], s.stdout
+    assert json.loads(itertrain("status", str(out), "--json").stdout)["superseded"] == [
+        {"path": f"superseded/{aside.name}", "artifacts": sorted(p.name for p in aside.iterdir())}]
+
+
+@pytest.mark.slow
+def test_an_adapter_whose_base_model_was_deleted_fails_status_and_verify_and_the_launch_says_missing(
+        tmp_path, tiny_model, train_file):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model, base)
+    out = tmp_path / "exp"
+    args = ["--model_name", str(base), "--output_dir", str(out), "--train_file", str(train_file), *FAST_FLAGS,
+            "--max_steps", "4", "--use_peft", "--iteration_model", "adapter"]
+    assert itertrain("train", *args, "--num_iterations", "1").returncode == 0
+    shutil.rmtree(base)
+    s = itertrain("status", str(out))
+    assert s.returncode == 1, s.output
+    assert f"❌ iter_0: its LoRA base model {base.resolve()} is missing" in s.stdout, s.stdout
+    v = itertrain("verify", str(out))
+    assert v.returncode == 1 and "iter_0 " in v.stdout and "is missing" in v.stdout, v.output
+    s = itertrain("status", str(out), "--num_iterations", "2")  # a plan that would apply the adapter
+    assert s.returncode == 2, s.output
+    assert f"which is missing (no weights at {base.resolve()})" in s.stdout and "fingerprint None" not in s.stdout, \
+        s.stdout
