@@ -204,9 +204,9 @@ def guarded(fn, *args, **kwargs) -> int:
 
 
 def _tell_the_launch(error: BaseException) -> None:
-    """A failure of the user's (by type) ends this torchrun launch: a restarted worker stops at once."""
-    if isinstance(error, failures.NOT_RETRIED):
-        failures.publish(failures.outcome_of(error, failures.env_rank()))
+    """How this rank stopped, for its peers (a preemption is not a lost peer); a failure of the user's
+    (by type) also ends this torchrun launch: a restarted worker stops at once."""
+    failures.publish(failures.outcome_of(error, failures.env_rank()))
 
 
 def _preemption_outcome(e: BaseException) -> ItertrainError | None:

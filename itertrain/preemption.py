@@ -109,7 +109,9 @@ def _reset_in_child() -> None:
 
 def _on_signal(signum: int) -> None:
     if signum == signal.SIGTERM and _state.signum is None and launcher.local_peer_exited():
-        _group_stopped()
+        peer = failures.peer_outcome(distributed.rank(), distributed.world_size())
+        if peer is None or peer.exit_code != PREEMPTED_EXIT_CODE:  # a peer that stopped on this signal first
+            _group_stopped(peer)
     with _state.lock:
         name = _name(signum)
         if _state.done:  # the stop is complete and committed; this process is on its way out
@@ -126,11 +128,10 @@ def _on_signal(signum: int) -> None:
         _arm_deadline()
 
 
-def _group_stopped() -> None:
+def _group_stopped(peer: failures.Outcome | None) -> None:
     """torchrun stops the group because a rank of this node exited: say why that rank stopped (the
     (type, message, exit code) it published) or that it is gone, and exit; this is no preemption."""
-    me, world = distributed.rank(), distributed.world_size()
-    peer = failures.peer_outcome(me, world)
+    me = distributed.rank()
     if peer is not None:
         stop_now(peer.exit_code, peer.error().label, f"{peer.error(f' (on rank {peer.rank})')}")
     stop_now(1, "error", f"rank {me} lost contact with another rank while {_state.phase}: a rank of this node "
@@ -140,6 +141,8 @@ def _group_stopped() -> None:
 
 def stop_now(code: int, label: str, message: str) -> None:
     """Print one line (rank 0) and end this process at once."""
+    if code == PREEMPTED_EXIT_CODE:  # a peer that sees this rank gone knows it stopped on the signal too
+        failures.publish(failures.Outcome("Preempted", message, code, distributed.rank()))
     if console.prints_messages() and failures.say_once():
         console.emit(f"itertrain: {label}: {message} (exit {code})")
     os._exit(code)
