@@ -56,7 +56,7 @@ class Outcome:
         if isinstance(cls, type) and issubclass(cls, errors.ItertrainError) and cls is not errors.ItertrainError:
             e = cls(self.message + note)
         else:
-            e = errors.TrainingFailed(f"{self.type_name}: {self.message}{note}")
+            e = errors.PeerFailed(f"{self.type_name}: {self.message}{note}")
         e.exit_code = self.exit_code
         return e
 

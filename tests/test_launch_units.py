@@ -111,3 +111,16 @@ def test_a_lost_peer_is_one_line_without_the_library_noise():
     assert failure.exit_code == 1 and failure.every_node
     assert str(failure).startswith("rank 0 lost contact with another rank while training iteration 1 (a rank or node "
                                    "died, was stopped or did not answer within 300s): Connection closed by peer")
+
+
+def test_a_failure_crosses_ranks_as_type_name_message_and_exit_code_only():
+    from itertrain import errors, failures
+
+    o = failures.outcome_of(errors.UsageError("bad flag\nmore"), rank=1)
+    assert (o.type_name, o.message, o.exit_code, o.rank, o.retried) == ("UsageError", "bad flag", 2, 1, False)
+    again = o.error(" (on rank 1)")
+    assert type(again) is errors.UsageError and str(again) == "bad flag (on rank 1)" and again.exit_code == 2
+    # not itertrain's own (an OSError of a library): a peer's failure, retried by torchrun like any failure
+    o = failures.outcome_of(OSError(28, "No space left on device"), rank=0)
+    assert o.retried and type(o.error()) is errors.PeerFailed and o.error().exit_code == 1
+    assert str(o.error()) == "OSError: [Errno 28] No space left on device"
