@@ -143,7 +143,7 @@ def training_failure(e: BaseException, doing: str, timeout_s: float, own: Itertr
 
     Decided by type (a DistError is a lost peer) and, for gloo's plain RuntimeError, by asking the
     other ranks (`failures.probe`), never by the error's text."""
-    if isinstance(e, dist.DistError):
+    if is_comm_error(e):
         return lost_contact(e, doing, timeout_s)
     if not active():
         return own

@@ -129,8 +129,13 @@ def base_model_problems(root: Path, models: list[str]) -> dict[str, str]:
     absolute path with its weights fingerprint) is missing or changed: they cannot be loaded as trained."""
     problems: dict[str, str] = {}
     for rel in models:
-        record = recorded_link(Path(root) / rel)
-        if not record or not record.get("base") or not record.get("path"):
+        try:
+            manifest = read_manifest(Path(root) / rel)
+        except ManifestError:
+            continue
+        # an adapter-only model records adapter_of in its manifest's extra (a merged one, in its lineage only)
+        record = manifest.extra.get(ADAPTER_OF) if manifest is not None else None
+        if not isinstance(record, dict) or not record.get("base") or not record.get("path"):
             continue
         now = weights_identity(Path(record["path"]))
         if now is None:
