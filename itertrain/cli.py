@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 
+from itertrain import failures
 from itertrain.errors import ItertrainError, UsageError
 
 USAGE = """usage: itertrain COMMAND [ARGS]
@@ -181,7 +182,8 @@ def guarded(fn, *args, **kwargs) -> int:
     except Exception as e:  # noqa: BLE001 - mapped to one line below, or re-raised
         error = _preemption_outcome(e) or e
         if isinstance(error, ItertrainError):
-            if console.prints_messages(error.every_node):
+            _tell_the_launch(error)
+            if console.prints_messages(error.every_node) and failures.say_once():
                 print(f"itertrain: {error.label}: {error}", file=sys.stderr, flush=True)
             return error.exit_code
         if not isinstance(e, OSError):
@@ -199,6 +201,12 @@ def guarded(fn, *args, **kwargs) -> int:
             print("itertrain: interrupted; relaunch with --resume_from auto --resume_from_iteration auto",
                   file=sys.stderr, flush=True)
         return 130
+
+
+def _tell_the_launch(error: BaseException) -> None:
+    """How this rank stopped, for its peers (a preemption is not a lost peer); a failure of the user's
+    (by type) also ends this torchrun launch: a restarted worker stops at once."""
+    failures.publish(failures.outcome_of(error, failures.env_rank()))
 
 
 def _preemption_outcome(e: BaseException) -> ItertrainError | None:

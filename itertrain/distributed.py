@@ -22,7 +22,8 @@ from typing import Any, Callable, TypeVar
 import torch
 import torch.distributed as dist
 
-from itertrain.errors import DistributedFailure
+from itertrain import failures
+from itertrain.errors import DistributedFailure, ItertrainError
 
 T = TypeVar("T")
 
@@ -30,17 +31,13 @@ _io_group: Any = None
 _io_timeout_s: float = 1800.0
 INIT_FAILED_EXIT = 1  # torchrun restarts on any non-zero code
 
-# How gloo and NCCL report a peer that is gone or silent (their errors carry no type of their own
-# in every version).
-_COMM_MARKERS = ("Connection reset by peer", "Connection closed by peer", "Connection refused", "Broken pipe",
-                 "Timed out waiting", "timed out", "Timeout", "connectFullMesh", "NCCL", "Socket", "EOF")
 
 
 def is_comm_error(e: BaseException) -> bool:
-    """True when `e` says another rank is gone or did not answer."""
-    if isinstance(e, getattr(dist, "DistError", ())):
-        return True
-    return isinstance(e, RuntimeError) and any(m in str(e) for m in _COMM_MARKERS)
+    """True when `e`'s type says that another rank is gone or did not answer (torch's DistError family:
+    DistBackendError, DistNetworkError, DistStoreError). Never decided by an error's text: gloo's plain
+    RuntimeError for a lost peer is told apart by `failures.peer_gone` instead."""
+    return isinstance(e, dist.DistError)
 
 
 def short(e: BaseException) -> str:
@@ -82,6 +79,13 @@ def init(timeout_s: float = 300.0, io_timeout_s: float = 1800.0) -> None:
     watchdog.start()
     try:
         store = launcher.rendezvous_store(timeout)
+        if launcher.store_client is not None:
+            failures.attach(launcher.store_client[0], launcher.run_id(), launcher.restart_count(),
+                            launcher.store_client[1])
+        final = failures.earlier_final()
+        if final is not None:  # a deterministic failure: repeating it would only repeat its line
+            raise final.error(f" (attempt {final.attempt} of this torchrun launch ended on it; not retried: "
+                              "fix it and relaunch)")
         if store is None:
             dist.init_process_group(backend=backend, timeout=timeout)
         else:
@@ -89,6 +93,8 @@ def init(timeout_s: float = 300.0, io_timeout_s: float = 1800.0) -> None:
                                     world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
         _io_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=io_timeout_s))
         _io_timeout_s = io_timeout_s
+    except ItertrainError:
+        raise
     except (RuntimeError, ValueError, OSError) as e:
         raise DistributedFailure(f"process-group init failed on rank {os.environ.get('RANK')} "
                                  f"(restart {launcher.restart_count()}): {short(e)}") from e
@@ -123,12 +129,34 @@ def is_main() -> bool:
 
 
 def _collective(fn: Callable[[], T], doing: str) -> T:
+    """Run one of itertrain's own collectives. Only torch runs inside (the objects sent are plain data),
+    so whatever it raises is the group failing: a peer is gone or did not answer."""
     try:
         return fn()
     except RuntimeError as e:
-        if is_comm_error(e):
-            raise lost_contact(e, doing, _io_timeout_s) from e
-        raise
+        raise lost_contact(e, doing, _io_timeout_s) from e
+
+
+def training_failure(e: BaseException, doing: str, timeout_s: float, own: ItertrainError) -> ItertrainError:
+    """What a failure inside training is, on this rank: a lost peer, a peer's own error (re-raised
+    here from the (type, message, exit code) it published), or this rank's own error `own`.
+
+    Decided by type (a DistError is a lost peer) and, for gloo's plain RuntimeError, by asking the
+    other ranks (`failures.probe`), never by the error's text."""
+    if is_comm_error(e):
+        return lost_contact(e, doing, timeout_s)
+    if not active():
+        return own
+    me = rank()
+    answer = failures.probe(_io_group)
+    peer = failures.peer_outcome(me, world_size())  # a peer that failed first: its error is the cause
+    if peer is not None:
+        return peer.error(f" (on rank {peer.rank})")
+    if answer == "gone":
+        return lost_contact(e, doing, timeout_s)
+    mine = failures.outcome_of(own, me)
+    failures.publish(mine)
+    return own
 
 
 def barrier() -> None:
@@ -176,23 +204,30 @@ def run_on_main(fn, *args, **kwargs):
     """Run `fn` on rank 0 only and hand its result or its exception to every rank.
 
     Keeps ranks in step: if rank 0 fails, every rank raises the same error instead of hanging.
+    Only (type name, message, exit code) crosses to the other ranks, never a pickled exception: they
+    raise the ItertrainError of that name (or TrainingFailed naming the type) with rank 0's exit code.
     """
     result: tuple[str, Any]
+    error: BaseException | None = None
     if is_main():
         try:
             result = ("ok", fn(*args, **kwargs))
         except BaseException as e:  # noqa: BLE001 - re-raised on every rank below
-            result = ("err", e)
+            error, result = e, ("err", failures.outcome_of(e, 0))
     else:
         result = ("ok", None)
     result = broadcast(result)
+    if error is not None:
+        raise error
     if result[0] == "err":
-        raise result[1]
+        if result[1].type_name == "KeyboardInterrupt":
+            raise KeyboardInterrupt
+        raise result[1].error()
     return result[1]
 
 
 def shutdown() -> None:
     global _io_group
-    if active():
+    if active() and not failures.probe_left():
         dist.destroy_process_group()
     _io_group = None

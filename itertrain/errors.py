@@ -55,6 +55,13 @@ class DistributedFailure(ItertrainError):
     every_node = True
 
 
+class PeerFailed(ItertrainError):
+    """Another rank failed with an error that is not itertrain's own (a library's, an OSError): re-raised
+    here from the (type name, message, exit code) it published. Retried by torchrun like any failure."""
+
+    exit_code = 1
+
+
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM: what schedulers treat as "terminated, retry" (docs/design.md §6)
 
 

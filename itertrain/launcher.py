@@ -24,6 +24,7 @@ from datetime import timedelta
 from typing import Any
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+store_client: tuple[Any, bool] | None = None  # (the rendezvous store, unprefixed; whether the agent hosts it)
 POLL_S = 1.0  # the fallback watchdog's period
 
 
@@ -60,6 +61,25 @@ def _start_time(pid: int) -> str:
             return f.read().rsplit(")", 1)[1].split()[19]
     except (OSError, IndexError):
         return "?"
+
+
+def local_peer_exited(env: Any = None) -> bool:
+    """True when a worker of this node's torchrun agent has exited (fewer of the agent's children are
+    alive than LOCAL_WORLD_SIZE): a SIGTERM now is the agent stopping the rest of the group, not a
+    scheduler's preemption. False outside torchrun or when it cannot be told."""
+    env = os.environ if env is None else env
+    expected = _int("LOCAL_WORLD_SIZE", env)
+    if not under_torchrun(env) or expected <= 1:
+        return False
+    agent, alive = os.getppid(), 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                state, parent = f.read().rsplit(")", 1)[1].split()[:2]
+        except (OSError, ValueError):
+            continue
+        alive += int(parent) == agent and state != "Z"
+    return alive < expected
 
 
 def launcher_id(env: Any = None) -> str | None:
@@ -122,6 +142,8 @@ def rendezvous_store(timeout: timedelta) -> Any:
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
                           is_master=not agent_store and rank == 0, timeout=timeout, multi_tenant=True,
                           wait_for_workers=False)
+    global store_client
+    store_client = (store, agent_store)
     attempt = f"restart{restart_count()}/" if agent_store else ""
     return dist.PrefixStore(f"itertrain/{run_id() or 'none'}/{attempt}", store)
 

@@ -7,6 +7,7 @@ the file is put back as it was, so a refused launch leaves the directory byte-fo
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -18,22 +19,33 @@ from itertrain.errors import LockHeld
 from itertrain.layout import LOCK_NAME
 
 
+# A directory nobody can write into: no run can be writing there either, so a read-only look is safe.
+READ_ONLY_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
 class RunLock:
     def __init__(self, output_dir: Path):
         self.path = Path(output_dir) / LOCK_NAME
         self._fd: int | None = None
         self._previous: bytes | None = None
         self._created: list[Path] = []  # directories this launch created for the lock, deepest last
+        self.read_only: str | None = None  # why the directory cannot be written (then no lock is held)
 
     def acquire(self) -> None:
-        """Take the lock or raise LockHeld naming the holder."""
+        """Take the lock or raise LockHeld naming the holder. In an existing directory that cannot be
+        written (a read-only file system or permissions) nothing is taken: `read_only` then says why,
+        and the launch may still read (a finished experiment is reported complete), never write."""
         try:
             self._acquire()
         except OSError as e:
             from itertrain.errors import ArtifactWriteError
             from itertrain.fsutil import describe_write_error
 
-            raise ArtifactWriteError(describe_write_error(e, self.path) + "; nothing was changed") from e
+            why = describe_write_error(e, self.path) + "; nothing was changed"
+            if e.errno in READ_ONLY_ERRNOS and self.path.parent.is_dir() and not self._created:
+                self.read_only = why
+                return
+            raise ArtifactWriteError(why) from e
 
     def _acquire(self) -> None:
         if self.path.is_symlink():

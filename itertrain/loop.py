@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from itertrain import distributed, faults, hub, launcher, preemption, trackers
+from itertrain import data_lineage, distributed, faults, hub, launcher, preemption, trackers
 from itertrain.args import RunConfig
 from itertrain.artifacts.manager import CheckpointConfig, CheckpointManager
 from itertrain.artifacts.manifest import fingerprint
@@ -60,7 +60,7 @@ def run_experiment(cfg: RunConfig) -> int:
     strategy = strategy_cls(ctx)
     check_same_output_dir(root)  # a node-local output dir: exit 2, before the lock or anything is written
     lock = RunLock(root)
-    distributed.run_on_main(lock.acquire)
+    read_only = distributed.run_on_main(acquire, lock)  # a read-only dir: a finished experiment is only reported
     wrote = False
     try:
         record = distributed.run_on_main(load_record, root)
@@ -76,6 +76,8 @@ def run_experiment(cfg: RunConfig) -> int:
             iteration's data and reward function, and what this plan would write through a symlink."""
             if plan.mode == Mode.COMPLETE:
                 return
+            if read_only:
+                raise ArtifactWriteError(f"iteration {plan.iteration} cannot run: {read_only}")
             if plan.mode != Mode.FRESH:
                 changed = distributed.run_on_main(check_resume, record, cfg, defining)
                 applies = distributed.run_on_main(resume_changes, plan, root, cfg)
@@ -94,6 +96,9 @@ def run_experiment(cfg: RunConfig) -> int:
             if restored is not None:  # what the checkpoint depends on but does not hold must be as it was
                 source = plan_source(ctx, plan, restored)
                 distributed.run_on_main(strategy.check_restored, plan.iteration, source, restored, plan.state_from)
+                config_warnings.extend(distributed.run_on_main(
+                    data_lineage.check_restored, strategy, plan.iteration, restored, str(plan.state_from),
+                    cfg.recovery.allow_config_change))
 
         resolved = resolve(root, flags, record, opts, before_load=before_load)
         resolved.notes[:0] = restart_notes
@@ -109,16 +114,7 @@ def run_experiment(cfg: RunConfig) -> int:
         metrics = MetricsLog(root) if distributed.is_main() else None
         for line in distributed.run_on_main(trackers.open_runs, root, cfg.training) or []:
             say(f"   {line}")
-        auto = dataclasses.replace(flags_of(cfg), resume_from=AUTO, resume_from_iteration=AUTO,
-                                   overwrite_output_dir=False)
-        while True:
-            run_iteration(ctx, strategy, manager, resolved, record, metrics)
-            if resolved.plan.iteration + 1 >= cfg.loop.num_iterations:
-                break
-            resolved = resolve(root, auto, record, opts)
-            say(f"➡️  iteration {resolved.plan.iteration}: weights from {resolved.plan.weights_from}, "
-                f"training state: {resolved.plan.state_scope.value}"
-                + (f" from {resolved.plan.state_from}" if resolved.plan.state_from else ""))
+        run_iterations(ctx, strategy, manager, resolved, record, metrics, opts)
         say(f"✅ experiment complete: {cfg.loop.num_iterations} iteration(s) committed in {root}")
         return 0
     finally:
@@ -127,6 +123,36 @@ def run_experiment(cfg: RunConfig) -> int:
             trackers.close_runs()
             lock.release(restore=not wrote)
 
+
+def run_iterations(ctx: StrategyContext, strategy: Strategy, manager: CheckpointManager, resolved: Resolved,
+                   record: dict, metrics: MetricsLog | None, opts: LoadOptions) -> None:
+    """Iteration after iteration from the plan's, each next one through recovery with auto/auto (the path a
+    relaunch takes, so a run and a resumed run start iteration K+1 from the same bytes)."""
+    cfg, root = ctx.cfg, ctx.root
+    auto = dataclasses.replace(flags_of(cfg), resume_from=AUTO, resume_from_iteration=AUTO, overwrite_output_dir=False)
+    while True:
+        run_iteration(ctx, strategy, manager, resolved, record, metrics)
+        if resolved.plan.iteration + 1 >= cfg.loop.num_iterations:
+            return
+        resolved = resolve(root, auto, record, opts)
+        say(f"➡️  iteration {resolved.plan.iteration}: weights from {resolved.plan.weights_from}, "
+            f"training state: {resolved.plan.state_scope.value}"
+            + (f" from {resolved.plan.state_from}" if resolved.plan.state_from else ""))
+
+
+def acquire(lock: RunLock) -> str | None:
+    """Take the run lock (rank 0); why the directory is read-only, when it is (no lock is then held)."""
+    lock.acquire()
+    return lock.read_only
+
+
+def _data_entry(strategy: Strategy, k: int) -> dict[str, Any]:
+    data = data_lineage.current(strategy, k)
+    return {data_lineage.KEY: data} if data is not None else {}
+
+
+def first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:400]
 
 
 def _checkpoint_manager(cfg: RunConfig) -> CheckpointManager:
@@ -297,11 +323,8 @@ def train(trainer: Any, resume: str | None, k: int, cfg: RunConfig) -> float:
         message = describe_library_write_error(e, cfg.output_dir)
         if message is not None:
             raise ArtifactWriteError(f"training of iteration {k} failed while writing: {message}") from e
-        if distributed.is_comm_error(e):
-            raise distributed.lost_contact(e, f"training iteration {k}", cfg.dist.dist_timeout_s) from e
-        if isinstance(e, RuntimeError):
-            raise TrainingFailed(f"training of iteration {k} failed: {str(e).splitlines()[0] if str(e) else e}") from e
-        raise
+        own = TrainingFailed(f"training of iteration {k} failed: {type(e).__name__}: {first_line(e)}")
+        raise distributed.training_failure(e, f"training iteration {k}", cfg.dist.dist_timeout_s, own) from e
 
 
 def run_iteration(ctx: StrategyContext, strategy: Strategy, manager: CheckpointManager, resolved: Resolved,
@@ -330,6 +353,7 @@ def run_iteration(ctx: StrategyContext, strategy: Strategy, manager: CheckpointM
         "state_scope": plan.state_scope.value, "previous_model": source.path, "previous_id": source.fingerprint,
         "experiment_id": record.get("experiment_id"), "hyperparameters": hyperparameters(cfg, resolved.restored),
         **strategy.iteration_lineage(k, source),
+        **_data_entry(strategy, k),
         **lora,
     })
     train_ds, evaluation = strategy.train_dataset(k), strategy.evaluation(k)

@@ -30,7 +30,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from itertrain import console, distributed
+from itertrain import console, distributed, failures, launcher
 from itertrain.errors import PREEMPTED_EXIT_CODE, Preempted
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -108,6 +108,10 @@ def _reset_in_child() -> None:
 
 
 def _on_signal(signum: int) -> None:
+    if signum == signal.SIGTERM and _state.signum is None and launcher.local_peer_exited():
+        peer = failures.peer_outcome(distributed.rank(), distributed.world_size())
+        if peer is None or peer.exit_code != PREEMPTED_EXIT_CODE:  # a peer that stopped on this signal first
+            _group_stopped(peer)
     with _state.lock:
         name = _name(signum)
         if _state.done:  # the stop is complete and committed; this process is on its way out
@@ -124,9 +128,22 @@ def _on_signal(signum: int) -> None:
         _arm_deadline()
 
 
+def _group_stopped(peer: failures.Outcome | None) -> None:
+    """torchrun stops the group because a rank of this node exited: say why that rank stopped (the
+    (type, message, exit code) it published) or that it is gone, and exit; this is no preemption."""
+    me = distributed.rank()
+    if peer is not None:
+        stop_now(peer.exit_code, peer.error().label, f"{peer.error(f' (on rank {peer.rank})')}")
+    stop_now(1, "error", f"rank {me} lost contact with another rank while {_state.phase}: a rank of this node "
+             "exited, and torchrun stops the others (it restarts the group when --max-restarts allows). "
+             "Committed work is intact; relaunch with --resume_from auto --resume_from_iteration auto")
+
+
 def stop_now(code: int, label: str, message: str) -> None:
     """Print one line (rank 0) and end this process at once."""
-    if console.prints_messages():
+    if code == PREEMPTED_EXIT_CODE:  # a peer that sees this rank gone knows it stopped on the signal too
+        failures.publish(failures.Outcome("Preempted", message, code, distributed.rank()))
+    if console.prints_messages() and failures.say_once():
         console.emit(f"itertrain: {label}: {message} (exit {code})")
     os._exit(code)
 

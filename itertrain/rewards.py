@@ -111,10 +111,11 @@ class RewardFunction:
             return None
         if isinstance(value, bool):
             return float(value)
-        if not isinstance(value, (int, float)) or math.isnan(value):
+        # inf too: the samples' JSON would hold a non-standard `Infinity`, and a margin of inf - inf is NaN
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
             raise RewardFunctionError(
                 f"reward function {self.spec} returned {value!r} ({type(value).__name__}) on example {index} "
-                f"(prompt {row['prompt']!r}, completion {completion!r}); it must return a number or None"
+                f"(prompt {row['prompt']!r}, completion {completion!r}); it must return a finite number or None"
             )
         return float(value)
 
@@ -197,7 +198,20 @@ class RewardModel:
         del model
         if sharded:
             scores = distributed.merge_gathered(scores)
+        bad = next((n for n in range(len(texts)) if not math.isfinite(scores[n])), None)
+        if bad is not None:  # an overflow in the model's dtype: not a reward that JSON or a margin can hold
+            raise RewardFunctionError(f"reward model {self.path} scored sample {bad} {scores[bad]!r}; rewards must "
+                                      "be finite (try --model_dtype float32)")
         return _unflatten([scores[n] for n in range(len(texts))], completions)
+
+
+def why_no_pairs(samples: list[dict[str, Any]], min_margin: float) -> tuple[str, str]:
+    """(why no prompt gave a preference pair, what to change), from the samples with their rewards."""
+    if all(r.get("reward") is None for r in samples):
+        return (f"none of the {len(samples)} samples was scored: the reward function returned None for every one",
+                "Make the reward function return a number for the completions it can judge")
+    return (f"every prompt's scored samples were within --min_reward_margin {min_margin} of each other",
+            "Raise --samples_per_prompt or --temperature, or lower --min_reward_margin")
 
 
 def reward_scorer(gen: Any, model_args: Any) -> RewardFunction | RewardModel:

@@ -20,6 +20,7 @@ from pathlib import Path
 from itertrain import distributed
 from itertrain.errors import UsageError
 from itertrain.fsutil import fsync_dir
+from itertrain.lock import READ_ONLY_ERRNOS
 
 CHECK_PREFIX = ".itertrain-samedir-"
 RETRIES = 5
@@ -71,8 +72,12 @@ def check_same_output_dir(root: Path) -> None:
         try:
             outcome = ("ok", *_write_check(root))
         except OSError as e:
-            outcome = ("err", f"--output_dir {root} cannot be written ({e.strerror or e})")
+            # read-only: nothing will be written there (RunLock says so; a finished experiment is reported)
+            ro = e.errno in READ_ONLY_ERRNOS and root.is_dir()
+            outcome = ("ro", "") if ro else ("err", f"--output_dir {root} cannot be written ({e.strerror or e})")
     outcome = distributed.broadcast(outcome)  # the barrier: the check file is on disk before anyone looks
+    if outcome[0] == "ro":
+        return
     if outcome[0] == "err":
         raise UsageError(outcome[1])
     _, name, content, created = outcome

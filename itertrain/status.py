@@ -14,12 +14,13 @@ from argparse import ArgumentParser
 from pathlib import Path
 from typing import Any
 
+from itertrain import data_lineage
 from itertrain.artifacts.manifest import ManifestError, read_manifest
 from itertrain.errors import ItertrainError, UsageError
 from itertrain.experiment import load_record
-from itertrain.layout import ADAPTER_CONFIG_NAME, experiment_dir
+from itertrain.layout import ADAPTER_CONFIG_NAME, SUPERSEDED_DIR, experiment_dir
 from itertrain.lock import describe_holder, live_holder
-from itertrain.lora.links import check_links
+from itertrain.lora.links import base_model_problems, check_links
 from itertrain.metrics import committed_metrics
 from itertrain.recovery.decide import decide
 from itertrain.recovery.discover import Inventory, Status, discover, missing_aux
@@ -92,9 +93,15 @@ def status(argv: list[str]) -> int:
         error = None
     except ItertrainError as e:
         plan, error = None, e
+    data = data_lineage.status_of(root, args, plan)
+    unusable = base_model_problems(root, [m.path for m in inv.iteration_models])
+    aside = superseded(root)
+    code = error.exit_code if error else 1 if unusable else 0
     if ns.json:
-        print(json.dumps(_status_json(root, record, inv, plan, error, holder, flying, target), indent=2))
-        return error.exit_code if error else 0
+        out = _status_json(root, record, inv, plan, error, holder, flying, target)
+        print(json.dumps({**out, "training_data": data, "base_model_problems": unusable, "superseded": aside},
+                         indent=2))
+        return code
     print(f"{root}: {'itertrain experiment' if inv.is_experiment else 'no itertrain.json (artifacts from other tools)'}"
           + (f", {record['arguments'].get('num_iterations')} iterations planned" if record.get("arguments") else ""))
     if holder is not None:
@@ -110,11 +117,21 @@ def status(argv: list[str]) -> int:
         print(f"  📁 {c.path:<24} iteration {it:<4} step {c.step:<7} {_label(c, flying)}{extra}")
     for d in inv.data:
         print(f"  📦 {d.path:<24} iteration {d.iteration:<4} {_label(d, flying)}")
+    for a in aside:
+        print(f"  🗄️  {a['path'] + '/':<24} moved aside: {', '.join(a['artifacts']) or 'empty'} (never used by "
+              "recovery; kept for you to inspect or delete)")
+    for rel, problem in unusable.items():
+        print(f"  ❌ {rel}: {problem}")
     if plan is not None:
         print(render(plan, str(root), args.get("model_name", "--model_name")))
+        if data is not None:
+            print(data_lineage.status_line(data))
     else:
         print(f"plan: refused — {error}")
-    return error.exit_code if error else 0
+    if unusable and plan is not None:
+        print(f"⚠️  {len(unusable)} iteration model(s) cannot be loaded as trained (above): the plan holds only once "
+              "their base model is back")
+    return code
 
 
 def _label(artifact: Any, flying: set[str]) -> str:
@@ -166,7 +183,12 @@ def verify(argv: list[str]) -> int:
         if artifact.path in flying:
             results.append({"path": artifact.path, "kind": kind, "status": "in_flight", "ok": None, "problems": []})
             continue
-        if artifact.status in (Status.TORN, Status.CORRUPT, Status.INVALID):
+        if artifact.status == Status.TORN:  # never committed: recovery never uses it, the next launch removes it
+            results.append({"path": artifact.path, "kind": kind, "status": "torn", "ok": None, "leftover": True,
+                            "problems": [f"{artifact.problem or 'no manifest'}: a save that never completed; "
+                                         "never used, the next launch removes it"]})
+            continue
+        if artifact.status in (Status.CORRUPT, Status.INVALID):
             problems = [artifact.problem or artifact.status.value]
         else:
             try:
@@ -174,11 +196,14 @@ def verify(argv: list[str]) -> int:
                 problems = deep_problems(root / artifact.path, manifest, kind)
             except ManifestError as e:
                 problems = [str(e)]
+            if kind == "iteration_model":
+                problems += list(base_model_problems(root, [artifact.path]).values())
         ok = not problems
         bad += not ok
         results.append({"path": artifact.path, "kind": kind, "status": artifact.status.value, "ok": ok,
                         "problems": problems, "symlink": getattr(artifact, "symlink", False)})
     checked = [r for r in results if r["ok"] is not None]
+    leftovers = sum(bool(r.get("leftover")) for r in results)
     if ns.json:
         print(json.dumps({"output_dir": os.path.abspath(root), "ok": bad == 0, "live_run": holder,
                           "artifacts": results}, indent=2))
@@ -186,12 +211,24 @@ def verify(argv: list[str]) -> int:
         if holder is not None:
             print(f"🔒 a run is alive here: {describe_holder(holder)}")
         for r in results:
-            mark = "⏳" if r["ok"] is None else "✅" if r["ok"] else "❌"
-            status_text = IN_FLIGHT if r["ok"] is None else r["status"]
+            mark = "🧹" if r.get("leftover") else "⏳" if r["ok"] is None else "✅" if r["ok"] else "❌"
+            status_text = r["status"] if r.get("leftover") else IN_FLIGHT if r["ok"] is None else r["status"]
             print(f"{mark} {r['path']:<28} {status_text:<13}" + (" " + "; ".join(r["problems"]) if r["problems"] else ""))
         print(f"{len(checked) - bad} of {len(checked)} artifacts verified" + (f", {bad} failed" if bad else "")
-              + (f", {len(results) - len(checked)} being written" if len(checked) < len(results) else ""))
+              + (f", {len(results) - len(checked) - leftovers} being written"
+                 if len(checked) + leftovers < len(results) else "")
+              + (f", {leftovers} torn leftover(s) of a save that never completed (not a failure: the next "
+                 "launch removes them)" if leftovers else ""))
     return 1 if bad else 0
+
+
+def superseded(root: Path) -> list[dict[str, Any]]:
+    """What was moved aside into superseded/<time>/ (by --overwrite_output_dir or a rebuild), oldest first."""
+    base = root / SUPERSEDED_DIR
+    if not base.is_dir() or base.is_symlink():
+        return []
+    return [{"path": f"{SUPERSEDED_DIR}/{d.name}", "artifacts": sorted(p.name for p in d.iterdir())}
+            for d in sorted(base.iterdir()) if d.is_dir() and not d.is_symlink()]
 
 
 def _recreated_from(missing: list[str] | tuple[str, ...]) -> str:

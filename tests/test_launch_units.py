@@ -8,6 +8,8 @@ from __future__ import annotations
 import pytest
 
 from itertrain import launcher, preemption
+import torch.distributed as dist
+
 from itertrain.distributed import is_comm_error, lost_contact, short
 from itertrain.errors import UsageError
 from itertrain.layout import deepspeed_step_dir, fsdp_dirs
@@ -101,9 +103,24 @@ def test_only_the_checkpoint_saved_at_the_agreed_step_is_marked_as_a_preemption_
 def test_a_lost_peer_is_one_line_without_the_library_noise():
     e = RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by "
                      "peer [127.0.0.1]:27798. This is typically caused by a remote worker crashing.\nmore")
-    assert is_comm_error(e) and not is_comm_error(RuntimeError("CUDA out of memory"))
+    # decided by type, never by text: gloo's plain RuntimeError is told apart by asking the peers
+    assert not is_comm_error(e) and not is_comm_error(RuntimeError("unexpected EOF while decoding sample 17"))
+    assert is_comm_error(dist.DistNetworkError("x")) and is_comm_error(dist.DistStoreError("Timeout"))
     assert short(e) == "Connection closed by peer [127.0.0.1]:27798"
     failure = lost_contact(e, "training iteration 1", 300)
     assert failure.exit_code == 1 and failure.every_node
     assert str(failure).startswith("rank 0 lost contact with another rank while training iteration 1 (a rank or node "
                                    "died, was stopped or did not answer within 300s): Connection closed by peer")
+
+
+def test_a_failure_crosses_ranks_as_type_name_message_and_exit_code_only():
+    from itertrain import errors, failures
+
+    o = failures.outcome_of(errors.UsageError("bad flag\nmore"), rank=1)
+    assert (o.type_name, o.message, o.exit_code, o.rank, o.retried) == ("UsageError", "bad flag", 2, 1, False)
+    again = o.error(" (on rank 1)")
+    assert type(again) is errors.UsageError and str(again) == "bad flag (on rank 1)" and again.exit_code == 2
+    # not itertrain's own (an OSError of a library): a peer's failure, retried by torchrun like any failure
+    o = failures.outcome_of(OSError(28, "No space left on device"), rank=0)
+    assert o.retried and type(o.error()) is errors.PeerFailed and o.error().exit_code == 1
+    assert str(o.error()) == "OSError: [Errno 28] No space left on device"

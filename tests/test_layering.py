@@ -16,10 +16,10 @@ PACKAGE = Path(__file__).resolve().parent.parent / "itertrain"
 # Lowest first. A unit is a top-level module or a subpackage of itertrain/.
 FLOORS: list[tuple[str, set[str]]] = [
     ("ground: no itertrain imports", {"errors", "console", "faults", "launcher", "tasks"}),
-    ("names and configuration", {"layout", "args", "data", "fsutil", "tiny_model"}),
+    ("names and configuration", {"layout", "args", "data", "fsutil", "tiny_model", "failures"}),
     ("processes, weights on disk, the record", {"distributed", "weights", "experiment", "lock", "plot"}),
     ("writing artifacts, generation, signals", {"artifacts", "generation", "preemption", "shared_dir"}),
-    ("adapters, metrics, rewards, the trainer mixin", {"lora", "metrics", "rewards", "trainer"}),
+    ("adapters, metrics, rewards, the trainer mixin", {"lora", "metrics", "rewards", "trainer", "data_lineage"}),
     ("recovery: reading and deciding", {"recovery"}),
     ("strategies, status, trackers and the hub", {"strategies", "status", "trackers", "hub"}),
     ("the recipe and the parser", {"loop", "parser"}),

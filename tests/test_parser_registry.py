@@ -91,6 +91,28 @@ def test_register_strategy_makes_a_name_available():
         register_strategy("bad", object)  # type: ignore[arg-type]
 
 
+def test_register_strategy_refuses_a_taken_name_unless_replace_is_said():
+    class Other(Strategy):
+        def train_rows(self, iteration):
+            return [{"text": "y"}]
+
+    with pytest.raises(UsageError, match=r"the name 'sft' is taken \(built in: itertrain.strategies.sft:SFTStrategy\)"):
+        register_strategy("sft", Other)
+    assert load_strategy("sft").__name__ == "SFTStrategy"
+
+    class First(Strategy):
+        def train_rows(self, iteration):
+            return [{"text": "x"}]
+
+    register_strategy("unit_test_taken", First)
+    register_strategy("unit_test_taken", First)  # the same class again (a module run twice): no change
+    with pytest.raises(UsageError, match="taken \\(registered: .*First\\); .*replace=True"):
+        register_strategy("unit_test_taken", Other)
+    assert load_strategy("unit_test_taken") is First
+    register_strategy("unit_test_taken", Other, replace=True)
+    assert load_strategy("unit_test_taken") is Other
+
+
 def test_strategy_from_an_installed_entry_point(tmp_path, monkeypatch):
     site = tmp_path / "site"
     pkg = site / "epstrat"

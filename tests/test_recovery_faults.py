@@ -85,7 +85,8 @@ def test_damaged_newest_checkpoint_is_rejected_and_auto_falls_back_to_the_older_
     plan = status_json(out)["plan"]
     assert plan["state_from"] == "checkpoint-4" and plan["step"] == 4, plan
     assert reason in rejected(plan)["checkpoint-8"]
-    assert itertrain("verify", str(out)).returncode == 1
+    # without its manifest it is a save that never completed, to verify: reported, not a failure
+    assert itertrain("verify", str(out)).returncode == (0 if case == "manifest_missing" else 1)
 
 
 def test_explicit_damaged_checkpoint_exits_2_and_names_what_exists(exp):

@@ -109,3 +109,19 @@ def test_reward_model_scores_prompt_plus_completion_the_same_in_any_batch(reward
 def test_a_reward_model_with_several_labels_is_refused(tmp_path):
     with pytest.raises(UsageError, match="has 3 labels; a reward model has one"):
         RewardModel(str(make_reward_model(tmp_path / "rm3", num_labels=3))).load()
+
+
+def test_an_infinite_reward_is_refused_naming_the_function_so_samples_json_stays_standard():
+    fn = RewardFunction(lambda prompts, completions, **kw: [1.0, float("inf"), 0, 0, 0], "m:inf", batched=True)
+    with pytest.raises(RewardFunctionError, match=r"m:inf returned inf .* it must return a finite number or None"):
+        fn.score(ROWS, COMPLETIONS)
+
+
+def test_no_pairs_is_explained_by_what_happened_to_the_rewards():
+    from itertrain.rewards import why_no_pairs
+
+    why, advice = why_no_pairs([{"reward": None}] * 6, 0.1)
+    assert why == "none of the 6 samples was scored: the reward function returned None for every one"
+    assert advice.startswith("Make the reward function return a number")
+    why, advice = why_no_pairs([{"reward": 1.0}, {"reward": 1.0}, {"reward": None}], 0.1)
+    assert why == "every prompt's scored samples were within --min_reward_margin 0.1 of each other"

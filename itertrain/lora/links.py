@@ -106,6 +106,12 @@ def check_links(root: Path, plan: Any, base_model: str) -> dict[str, str]:
             failures[rel] = (f"its LoRA adapter was trained on {record.get('path')}, this plan would apply it to "
                              f"{now['path']}")
         elif record.get("id") != now["id"]:
+            if now["base"] and now["id"] is None:
+                raise RecoveryRefused(
+                    f"{rel} is a LoRA adapter of the base model {record.get('path')} (weights fingerprint "
+                    f"{record.get('id')}), which is missing (no weights at {now['path']}). Put the original base "
+                    "model back (at --model_name), or start a new experiment in another --output_dir."
+                )
             if now["base"]:
                 raise RecoveryRefused(
                     f"{rel} is a LoRA adapter of the base model {record.get('path')} (weights fingerprint "
@@ -116,3 +122,26 @@ def check_links(root: Path, plan: Any, base_model: str) -> dict[str, str]:
             failures[rel] = (f"its LoRA adapter applies to {now['path']}, whose weights changed since it was trained "
                              f"(fingerprint {record.get('id')}, now {now['id']})")
     return failures
+
+
+def base_model_problems(root: Path, models: list[str]) -> dict[str, str]:
+    """{iteration model: problem} for adapter-only iteration models whose base model (recorded as an
+    absolute path with its weights fingerprint) is missing or changed: they cannot be loaded as trained."""
+    problems: dict[str, str] = {}
+    for rel in models:
+        try:
+            manifest = read_manifest(Path(root) / rel)
+        except ManifestError:
+            continue
+        # an adapter-only model records adapter_of in its manifest's extra (a merged one, in its lineage only)
+        record = manifest.extra.get(ADAPTER_OF) if manifest is not None else None
+        if not isinstance(record, dict) or not record.get("base") or not record.get("path"):
+            continue
+        now = weights_identity(Path(record["path"]))
+        if now is None:
+            problems[rel] = (f"its LoRA base model {record['path']} is missing (fingerprint {record.get('id')} "
+                             "recorded): the adapter cannot be loaded without it; put that model back")
+        elif now != record.get("id"):
+            problems[rel] = (f"its LoRA base model {record['path']} changed (fingerprint {record.get('id')}, now "
+                             f"{now}): the adapter would apply to a different model")
+    return problems

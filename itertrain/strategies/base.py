@@ -88,8 +88,8 @@ class Strategy:
         from itertrain.data import check_rows
 
         if not self.generates(iteration):
-            check_rows(self.train_rows(iteration), self.rows_source(iteration))
-        rows = self.eval_rows(iteration)
+            check_rows(_user_rows(self.train_rows, iteration), self.rows_source(iteration))
+        rows = _user_rows(self.eval_rows, iteration)
         if rows is not None:
             check_rows(rows, f"{type(self).__qualname__}.eval_rows({iteration})")
 
@@ -185,3 +185,19 @@ class Strategy:
     def task_metrics(self, iteration: int, model: Any) -> dict[str, float]:
         """Extra held-out metrics (e.g. exact-match accuracy). Called on every rank."""
         return {}
+
+
+def _user_rows(fn: Callable[[int], Any], iteration: int) -> Any:
+    """`fn(iteration)` of a strategy; whatever it raises (other than itertrain's own errors) is a usage
+    error naming the method: one line, exit 2, before anything is written."""
+    from itertrain.errors import ItertrainError, UsageError
+
+    try:
+        return fn(iteration)
+    except ItertrainError:
+        raise
+    except Exception as e:  # noqa: BLE001 - user code: reported in one line, whatever it raised
+        name = f"{type(fn.__self__).__qualname__}.{fn.__name__}({iteration})"
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise UsageError(f"{name} raised {type(e).__name__}: {first}. Nothing was written; fix it and "
+                         "relaunch the same command") from e

@@ -45,7 +45,7 @@ from itertrain.artifacts.manifest import ManifestError, fingerprint, read_manife
 from itertrain.data import read_jsonl, resolve_path  # noqa: E402
 from itertrain.errors import RecoveryRefused, TrainingFailed  # noqa: E402
 from itertrain.layout import data_name  # noqa: E402
-from itertrain.rewards import Rewards  # noqa: E402
+from itertrain.rewards import Rewards, why_no_pairs  # noqa: E402
 from itertrain.strategies.base import Evaluation, ModelSource  # noqa: E402
 from itertrain.strategies.expert_iteration import SAMPLES, SampledDataStrategy  # noqa: E402
 
@@ -192,11 +192,10 @@ class IterativeDPOStrategy(SampledDataStrategy):
             return self.labeled_rows()
         pairs = read_jsonl(self.data_dir(iteration) / PAIRS)
         if not pairs:
+            why, advice = why_no_pairs(read_jsonl(self.data_dir(iteration) / SAMPLES), self.dpo.min_reward_margin)
             raise TrainingFailed(
-                f"iteration {iteration}: no prompt gave a preference pair (every prompt's samples scored within "
-                f"--min_reward_margin {self.dpo.min_reward_margin} of each other), so there is nothing to train on. "
-                f"Raise --samples_per_prompt or --temperature, or lower --min_reward_margin; the samples are in "
-                f"{self.data_dir(iteration) / SAMPLES}")
+                f"iteration {iteration}: no prompt gave a preference pair ({why}), so there is nothing to train on. "
+                f"{advice}; the samples are in {self.data_dir(iteration) / SAMPLES}")
         return pairs
 
     def preference_dataset(self, pairs: list[dict[str, Any]]) -> Any:

@@ -36,21 +36,41 @@ def register_strategy(name_or_class: str, strategy: None = None) -> Callable[[S]
 def register_strategy(name_or_class: str, strategy: S) -> S: ...
 
 
-def register_strategy(name_or_class, strategy=None):
+def register_strategy(name_or_class, strategy=None, *, replace: bool = False):
     """Register a Strategy subclass under a name: `register_strategy(MyStrategy)` (its `name`, else
-    the class name), `register_strategy("mine", MyStrategy)`, or `@register_strategy("mine")`."""
+    the class name), `register_strategy("mine", MyStrategy)`, or `@register_strategy("mine")`.
+
+    A name that is taken (built in, an entry point, or registered by another class) is refused with a
+    UsageError naming what has it, unless `replace=True` says the replacement is meant."""
     if isinstance(name_or_class, str):
         if strategy is None:
-            return lambda cls: register_strategy(name_or_class, cls)
+            return lambda cls: register_strategy(name_or_class, cls, replace=replace)
         name, cls = name_or_class, strategy
     else:
         cls = name_or_class
         name = getattr(cls, "name", "") or cls.__name__
     _check_class(cls, name)
+    taken = None if replace else _taken_by(name, cls)
+    if taken is not None:
+        raise UsageError(f"register_strategy: the name {name!r} is taken ({taken}); choose another name, or "
+                         f"pass replace=True to replace it")
     if not cls.__dict__.get("name"):
         cls.name = name
     _registered[name] = cls
     return cls
+
+
+def _taken_by(name: str, cls: type) -> str | None:
+    """What already has `name`, or None (free, or this same class registered again, as a module run
+    twice does)."""
+    old = _registered.get(name)
+    if old is not None:
+        same = (old.__module__, old.__qualname__) == (cls.__module__, cls.__qualname__)
+        return None if same else f"registered: {old.__module__}.{old.__qualname__}"
+    if name in BUILTIN:
+        return f"built in: {BUILTIN[name]}"
+    ep = _entry_points().get(name)
+    return f"entry point {ep.value}" if ep is not None else None
 
 
 def _check_class(cls: object, spec: str) -> type[Strategy]:

@@ -1,0 +1,104 @@
+"""A user's error under torchrun is the user's error: one line, its exit code, never "lost contact",
+and not repeated by torchrun's restarts; a SIGKILLed peer is a lost peer, not a preemption."""
+
+from __future__ import annotations
+
+import signal
+import textwrap
+
+import pytest
+
+from conftest import FAST_FLAGS, PY, _run, base_env, free_port
+from jobs import Job, torchrun_cmd
+
+pytestmark = pytest.mark.slow  # real processes: torchrun, training
+
+EOF_COLLATOR = textwrap.dedent("""
+    import os
+    from itertrain import Strategy
+    from itertrain.data import PadCollator
+
+    class Decoder(PadCollator):
+        calls = 0
+
+        def __call__(self, batch):
+            type(self).calls += 1
+            if os.environ.get("RANK") == "1" and type(self).calls == 2:
+                raise RuntimeError("unexpected EOF while decoding sample 17")
+            return super().__call__(batch)
+
+    class EofStrategy(Strategy):
+        def train_rows(self, iteration):
+            return [{"prompt": f"{a}+{iteration}=", "completion": str(a + iteration)} for a in range(40)]
+
+        def data_collator(self):
+            return Decoder(self.ctx.tokenizer.pad_token_id)
+""")
+
+
+def torchrun_with(launcher_flags: list[str], args: list[str], cwd) -> tuple[int, str]:
+    cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           *launcher_flags, "-m", "itertrain", "train", *args]
+    r = _run(cmd, base_env(), 600, cwd)
+    return r.returncode, r.output
+
+
+def test_a_user_runtime_error_saying_eof_is_the_users_one_line_and_torchrun_does_not_repeat_it(tmp_path,
+                                                                                               tiny_model):
+    work = tmp_path / "project"
+    work.mkdir()
+    (work / "eofmod.py").write_text(EOF_COLLATOR)
+    out = tmp_path / "exp"
+    rc, output = torchrun_with(["--max-restarts=2"], [
+        "--model_name", str(tiny_model), "--output_dir", str(out), "--strategy", "eofmod:EofStrategy",
+        "--num_iterations", "1", *FAST_FLAGS], work)
+    assert rc == 1, output
+    line = "RuntimeError: unexpected EOF while decoding sample 17"
+    assert f"itertrain: error: training of iteration 0 failed: {line} (on rank 1)" in output, output
+    assert "lost contact" not in output and "preempted" not in output, output
+    # the restarts torchrun makes stop at once with the same line instead of training again
+    assert output.count("stage: train") == 1, output
+    assert "not retried" in output, output
+
+
+def test_a_sigkilled_peer_under_max_restarts_is_a_lost_peer_not_a_preemption_and_the_restart_finishes(
+        tmp_path, tiny_model, train_file):
+    out = tmp_path / "exp"
+    cmd = torchrun_cmd(["--model_name", str(tiny_model), "--output_dir", str(out), "--train_file", str(train_file),
+                        "--num_iterations", "1", *FAST_FLAGS], port=free_port(), extra=["--max-restarts=1"])
+    # every rank holds the set-up of training open for a moment (the restart too)
+    with Job(cmd, base_env({"ITERTRAIN_FAULT": "stage.train=sleep:6"}), log=tmp_path / "job.log") as job:
+        job.wait_for("stage: train", 1, timeout=600)
+        job.signal_rank(1, signal.SIGKILL)
+        rc = job.wait(900)
+        output = job.output
+    assert rc == 0, output[-4000:]
+    assert "itertrain: error: rank 0 lost contact with another rank while the set-up of training (iteration 0): " \
+           "a rank of this node exited" in output, output[-4000:]
+    assert "preempted" not in output, output[-4000:]
+    assert "torchrun restart 1 of 1: continuing this launch" in output
+    assert (out / "iter_0" / "model.safetensors").exists()
+
+
+RAISING_ROWS = textwrap.dedent("""
+    from itertrain import Strategy
+
+    class Broken(Strategy):
+        def train_rows(self, iteration):
+            raise KeyError("prompt_column")
+""")
+
+
+def test_a_plugin_whose_train_rows_raise_gives_one_line_and_exit_2_before_anything_is_written(tmp_path, tiny_model):
+    work = tmp_path / "project"
+    work.mkdir()
+    (work / "brokenmod.py").write_text(RAISING_ROWS)
+    out = tmp_path / "exp"
+    rc, output = torchrun_with([], ["--model_name", str(tiny_model), "--output_dir", str(out), "--strategy",
+                                    "brokenmod:Broken", "--num_iterations", "1", *FAST_FLAGS], work)
+    assert "itertrain: error: Broken.train_rows(0) raised KeyError: 'prompt_column'. Nothing was written" in output, \
+        output
+    assert output.count("itertrain: error:") == 1 and "brokenmod.py" not in output, output  # no traceback
+    assert rc == 1  # torchrun's own code for a failed worker; the worker's is 2:
+    assert "exitcode  : 2" in output, output
+    assert not out.exists() or not any(out.iterdir()), list(out.iterdir())
