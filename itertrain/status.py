@@ -165,8 +165,9 @@ def _status_json(root: Path, record: dict, inv: Inventory, plan, error, holder: 
 
 
 def verify(argv: list[str]) -> int:
-    """Deep-verify every artifact; exit 1 when any is corrupt, torn or fails its checks (a save in
-    progress under a live run is shown, not counted)."""
+    """Deep-verify every artifact; exit 1 when any committed one is corrupt or fails its checks. A torn,
+    never-committed leftover (which recovery skips) and a save in progress under a live run are shown, not
+    counted."""
     ns = _parser("verify", False).parse_args(argv)
     root = _existing_dir(ns.output_dir)
     holder = live_holder(root)
