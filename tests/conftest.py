@@ -193,6 +193,7 @@ EXTENDED = (
     "test_resilience.py::test_ctrl_c_while_the_async_writer_is_mid_file",
     "test_preemption.py::test_a_signal_during_generation_or_evaluation_stops_at_the_last_committed_point[generate",
     "test_foundation.py::test_two_rank_torchrun_run_commits_the_same_layout",
+    "test_async_save.py::test_sigterm_to_every_process_during_an_async_write_commits_it_then_the_preemption_checkpoint",
 )
 
 

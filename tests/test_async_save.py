@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from conftest import free_port, manifest, torchrun
-from itertrain.artifacts.async_save import WEIGHTS_WRITTEN, Abandoned, BackgroundWriter
+from itertrain.artifacts.async_save import OPTIMIZER_WRITE, WEIGHTS_WRITTEN, Abandoned, BackgroundWriter
 from itertrain.artifacts.snapshot import HostBufferPool, copy_tree, located_as
 from jobs import Job, torchrun_cmd
 
@@ -229,6 +229,7 @@ LOSS = r"\{'loss': "
 PREEMPTED_LINE = re.compile(r"^itertrain: preempted: SIGTERM: stopped at step \d+ \(checkpoint-\d+ of iteration 0 "
                             r"committed\).*\(exit 143\)$", re.M)
 TESTS = str(Path(__file__).resolve().parent)
+WORKER_TRACEBACK = re.compile(r'File "[^"]*/(itertrain|transformers)/')  # torchrun's own traceback is not ours
 
 
 def _preempt_args(out: Path, tiny_model: Path, train_file: Path) -> list[str]:
@@ -253,16 +254,18 @@ def uninterrupted(tmp_path_factory, tiny_model, train_file) -> Path:
 
 
 def _stop_mid_write(tmp_path: Path, tiny_model: Path, train_file: Path, every_process: bool) -> tuple[Path, int, int]:
-    """Run until checkpoint-4's weights are written and its writer is held, then SIGTERM: to torchrun
+    """Run until checkpoint-4's weights are written and its writer is held in the optimizer's write
+    (where the issue's runs lost it), then SIGTERM: to torchrun
     (which stops its workers with killpg(SIGTERM)) or to every process of the job (SLURM, Kubernetes)."""
     out = tmp_path / "exp"
-    fault = f"{WEIGHTS_WRITTEN}=sleep:6#2"  # the second save (checkpoint-4) stays in flight for 6 s
+    fault = f"{OPTIMIZER_WRITE}=sleep:6#2"  # the second save (checkpoint-4) stays in flight for 6 s
     with Job(torchrun_cmd(_preempt_args(out, tiny_model, train_file), port=free_port()),
              _env(SLOW_STEP_S="0.3", ITERTRAIN_FAULT=fault)) as job:
         deadline = time.monotonic() + 240
         while not ((out / "checkpoint-4" / "model.safetensors").exists() and job.workers()):
             assert time.monotonic() < deadline and job.proc.poll() is None, job.output[-3000:]
             time.sleep(0.05)
+        time.sleep(1.0)  # the writer is held in the optimizer's write
         assert not (out / "checkpoint-4" / "itertrain.manifest.json").exists()  # the write is in flight
         if every_process:
             for pid in job.ours():
@@ -272,7 +275,7 @@ def _stop_mid_write(tmp_path: Path, tiny_model: Path, train_file: Path, every_pr
         done = job.count(LOSS)
         rc = job.wait(180)
         output = job.output
-    assert "Traceback" not in output and "could not write" not in output, output[-4000:]
+    assert not WORKER_TRACEBACK.search(output) and "could not write" not in output, output[-4000:]
     assert len(PREEMPTED_LINE.findall(output)) == 1, output[-4000:]  # one line, from rank 0
     return out, rc, done
 
@@ -291,7 +294,7 @@ def test_sigterm_to_every_process_during_an_async_write_commits_it_then_the_pree
 
 def _check_stop_mid_write(tmp_path, tiny_model, train_file, uninterrupted, *, every_process: bool) -> None:
     out, rc, done = _stop_mid_write(tmp_path, tiny_model, train_file, every_process)
-    assert rc == 143, rc  # torchrun passes on its workers' code: preempted
+    assert rc != 0  # torchrun ends on a SignalException of its own; each worker exited 143 (the line below)
     committed = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")
                        if (p / "itertrain.manifest.json").exists())
     assert 4 in committed  # the write in flight was completed and committed
