@@ -74,6 +74,26 @@ def test_host_buffers_are_reused_across_saves_no_growth():
     assert pool.nbytes == 0
 
 
+def test_save_pretrained_from_the_host_copy_writes_hfs_bytes_with_tied_weights(tmp_path):
+    """What the writer does with the weights: HF's save_pretrained given the copied state dict; tied
+    embeddings stay one storage in the copy, so HF drops the tied key as it does from the model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, tie_word_embeddings=True))
+    host, _ = copy_tree(model.state_dict(), HostBufferPool(pin=False), "weights", {})
+    assert host["lm_head.weight"].untyped_storage().data_ptr() == host["model.embed_tokens.weight"].untyped_storage().data_ptr()
+    model.save_pretrained(tmp_path / "hf")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # training moves on: the copy must not
+    model.save_pretrained(tmp_path / "copy", state_dict=host)
+    names = sorted(p.name for p in (tmp_path / "hf").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "copy").iterdir())
+    assert {n: _sha(tmp_path / "hf" / n) for n in names} == {n: _sha(tmp_path / "copy" / n) for n in names}
+
+
 def test_located_as_records_the_originals_device_only_inside_the_write_and_removes_its_tagger(tmp_path):
     """On CUDA an optimizer copy in host memory must be written as HF writes the original ("cuda:0");
     the tagger that does it exists only for that write, even when the write fails."""
