@@ -147,6 +147,12 @@ def test_writer_errors_surface_on_wait_and_abandon_stops_before_the_next_file(tm
     writer.wait()  # an abandoned write raises nothing
 
 # ---- with HF Trainer ------------------------------------------------------------------------------
+def _fixed_logging_dir(args_class: type, output_dir: Path) -> dict:
+    """transformers < 5 stamps the launch time into the default logging_dir, which training_args.bin
+    pickles: two runs' files would differ there alone."""
+    return {"logging_dir": str(output_dir / "runs")} if "logging_dir" in args_class.__dataclass_fields__ else {}
+
+
 def _trainer(tiny_model: Path, train_file: Path, output_dir: Path, cls=None, max_steps: int = 7):
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
@@ -165,7 +171,7 @@ def _trainer(tiny_model: Path, train_file: Path, output_dir: Path, cls=None, max
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     args = TrainingArguments(output_dir=str(output_dir), max_steps=max_steps, save_steps=3, per_device_train_batch_size=4,
                              learning_rate=1e-3, report_to="none", disable_tqdm=True, use_cpu=True, logging_steps=2,
-                             seed=42, warmup_steps=2)
+                             seed=42, warmup_steps=2, **_fixed_logging_dir(TrainingArguments, output_dir))
     return (cls or Trainer)(model=model, args=args, train_dataset=build_dataset(rows, tok, 64),
                             data_collator=PadCollator(tok.pad_token_id), processing_class=tok, callbacks=[ConsumeRng()])
 
