@@ -7,8 +7,9 @@
 Figures: plan (discover + decide on synthetic dirs), train (wall time with checkpoints vs plain HF),
 resume (launch -> first step vs plain HF resume), verify (checksum throughput vs raw read),
 memory (peak RSS during save and resume vs plain HF), lora (LoRA checkpoint size, save time and resume
-vs plain HF + PEFT and vs full fine-tuning), async (--async_save vs HF's save: loop time lost per save,
-train() time every 50 and every 5 steps, peak RSS, resume; `--only async --repeats 2`: ~10 min).
+vs plain HF + PEFT and vs full fine-tuning), async (--async_save vs HF's save, saving every 5 steps: loop
+time lost per save, train() time, peak RSS; and one in-memory copy of the same state, the floor of any
+snapshot).
 Compared variants always run interleaved in one invocation; medians are reported. Progress goes to stderr, results to stdout.
 Large scratch files (checkpoints) are deleted at the end unless --keep; the model and the synthetic
 plan dirs (sparse files) stay cached in the work dir (default /tmp/itertrain-bench).

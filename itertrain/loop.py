@@ -38,7 +38,7 @@ from itertrain.recovery.resolve import LoadOptions, Resolved, resolve, restored_
 from itertrain.recovery.restore import OptimizerMomentsCallback
 from itertrain.shared_dir import check_same_output_dir
 from itertrain.strategies import ModelSource, Strategy, StrategyContext, load_strategy
-from itertrain.trainer import FaultPointCallback, attach, check_async_save, gathered_weights, with_recovery_hooks
+from itertrain.trainer import FaultPointCallback, attach, gathered_weights, with_recovery_hooks
 
 
 def say(msg: str) -> None:
@@ -88,9 +88,7 @@ def run_experiment(cfg: RunConfig) -> int:
             iterations = range(plan.iteration, cfg.loop.num_iterations)
             distributed.run_on_main(check_writes, plan, root, cfg, [k for k in iterations if strategy.generates(k)])
             for k in iterations:
-                hooked = with_recovery_hooks(strategy.trainer_class_for(k))  # one that would bypass the hooks: exit 2
-                if cfg.loop.async_save:
-                    check_async_save(hooked)
+                with_recovery_hooks(strategy.trainer_class_for(k))  # one that would bypass the hooks: exit 2
             distributed.run_on_main(strategy.preflight, plan.iteration)
             restored = distributed.run_on_main(restored_lineage, root, plan)
             if restored is not None:  # what the checkpoint depends on but does not hold must be as it was
@@ -162,7 +160,7 @@ def _checkpoint_manager(cfg: RunConfig) -> CheckpointManager:
                                   # a merged LoRA iteration starts a fresh adapter: no moments to carry
                                   carry_optimizer=cfg.loop.iteration_init == "previous" and cfg.lora.mode != MERGED),
         fsync=cfg.loop.fsync, async_commit=cfg.loop.async_commit, async_save=cfg.loop.async_save,
-        world_size=distributed.world_size(),
+        world_size=distributed.world_size(), io_timeout_s=cfg.dist.dist_io_timeout_s,
     ))
 
 

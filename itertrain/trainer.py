@@ -1,17 +1,22 @@
 """itertrain's hooks into HF Trainer, for any Trainer subclass (TRL's included): a mixin and a callback.
 
-`RecoveryHooks` overrides three private Trainer methods, each a few lines around `super()`:
+`RecoveryHooks` overrides five private Trainer methods, each a few lines around `super()`:
 1. `_load_from_checkpoint`: a no-op. itertrain loads the starting weights from
    `RecoveryPlan.weights_from` before training (scenario 5 takes them from an iteration model while
    the training state comes from a checkpoint), so HF must not overwrite them.
 2. `_save_checkpoint`: the CheckpointManager frees the target directory first (a stale checkpoint
    of an older iteration with the same step moves into its iter_K/, never overwritten in place), and
-   a failed write becomes one line naming the path and the cause. With `--async_save` the save is a
-   snapshot and a background write (`artifacts/async_save.py`), committed by the writer.
-3. `_save_optimizer_and_scheduler`: a fault point inside the save, for the crash harness.
-`_finalize_training` first waits for a background checkpoint write (HF may load the best checkpoint
-from disk there). `CommitCallback` commits each checkpoint HF wrote synchronously. `with_recovery_hooks(cls)`
-puts the mixin in front of any Trainer class; tests on the lowest supported transformers guard the overrides.
+   a failed write becomes one line naming the path and the cause. With `--async_save`, HF's own
+   `_save_checkpoint` (the trainer class's, TRL's included) runs inside `AsyncSaver.capturing`, and the
+   background writer commits the checkpoint (`artifacts/async_save.py`).
+3. `_save`: with `--async_save`, the weights are copied to host memory and HF's own `_save` writes
+   them from the copy on the background writer.
+4. `_save_optimizer_and_scheduler`: a fault point inside the save, for the crash harness; with
+   `--async_save`, HF's own method runs on the background writer against copies of the state dicts.
+5. `_finalize_training`: waits for a background checkpoint write first (HF may load the best checkpoint
+   from disk there).
+`CommitCallback` commits each checkpoint HF wrote synchronously. `with_recovery_hooks(cls)` puts the mixin
+in front of any Trainer class; tests on the lowest supported transformers guard the overrides.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from itertrain.fsutil import describe_library_write_error
 from itertrain.layout import checkpoint_name
 from itertrain.preemption import PreemptionCallback
 
-HOOKED = ("_save_checkpoint", "_save_optimizer_and_scheduler", "_load_from_checkpoint")
+HOOKED = ("_save_checkpoint", "_save", "_save_optimizer_and_scheduler", "_load_from_checkpoint", "_finalize_training")
 
 
 def _restore_indexed_cpu_locations() -> None:
@@ -76,11 +81,14 @@ class RecoveryHooks:
         manager.before_save(step)
         faults.point("checkpoint.save")
         try:
-            if saver is not None:
-                # a preemption checkpoint is marked as such in its manifest, as on the synchronous path
-                saver.save(self, trial, manager.checkpoint_committer(step, preemption.checkpoint_extra(step)))
-            else:
+            if saver is None:
                 super()._save_checkpoint(model, trial)  # type: ignore[misc]
+                return
+            with saver.capturing(self, manager.root / checkpoint_name(step)) as capture:
+                super()._save_checkpoint(model, trial)  # type: ignore[misc]
+            best = self.state.best_model_checkpoint  # type: ignore[attr-defined]
+            # a preemption checkpoint is marked as such in its manifest, as on the synchronous path
+            saver.start(capture, manager.checkpoint_committer(step, preemption.checkpoint_extra(step)), best)
         except ArtifactWriteError:
             raise
         except Exception as e:  # noqa: BLE001 - torch/safetensors report a full disk as their own errors
@@ -89,7 +97,19 @@ class RecoveryHooks:
                 raise
             raise ArtifactWriteError(message) from e
 
+    def _save(self, output_dir=None, state_dict=None):
+        manager = self.itertrain_checkpoints
+        saver = manager.saver if manager is not None else None
+        if saver is not None and saver.defer_weights(self, output_dir, state_dict, super()._save):  # type: ignore[misc]
+            return  # --async_save: HF's _save runs on the writer, with the weights as they are now
+        super()._save(output_dir, state_dict)  # type: ignore[misc]
+
     def _save_optimizer_and_scheduler(self, output_dir):
+        manager = self.itertrain_checkpoints
+        saver = manager.saver if manager is not None else None
+        hf_method = super()._save_optimizer_and_scheduler.__func__  # type: ignore[misc]
+        if saver is not None and saver.defer_optimizer(self, output_dir, hf_method):
+            return  # --async_save: the fault point and HF's method run on the writer
         faults.point("checkpoint.optimizer")  # the weights are written, the optimizer is not yet
         super()._save_optimizer_and_scheduler(output_dir)  # type: ignore[misc]
 
@@ -109,18 +129,6 @@ def _async_refused(trainer: Any, reason: str | None) -> bool:
             print(f"itertrain: --async_save is not available with {reason}; checkpoints are saved by HF Trainer "
                   "synchronously", flush=True)
     return True
-
-
-def check_async_save(trainer_class: type) -> None:
-    """`--async_save` repeats `Trainer._save_checkpoint` itself: a trainer class that adds its own
-    steps to it (TRL's DPOTrainer writes a model card there) would silently lose them. Refused (exit 2)."""
-    owners = [c for c in trainer_class.__mro__ if "_save_checkpoint" in vars(c)
-              and c is not RecoveryHooks and c is not Trainer]
-    if owners:
-        raise UsageError(
-            f"--async_save with {owners[0].__name__}: it overrides Trainer._save_checkpoint, which --async_save "
-            "replaces by a snapshot and a background write, so its own save steps would not run; drop --async_save"
-        )
 
 
 def check_hooks(trainer_class: type) -> None:

@@ -65,9 +65,9 @@ POINTS = {
 # With --async_save: points inside the background writer (besides checkpoint.optimizer, reached there
 # too, and checkpoint.commit / manifest.*, reached from the writer's commit).
 ASYNC_POINTS = {
-    "checkpoint.write.weights": "--async_save writer, mid-file: inside model.safetensors",
-    "checkpoint.write.optimizer": "--async_save writer, mid-file: inside optimizer.pt",
-    "checkpoint.write.done": "--async_save writer: this rank's files durable, not yet committed",
+    "checkpoint.write.weights": "--async_save writer: model.safetensors written, optimizer.pt not",
+    "checkpoint.write.optimizer": "--async_save writer: HF's optimizer write starting (optimizer.pt not yet)",
+    "checkpoint.write.done": "--async_save writer: this rank's files written, not yet committed",
 }
 # The bounded sequence CI runs: every save path at least once, in the order the run reaches them.
 CI_SEQUENCE = [
@@ -80,17 +80,17 @@ CI_SEQUENCE = [
     ("checkpoint.commit", 2),  # training iteration 1 on its committed data
     ("timer", 0),  # a random moment of what is left
 ]
-# The same with --async_save, plus kills inside the background writer while it is mid-file.
+# The same with --async_save, plus kills inside the background writer between its files.
 CI_SEQUENCE_ASYNC = [
-    ("checkpoint.write.weights", 2),  # iteration 0: inside model.safetensors of checkpoint-8
-    ("checkpoint.write.optimizer", 1),  # resumed at 4: inside optimizer.pt of checkpoint-8
+    ("checkpoint.write.weights", 2),  # iteration 0: checkpoint-8's weights written, the rest not
+    ("checkpoint.write.optimizer", 1),  # resumed at 4: checkpoint-8's optimizer write starting
     ("checkpoint.optimizer", 2),  # resumed at 4: checkpoint-8 committed, inside the write of checkpoint-12
     ("manifest.trainer_checkpoint.write", 1),  # resumed at 8: inside the manifest of checkpoint-12
     ("iteration.before_manifest", 1),  # inside the commit of iter_0
     ("iteration.after_manifest", 1),  # iter_0 committed, checkpoints not retired yet
     ("manifest.data.write", 1),  # inside the commit of data/iter_1
     ("generation.batch", 2),  # while regenerating data/iter_1
-    ("checkpoint.write.done", 3),  # iteration 1: a rank's files of checkpoint-8 durable, commit not
+    ("checkpoint.write.done", 3),  # iteration 1: a rank's files of checkpoint-8 written, commit not
     ("checkpoint.commit", 2),  # training iteration 1: every rank wrote checkpoint-8, manifest not
     ("timer", 0),  # a random moment of what is left
 ]

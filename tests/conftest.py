@@ -197,6 +197,7 @@ EXTENDED = (
     "test_trackers.py::test_tensorboard_step_continues_across_iterations",
     "test_trackers.py::test_wandb_offline_run_killed_outright_is_continued_under_the_same_id_on_the_same_step_axis",
     "test_data_lineage.py::test_a_plugin_whose_train_rows_differ_between_launches_is_refused_naming_the_strategy",
+    "test_async_save.py::test_sigterm_to_every_process_during_an_async_write_commits_it_then_the_preemption_checkpoint",
 )
 
 

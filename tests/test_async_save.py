@@ -1,34 +1,32 @@
-"""`--async_save` in process: the snapshot and the background writer give HF's own checkpoint files
-byte for byte (checked against HF's save of the same step), the checksums computed while writing are
-the files' checksums, a plain HF Trainer resumes from an async checkpoint, errors and abandon behave.
+"""`--async_save`: HF's own save code writes every file, from host copies taken at the save step, so
+the checkpoints are HF's byte for byte (checked against HF's save of the same step, TRL's DPOTrainer in
+test_iterative_dpo.py); a plain HF Trainer resumes from them; errors and abandon behave; a SIGTERM to
+torchrun while a write is in flight commits that write and then the preemption checkpoint.
 (The kill-anywhere runs with --async_save are in test_resilience.py; the GPU path in
 test_async_save_gpu.py.)"""
 
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
-import xxhash
 
-from itertrain.artifacts.async_save import MID_WEIGHTS, AsyncSaver, BackgroundWriter, write_snapshot
-from itertrain.artifacts.hashed_io import Cancel, HashingFile, safetensors_header, torch_save_hashed, write_tensor
-from itertrain.artifacts.manifest import FileEntry, build_manifest
-from itertrain.artifacts.snapshot import BytesFile, HostBufferPool, Snapshot, TorchFile, WeightsFile, copy_tree
-from itertrain.errors import ArtifactWriteError
+from conftest import free_port, manifest, torchrun
+from itertrain.artifacts.async_save import OPTIMIZER_WRITE, WEIGHTS_WRITTEN, Abandoned, BackgroundWriter
+from itertrain.artifacts.snapshot import HostBufferPool, copy_tree, located_as
+from jobs import Job, torchrun_cmd
 
 
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _entry(path: Path) -> FileEntry:
-    data = path.read_bytes()
-    return FileEntry(len(data), xxhash.xxh3_128_hexdigest(data))
 
 
 def _adamw_state() -> dict:
@@ -42,57 +40,22 @@ def _adamw_state() -> dict:
     return opt, model
 
 
-def test_our_safetensors_layout_is_the_librarys_byte_for_byte(tmp_path):
-    from safetensors.torch import save_file
-
-    tensors = {"z.weight": torch.randn(7, 5), "a.bias": torch.randn(5).to(torch.bfloat16),
-               "m.half": torch.randn(3, 3).half(), "count": torch.tensor(7), "flag": torch.tensor([True, False]),
-               "u8": torch.arange(9, dtype=torch.uint8), "d64": torch.randn(2, dtype=torch.float64),
-               "i32": torch.arange(4, dtype=torch.int32), "empty": torch.zeros(0, 3), "i8": torch.arange(3, dtype=torch.int8),
-               "i16": torch.arange(3, dtype=torch.int16), "f8": torch.randn(4).to(torch.float8_e4m3fn)}
-    save_file(tensors, str(tmp_path / "lib.safetensors"), metadata={"format": "pt"})
-    header, order = safetensors_header(tensors, {"format": "pt"})
-    f = HashingFile(tmp_path / "ours.safetensors")
-    f.write(header)
-    for name in order:
-        write_tensor(f, tensors[name].contiguous())
-    entry = f.close(fsync=False)
-    assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "lib.safetensors").read_bytes()
-    assert entry == _entry(tmp_path / "ours.safetensors")
-    with pytest.raises(ValueError, match="random"):
-        safetensors_header(tensors, {"format": "pt", "other": "x"})
-
-
-def test_torch_save_hashed_is_torch_save_byte_for_byte_even_with_a_large_pickle(tmp_path):
-    """The optimizer goes through a pump process: torch writes data.pkl and the zip's end holding the
-    GIL, so a pickle larger than the pipe must not stall (a pump thread would deadlock here)."""
-    opt, _ = _adamw_state()
-    big_pickle = {"blob": bytes(range(256)) * 12000, "t": torch.arange(3.0)}  # data.pkl ~3 MiB, pipe 1 MiB
-    for name, obj in (("optimizer.pt", opt.state_dict()), ("big.pt", big_pickle)):
-        (tmp_path / "ref").mkdir(exist_ok=True)
-        torch.save(obj, tmp_path / "ref" / name)
-        entry = torch_save_hashed(obj, str(tmp_path / name), fsync=True)
-        assert (tmp_path / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
-        assert entry == _entry(tmp_path / name)
-    assert (tmp_path / "ref" / "big.pt").stat().st_size > 2 << 20
-
-
 def test_copy_tree_keeps_views_and_sharing_and_does_not_move_with_training(tmp_path):
     opt, model = _adamw_state()
     before = opt.state_dict()
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     torch.save(before, tmp_path / "a" / "optimizer.pt")
-    tagged: list[int] = []
-    copy, nbytes = copy_tree(opt.state_dict(), HostBufferPool(pin=False), "optimizer", tagged)
-    assert nbytes > 0 and tagged == []
+    tags: dict[int, str] = {}
+    copy, nbytes = copy_tree(opt.state_dict(), HostBufferPool(pin=False), "optimizer", tags)
+    assert nbytes > 0 and tags == {}
     assert copy["param_groups"][0]["betas"] is copy["param_groups"][1]["betas"]  # pickle memoizes it once
     model(torch.randn(3, 32)).sum().backward()
     opt.step()  # training moves on: the copy must not
     torch.save(copy, tmp_path / "b" / "optimizer.pt")  # the same name: torch.save puts it in the zip
     assert _sha(tmp_path / "a" / "optimizer.pt") == _sha(tmp_path / "b" / "optimizer.pt")
     base = torch.arange(10.0)
-    view_copy, _ = copy_tree({"v": base[2:5], "w": base}, HostBufferPool(pin=False), "v", [])
+    view_copy, _ = copy_tree({"v": base[2:5], "w": base}, HostBufferPool(pin=False), "v", {})
     assert view_copy["v"].untyped_storage().data_ptr() == view_copy["w"].untyped_storage().data_ptr()
     assert view_copy["v"].storage_offset() == 2 and view_copy["v"].tolist() == [2.0, 3.0, 4.0]
 
@@ -100,71 +63,96 @@ def test_copy_tree_keeps_views_and_sharing_and_does_not_move_with_training(tmp_p
 def test_host_buffers_are_reused_across_saves_no_growth():
     pool = HostBufferPool(pin=False)
     state = {"a": torch.randn(100), "b": torch.randn(7, 3)}
-    copy_tree(state, pool, "x", [])
+    copy_tree(state, pool, "x", {})
     first = pool.nbytes
     ptrs = [pool.storage(f"x/{i}", n).data_ptr() for i, n in enumerate((400, 84))]
     for _ in range(3):
-        copy_tree(state, pool, "x", [])
+        copy_tree(state, pool, "x", {})
     assert pool.nbytes == first == 484
     assert ptrs == [pool.storage(f"x/{i}", n).data_ptr() for i, n in enumerate((400, 84))]
     pool.release()
     assert pool.nbytes == 0
 
 
-def _snapshot(directory: Path, mib: int = 64) -> Snapshot:
-    tensors = {f"w{i}": torch.randn(mib << 16) for i in range(4)}  # 4 x mib/4... MiB of fp32
-    header, order = safetensors_header(tensors, {"format": "pt"})
-    opt, _ = _adamw_state()
-    return Snapshot(3, directory, 0, 1, [BytesFile("config.json", b"{}\n"),
-                                          WeightsFile("model.safetensors", header, [tensors[n] for n in order]),
-                                          TorchFile("optimizer.pt", opt.state_dict())])
+def test_save_pretrained_from_the_host_copy_writes_hfs_bytes_with_tied_weights(tmp_path):
+    """What the writer does with the weights: HF's save_pretrained given the copied state dict; tied
+    embeddings stay one storage in the copy, so HF drops the tied key as it does from the model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, tie_word_embeddings=True))
+    host, _ = copy_tree(model.state_dict(), HostBufferPool(pin=False), "weights", {})
+    assert host["lm_head.weight"].untyped_storage().data_ptr() == host["model.embed_tokens.weight"].untyped_storage().data_ptr()
+    model.save_pretrained(tmp_path / "hf")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # training moves on: the copy must not
+    model.save_pretrained(tmp_path / "copy", state_dict=host)
+    names = sorted(p.name for p in (tmp_path / "hf").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "copy").iterdir())
+    assert {n: _sha(tmp_path / "hf" / n) for n in names} == {n: _sha(tmp_path / "copy" / n) for n in names}
 
 
-def test_write_snapshot_digests_are_the_files_and_the_manifest_needs_no_read_back(tmp_path):
-    snap = _snapshot(tmp_path / "checkpoint-3", mib=1)
-    digests = write_snapshot(snap, fsync=True)
-    assert digests == {rel: _entry(tmp_path / "checkpoint-3" / rel) for rel in digests}
-    manifest = build_manifest(tmp_path / "checkpoint-3", kind="trainer_checkpoint", iteration=0, step=3, written=digests)
-    assert manifest.files == digests
-    (tmp_path / "checkpoint-3" / "stray.txt").write_text("not written by the writer")
-    with pytest.raises(ArtifactWriteError, match="stray.txt"):
-        build_manifest(tmp_path / "checkpoint-3", kind="trainer_checkpoint", iteration=0, step=3, written=digests)
+def test_located_as_records_the_originals_device_only_inside_the_write_and_removes_its_tagger(tmp_path):
+    """On CUDA an optimizer copy in host memory must be written as HF writes the original ("cuda:0");
+    the tagger that does it exists only for that write, even when the write fails."""
+    import pickletools
+    import zipfile
+
+    def locations(path: Path) -> set[str]:
+        with zipfile.ZipFile(path) as z:
+            pkl = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+        return {arg for op, arg, _ in pickletools.genops(pkl) if op.name.endswith("UNICODE") and
+                isinstance(arg, str) and arg.startswith(("cpu", "cuda"))}
+
+    t = torch.arange(4.0)
+    registry = torch.serialization._package_registry
+    before = list(registry)
+    with located_as({t.untyped_storage().data_ptr(): "cuda:0"}):
+        torch.save({"t": t}, tmp_path / "in.pt")
+    torch.save({"t": t}, tmp_path / "after.pt")
+    assert locations(tmp_path / "in.pt") == {"cuda:0"} and locations(tmp_path / "after.pt") == {"cpu"}
+    with pytest.raises(RuntimeError, match="does not exist"):
+        with located_as({t.untyped_storage().data_ptr(): "cuda:0"}):
+            torch.save({"t": t}, tmp_path / "no-such-dir" / "x.pt")
+    assert registry == before
 
 
-def test_writer_errors_surface_on_wait_and_abandon_stops_mid_file(tmp_path, monkeypatch):
+def test_writer_errors_surface_on_wait_and_abandon_stops_before_the_next_file(tmp_path):
     writer = BackgroundWriter()
-    (tmp_path / "blocked").write_text("a file where the checkpoint directory should be")
-    writer.start("t", lambda cancel: write_snapshot(_snapshot(tmp_path / "blocked", 1), fsync=False, cancel=cancel))
-    with pytest.raises(OSError):
+
+    def fail(cancel):
+        raise OSError(28, "No space left on device")
+
+    writer.start("t", fail)
+    with pytest.raises(OSError, match="No space"):
         writer.wait()
     writer.wait()  # the error was reported once
-    monkeypatch.setenv("ITERTRAIN_FAULT", f"{MID_WEIGHTS}=sleep:3")
-    done: list[str] = []
-    writer.start("t", lambda cancel: (write_snapshot(_snapshot(tmp_path / "c", 64), fsync=False, cancel=cancel),
-                                      done.append("finished")))
-    while not (tmp_path / "c" / "model.safetensors").exists():
-        time.sleep(0.01)
+    started, written = threading.Event(), []
+
+    def files(cancel):
+        for i in range(100):
+            if cancel.is_set():
+                raise Abandoned("abandoned")
+            started.set()
+            written.append(i)
+            time.sleep(0.05)
+
+    writer.start("t", files)
+    started.wait(10)
     assert writer.busy
-    assert writer.abandon() is True  # returns once the write stopped at its next chunk
-    assert not writer.busy and done == []
-    size = (tmp_path / "c" / "model.safetensors").stat().st_size
-    assert size < 64 << 20 and not (tmp_path / "c" / "optimizer.pt").exists()  # stopped before the end (64 MiB)
+    assert writer.abandon() is True  # returns once the write stopped before its next file
+    assert not writer.busy and 0 < len(written) < 100
     writer.wait()  # an abandoned write raises nothing
 
-
-def test_cancel_runs_its_actions_once():
-    cancel, calls = Cancel(), []
-    cancel.on_set(lambda: calls.append(1))
-    removed = lambda: calls.append(2)  # noqa: E731
-    cancel.on_set(removed)
-    cancel.discard(removed)
-    cancel.set()
-    cancel.set()
-    cancel.on_set(lambda: calls.append(3))  # already set: runs at once
-    assert calls == [1, 3] and cancel.is_set()
-
-
 # ---- with HF Trainer ------------------------------------------------------------------------------
+def _fixed_logging_dir(args_class: type, output_dir: Path) -> dict:
+    """transformers < 5 stamps the launch time into the default logging_dir, which training_args.bin
+    pickles: two runs' files would differ there alone."""
+    return {"logging_dir": str(output_dir / "runs")} if "logging_dir" in args_class.__dataclass_fields__ else {}
+
+
 def _trainer(tiny_model: Path, train_file: Path, output_dir: Path, cls=None, max_steps: int = 7):
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
@@ -183,24 +171,21 @@ def _trainer(tiny_model: Path, train_file: Path, output_dir: Path, cls=None, max
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     args = TrainingArguments(output_dir=str(output_dir), max_steps=max_steps, save_steps=3, per_device_train_batch_size=4,
                              learning_rate=1e-3, report_to="none", disable_tqdm=True, use_cpu=True, logging_steps=2,
-                             seed=42, warmup_steps=2)
+                             seed=42, warmup_steps=2, **_fixed_logging_dir(TrainingArguments, output_dir))
     return (cls or Trainer)(model=model, args=args, train_dataset=build_dataset(rows, tok, 64),
                             data_collator=PadCollator(tok.pad_token_id), processing_class=tok, callbacks=[ConsumeRng()])
 
 
-def _async_trainer_class(saver: AsyncSaver, written: dict):
+def _hooked_trainer(tiny_model: Path, train_file: Path, output_dir: Path):
+    """The trainer as itertrain runs it with --async_save: RecoveryHooks and a CheckpointManager."""
     from transformers import Trainer
 
-    class AsyncTrainer(Trainer):
-        def _save_checkpoint(self, model, trial):
-            step = self.state.global_step
-            saver.save(self, trial, lambda digests, best: written.setdefault(step, digests))
+    from itertrain.artifacts.manager import CheckpointConfig, CheckpointManager
+    from itertrain.trainer import attach, with_recovery_hooks
 
-        def _finalize_training(self, *args, **kwargs):
-            saver.wait()
-            return super()._finalize_training(*args, **kwargs)
-
-    return AsyncTrainer
+    manager = CheckpointManager(CheckpointConfig(output_dir=output_dir, async_save=True, fsync=False))
+    manager.start_iteration(0, {})
+    return attach(_trainer(tiny_model, train_file, output_dir, with_recovery_hooks(Trainer)), manager)
 
 
 @pytest.mark.slow  # trains three times (in process)
@@ -211,26 +196,23 @@ def test_async_checkpoints_are_hfs_own_files_and_plain_hf_resumes_from_them(tmp_
     run = tmp_path / "run"  # the same output_dir for both: training_args.bin pickles it
     _trainer(tiny_model, train_file, run).train()
     run.rename(tmp_path / "hf")
-    saver, written = AsyncSaver(fsync=False), {}
-    # Hold the first write mid-file: training moves on (and consumes RNG) while checkpoint-3 is written.
-    monkeypatch.setenv("ITERTRAIN_FAULT", f"{MID_WEIGHTS}=sleep:2#1")
-    _trainer(tiny_model, train_file, run, _async_trainer_class(saver, written)).train()
+    # Hold the first write after its weights: training moves on (and consumes RNG) while checkpoint-3 is written.
+    monkeypatch.setenv("ITERTRAIN_FAULT", f"{WEIGHTS_WRITTEN}=sleep:2#1")
+    _hooked_trainer(tiny_model, train_file, run).train()
     run.rename(tmp_path / "async")
-    assert sorted(written) == [3, 6, 7]
-    for step in written:
+    for step in (3, 6, 7):
         hf, ours = tmp_path / "hf" / f"checkpoint-{step}", tmp_path / "async" / f"checkpoint-{step}"
         names = sorted(p.name for p in hf.iterdir())
-        assert names == sorted(p.name for p in ours.iterdir()) == sorted(written[step])
+        assert sorted(manifest(ours)["files"]) == names  # committed, with exactly HF's files
         assert {n: _sha(hf / n) for n in names} == {n: _sha(ours / n) for n in names}, step
-        assert written[step] == {n: _entry(ours / n) for n in names}  # hashed while written = the bytes
     # A plain HF Trainer resumes from an async checkpoint and ends where the uninterrupted run ended.
     resumed = tmp_path / "resumed"
     shutil.copytree(tmp_path / "async" / "checkpoint-3", resumed / "checkpoint-3")
     monkeypatch.delenv("ITERTRAIN_FAULT")
     t = _trainer(tiny_model, train_file, resumed, Trainer)
     t.train(resume_from_checkpoint=str(resumed / "checkpoint-3"))
-    assert _sha(resumed / "checkpoint-7" / "model.safetensors") == _sha(tmp_path / "hf" / "checkpoint-7" / "model.safetensors")
-    assert _sha(resumed / "checkpoint-7" / "optimizer.pt") == _sha(tmp_path / "hf" / "checkpoint-7" / "optimizer.pt")
+    for name in ("model.safetensors", "optimizer.pt"):
+        assert _sha(resumed / "checkpoint-7" / name) == _sha(tmp_path / "hf" / "checkpoint-7" / name)
 
 
 def test_an_unsupported_setup_is_named():
@@ -247,30 +229,9 @@ def test_an_unsupported_setup_is_named():
     assert "push_to_hub" in unsupported_reason(SimpleNamespace(**{**base, "args": SimpleNamespace(push_to_hub=True)}))
 
 
-def test_the_hf_code_the_async_path_mirrors_is_checked_before_launch():
-    """On the pinned transformers the async path's copy of HF's save code is current; on any other
-    (the lower-bound check runs 4.56) --async_save is either current there too or refused by name."""
-    import transformers
-
-    from itertrain.artifacts.snapshot import MIRRORED, launch_refusal, mirrored_fingerprints
-
-    refusal = launch_refusal(use_peft=False, sharded=None, push_to_hub=False)
-    if transformers.__version__ == "5.24.0":  # constraints.txt
-        assert mirrored_fingerprints() == MIRRORED, "transformers changed code that --async_save repeats: re-check it"
-        assert refusal is None
-    elif mirrored_fingerprints() != MIRRORED:
-        assert refusal is not None and f"transformers {transformers.__version__} differs in" in refusal
-    for kwargs, flag in ((dict(use_peft=True, sharded=None, push_to_hub=False), "--use_peft"),
-                         (dict(use_peft=False, sharded="--fsdp", push_to_hub=False), "--fsdp"),
-                         (dict(use_peft=False, sharded=None, push_to_hub=True), "--push_to_hub")):
-        refusal = launch_refusal(**kwargs)
-        assert refusal is not None and refusal.startswith(f"--async_save with {flag}")
-
-
-def test_async_save_with_lora_is_refused_at_parse_time_naming_both_flags(tmp_path):
-    """exit 2 before anything is written; without --use_peft the flag parses (and the record treats it as
-    how checkpoints are written, not what the experiment is)."""
-    from itertrain.artifacts.snapshot import launch_refusal
+def test_async_save_with_lora_sharding_or_hub_is_refused_at_parse_time_naming_both_flags(tmp_path):
+    """exit 2 before anything is written; without them the flag parses on any transformers (and the record
+    treats it as how checkpoints are written, not what the experiment is)."""
     from itertrain.errors import UsageError
     from itertrain.experiment import _QUIET
     from itertrain.parser import parse_train_args
@@ -281,26 +242,93 @@ def test_async_save_with_lora_is_refused_at_parse_time_naming_both_flags(tmp_pat
     data = tmp_path / "train.jsonl"
     data.write_text('{"text": "a"}\n')
     argv = ["--model_name", str(model), "--output_dir", str(tmp_path / "out"), "--train_file", str(data), "--async_save"]
-    if launch_refusal(use_peft=False, sharded=None, push_to_hub=False) is None:  # else: another transformers
-        assert parse_train_args(argv).loop.async_save is True
+    assert parse_train_args(argv).loop.async_save is True
     assert "async_save" in _QUIET
-    with pytest.raises(UsageError, match=r"--async_save with --use_peft: .*drop --async_save") as e:
-        parse_train_args([*argv, "--use_peft"])
-    assert e.value.exit_code == 2 and not (tmp_path / "out").exists()
+    for extra, flag in ((["--use_peft"], "--use_peft"), (["--push_to_hub", "true"], "--push_to_hub")):
+        with pytest.raises(UsageError, match=rf"--async_save with {flag}: .*drop") as e:
+            parse_train_args([*argv, *extra])
+        assert e.value.exit_code == 2 and not (tmp_path / "out").exists()
 
 
-def test_async_save_refuses_a_trainer_class_with_its_own_save_steps():
-    """TRL's DPOTrainer writes a model card in its _save_checkpoint: --async_save would skip it (exit 2)."""
-    from transformers import Trainer
+# ---- a stop signal while a write is in flight (torchrun, 2 ranks) ----------------------------------------
+LOSS = r"\{'loss': "
+PREEMPTED_LINE = re.compile(r"^itertrain: preempted: SIGTERM: stopped at step \d+ \(checkpoint-\d+ of iteration 0 "
+                            r"committed\).*\(exit 143\)$", re.M)
+TESTS = str(Path(__file__).resolve().parent)
+WORKER_TRACEBACK = re.compile(r'File "[^"]*/(itertrain|transformers)/')  # torchrun's own traceback is not ours
 
-    from itertrain.errors import UsageError
-    from itertrain.trainer import check_async_save, with_recovery_hooks
 
-    class CardTrainer(Trainer):
-        def _save_checkpoint(self, model, trial):
-            return super()._save_checkpoint(model, trial)
+def _preempt_args(out: Path, tiny_model: Path, train_file: Path) -> list[str]:
+    return ["--model_name", str(tiny_model), "--output_dir", str(out), "--train_file", str(train_file),
+            "--strategy", "slow_steps:SlowSteps", "--num_iterations", "1", "--max_steps", "16", "--save_steps", "2",
+            "--logging_steps", "1", "--per_device_train_batch_size", "4", "--learning_rate", "1e-3",
+            "--disable_tqdm", "true", "--report_to", "none", "--async_save"]
 
-    check_async_save(with_recovery_hooks(Trainer))
-    with pytest.raises(UsageError, match="--async_save with CardTrainer: it overrides Trainer._save_checkpoint") as e:
-        check_async_save(with_recovery_hooks(CardTrainer))
-    assert e.value.exit_code == 2
+
+def _env(**extra: str) -> dict[str, str]:
+    from conftest import base_env
+
+    return base_env({"PYTHONPATH": os.pathsep.join([TESTS, os.environ.get("PYTHONPATH", "")]), **extra})
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_model, train_file) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted") / "exp"
+    r = torchrun(*_preempt_args(out, tiny_model, train_file), env=_env())
+    assert r.returncode == 0, r.output
+    return out
+
+
+def _stop_mid_write(tmp_path: Path, tiny_model: Path, train_file: Path, every_process: bool) -> tuple[Path, int, int]:
+    """Run until checkpoint-4's weights are written and its writer is held in the optimizer's write
+    (where the issue's runs lost it), then SIGTERM: to torchrun
+    (which stops its workers with killpg(SIGTERM)) or to every process of the job (SLURM, Kubernetes)."""
+    out = tmp_path / "exp"
+    fault = f"{OPTIMIZER_WRITE}=sleep:6#2"  # the second save (checkpoint-4) stays in flight for 6 s
+    with Job(torchrun_cmd(_preempt_args(out, tiny_model, train_file), port=free_port()),
+             _env(SLOW_STEP_S="0.3", ITERTRAIN_FAULT=fault)) as job:
+        deadline = time.monotonic() + 240
+        while not ((out / "checkpoint-4" / "model.safetensors").exists() and job.workers()):
+            assert time.monotonic() < deadline and job.proc.poll() is None, job.output[-3000:]
+            time.sleep(0.05)
+        time.sleep(1.0)  # the writer is held in the optimizer's write
+        assert not (out / "checkpoint-4" / "itertrain.manifest.json").exists()  # the write is in flight
+        if every_process:
+            for pid in job.ours():
+                os.kill(pid, signal.SIGTERM)
+        else:
+            job.signal_agent(signal.SIGTERM)
+        done = job.count(LOSS)
+        rc = job.wait(180)
+        output = job.output
+    assert not WORKER_TRACEBACK.search(output) and "could not write" not in output, output[-4000:]
+    assert len(PREEMPTED_LINE.findall(output)) == 1, output[-4000:]  # one line, from rank 0
+    return out, rc, done
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_during_an_async_write_commits_it_then_the_preemption_checkpoint(
+        tmp_path, tiny_model, train_file, uninterrupted):
+    _check_stop_mid_write(tmp_path, tiny_model, train_file, uninterrupted, every_process=False)
+
+
+@pytest.mark.slow
+def test_sigterm_to_every_process_during_an_async_write_commits_it_then_the_preemption_checkpoint(
+        tmp_path, tiny_model, train_file, uninterrupted):
+    _check_stop_mid_write(tmp_path, tiny_model, train_file, uninterrupted, every_process=True)
+
+
+def _check_stop_mid_write(tmp_path, tiny_model, train_file, uninterrupted, *, every_process: bool) -> None:
+    out, rc, done = _stop_mid_write(tmp_path, tiny_model, train_file, every_process)
+    assert rc != 0  # torchrun ends on a SignalException of its own; each worker exited 143 (the line below)
+    committed = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")
+                       if (p / "itertrain.manifest.json").exists())
+    assert 4 in committed  # the write in flight was completed and committed
+    stopped = max(committed)
+    assert manifest(out / f"checkpoint-{stopped}")["extra"]["preemption"]["signal"] == "SIGTERM"
+    assert stopped >= done  # at most the step in progress lost
+    r = torchrun(*_preempt_args(out, tiny_model, train_file), "--resume_from", "auto", "--resume_from_iteration",
+                 "auto", env=_env())
+    assert r.returncode == 0, r.output
+    assert f"Continuing at: iteration 0, step {stopped}" in r.stdout
+    assert _sha(out / "iter_0" / "model.safetensors") == _sha(uninterrupted / "iter_0" / "model.safetensors")

@@ -251,11 +251,20 @@ def test_dpo_on_lora_adapters_killed_mid_training_resumes_byte_identical_against
 
 @pytest.mark.slow
 @needs_trl
-def test_async_save_with_iterative_dpo_exits_2_naming_dpotrainer_before_anything_is_written(tmp_path, tiny_model,
-                                                                                           dpo_files):
-    """TRL's DPOTrainer adds a step to _save_checkpoint (its model card) that --async_save would skip."""
-    out = tmp_path / "exp"
-    r = itertrain("train", *dpo_args(tiny_model, dpo_files, out, "--async_save"), cwd=dpo_files)
-    assert r.returncode == 2, r.output
-    assert "--async_save with DPOTrainer: it overrides Trainer._save_checkpoint" in r.stderr
-    assert not out.exists()  # a refused launch leaves nothing behind
+def test_async_save_with_iterative_dpo_commits_dpotrainers_own_checkpoints(tmp_path, tiny_model, dpo_files):
+    """TRL's DPOTrainer has its own _save_checkpoint: --async_save runs it, and only HF's two large
+    writes move to the background; the checkpoints and iteration models are those of a synchronous run."""
+    keep = "--keep_iteration_checkpoints"  # iter_K/checkpoint-*: the DPO checkpoints stay to compare
+    sync, out = tmp_path / "sync", tmp_path / "async"
+    assert torchrun(*dpo_args(tiny_model, dpo_files, sync, keep), cwd=dpo_files).returncode == 0
+    r = torchrun(*dpo_args(tiny_model, dpo_files, out, keep, "--async_save"), cwd=dpo_files)
+    assert r.returncode == 0, r.output
+    assert "--async_save is not available" not in r.output
+    for name in ("iter_0/model.safetensors", "iter_1/model.safetensors"):
+        assert (out / name).read_bytes() == (sync / name).read_bytes(), name
+    checkpoints = sorted(p.relative_to(sync) for p in sync.glob("iter_1/checkpoint-*"))
+    assert checkpoints and checkpoints == sorted(p.relative_to(out) for p in out.glob("iter_1/checkpoint-*"))
+    for c in checkpoints:  # training_args.bin pickles the output dir, which differs
+        ours, theirs = manifest(out / c)["files"], manifest(sync / c)["files"]
+        ours.pop("training_args.bin"), theirs.pop("training_args.bin")
+        assert ours == theirs, c

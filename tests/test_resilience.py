@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow  # real processes: torchrun, training, kills
     ("iteration.before_manifest", "enospc", "the disk is full (ENOSPC)", ()),
     ("checkpoint.save", "erofs", "not writable (EROFS)", ()),
     ("checkpoint.optimizer", "enospc", "the disk is full (ENOSPC)", ("--async_save",)),  # in the writer thread
-    ("checkpoint.write.optimizer", "eio", "an I/O error occurred (EIO)", ("--async_save",)),  # mid-file
+    ("checkpoint.write.optimizer", "eio", "an I/O error occurred (EIO)", ("--async_save",)),  # in the writer
 ])
 def test_failed_write_exits_1_keeps_committed_artifacts_and_the_next_launch_resumes(tmp_path, sft_args, point,
                                                                                     errno_name, text, extra):
@@ -41,7 +41,7 @@ def test_failed_write_exits_1_keeps_committed_artifacts_and_the_next_launch_resu
 
 
 def _interrupt_while_writing(tmp_path, sft_args, times: int):
-    """Ctrl-C (SIGINT) while the --async_save writer is held inside optimizer.pt of checkpoint-8."""
+    """Ctrl-C (SIGINT) while the --async_save writer is held before optimizer.pt of checkpoint-8."""
     import os
     import signal
     import time
@@ -53,7 +53,7 @@ def _interrupt_while_writing(tmp_path, sft_args, times: int):
                             env=base_env({"ITERTRAIN_FAULT": "checkpoint.write.optimizer=sleep:12#2"}),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 240
-    while not (out / "checkpoint-8" / "optimizer.pt").exists() and time.time() < deadline and proc.poll() is None:
+    while not (out / "checkpoint-8" / "model.safetensors").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGINT)
     err = ""

@@ -1,135 +1,134 @@
-"""`--async_save`: the training loop pays for a snapshot; a background writer pays for the disk.
+"""`--async_save`: the training loop pays for a copy into host memory; a writer thread pays for the disk.
 
-At a save step `AsyncSaver.save` repeats HF Trainer's `_save_checkpoint` (transformers 5.24,
-trainer.py 3363-3430) in HF's order, with the file writes replaced by a snapshot into host memory:
-wait for the previous writer, `store_flos` (a collective under DDP: every rank), create
-`checkpoint-S/`, the best-model bookkeeping (a barrier under DDP), the snapshot (stateful callbacks,
-then trainer_state.json). A writer thread then writes HF's own files (byte for byte what HF would
-have written at that step), hashing them on the way and fsyncing each. When this rank's files are
-durable:
-- rank r > 0 publishes its digests in `checkpoint-S/.itertrain-written-rank{r}.json` (atomic);
-- rank 0 waits for every other rank's marker, removes them, and calls `on_written(digests, best)`:
-  the CheckpointManager commits the manifest from those digests (no read-back), then retention,
-  then HF's own rotation. A crash at any moment before that leaves the directory without manifest:
-  torn, never used.
+HF Trainer's own `_save_checkpoint` runs at the save step, unchanged (a TRL trainer's override
+included: DPO's model card, GRPO's, ...), inside `AsyncSaver.capturing`. Only its two large writes are
+deferred, each at a public seam of HF's save:
+- `Trainer._save(output_dir)` (weights, config, tokenizer, training_args.bin): the model's state dict is
+  copied into reused host buffers and HF's own `_save(output_dir, state_dict=copy)` runs later on the
+  writer thread; `save_pretrained` gets the same tensors it would have taken itself, hence the same bytes;
+- `Trainer._save_optimizer_and_scheduler(output_dir)`: the optimizer's and the scheduler's state dicts
+  are copied, and HF's own method runs later on the writer thread against a view of the trainer whose
+  `optimizer` / `lr_scheduler` return those copies.
+Everything else HF writes at that step (RNG states, scaler, trainer_state.json, a model card) is
+written by HF at once, as without `--async_save`. Nothing of HF's code is repeated here, so no
+transformers release is singled out.
 
-The API the rest of itertrain needs is small: `save`, `wait` (finish the write and its commit, raise
-its error), `abandon` (stop it; the checkpoint stays uncommitted), `busy`, `release` (free the host
-buffers). `wait` and `abandon` may be called on any rank, at any time, from the training thread.
+The writer thread (every rank) runs the deferred writes in HF's order. Then:
+- rank r > 0 publishes `checkpoint-S/.itertrain-written-rank{r}.json` (atomic);
+- rank 0 waits for every other rank's marker (at most `--dist_io_timeout_s`), removes them and calls
+  `on_written(best)`: the CheckpointManager hashes, fsyncs and commits the manifest, then retention.
+A crash at any moment before that leaves the directory without manifest: torn, never used.
+
+No helper process is involved: a stop signal sent to the whole process group (torchrun's
+`killpg(SIGTERM)`, SLURM, Kubernetes) reaches only the training process, whose preemption handler
+lets the write in flight finish and commit before the preemption checkpoint is saved.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import os
 import threading
 import time
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
 
 from itertrain import faults
-from itertrain.artifacts.hashed_io import Abandoned, Cancel, HashingFile, torch_save_hashed, write_tensor
-from itertrain.artifacts.manifest import FileEntry
-from itertrain.artifacts.snapshot import (
-    BytesFile,
-    HostBufferPool,
-    Snapshot,
-    TorchFile,
-    take_snapshot,
-    unsupported_reason,
-    untag,
-)
+from itertrain.artifacts.snapshot import HostBufferPool, copy_tree, located_as, unsupported_reason
 from itertrain.errors import ArtifactWriteError
 from itertrain.fsutil import atomic_write_json, describe_library_write_error, fsync_dir
 
 WRITTEN_MARKER = ".itertrain-written-rank{rank}.json"
-Digests = dict[str, FileEntry]
-OnWritten = Callable[[Digests, "str | None"], None]  # rank 0: (every rank's files, best checkpoint dir)
+OnWritten = Callable[["str | None"], None]  # rank 0: (best checkpoint dir) once every rank's files are written
 
-# Fault points inside the writer, for the crash harness (besides `checkpoint.optimizer`, reached as in
-# HF's save: the weights are written, the optimizer is not).
-MID_WEIGHTS = "checkpoint.write.weights"  # inside model.safetensors: header and first tensor written
-MID_OPTIMIZER = "checkpoint.write.optimizer"  # inside optimizer.pt: its first MiB written
-WRITTEN = "checkpoint.write.done"  # this rank's files are durable; its marker / the commit is not
+# Fault points in the writer, for the crash harness (besides `checkpoint.optimizer`, reached before
+# HF's optimizer write as on the synchronous path).
+WEIGHTS_WRITTEN = "checkpoint.write.weights"  # model.safetensors written; optimizer.pt not yet
+OPTIMIZER_WRITE = "checkpoint.write.optimizer"  # HF's optimizer write takes the state to torch.save
+WRITTEN = "checkpoint.write.done"  # this rank's files are written; its marker / the commit is not
 
 
-def write_snapshot(snap: Snapshot, *, fsync: bool, cancel: Cancel | None = None) -> Digests:
-    """Write the snapshot's files into `snap.directory`: {rel: FileEntry}, hashed as written.
+class Abandoned(Exception):
+    """The write was cancelled (the checkpoint directory stays without a manifest: torn)."""
 
-    Each file is fsynced (with `fsync`), then the directory."""
-    directory = snap.directory
-    directory.mkdir(parents=True, exist_ok=True)
-    snap.synchronize()
-    digests: Digests = {}
-    for item in snap.files:
-        path = directory / item.rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(item, TorchFile):
-            if item.rel == "optimizer.pt":
-                faults.point("checkpoint.optimizer")
-            try:
-                mid = item.rel == "optimizer.pt" and faults.armed(MID_OPTIMIZER)  # hold the pump mid-file only then
-                digests[item.rel] = torch_save_hashed(item.obj, str(path), fsync=fsync, cancel=cancel,
-                                                      mid_file=(lambda: faults.point(MID_OPTIMIZER)) if mid else None)
-            finally:  # a freed buffer's address must never tag an unrelated storage
-                untag(item.tagged)
-            continue
-        f = HashingFile(path, cancel=cancel)
-        try:
-            if isinstance(item, BytesFile):
-                f.write(item.data)
-            else:
-                f.write(item.header)
-                for i, t in enumerate(item.tensors):
-                    write_tensor(f, t)
-                    if i == 0:
-                        faults.point(MID_WEIGHTS)
-        except BaseException:
-            f.abort()
-            raise
-        digests[item.rel] = f.close(fsync=fsync)
-    if fsync:
-        fsync_dir(directory)
-    faults.point(WRITTEN)
-    return digests
+
+@dataclass
+class Capture:
+    """One checkpoint on one rank: HF's deferred writes, each with the host copies it reads."""
+    step: int
+    directory: Path
+    rank: int
+    world_size: int
+    writes: list[tuple[str, Callable[[], None]]] = field(default_factory=list)  # (what, HF's own call)
+    tags: dict[int, str] = field(default_factory=dict)  # host copy -> device location (see `located_as`)
+    ready: Any = None  # a torch.cuda.Event after the device->host copies (None on CPU)
+    tensor_bytes: int = 0
+    seconds: float = 0.0  # the copies (enqueued, on CUDA) at the save step
+
+    def covers(self, output_dir: str | os.PathLike[str]) -> bool:
+        return os.path.abspath(output_dir) == str(self.directory)
+
+
+class _AtSaveStep:
+    """The trainer as HF's save code reads it, with `optimizer` and `lr_scheduler` answering
+    `state_dict()` with their copies taken at the save step; any other attribute is the trainer's."""
+
+    def __init__(self, trainer: Any, optimizer_state: Any, scheduler_state: Any) -> None:
+        self._trainer = trainer
+        self.optimizer = _Frozen(optimizer_state, fault=OPTIMIZER_WRITE)
+        self.lr_scheduler = _Frozen(scheduler_state)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._trainer, name)
+
+
+@dataclass(frozen=True)
+class _Frozen:
+    state: Any
+    fault: str | None = None  # a fault point reached as HF takes the state to write it
+
+    def state_dict(self) -> Any:
+        if self.fault:
+            faults.point(self.fault)
+        return self.state
 
 
 # ---- completion across ranks ------------------------------------------------------------------------------
-def publish_written(snap: Snapshot, digests: Digests, error: str | None = None) -> None:
-    """Rank r > 0: this rank's files of checkpoint-S are durable (or failed: `error`)."""
-    files = {rel: [e.size, e.xxh3] for rel, e in digests.items()}
-    atomic_write_json(snap.directory / WRITTEN_MARKER.format(rank=snap.rank),
-                      {"step": snap.step, "rank": snap.rank, "error": error, "files": files})
+def publish_written(cap: Capture, error: str | None = None) -> None:
+    """Rank r > 0: this rank's files of checkpoint-S are written (or failed: `error`)."""
+    atomic_write_json(cap.directory / WRITTEN_MARKER.format(rank=cap.rank),
+                      {"step": cap.step, "rank": cap.rank, "error": error})
 
 
-def collect_written(snap: Snapshot, own: Digests, cancel: Cancel, *, timeout: float,
-                    poll: float = 0.05) -> Digests:
-    """Rank 0: wait for every other rank's marker, merge the digests, remove the markers."""
-    merged = dict(own)
-    pending = set(range(1, snap.world_size))
+def collect_written(cap: Capture, cancel: threading.Event, *, timeout: float, poll: float = 0.05) -> None:
+    """Rank 0: wait for every other rank's marker (at most `timeout` s), then remove the markers."""
+    pending = set(range(1, cap.world_size))
     deadline = time.monotonic() + timeout
     while pending:
         for r in sorted(pending):
-            path = snap.directory / WRITTEN_MARKER.format(rank=r)
             try:
-                marker = json.loads(path.read_text())
+                marker = json.loads((cap.directory / WRITTEN_MARKER.format(rank=r)).read_text())
             except FileNotFoundError:
                 continue
-            if marker.get("step") != snap.step or marker.get("error"):
-                raise ArtifactWriteError(f"rank {r} could not write {snap.directory}: {marker.get('error')}")
-            merged.update({rel: FileEntry(int(v[0]), str(v[1])) for rel, v in marker["files"].items()})
+            if marker.get("step") != cap.step or marker.get("error"):
+                raise ArtifactWriteError(f"rank {r} could not write {cap.directory}: {marker.get('error')}")
             pending.discard(r)
         if pending:
             if cancel.is_set():
-                raise Abandoned(f"the commit of {snap.directory} was abandoned")
+                raise Abandoned(f"the commit of {cap.directory} was abandoned")
             if time.monotonic() > deadline:
-                raise ArtifactWriteError(f"ranks {sorted(pending)} did not finish writing {snap.directory} "
-                                         f"within {timeout:.0f} s")
+                raise ArtifactWriteError(f"ranks {sorted(pending)} did not finish writing {cap.directory} within "
+                                         f"--dist_io_timeout_s={timeout:g}")
             time.sleep(poll)
-    for r in range(1, snap.world_size):
-        (snap.directory / WRITTEN_MARKER.format(rank=r)).unlink(missing_ok=True)
-    if snap.world_size > 1:
-        fsync_dir(snap.directory)
-    return merged
+    for r in range(1, cap.world_size):
+        (cap.directory / WRITTEN_MARKER.format(rank=r)).unlink(missing_ok=True)
+    if cap.world_size > 1:
+        fsync_dir(cap.directory)
 
 
 # ---- the writer thread --------------------------------------------------------------------------------------
@@ -137,9 +136,8 @@ WRITER_NICE = 10  # how much lower than training the writer's CPU priority is
 
 
 def _yield_cpu() -> None:
-    """Lower this thread's CPU priority (Linux: nice is per thread; the pump process and threads it
-    starts inherit it). On a host with few cores the training steps then win the cores and the write
-    takes what is left, instead of slowing every step that runs beside it."""
+    """Lower this thread's CPU priority (Linux: nice is per thread). On a host with few cores the
+    training steps then win the cores and the write takes what is left."""
     try:
         tid = threading.get_native_id()
         os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + WRITER_NICE))
@@ -149,7 +147,7 @@ def _yield_cpu() -> None:
 
 class BackgroundWriter:
     """One background write at a time. `start` returns at once; `wait` waits for it and raises its
-    error on the caller's thread; `abandon` stops it at the next chunk without raising.
+    error on the caller's thread; `abandon` stops it before its next file without raising.
 
     Waits on an Event, not on Thread.join(): in Python 3.11 a Ctrl-C that interrupts join() marks the
     thread as stopped while it still runs (bpo-45274), and a later join() would return at once, letting
@@ -159,21 +157,21 @@ class BackgroundWriter:
         self._thread: threading.Thread | None = None
         self._done = threading.Event()  # set when the running job ended (written, failed or abandoned)
         self._done.set()
-        self._cancel = Cancel()
+        self._cancel = threading.Event()
         self._error: BaseException | None = None
 
     @property
     def busy(self) -> bool:
         return not self._done.is_set()
 
-    def start(self, name: str, job: Callable[[Cancel], None]) -> None:
+    def start(self, name: str, job: Callable[[threading.Event], None]) -> None:
         self.wait()
-        self._cancel = Cancel()
+        self._cancel = threading.Event()
         self._done.clear()
         self._thread = threading.Thread(target=self._run, args=(job, self._cancel), name=name, daemon=True)
         self._thread.start()
 
-    def _run(self, job: Callable[[Cancel], None], cancel: Cancel) -> None:
+    def _run(self, job: Callable[[threading.Event], None], cancel: threading.Event) -> None:
         _yield_cpu()
         try:
             job(cancel)
@@ -193,8 +191,8 @@ class BackgroundWriter:
             raise error
 
     def abandon(self, timeout: float = 60.0) -> bool:
-        """Cancel the running write and wait for it; False if it is still running after `timeout` s
-        (it then dies with the process: a daemon thread). Its error, if any, is dropped."""
+        """Cancel the running write and wait for it (the file being written is finished first); False if
+        it still runs after `timeout` s (it then dies with the process: a daemon thread). Errors are dropped."""
         self._cancel.set()
         done = self._done.wait(timeout)
         if done:
@@ -203,16 +201,30 @@ class BackgroundWriter:
         return done
 
 
-class AsyncSaver:
-    """Asynchronous HF checkpoints for one experiment (one per rank): snapshot, write, commit."""
+def _write(cap: Capture, cancel: threading.Event) -> None:
+    """Run HF's deferred writes of `cap` in order (writer thread)."""
+    if cap.ready is not None:
+        cap.ready.synchronize()  # the device->host copies are complete
+    for what, call in cap.writes:
+        if cancel.is_set():
+            raise Abandoned(f"the write of {cap.directory} was abandoned")
+        with located_as(cap.tags):
+            call()
+        if what == "weights":
+            faults.point(WEIGHTS_WRITTEN)
+    faults.point(WRITTEN)
 
-    def __init__(self, *, fsync: bool = True, timeout: float | None = None) -> None:
-        self.fsync = fsync
-        self.timeout = timeout if timeout is not None else 60.0 * int(os.environ.get("ITERTRAIN_DIST_TIMEOUT_MIN", "30"))
+
+class AsyncSaver:
+    """Asynchronous HF checkpoints for one experiment (one per rank): capture, write, commit."""
+
+    def __init__(self, *, timeout: float = 1800.0) -> None:
+        self.timeout = timeout  # --dist_io_timeout_s: rank 0 waits this long for the other ranks' files
         self.pool = HostBufferPool()
         self.writer = BackgroundWriter()
         self.last_step: int | None = None  # the step of the newest checkpoint saved this way
-        self.last: Snapshot | None = None  # its snapshot, for timings (the tensors are the pool's)
+        self.last: Capture | None = None  # its capture, for timings (the tensors are the pool's)
+        self._capture: Capture | None = None  # the save in progress on the training thread
 
     @staticmethod
     def unsupported(trainer: Any, trial: Any = None) -> str | None:
@@ -237,54 +249,86 @@ class AsyncSaver:
         self.pool.release()
         self.last_step, self.last = None, None
 
-    def save(self, trainer: Any, trial: Any, on_written: OnWritten) -> Snapshot:
-        """HF's `_save_checkpoint` with a snapshot instead of the writes (training thread, every rank)."""
-        import torch.distributed as dist
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy
-        from transformers.training_args import ParallelMode
-
+    @contextlib.contextmanager
+    def capturing(self, trainer: Any, output_dir: str | os.PathLike[str]) -> Iterator[Capture]:
+        """Around HF's `_save_checkpoint` (training thread, every rank): its large writes into
+        `output_dir` are deferred (`defer_weights`, `defer_optimizer`) instead of done."""
         self.wait()  # its buffers are reused; commits land in order
-        args, state = trainer.args, trainer.state
-        if trainer.hp_search_backend is None and trial is None:
-            trainer.store_flos()
-        run_dir = trainer._get_output_dir(trial=trial)
-        output_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        os.makedirs(output_dir, exist_ok=True)  # HF's save_model makes it before the best-model check
-        if args.save_strategy in (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST) and state.best_global_step:
-            if args.parallel_mode == ParallelMode.DISTRIBUTED:
-                dist.barrier()
-            best_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.best_global_step}")
-            if os.path.exists(best_dir):
-                state.best_model_checkpoint = best_dir
-        snap = take_snapshot(trainer, output_dir, self.pool)
-        best, limit, should_save = state.best_model_checkpoint, args.save_total_limit, args.should_save
+        args = trainer.args
+        cap = Capture(trainer.state.global_step, Path(os.path.abspath(output_dir)), args.process_index,
+                      args.world_size)
+        self._capture = cap
+        try:
+            yield cap
+        finally:
+            self._capture = None
+        if torch.cuda.is_available() and cap.tensor_bytes:
+            cap.ready = torch.cuda.Event()
+            cap.ready.record()  # on the current stream: later in-place updates are ordered after the copies
 
-        def job(cancel: Cancel) -> None:
+    def _copy(self, obj: Any, namespace: str) -> Any:
+        cap = self._capture
+        assert cap is not None
+        started = time.perf_counter()
+        host, nbytes = copy_tree(obj, self.pool, namespace, cap.tags)
+        cap.tensor_bytes += nbytes
+        cap.seconds += time.perf_counter() - started
+        return host
+
+    def defer_weights(self, trainer: Any, output_dir: str | None, state_dict: Any,
+                      hf_save: Callable[..., None]) -> bool:
+        """From `Trainer._save`: when a capture covers `output_dir`, copy the model's state dict now and
+        run `hf_save(output_dir, state_dict=copy)` (HF's own `_save`) on the writer. False: not deferred."""
+        cap = self._capture
+        if cap is None or output_dir is None or state_dict is not None or not cap.covers(output_dir) \
+                or not trainer.args.should_save:
+            return False
+        host = self._copy(trainer.model.state_dict(), "weights")
+        cap.writes.append(("weights", lambda: hf_save(output_dir, state_dict=host)))
+        return True
+
+    def defer_optimizer(self, trainer: Any, output_dir: str, hf_method: Callable[[Any, str], None]) -> bool:
+        """From `Trainer._save_optimizer_and_scheduler`: when a capture covers `output_dir`, copy the
+        optimizer's and scheduler's state dicts now and run HF's own method on the writer, reading the
+        copies. False: not deferred."""
+        cap = self._capture
+        if cap is None or not cap.covers(output_dir) or not trainer.args.should_save:
+            return False
+        optimizer = self._copy(trainer.optimizer.state_dict(), "optimizer")
+        scheduler = copy.deepcopy(trainer.lr_scheduler.state_dict())
+        view = _AtSaveStep(trainer, optimizer, scheduler)
+
+        def write() -> None:
+            faults.point("checkpoint.optimizer")  # the weights are written, the optimizer is not yet
+            hf_method(view, output_dir)
+
+        cap.writes.append(("optimizer", write))
+        return True
+
+    def start(self, cap: Capture, on_written: OnWritten, best: str | None) -> None:
+        """Write `cap` on the writer thread; rank 0 then commits it through `on_written(best)`."""
+
+        def job(cancel: threading.Event) -> None:
             try:
-                digests = write_snapshot(snap, fsync=self.fsync, cancel=cancel)
+                _write(cap, cancel)
             except Abandoned:
-                if snap.rank:
-                    publish_written(snap, {}, error="abandoned")
+                if cap.rank:
+                    publish_written(cap, error="abandoned")
                 raise
             except BaseException as e:
-                if snap.rank:
-                    publish_written(snap, {}, error=f"{type(e).__name__}: {e}")
-                message = None if isinstance(e, ArtifactWriteError) else describe_library_write_error(e, snap.directory)
+                if cap.rank:
+                    publish_written(cap, error=f"{type(e).__name__}: {e}")
+                message = None if isinstance(e, ArtifactWriteError) else describe_library_write_error(e, cap.directory)
                 if message is None:
                     raise
                 raise ArtifactWriteError(message) from e
-            if snap.rank:
-                publish_written(snap, digests)
+            if cap.rank:
+                publish_written(cap)
                 return
-            digests = collect_written(snap, digests, cancel, timeout=self.timeout)
+            collect_written(cap, cancel, timeout=self.timeout)
             if cancel.is_set():
-                raise Abandoned(f"the commit of {snap.directory} was abandoned")
-            on_written(digests, best)
-            if should_save and limit:  # HF rotates right after its save; here once the checkpoint is written
-                from transformers.trainer_utils import rotate_checkpoints
+                raise Abandoned(f"the commit of {cap.directory} was abandoned")
+            on_written(best)
 
-                rotate_checkpoints(output_dir=run_dir, save_total_limit=limit, best_model_checkpoint=best, use_mtime=True)
-
-        self.writer.start(f"itertrain-async-save-{snap.step}", job)
-        self.last_step, self.last = snap.step, snap
-        return snap
+        self.writer.start(f"itertrain-async-save-{cap.step}", job)
+        self.last_step, self.last = cap.step, cap

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from itertrain import distributed, faults
-from itertrain.artifacts.async_save import AsyncSaver, Digests
+from itertrain.artifacts.async_save import AsyncSaver
 from itertrain.artifacts.commit import CommitJob, CommitWorker
 from itertrain.artifacts.manifest import Manifest, ManifestError, read_header, read_manifest
 from itertrain.artifacts.retention import Action, Event, ListedCheckpoint, Op, RetentionPolicy, plan_retention
@@ -42,8 +42,9 @@ class CheckpointConfig:
     retention: RetentionPolicy = field(default_factory=RetentionPolicy)
     fsync: bool = True
     async_commit: bool = True  # hash, fsync and write checkpoint manifests on a thread while training goes on
-    async_save: bool = False  # snapshot at the save step; write, hash and commit on a thread (every rank)
+    async_save: bool = False  # copy at the save step; HF writes from the copy on a thread, then the commit
     world_size: int = 1
+    io_timeout_s: float = 1800.0  # --dist_io_timeout_s: how long rank 0's writer waits for the other ranks' files
 
 
 def kept_by_user(model_dir: Path, inside: int) -> bool:
@@ -96,7 +97,7 @@ class CheckpointManager:
         self.iteration = 0
         self.lineage: dict[str, Any] = {}
         self.worker = CommitWorker(fsync=config.fsync, world_size=config.world_size, background=config.async_commit)
-        self.saver = AsyncSaver(fsync=config.fsync) if config.async_save else None
+        self.saver = AsyncSaver(timeout=config.io_timeout_s) if config.async_save else None
 
     def start_iteration(self, iteration: int, lineage: dict[str, Any]) -> None:
         """The iteration whose checkpoints the next commits describe (main thread)."""
@@ -178,17 +179,17 @@ class CheckpointManager:
 
     def checkpoint_committer(self, step: int, extra: dict[str, Any] | None = None):
         """`--async_save`: what rank 0's writer calls once every rank's files of `checkpoint-step` are
-        durable: commit the manifest from the digests taken while writing, then retention. The
-        iteration and lineage are taken now (training thread), not when the writer gets there."""
+        written: hash, fsync and commit the manifest, then retention. The iteration and lineage are
+        taken now (training thread), not when the writer gets there."""
         iteration, lineage = self.iteration, dict(self.lineage)
 
-        def commit(digests: Digests, best: str | None) -> None:
-            self.worker.commit(self._checkpoint_job(step, best, iteration, lineage, extra, digests))
+        def commit(best: str | None) -> None:
+            self.worker.commit(self._checkpoint_job(step, best, iteration, lineage, extra))
 
         return commit
 
     def _checkpoint_job(self, step: int, best: str | None, iteration: int, lineage: dict[str, Any],
-                        extra: dict[str, Any] | None = None, written: Digests | None = None) -> CommitJob:
+                        extra: dict[str, Any] | None = None) -> CommitJob:
         directory = self.root / checkpoint_name(step)
         protect = frozenset({directory.name} | ({Path(best).name} if best else set()))
 
@@ -196,7 +197,7 @@ class CheckpointManager:
             self._apply_retention(Event.CHECKPOINT_COMMITTED, iteration, protect)
 
         return CommitJob(directory, Kind.TRAINER_CHECKPOINT, iteration, step, lineage, dict(extra or {}),
-                         before=lambda: faults.point("checkpoint.commit"), after=retain, written=written)
+                         before=lambda: faults.point("checkpoint.commit"), after=retain)
 
     # ---- iteration models --------------------------------------------------------------------------
     def commit_iteration_model(self, model, tokenizer, iteration: int, step: int, *, last: bool,
