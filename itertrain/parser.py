@@ -17,6 +17,7 @@ import yaml
 
 from itertrain.args import ARGUMENT_GROUPS, DistributedArguments, RunConfig
 from itertrain.errors import UsageError
+from itertrain.generation import check_backend
 from itertrain.lora import check_settings
 from itertrain.strategies import available, load_strategy
 from itertrain.strategies.base import Strategy
@@ -230,6 +231,7 @@ def parse_train_args(argv: list[str] | None = None, strategy: type[Strategy] | N
     cfg = RunConfig(model, loop, generation, recovery, training, strategy_args, argv, lora, dist_args)
     validate(cfg)
     cls.check_arguments(cfg)
+    check_backend(cfg, cls)
     return cfg
 
 
