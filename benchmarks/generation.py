@@ -5,9 +5,10 @@ wall time of one whole expert iteration with each. Needs .venv-vllm (scripts/set
     .venv-vllm/bin/python benchmarks/generation.py --only demo      # one model (demo | 103m | iteration)
 
 Both backends run in a child process of their own, pinned to the same core(s) (--cores, default the first
-one), with one intra-op thread, on the same prompts: 64 arithmetic prompts x 8 samples x 32 new tokens at
-temperature 1. vLLM's figure is the sampling call alone, with the engine's start-up given beside it (the
-engine starts once per generate stage). Prints one JSON line per figure, then a markdown table.
+one), with one intra-op thread, on the same arithmetic prompts at temperature 1 (WORKLOADS: the demo's
+generate stage; 64 prompts x 8 samples x 32 new tokens on the 103M Llama). vLLM's figure is the sampling
+call alone, with the engine's start-up given beside it (the engine starts once per generate stage).
+Prints one JSON line per figure, then a markdown table.
 """
 
 from __future__ import annotations
@@ -25,26 +26,29 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-PROMPTS, SAMPLES, NEW_TOKENS = 64, 8, 32
+# model -> (prompts, samples per prompt, new tokens, requests per batch): the demo's generate stage (its task's
+# 4,000 prompts, its flags), and the 103M Llama at 64 prompts x 8 samples x 32 new tokens in one batch.
+WORKLOADS = {"demo": (4000, 8, 8, 1000), "103m": (64, 8, 32, 512)}
 
 
-def _prompts() -> list[str]:
+def _prompts(n: int) -> list[str]:
     import random
 
     rng = random.Random(0)
-    return [f"{rng.randint(0, 999)}+{rng.randint(0, 999)}=" for _ in range(PROMPTS)]
+    return [f"{rng.randint(0, 999)}+{rng.randint(0, 999)}=" for _ in range(n)]
 
 
-def _measure(backend: str, model_dir: str) -> dict:
+def _measure(backend: str, model_dir: str, workload: str) -> dict:
     """In the child: load, sample once to warm up (a few prompts), then time the whole sampling call."""
     from transformers import AutoTokenizer
 
     from itertrain.generation import Sampling
 
+    n_prompts, samples, new_tokens, batch = WORKLOADS[workload]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    sampling = Sampling(samples_per_prompt=SAMPLES, temperature=1.0, max_new_tokens=NEW_TOKENS, batch_size=PROMPTS * SAMPLES,
+    sampling = Sampling(samples_per_prompt=samples, temperature=1.0, max_new_tokens=new_tokens, batch_size=batch,
                         seed_parts=(0, 1), progress=False)
-    prompts = _prompts()
+    prompts = _prompts(n_prompts)
     if backend == "hf":
         from transformers import AutoModelForCausalLM
 
@@ -66,16 +70,20 @@ def _measure(backend: str, model_dir: str) -> dict:
 
         ids = [tokenizer(tokenizer.bos_token + p, add_special_tokens=False)["input_ids"] for p in prompts]
         requests = [(TokensPrompt(prompt_token_ids=i), vllm._sampling_params(example_seed(0, 1, n, s), 1.0, 1.0, 0,
-                                                                            NEW_TOKENS, tokenizer.eos_token_id))
-                    for n, i in enumerate(ids) for s in range(SAMPLES)]
+                                                                            new_tokens, tokenizer.eos_token_id))
+                    for n, i in enumerate(ids) for s in range(samples)]
         llm.generate([r[0] for r in requests[:2]], [r[1] for r in requests[:2]], use_tqdm=False)
         t = time.perf_counter()
-        done = llm.generate([r[0] for r in requests], [r[1] for r in requests], use_tqdm=False)
+        outs = []
+        for first in range(0, len(requests), batch):  # the same batches as itertrain's vLLM backend calls
+            done = llm.generate([r[0] for r in requests[first:first + batch]],
+                                [r[1] for r in requests[first:first + batch]], use_tqdm=False)
+            outs += [[tokenizer.decode(list(d.outputs[0].token_ids), skip_special_tokens=True)] for d in done]
         seconds = time.perf_counter() - t
-        outs = [[tokenizer.decode(list(d.outputs[0].token_ids), skip_special_tokens=True)] for d in done]
     n = sum(map(len, outs))
-    return {"backend": backend, "samples": n, "seconds": round(seconds, 2), "samples_per_s": round(n / seconds, 2),
-            "engine_start_s": round(startup, 1)}
+    shape = dict(zip(("prompts", "samples_per_prompt", "new_tokens", "batch"), WORKLOADS[workload]))
+    return {"backend": backend, "workload": shape, "samples": n, "seconds": round(seconds, 2),
+            "samples_per_s": round(n / seconds, 2), "engine_start_s": round(startup, 1)}
 
 
 def _child_env(cores: str) -> dict[str, str]:
@@ -144,7 +152,7 @@ def main() -> int:
     p.add_argument("--only", default="demo,103m,iteration")
     p.add_argument("--cores", default="0", help="CPU cores both backends are pinned to (taskset list, e.g. 0 or 0-1)")
     p.add_argument("--work", default=None)
-    p.add_argument("--child", nargs=2, metavar=("BACKEND", "MODEL_DIR"), help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs=3, metavar=("BACKEND", "MODEL_DIR", "WORKLOAD"), help=argparse.SUPPRESS)
     ns = p.parse_args()
     if ns.child:
         print(json.dumps(_measure(*ns.child)), flush=True)
@@ -152,12 +160,11 @@ def main() -> int:
     work = Path(ns.work or tempfile.gettempdir()) / "itertrain-bench-generation"
     work.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()
-    print(json.dumps({"cores": ns.cores, "loadavg": load, "prompts": PROMPTS, "samples_per_prompt": SAMPLES,
-                      "new_tokens": NEW_TOKENS}), flush=True)
+    print(json.dumps({"cores": ns.cores, "loadavg": load}), flush=True)
     rows = []
     for name in [m for m in ("demo", "103m") if m in ns.only.split(",")]:
         model = _model(work, name)
-        figures = {b: _run_child(["--child", b, str(model)], ns.cores) for b in ("hf", "vllm")}
+        figures = {b: _run_child(["--child", b, str(model), name], ns.cores) for b in ("hf", "vllm")}
         for figure in figures.values():
             print(json.dumps({"model": name, **figure}), flush=True)
         ratio = figures["vllm"]["samples_per_s"] / figures["hf"]["samples_per_s"]
