@@ -38,3 +38,16 @@ def test_top_k_keeps_every_sample_among_the_k_most_likely_tokens():
     scores = torch.tensor([[0.0, 5.0, 4.0, 3.0, -1.0]] * 64)
     picked = GumbelSampler(list(range(64)), temperature=10.0, top_p=1.0, top_k=2)(None, scores).argmax(-1)
     assert set(picked.tolist()) == {1, 2}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="sleep mode is allowed on a GPU")
+@pytest.mark.parametrize("flags,message", [
+    (["--vllm_enable_sleep_mode", "true"], "sleep mode needs a GPU"),
+    (["--vllm_tensor_parallel_size", "2"], "only 1 is supported"),
+    (["--top_k", "-1"], "--top_k -1: must be 0"),
+])
+def test_vllm_flags_this_machine_cannot_honour_are_refused_before_anything_is_written(model_dir, tmp_path, flags, message):
+    argv = ["--model_name", str(model_dir), "--output_dir", str(tmp_path / "out"), "--strategy", "expert_iteration",
+            "--task", "arithmetic", "--generation_backend", "vllm", *flags]
+    with pytest.raises(UsageError, match=message):
+        parse_train_args(argv)

@@ -155,6 +155,11 @@ def check_backend(cfg, strategy: type) -> None:
     if gen.vllm_tensor_parallel_size != 1:
         raise UsageError(f"--vllm_tensor_parallel_size {gen.vllm_tensor_parallel_size}: itertrain runs one engine "
                          "per rank (colocated); only 1 is supported")
+    import torch
+
+    if gen.vllm_enable_sleep_mode and not torch.cuda.is_available():
+        raise UsageError("--vllm_enable_sleep_mode: vLLM's sleep mode needs a GPU; drop it on CPU (itertrain shuts "
+                         "the engine down after every generate stage anyway)")
     from itertrain.generation import vllm
 
     vllm.require_vllm()
