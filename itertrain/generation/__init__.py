@@ -99,11 +99,26 @@ def _written_for_engine(model, tokenizer, directory: Path, cfg):
                             Path(cfg.model.tokenizer_name or cfg.model.model_name), adapter=directory,
                             lora_rank=cfg.lora.lora_r)
     else:
-        model.save_pretrained(directory)
+        _write_full_model(model, directory)
         tokenizer.save_pretrained(directory)
         found = EngineModel(directory, directory)
     model.train(was_training)
     return found
+
+
+def _write_full_model(model, directory: Path) -> None:
+    """config.json and model.safetensors of `model`, on every rank (transformers' save_pretrained writes on
+    rank 0 only, and ranks on other nodes do not share a temporary directory). A tensor tied to one before
+    it (lm_head to the embeddings) is written once, under its first name, as transformers does."""
+    from safetensors.torch import save_file
+
+    model.config.save_pretrained(directory)
+    state, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            state[name] = tensor.detach().contiguous()
+    save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
 
 
 def heldout_accuracy(task, model, ctx) -> dict[str, float]:

@@ -106,17 +106,23 @@ def test_an_engine_failure_ends_in_one_line_with_exit_1_and_the_next_launch_resu
     assert (out / "iter_1" / "model.safetensors").read_bytes() == (one_rank / "iter_1" / "model.safetensors").read_bytes()
 
 
-def test_two_rank_iterative_dpo_on_vllm_commits_pairs_and_its_iteration_model(tmp_path, tiny_model, ei_files):
+def test_two_rank_iterative_dpo_on_vllm_commits_pairs_its_iteration_model_and_held_out_accuracy(
+        tmp_path, tiny_model, ei_files):
     """iterative_dpo on 2 ranks sampling on vLLM: data/iter_1 holds samples and preference pairs made by
-    vLLM, and DPO trains iteration 1 on them."""
+    vLLM, DPO trains iteration 1 on them, and the held-out evaluation (--task arithmetic) runs on an engine
+    per rank loaded from each rank's own copy of the just-trained model."""
     out = tmp_path / "exp"
     args = [a for a in ei_args(tiny_model, ei_files, out) if a != "expert_iteration"]
     args[args.index("--strategy") + 1:args.index("--strategy") + 1] = ["iterative_dpo"]
-    r = torchrun(*args, "--reward_fn", "itertrain.tasks.arithmetic:digit_credit", timeout=TIMEOUT)
+    r = torchrun(*args, "--reward_fn", "itertrain.tasks.arithmetic:digit_credit", "--task", "arithmetic",
+                 timeout=TIMEOUT)
     assert r.returncode == 0, r.output[-4000:]
     data = out / "data" / "iter_1"
     assert manifest(data)["extra"]["generation"]["backend"] == "vllm"
-    assert (data / "pairs.jsonl").read_text().strip() and (out / "iter_1" / "itertrain.manifest.json").exists()
+    assert (data / "pairs.jsonl").read_text().strip()
+    metrics = manifest(out / "iter_1")["extra"]["metrics"]
+    assert {"accuracy_3digit", "accuracy_6digit"} <= set(metrics), metrics
+    assert "vLLM engine released (eval 3digit 4digit 5digit 6digit)" in r.stdout
 
 
 def test_lora_adapter_mode_samples_through_vllms_lora_path(tmp_path, tiny_model, ei_files):

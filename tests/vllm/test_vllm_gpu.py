@@ -19,16 +19,17 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow,
 
 def test_a_half_billion_parameter_bf16_model_samples_on_vllm_and_the_engine_memory_is_released_before_training(
         tmp_path):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from itertrain.tiny_model import TinyModelSpec, init_model
 
-    model = tmp_path / "model"
-    init_model(model, TinyModelSpec(hidden_size=1536, intermediate_size=4096, num_hidden_layers=20,
-                                    num_attention_heads=12, max_position_embeddings=512))
-    m = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16)
+    fp32, model = tmp_path / "fp32", tmp_path / "model"
+    init_model(fp32, TinyModelSpec(hidden_size=1536, intermediate_size=4096, num_hidden_layers=20,
+                                   num_attention_heads=12, max_position_embeddings=512))
+    m = AutoModelForCausalLM.from_pretrained(fp32, dtype=torch.bfloat16)
     assert sum(p.numel() for p in m.parameters()) >= 0.5e9
     m.save_pretrained(model)  # the weights as bf16
+    AutoTokenizer.from_pretrained(fp32).save_pretrained(model)
     del m
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"{a}+{a}=", "answer": str(2 * a)}) + "\n" for a in range(32)))
