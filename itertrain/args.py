@@ -157,6 +157,7 @@ class GenerationArguments:
     samples_per_prompt: int = field(default=4, metadata={"help": "Completions sampled per prompt."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling."})
+    top_k: int = field(default=0, metadata={"help": "Sample among the k most likely tokens only (0: all)."})
     max_new_tokens: int = field(default=16, metadata={"help": "Tokens generated per sample."})
     generation_batch_size: int = field(default=64, metadata={"help": "Prompts per generate() call."})
     reward_fn: str | None = field(
@@ -175,6 +176,26 @@ class GenerationArguments:
         metadata={"help": "expert_iteration: train on this iteration's accepted data (fresh) or all so far (cumulative).",
                   "choices": ["fresh", "cumulative"]},
     )
+    generation_backend: str = field(
+        default="hf",
+        metadata={"help": "What samples: Hugging Face generate() (hf) or a vLLM engine per rank (vllm; needs "
+                          "`pip install itertrain[vllm]`).", "choices": ["hf", "vllm"]},
+    )
+    use_vllm: bool = field(default=False, metadata={"help": "TRL's name for --generation_backend vllm."})
+    vllm_gpu_memory_utilization: float = field(
+        default=0.3, metadata={"help": "vllm: fraction of the GPU's memory the engine may take (TRL's default)."}
+    )
+    vllm_tensor_parallel_size: int = field(
+        default=1, metadata={"help": "vllm: GPUs each engine splits the model over (each group of ranks runs one engine)."}
+    )
+    vllm_enable_sleep_mode: bool = field(
+        default=False, metadata={"help": "vllm: passed to the engine (itertrain releases it after every generate stage anyway)."}
+    )
+
+    @property
+    def backend(self) -> str:
+        """The generation backend, with TRL's --use_vllm as an alias of --generation_backend vllm."""
+        return "vllm" if self.use_vllm else self.generation_backend
 
 
 @dataclass

@@ -230,6 +230,10 @@ def parse_train_args(argv: list[str] | None = None, strategy: type[Strategy] | N
     cfg = RunConfig(model, loop, generation, recovery, training, strategy_args, argv, lora, dist_args)
     validate(cfg)
     cls.check_arguments(cfg)
+    from itertrain.generation import check_backend  # imports transformers: only once a run is parsed
+    from itertrain.strategies.expert_iteration import SampledDataStrategy
+
+    check_backend(cfg, cls.name, issubclass(cls, SampledDataStrategy))
     return cfg
 
 

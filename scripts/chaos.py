@@ -16,6 +16,7 @@
                                                          # reference does not): kills inside the background writer
     python scripts/chaos.py --ci --strategy iterative_dpo   # the same for iterative DPO (TRL's DPOTrainer)
     python scripts/chaos.py --ci --lora adapter          # the same with LoRA adapters (or --lora merged)
+    python scripts/chaos.py --ci --generation_backend vllm   # sampling on vLLM (.venv-vllm): fewer kills
 
 Prints a JSON summary last (also written to --report).
 """
@@ -105,6 +106,13 @@ DPO_CI_SEQUENCE = [
     ("iteration.after_manifest", 1),  # iter_1 committed, its checkpoints not retired yet
     ("timer", 0),  # a random moment of what is left
 ]
+# --generation_backend vllm: each launch starts a vLLM engine per rank (slow on CPU), so fewer kills: inside
+# generation, inside the data commit, in training.
+VLLM_CI_SEQUENCE = [
+    ("generation.batch", 2),  # while sampling data/iter_1 on vLLM
+    ("manifest.data.write", 1),  # inside the commit of data/iter_1
+    ("train.step", 6),  # training iteration 1 on its committed data
+]
 # What each strategy's data/iter_K must hold identically to the reference.
 DATA_FILES = {"expert_iteration": ("accepted.jsonl",), "iterative_dpo": ("samples.jsonl", "pairs.jsonl")}
 # With --lora: the same save paths, plus a fallback past a corrupt newest adapter checkpoint.
@@ -172,7 +180,8 @@ def env_for(fault: str | None) -> dict[str, str]:
     return env
 
 
-def prepare(work: Path, iterations: int, strategy: str = "expert_iteration", lora: str | None = None) -> list[str]:
+def prepare(work: Path, iterations: int, strategy: str = "expert_iteration", lora: str | None = None,
+            backend: str = "hf") -> list[str]:
     """Tiny model, data, and the experiment's flags (without --output_dir)."""
     model = work / "tiny-model"
     if not model.exists():
@@ -200,7 +209,7 @@ def prepare(work: Path, iterations: int, strategy: str = "expert_iteration", lor
         "--num_iterations", str(iterations), "--max_steps", "12", "--save_steps", "4", "--logging_steps", "2",
         "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--disable_tqdm", "true",
         "--report_to", "none", "--resume_from", "auto", "--resume_from_iteration", "auto",
-        *(["--use_peft", "--iteration_model", lora] if lora else []),
+        *(["--use_peft", "--iteration_model", lora] if lora else []), "--generation_backend", backend,
     ]
 
 
@@ -260,10 +269,11 @@ def schedule(kills: int, seed: int, ci: bool, strategy: str = "expert_iteration"
 
 
 def run(kills: int, seed: int, nproc: int, work: Path, ci: bool, iterations: int,
-        strategy: str = "expert_iteration", lora: str | None = None, async_save: bool = False) -> Summary:
+        strategy: str = "expert_iteration", lora: str | None = None, async_save: bool = False,
+        backend: str = "hf") -> Summary:
     started = time.time()
     work.mkdir(parents=True, exist_ok=True)
-    args = prepare(work, iterations, strategy, lora)
+    args = prepare(work, iterations, strategy, lora, backend)
     killed_args = [*args, "--async_save"] if async_save else args  # the reference saves synchronously
     summary = Summary(seed, nproc, kills, async_save)
     ref, out = work / "reference", work / "chaos"
@@ -283,7 +293,7 @@ def run(kills: int, seed: int, nproc: int, work: Path, ci: bool, iterations: int
     rng = random.Random(seed)
     seen: set[str] = set()
     damaged: set[str] = set()
-    plan = schedule(kills, seed, ci, strategy, lora, async_save)
+    plan = VLLM_CI_SEQUENCE if ci and backend == "vllm" else schedule(kills, seed, ci, strategy, lora, async_save)
     with open(work / "chaos.log", "w") as log:
         for i, (point, hit, *after) in enumerate([*plan, ("none", 0)]):
             before = committed_point(out, frozenset(damaged))
@@ -333,6 +343,8 @@ def main() -> int:
                    help="the experiment to kill: expert_iteration, or iterative_dpo (DPO iterations on TRL)")
     p.add_argument("--lora", default=None, choices=["merged", "adapter"],
                    help="train LoRA adapters (--use_peft) with this --iteration_model")
+    p.add_argument("--generation_backend", default="hf", choices=["hf", "vllm"],
+                   help="sample on vLLM (both runs; --ci then kills inside generation, the data commit and training)")
     p.add_argument("--workdir", default=None)
     p.add_argument("--report", default=None, help="also write the JSON summary here")
     ns = p.parse_args()
@@ -341,7 +353,8 @@ def main() -> int:
     work = Path(ns.workdir) if ns.workdir else Path(tempfile.mkdtemp(prefix="itertrain-chaos-"))
     # named kills fire early in a launch, so a soak needs about one iteration of work per kill
     iterations = ns.iterations or (3 if ns.ci else max(3, ns.kills))
-    summary = run(ns.kills, ns.seed, ns.nproc, work, ns.ci, iterations, ns.strategy, ns.lora, ns.async_save)
+    summary = run(ns.kills, ns.seed, ns.nproc, work, ns.ci, iterations, ns.strategy, ns.lora, ns.async_save,
+                  ns.generation_backend)
     result = {**asdict(summary), "ok": summary.ok, "workdir": str(work)}
     text = json.dumps(result, indent=2)
     if ns.report:

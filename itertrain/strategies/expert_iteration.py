@@ -20,8 +20,9 @@ from itertrain import distributed
 from itertrain.artifacts.manifest import ManifestError, fingerprint, read_manifest
 from itertrain.data import read_jsonl, resolve_path, write_jsonl
 from itertrain.errors import TrainingFailed, UsageError
-from itertrain.generation import sample_completions
+from itertrain.generation import Sampling, backend_record, engine_model_for, generate
 from itertrain.layout import data_name
+from itertrain.recovery.flags import BASE
 from itertrain.rewards import RewardFunction, RewardModel, Rewards, check_reward, reward_scorer
 from itertrain.strategies.base import ModelSource
 from itertrain.strategies.sft import SFTStrategy
@@ -86,6 +87,7 @@ class SampledDataStrategy(SFTStrategy):
         gen = self.ctx.cfg.generation
         return {"seed": self.ctx.cfg.training.seed, "samples_per_prompt": gen.samples_per_prompt,
                 "temperature": gen.temperature, "top_p": gen.top_p, "max_new_tokens": gen.max_new_tokens,
+                **({"top_k": gen.top_k} if gen.top_k else {}),
                 "reward_fn": gen.reward_fn or "exact_match", "reward_threshold": gen.reward_threshold,
                 "prompts": resolve_path(gen.prompts_file, iteration) if gen.prompts_file else self.ctx.cfg.loop.task,
                 **({"reward_model": os.path.abspath(gen.reward_model),
@@ -109,15 +111,16 @@ class SampledDataStrategy(SFTStrategy):
         return None
 
     def sample(self, iteration: int, source: ModelSource, rows: list[dict[str, Any]]) -> list[list[str]]:
-        """`completions[i][s]`, on every rank (sharded across ranks, gathered)."""
+        """completions[i][s], on every rank (sharded across ranks, gathered), from the model the plan names:
+        loaded for HF generate(), or its committed directory in a vLLM engine (--generation_backend)."""
         cfg, gen = self.ctx.cfg, self.ctx.cfg.generation
-        return sample_completions(
-            source.load(), self.ctx.tokenizer, [r["prompt"] for r in rows],
-            samples_per_prompt=gen.samples_per_prompt, temperature=gen.temperature, top_p=gen.top_p,
-            max_new_tokens=gen.max_new_tokens, batch_size=gen.generation_batch_size,
-            seed_parts=(cfg.training.seed, iteration), desc=f"generate iter_{iteration}",
-            progress=not cfg.training.disable_tqdm,
-        )
+        sampling = Sampling(samples_per_prompt=gen.samples_per_prompt, temperature=gen.temperature, top_p=gen.top_p,
+                            top_k=gen.top_k, max_new_tokens=gen.max_new_tokens, batch_size=gen.generation_batch_size,
+                            seed_parts=(cfg.training.seed, iteration), desc=f"generate iter_{iteration}",
+                            progress=not cfg.training.disable_tqdm)
+        model_dir = Path(cfg.model.model_name) if source.path == BASE else self.ctx.root / source.path
+        return generate(cfg, self.ctx.tokenizer, [r["prompt"] for r in rows], sampling, hf_model=source.load,
+                        engine_model=lambda: engine_model_for(model_dir, cfg))
 
     def generate(self, iteration: int, source: ModelSource) -> dict[str, Any] | None:
         if not self.generates(iteration):
@@ -154,7 +157,8 @@ class SampledDataStrategy(SFTStrategy):
             write_jsonl(directory / name, rows)
         (directory / STATS).write_text(json.dumps(stats, indent=2) + "\n")
         self.ctx.commit_data(directory, iteration, {"weights_from": source.path, "weights_id": source.fingerprint},
-                             {"weights_id": source.fingerprint, "stats": stats, "settings": self.settings(iteration)})
+                             {"weights_id": source.fingerprint, "stats": stats, "settings": self.settings(iteration),
+                              "generation": backend_record(self.ctx.cfg)})
 
     def select_and_commit(self, iteration: int, rows: list[dict[str, Any]], completions: list[list[str]],
                           rewards: Rewards, source: ModelSource) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Batched sampling with per-example seeds, sharded across ranks and gathered.
+"""The Hugging Face backend (`--generation_backend hf`): batched `generate()` with per-sample seeds,
+sharded across ranks and gathered.
 
 Determinism: every (example, sample) pair draws its randomness from its own generator seeded by
 (seed, iteration, example index, sample index), applied with the Gumbel-max trick (an exact sample
@@ -9,34 +10,29 @@ identical. Batches are formed globally and dealt to ranks round-robin.
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from itertrain import distributed, faults
-
-T = TypeVar("T")
-
-
-def example_seed(*parts: int | str) -> int:
-    """A 63-bit seed from the parts (stable across processes and Python versions)."""
-    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+from itertrain.generation.common import Request, example_seed, global_batches
 
 
 class GumbelSampler(LogitsProcessor):
-    """Temperature + top-p, then per-row Gumbel noise: argmax of the result is a sample."""
+    """Temperature, top-k and top-p, then per-row Gumbel noise: argmax of the result is a sample."""
 
-    def __init__(self, seeds: list[int], temperature: float, top_p: float):
+    def __init__(self, seeds: list[int], temperature: float, top_p: float, top_k: int = 0):
         self.generators = [torch.Generator().manual_seed(s) for s in seeds]
         self.temperature = temperature
         self.top_p = top_p
+        self.top_k = top_k
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         scores = scores.float() / self.temperature
+        if 0 < self.top_k < scores.shape[-1]:
+            kth = torch.topk(scores, self.top_k, dim=-1).values[..., -1:]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
         if self.top_p < 1.0:
             sorted_scores, order = torch.sort(scores, descending=True, dim=-1)
             probs = sorted_scores.softmax(dim=-1)
@@ -47,15 +43,8 @@ class GumbelSampler(LogitsProcessor):
         return scores + gumbel.to(scores.device)
 
 
-@dataclass(frozen=True)
-class Request:
-    example: int
-    sample: int
-    prompt: str
-
-
 def _generate_batch(model, tokenizer, batch: list[Request], *, seed_parts: tuple, temperature: float,
-                    top_p: float, max_new_tokens: int) -> list[str]:
+                    top_p: float, top_k: int, max_new_tokens: int) -> list[str]:
     from itertrain.data import prompt_ids  # the prompt's ids as training sees them (StrategyContext.encode)
 
     enc = tokenizer.pad({"input_ids": [prompt_ids(tokenizer, r.prompt) for r in batch]}, return_tensors="pt").to(model.device)
@@ -63,17 +52,11 @@ def _generate_batch(model, tokenizer, batch: list[Request], *, seed_parts: tuple
                               "pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
     if temperature > 0:
         seeds = [example_seed(*seed_parts, r.example, r.sample) for r in batch]
-        kwargs["logits_processor"] = LogitsProcessorList([GumbelSampler(seeds, temperature, top_p)])
+        kwargs["logits_processor"] = LogitsProcessorList([GumbelSampler(seeds, temperature, top_p, top_k)])
     with torch.no_grad():
         out = model.generate(**enc, **kwargs)
     new = out[:, enc["input_ids"].shape[1]:]
     return [tokenizer.decode(row, skip_special_tokens=True) for row in new]
-
-
-def deal(batches: list[T]) -> list[T]:
-    """This rank's share of batches formed over the whole work, dealt round-robin: which batches
-    exist does not depend on the number of ranks."""
-    return batches[distributed.rank()::distributed.world_size()]
 
 
 def sample_completions(
@@ -84,6 +67,7 @@ def sample_completions(
     samples_per_prompt: int = 1,
     temperature: float = 0.0,
     top_p: float = 1.0,
+    top_k: int = 0,
     max_new_tokens: int = 16,
     batch_size: int = 64,
     seed_parts: tuple = (0,),
@@ -93,11 +77,8 @@ def sample_completions(
     """completions[i][s] for prompt i, sample s, on every rank. temperature 0 means greedy."""
     from tqdm.auto import tqdm
 
-    requests = [Request(i, s, p) for i, p in enumerate(prompts) for s in range(samples_per_prompt)]
-    # Sort by prompt length so batches pad little; the order is global, so batches do not depend
-    # on the number of ranks.
-    requests.sort(key=lambda r: (len(r.prompt), r.example, r.sample))
-    batches = [requests[i:i + batch_size] for i in range(0, len(requests), batch_size)]
+    batches = global_batches(prompts, samples_per_prompt, batch_size)
+    requests = [r for b in batches for r in b]
     rank, world = distributed.rank(), distributed.world_size()
     was_training = model.training
     model.eval()
@@ -112,7 +93,7 @@ def sample_completions(
         batch = round_[rank]
         faults.point("generation.batch")
         texts = _generate_batch(model, tokenizer, batch, seed_parts=seed_parts, temperature=temperature,
-                                top_p=top_p, max_new_tokens=max_new_tokens)
+                                top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens)
         for r, t in zip(batch, texts):
             results[(r.example, r.sample)] = t
         bar.update(sum(map(len, round_)))
@@ -121,17 +102,3 @@ def sample_completions(
         model.train()
     merged = distributed.merge_gathered(results)
     return [[merged[(i, s)] for s in range(samples_per_prompt)] for i in range(len(prompts))]
-
-
-def heldout_accuracy(task, model, ctx) -> dict[str, float]:
-    """Greedy exact-match accuracy on each of the task's held-out sets (every rank gets the result)."""
-    metrics: dict[str, float] = {}
-    for name, rows in task.heldout_sets().items():
-        outs = sample_completions(
-            model, ctx.tokenizer, [r["prompt"] for r in rows], max_new_tokens=ctx.cfg.generation.max_new_tokens,
-            batch_size=ctx.cfg.generation.generation_batch_size, desc=f"eval {name}",
-            progress=not ctx.cfg.training.disable_tqdm,
-        )
-        correct = sum(task.is_correct(o[0], r["answer"]) for o, r in zip(outs, rows))
-        metrics[f"accuracy_{name}"] = correct / max(len(rows), 1)
-    return metrics
