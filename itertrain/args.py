@@ -159,7 +159,9 @@ class GenerationArguments:
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling."})
     top_k: int = field(default=0, metadata={"help": "Sample among the k most likely tokens only (0: all)."})
     max_new_tokens: int = field(default=16, metadata={"help": "Tokens generated per sample."})
-    generation_batch_size: int = field(default=64, metadata={"help": "Prompts per generate() call."})
+    generation_batch_size: int = field(default=64, metadata={"help": (
+        "Samples (prompt, sample pairs) per generate() call, or per vLLM call; batches are formed over the whole "
+        "work, so they do not depend on the number of ranks.")})
     reward_fn: str | None = field(
         default=None,
         metadata={"help": "module:function: per sample (prompt, completion, answer) -> float, or batched in TRL's form "

@@ -111,7 +111,7 @@ class SampledDataStrategy(SFTStrategy):
         return None
 
     def sample(self, iteration: int, source: ModelSource, rows: list[dict[str, Any]]) -> list[list[str]]:
-        """completions[i][s], on every rank (sharded across ranks, gathered), from the model the plan names:
+        """`completions[i][s]`, on every rank (sharded across ranks, gathered), from the model the plan names:
         loaded for HF generate(), or its committed directory in a vLLM engine (--generation_backend)."""
         cfg, gen = self.ctx.cfg, self.ctx.cfg.generation
         sampling = Sampling(samples_per_prompt=gen.samples_per_prompt, temperature=gen.temperature, top_p=gen.top_p,
