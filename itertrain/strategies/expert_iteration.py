@@ -144,7 +144,7 @@ class SampledDataStrategy(SFTStrategy):
         rewards = self.score(probe, self.sample(iteration, source, probe))
         threshold = self.ctx.cfg.generation.reward_threshold
         passed = [sum(r is not None and r >= threshold for r in rs) / max(len(rs), 1) for rs in rewards]
-        rows, decided = task.curriculum(iteration, probe, passed)
+        rows, decided = task.curriculum(iteration, passed)
         if distributed.is_main():
             print(f"   🎯 {data_name(iteration)} curriculum: prompts per digits {describe(decided['curriculum'])}",
                   flush=True)

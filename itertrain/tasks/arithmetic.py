@@ -95,26 +95,23 @@ class ArithmeticTask:
         return list(range(self.base_digits + 1, self.base_digits + self.heldout_levels))
 
     def _level_problems(self, rng: random.Random, n: int, d: int, seen: set[str]) -> list[dict[str, str]]:
-        rows = self._problems(rng, n, (d, d), seen, other=(1, d))
-        return [{**r, "digits": d} for r in rows]
+        return self._problems(rng, n, (d, d), seen, other=(1, d))
 
-    def probe_rows(self, iteration: int) -> list[dict[str, Any]]:
-        """The problems that measure the sampling model's pass rate per level before iteration `iteration`."""
+    def probe_rows(self, iteration: int) -> list[dict[str, str]]:
+        """The problems that measure the sampling model's pass rate per level before iteration `iteration`:
+        `probe_per_level` of each level in `levels()`, in that order."""
         seen = self._heldout_prompts()
         return [r for d in self.levels()
                 for r in self._level_problems(self._rng("probe", iteration, d), self.probe_per_level, d, seen)]
 
-    def curriculum(self, iteration: int, probe: list[dict[str, Any]], passed: list[float]
-                   ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        """Iteration `iteration`'s prompts, from the probe's outcome (`passed[i]`: share of probe row i's
-        samples the verifier accepted), and the decision to record with the data."""
-        totals: dict[int, list[float]] = {}
-        for row, share in zip(probe, passed):
-            totals.setdefault(row["digits"], []).append(share)
-        rates = {d: sum(v) / len(v) for d, v in totals.items()}
+    def curriculum(self, iteration: int, passed: list[float]) -> tuple[list[dict[str, str]], dict[str, Any]]:
+        """Iteration `iteration`'s prompts, from the probe's outcome (`passed[i]`: share of the samples of
+        `probe_rows(iteration)[i]` the verifier accepted), and the decision to record with the data."""
+        n = self.probe_per_level
+        rates = {d: sum(passed[i * n:(i + 1) * n]) / n for i, d in enumerate(self.levels())}
         mix = prompt_mix(rates, self.prompts_per_iteration, self.rule)
         seen = self._heldout_prompts()
-        rows = [r for d, n in mix.items() for r in self._level_problems(self._rng("prompts", iteration, d), n, d, seen)]
+        rows = [r for d, k in mix.items() for r in self._level_problems(self._rng("prompts", iteration, d), k, d, seen)]
         return rows, decision(rates, mix, self.rule)
 
     def eval_rows(self) -> list[dict[str, str]]:
