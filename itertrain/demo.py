@@ -1,8 +1,9 @@
 """`itertrain demo`: the main job. Expert iteration on the built-in arithmetic task, on CPU, in minutes.
 
 Creates a tiny model, runs iteration 0 (supervised, 1-3 digit additions) and three expert iterations
-(sampling answers to unlabeled 4-, 5- and 6-digit additions, keeping the verified ones, training on
-them), prints a per-iteration table and writes the plot. Rerunning it resumes (or reports complete).
+(sampling answers to unlabeled 4- to 6-digit additions, at the difficulties the task's curriculum picks
+from the model's pass rates, keeping the verified answers, training on them), prints a per-iteration
+table and writes the plot. Rerunning it resumes (or reports complete).
 `--strategy iterative_dpo` runs the same iteration 0 and samples the same problems, then trains each
 later iteration with DPO on (right answer, wrong answer) pairs instead.
 """

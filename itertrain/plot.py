@@ -15,6 +15,7 @@ from typing import Any
 
 from itertrain.errors import UsageError
 from itertrain.layout import RUNS_DIR, experiment_dir
+from itertrain.tasks.curriculum import describe
 
 
 def read_metrics(exp_dir: Path) -> list[dict[str, Any]]:
@@ -34,8 +35,9 @@ def _cell(row: dict[str, Any], key: str, fmt: str = "") -> str:
 
 
 def metrics_table(exp_dir: Path) -> str:
-    """Markdown table: samples; acceptance rate and distinct samples kept (expert iteration) or mean reward
-    and preference pairs (iterative DPO); train loss; held-out accuracy per difficulty; wall time."""
+    """Markdown table: the prompts' difficulties (adaptive curriculum); samples; acceptance rate and distinct
+    samples kept (expert iteration) or mean reward and preference pairs (iterative DPO); train loss;
+    held-out accuracy per difficulty; wall time."""
     rows = read_metrics(exp_dir)
     acc = _accuracy_keys(rows)
     columns: list[tuple[str, str, str]] = []  # (heading, metric, format) of the sampled data
@@ -45,12 +47,15 @@ def metrics_table(exp_dir: Path) -> str:
             columns += [("mean reward", "mean_reward", ".3f"), ("pairs", "pairs", "")]
         else:
             columns += [("accepted", "acceptance_rate", ".1%"), ("kept", "accepted", "")]
-    head = ["iter", *[c for c, _, _ in columns], "train loss", *[k.removeprefix("accuracy_") + " acc" for k in acc],
+    mixed = any("curriculum" in r for r in rows)  # the task's adaptive curriculum: prompts per number of digits
+    head = ["iter", *(["prompts by digits"] if mixed else []), *[c for c, _, _ in columns], "train loss",
+            *[k.removeprefix("accuracy_") + " acc" for k in acc],
             "wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [
             str(r["iteration"]),
+            *([describe(r["curriculum"], rates=False) if "curriculum" in r else "—"] if mixed else []),
             *[_cell(r, key, fmt) for _, key, fmt in columns],
             _cell(r, "train_loss", ".3f"),
             *[_cell(r, k, ".0%") for k in acc],

@@ -11,6 +11,7 @@ import pytest
 
 from conftest import itertrain, manifest
 from itertrain.tasks.arithmetic import ArithmeticTask
+from itertrain.tasks.curriculum import describe
 
 pytestmark = pytest.mark.slow  # real processes: torchrun, training, kills
 
@@ -20,31 +21,59 @@ SHORT = ["--num_iterations", "2", "--max_steps", "6", "--save_steps", "3", "--lo
          "--samples_per_prompt", "1", "--reward_threshold", "0", "--disable_tqdm", "true"]
 
 
-def test_demo_creates_model_runs_expert_iteration_prints_table_and_plot(tmp_path: Path) -> None:
-    r = itertrain("demo", "--output_dir", str(tmp_path / "demo"), *SHORT, timeout=600)
+@pytest.fixture(scope="module")
+def short_demo(tmp_path_factory) -> tuple[Path, object]:
+    root = tmp_path_factory.mktemp("ref") / "demo"
+    return root, itertrain("demo", "--output_dir", str(root), *SHORT, timeout=600)
+
+
+def test_demo_creates_model_runs_expert_iteration_prints_table_and_plot(short_demo) -> None:
+    root, r = short_demo
     assert r.returncode == 0, r.output
-    exp = tmp_path / "demo" / "experiment"
-    assert (tmp_path / "demo" / "tiny-model" / "config.json").exists()
+    exp = root / "experiment"
+    assert (root / "tiny-model" / "config.json").exists()
     rows = [json.loads(line) for line in (exp / "runs" / "metrics.jsonl").read_text().splitlines()]
     assert [row["iteration"] for row in rows] == [0, 1]
-    # one sample per prompt of the task's 4-digit problems
+    # one sample per prompt, as many prompts as the task's fixed schedule has
     assert rows[1]["samples"] == len(ArithmeticTask(seed=0).prompts(1))
     assert {"accuracy_3digit", "accuracy_4digit", "accuracy_5digit", "accuracy_6digit"} <= rows[1].keys()
-    # the table printed at the end has one line per iteration, with the generated-sample count of iteration 1
+    # the curriculum's decision (threshold 0: every probe sample passes, so every level counts as passed and
+    # the hardest gets most prompts) is in the data manifest and the metrics, and printed
+    decided = manifest(exp / "data" / "iter_1")["extra"]["stats"]["curriculum"]
+    assert decided == rows[1]["curriculum"] == {"pass_rates": {"4": 1.0, "5": 1.0, "6": 1.0}, "frontier": 6,
+                                                "prompt_mix": {"4": 250, "5": 250, "6": 3500}}
+    assert "🎯 data/iter_1 curriculum: prompts per digits 4:250 5:250 6:3500 (pass 4:100% 5:100% 6:100%)" in r.stdout
+    # the table printed at the end has one line per iteration, with the prompts' digits and sample count
     table = [line for line in r.stdout.splitlines() if line.startswith("| ")]
-    assert table[0].startswith("| iter | samples | accepted | kept | train loss | 3digit acc")
-    assert table[1].startswith("| 0 | — |") and table[2].startswith(f"| 1 | {rows[1]['samples']} |")
+    assert table[0].startswith("| iter | prompts by digits | samples | accepted | kept | train loss | 3digit acc")
+    assert table[1].startswith("| 0 | — | — |")
+    assert table[2].startswith(f"| 1 | 4:250 5:250 6:3500 | {rows[1]['samples']} |")
     png = exp / "runs" / "metrics.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (exp / "data" / "iter_1" / "itertrain.manifest.json").exists()
 
     # rerunning the same command finds the experiment complete and trains nothing
     before = manifest(exp / "iter_1")
-    again = itertrain("demo", "--output_dir", str(tmp_path / "demo"), *SHORT)
+    again = itertrain("demo", "--output_dir", str(root), *SHORT)
     assert again.returncode == 0, again.output
     assert "all 2 iterations are committed; nothing to do" in again.stdout
     assert "stage: train" not in again.stdout
     assert manifest(exp / "iter_1") == before
+
+
+def test_kill_during_the_curriculum_probe_relaunch_decides_the_same_and_rebuilds_identical_bytes(
+        tmp_path: Path, short_demo) -> None:
+    ref = short_demo[0] / "experiment"
+    # iteration 0's evaluation samples 4 batches (one per held-out set); the 5th is iteration 1's probe
+    r = itertrain("demo", "--output_dir", str(tmp_path / "demo"), *SHORT, fault="generation.batch=kill#5", timeout=600)
+    assert r.returncode == -9, r.output
+    assert "stage: generate" in r.stdout and "curriculum:" not in r.stdout  # killed before deciding
+    r = itertrain("demo", "--output_dir", str(tmp_path / "demo"), *SHORT, timeout=600)
+    assert r.returncode == 0, r.output
+    exp = tmp_path / "demo" / "experiment"
+    assert manifest(exp / "data/iter_1")["extra"]["stats"] == manifest(ref / "data/iter_1")["extra"]["stats"]
+    for name in ("data/iter_1/samples.jsonl", "data/iter_1/accepted.jsonl", "iter_1/model.safetensors"):
+        assert (exp / name).read_bytes() == (ref / name).read_bytes(), name
 
 
 def test_demo_refuses_a_model_directory_that_holds_something_else(tmp_path: Path) -> None:
@@ -77,7 +106,8 @@ def test_dpo_demo_runs_sft_then_dpo_on_the_same_problems_and_prints_its_pairs_ta
     assert len(pairs) == rows[1]["pairs"] and manifest(exp / "data" / "iter_1")["extra"]["stats"]["pairs"] == len(pairs)
     assert manifest(exp / "iter_1")["lineage"]["ref_model"] == "iter_0"
     table = [line for line in r.stdout.splitlines() if line.startswith("| ")]
-    assert table[0].startswith("| iter | samples | mean reward | pairs | train loss | 3digit acc")
-    assert table[2].startswith(f"| 1 | {rows[1]['samples']} | {rows[1]['mean_reward']:.3f} | {rows[1]['pairs']} |")
+    assert table[0].startswith("| iter | prompts by digits | samples | mean reward | pairs | train loss | 3digit acc")
+    assert table[2].startswith(f"| 1 | {describe(rows[1]['curriculum'], rates=False)} | {rows[1]['samples']} | "
+                               f"{rows[1]['mean_reward']:.3f} | {rows[1]['pairs']} |")
     assert (exp / "runs" / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (tmp_path / "demo" / "experiment").exists()  # expert iteration's demo directory is its own

@@ -130,10 +130,28 @@ class SampledDataStrategy(SFTStrategy):
             if distributed.is_main():
                 print(f"   ♻️  reusing committed {data_name(iteration)} (made by {source.path})", flush=True)
             return stats
-        rows = self.prompt_rows(iteration)
+        rows, decided = self.iteration_prompts(iteration, source)
         completions = self.sample(iteration, source, rows)
         rewards = self.score(rows, completions)
-        return distributed.run_on_main(self.select_and_commit, iteration, rows, completions, rewards, source)
+        return distributed.run_on_main(self.select_and_commit, iteration, rows, completions, rewards, source, decided)
+
+    def iteration_prompts(self, iteration: int, source: ModelSource) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """This iteration's prompts and what decided them (recorded with the data). A built-in task with a
+        curriculum picks them from the sampling model's pass rates on a probe; otherwise `prompt_rows`."""
+        task = self.task() if self.ctx.cfg.loop.task and not self.ctx.cfg.generation.prompts_file else None
+        if task is None or not hasattr(task, "curriculum"):
+            return self.prompt_rows(iteration), {}
+        from itertrain.tasks.curriculum import describe
+
+        probe = task.probe_rows(iteration)
+        rewards = self.score(probe, self.sample(iteration, source, probe))
+        threshold = self.ctx.cfg.generation.reward_threshold
+        passed = [sum(r is not None and r >= threshold for r in rs) / max(len(rs), 1) for rs in rewards]
+        rows, decided = task.curriculum(iteration, passed)
+        if distributed.is_main():
+            print(f"   🎯 {data_name(iteration)} curriculum: prompts per digits {describe(decided['curriculum'])}",
+                  flush=True)
+        return rows, decided
 
     def scorer(self) -> RewardFunction | RewardModel:
         return reward_scorer(self.ctx.cfg.generation, self.ctx.cfg.model)
@@ -161,8 +179,9 @@ class SampledDataStrategy(SFTStrategy):
                               "generation": backend_record(self.ctx.cfg)})
 
     def select_and_commit(self, iteration: int, rows: list[dict[str, Any]], completions: list[list[str]],
-                          rewards: Rewards, source: ModelSource) -> dict[str, Any]:
-        """Rank 0: turn the scored samples into training data, commit data/iter_K, return its stats."""
+                          rewards: Rewards, source: ModelSource, decided: dict[str, Any]) -> dict[str, Any]:
+        """Rank 0: turn the scored samples into training data, commit data/iter_K, return its stats (with
+        `decided`, what chose the prompts)."""
         raise NotImplementedError
 
     @staticmethod
@@ -187,7 +206,8 @@ class ExpertIterationStrategy(SampledDataStrategy):
     name = "expert_iteration"
     defining_fields = ("prompts_file", "reward_fn", "reward_model", "data_policy")
 
-    def select_and_commit(self, iteration: int, rows, completions, rewards: Rewards, source: ModelSource) -> dict[str, Any]:
+    def select_and_commit(self, iteration: int, rows, completions, rewards: Rewards, source: ModelSource,
+                          decided: dict[str, Any]) -> dict[str, Any]:
         threshold = self.ctx.cfg.generation.reward_threshold
         samples = self.sample_rows(rows, completions, rewards)
         accepted, seen, solved = [], set(), set()
@@ -201,7 +221,7 @@ class ExpertIterationStrategy(SampledDataStrategy):
         passed = sum(s["reward"] is not None and s["reward"] >= threshold for s in samples)
         # acceptance_rate counts every passing sample; `accepted` is what is kept after deduplication.
         stats = {"samples": n, "accepted": len(accepted), "acceptance_rate": passed / max(n, 1),
-                 "prompts_solved": solved, "prompts": len(rows)}
+                 "prompts_solved": solved, "prompts": len(rows), **decided}
         self.commit(iteration, {SAMPLES: samples, ACCEPTED: accepted}, stats, source)
         print(f"   📦 {data_name(iteration)}: {passed} of {n} samples passed the verifier "
               f"({stats['acceptance_rate']:.1%}), {len(accepted)} distinct kept, {solved}/{len(rows)} prompts "

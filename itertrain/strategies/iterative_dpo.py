@@ -175,9 +175,10 @@ class IterativeDPOStrategy(SampledDataStrategy):
     def settings(self, iteration: int) -> dict[str, Any]:
         return {**super().settings(iteration), "min_reward_margin": self.dpo.min_reward_margin}
 
-    def select_and_commit(self, iteration: int, rows, completions, rewards: Rewards, source: ModelSource) -> dict[str, Any]:
+    def select_and_commit(self, iteration: int, rows, completions, rewards: Rewards, source: ModelSource,
+                          decided: dict[str, Any]) -> dict[str, Any]:
         pairs = make_pairs(rows, completions, rewards, self.dpo.min_reward_margin)
-        stats = pair_stats(rows, rewards, pairs)
+        stats = {**pair_stats(rows, rewards, pairs), **decided}
         self.commit(iteration, {SAMPLES: self.sample_rows(rows, completions, rewards), PAIRS: pairs}, stats, source)
         print(f"   📦 {data_name(iteration)}: {stats['samples']} samples, mean reward {stats['mean_reward']:.3f}; "
               f"{len(pairs)} of {len(rows)} prompts give a pair (margin >= {self.dpo.min_reward_margin})", flush=True)

@@ -8,9 +8,11 @@ studies. The fixed width puts answer digit i at the same distance from operand d
 problem, so what the model learns on short numbers carries over to a few longer ones (without the
 padding, a model trained on 1..3 digits solves no 4-digit problem at all, not even by sampling, and
 expert iteration has nothing to start from). Iteration 0 trains on labeled problems of
-1..`base_digits` digits; expert iteration K samples answers to unlabeled `base_digits + K`-digit
-problems, keeps the ones the exact-match verifier accepts, and trains on them. Numbers with more
-than `width` digits are padded to their own length (a layout the model has not seen).
+1..`base_digits` digits; each expert iteration samples answers to unlabeled harder problems, keeps
+the ones the exact-match verifier accepts, and trains on them. Which difficulties an iteration
+samples is decided from the sampling model's pass rates (`curriculum`, see itertrain/tasks/curriculum.py);
+`prompts(K)` is the fixed schedule (`base_digits + K` digits) that preflight checks read. Numbers
+with more than `width` digits are padded to their own length (a layout the model has not seen).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from typing import Any
+
+from itertrain.tasks.curriculum import CurriculumRule, decision, prompt_mix
 
 
 def rev(n: int, width: int = 0) -> str:
@@ -42,6 +46,8 @@ class ArithmeticTask:
     heldout_per_level: int = 500  # one noisy iteration must not read as a fall (1 problem = 0.2%)
     heldout_levels: int = 4  # held-out sets for base_digits .. base_digits + heldout_levels - 1
     width: int = 6  # operands are written with this many digits, the answer with one more
+    probe_per_level: int = 64  # problems per level the sampling model is probed on before each iteration
+    rule: CurriculumRule = CurriculumRule()
 
     def _rng(self, *parts: Any) -> random.Random:
         return random.Random("/".join(map(str, ("arithmetic", self.seed, *parts))))
@@ -83,6 +89,30 @@ class ArithmeticTask:
         d = self.base_digits + iteration
         return self._problems(self._rng("prompts", iteration), self.prompts_per_iteration, (d, d),
                               self._heldout_prompts(), other=(1, d))
+
+    def levels(self) -> list[int]:
+        """The difficulties expert iteration may sample (digits of the longer operand)."""
+        return list(range(self.base_digits + 1, self.base_digits + self.heldout_levels))
+
+    def _level_problems(self, rng: random.Random, n: int, d: int, seen: set[str]) -> list[dict[str, str]]:
+        return self._problems(rng, n, (d, d), seen, other=(1, d))
+
+    def probe_rows(self, iteration: int) -> list[dict[str, str]]:
+        """The problems that measure the sampling model's pass rate per level before iteration `iteration`:
+        `probe_per_level` of each level in `levels()`, in that order."""
+        seen = self._heldout_prompts()
+        return [r for d in self.levels()
+                for r in self._level_problems(self._rng("probe", iteration, d), self.probe_per_level, d, seen)]
+
+    def curriculum(self, iteration: int, passed: list[float]) -> tuple[list[dict[str, str]], dict[str, Any]]:
+        """Iteration `iteration`'s prompts, from the probe's outcome (`passed[i]`: share of the samples of
+        `probe_rows(iteration)[i]` the verifier accepted), and the decision to record with the data."""
+        n = self.probe_per_level
+        rates = {d: sum(passed[i * n:(i + 1) * n]) / n for i, d in enumerate(self.levels())}
+        mix = prompt_mix(rates, self.prompts_per_iteration, self.rule)
+        seen = self._heldout_prompts()
+        rows = [r for d, k in mix.items() for r in self._level_problems(self._rng("prompts", iteration, d), k, d, seen)]
+        return rows, decision(rates, mix, self.rule)
 
     def eval_rows(self) -> list[dict[str, str]]:
         """Labeled held-out rows for the eval loss (base difficulty)."""
