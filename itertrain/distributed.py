@@ -1,12 +1,14 @@
 """The few collective operations the loop needs: rank 0 decides, everyone follows.
 
-Two process groups, both created by `init` before the flags are parsed (HF's TrainingArguments would
+Three process groups, all created by `init` on every rank before the flags are parsed (HF's TrainingArguments would
 otherwise create the default group while parsing, through accelerate, with a 30-minute timeout on CPU
 whatever --ddp_timeout says; accelerate reuses a group that exists):
 - the default group (gloo on CPU, NCCL on GPU): training's collectives, `--dist_timeout_s`;
 - a gloo group for itertrain's own collectives (plan broadcast, commit barriers, the preemption check),
   `--dist_io_timeout_s`: in these the other ranks often wait while rank 0 alone verifies, writes or
-  hashes an artifact, which may take far longer than a training step.
+  hashes an artifact, which may take far longer than a training step;
+- a gloo group for the failure probe (`failures.probe`) alone: a probe on the io group could pair with
+  a peer's commit barrier or preemption all-reduce and let it go on as if every rank were there.
 A rank that dies is noticed at once (its sockets close); one that freezes, within the timeout. Either
 way every rank stops with one line (`DistributedFailure`), and torchrun restarts the job when it may.
 """
@@ -28,6 +30,7 @@ from itertrain.errors import DistributedFailure, ItertrainError
 T = TypeVar("T")
 
 _io_group: Any = None
+_probe_group: Any = None
 _io_timeout_s: float = 1800.0
 INIT_FAILED_EXIT = 1  # torchrun restarts on any non-zero code
 
@@ -63,7 +66,7 @@ def init(timeout_s: float = 300.0, io_timeout_s: float = 1800.0) -> None:
     A fresh key space per torchrun restart (`launcher.rendezvous_store`), and a watchdog: an init that
     does not finish within `timeout_s` (a peer that never comes) exits with one line, so that torchrun
     can restart; an init that fails does the same through `DistributedFailure`."""
-    global _io_group, _io_timeout_s
+    global _io_group, _io_timeout_s, _probe_group
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return
     from itertrain import launcher
@@ -92,6 +95,7 @@ def init(timeout_s: float = 300.0, io_timeout_s: float = 1800.0) -> None:
             dist.init_process_group(backend=backend, store=store, rank=int(os.environ["RANK"]),
                                     world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
         _io_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=io_timeout_s))
+        _probe_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=io_timeout_s))  # probe bounds its own
         _io_timeout_s = io_timeout_s
     except ItertrainError:
         raise
@@ -130,10 +134,14 @@ def is_main() -> bool:
 
 def _collective(fn: Callable[[], T], doing: str) -> T:
     """Run one of itertrain's own collectives. Only torch runs inside (the objects sent are plain data),
-    so whatever it raises is the group failing: a peer is gone or did not answer."""
+    so whatever it raises is the group failing: a peer is gone or did not answer. A peer that left on
+    its own error (a user's bug in training) published it before its sockets closed: that is the cause."""
     try:
         return fn()
     except RuntimeError as e:
+        peer = failures.peer_outcome(rank(), world_size())
+        if peer is not None:
+            raise peer.error(f" (on rank {peer.rank})") from e
         raise lost_contact(e, doing, _io_timeout_s) from e
 
 
@@ -148,7 +156,7 @@ def training_failure(e: BaseException, doing: str, timeout_s: float, own: Itertr
     if not active():
         return own
     me = rank()
-    answer = failures.probe(_io_group)
+    answer = failures.probe(_probe_group)
     peer = failures.peer_outcome(me, world_size())  # a peer that failed first: its error is the cause
     if peer is not None:
         return peer.error(f" (on rank {peer.rank})")
@@ -227,7 +235,7 @@ def run_on_main(fn, *args, **kwargs):
 
 
 def shutdown() -> None:
-    global _io_group
+    global _io_group, _probe_group
     if active() and not failures.probe_left():
         dist.destroy_process_group()
-    _io_group = None
+    _io_group = _probe_group = None

@@ -7,7 +7,8 @@ raised) or a peer that is gone. Nothing here reads an error's text; the answer c
 
 - `Outcome` (type name, one line, exit code) is all a rank ever tells another: published in the
   rendezvous store (torchrun's agent hosts it, so it outlives the rank), never a pickled exception.
-- `probe` asks itertrain's own CPU group, where no user code runs: a barrier that fails at once
+- `probe` asks a CPU group of its own (no user code and no other collective of itertrain's runs on it,
+  so it never pairs with a peer's commit barrier): a barrier that fails at once
   means a peer is gone; one that every rank joins means every rank failed; one still waiting after
   `PROBE_S` means the peers are alive and busy (in training), so the error is this rank's own.
   A peer that failed first published its outcome before it left: that is the error to report.
@@ -121,7 +122,7 @@ def earlier_final() -> Outcome | None:
 
 
 def probe(group: Any) -> str:
-    """Ask the peers on itertrain's CPU group (a barrier, bounded by PROBE_S): "gone" when it fails at
+    """Ask the peers on the probe's own CPU group (a barrier, bounded by PROBE_S): "gone" when it fails at
     once (a peer's sockets are closed), "joined" when it completes (the peers are here too), "busy"
     when it runs out of time (the peers are alive, inside a training collective)."""
     import torch.distributed as dist

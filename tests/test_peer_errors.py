@@ -11,6 +11,8 @@ import pytest
 from conftest import FAST_FLAGS, PY, _run, base_env, free_port
 from jobs import Job, torchrun_cmd
 
+from itertrain.layout import MANIFEST_NAME
+
 pytestmark = pytest.mark.slow  # real processes: torchrun, training
 
 EOF_COLLATOR = textwrap.dedent("""
@@ -102,3 +104,70 @@ def test_a_plugin_whose_train_rows_raise_gives_one_line_and_exit_2_before_anythi
     assert rc == 1  # torchrun's own code for a failed worker; the worker's is 2:
     assert "exitcode  : 2" in output, output
     assert not out.exists() or not any(out.iterdir()), list(out.iterdir())
+
+
+SAVE_FAILS_ON_RANK_1 = textwrap.dedent("""
+    import os
+    from transformers import Trainer
+    from itertrain.strategies.sft import SFTStrategy
+
+    class RankOneSaveFails(Trainer):
+        def _save_rng_state(self, output_dir):
+            if os.environ.get("RANK") == "1" and self.state.global_step == 4:
+                raise RuntimeError("user bug in rank-1 save")
+            return super()._save_rng_state(output_dir)
+
+    class BadSave(SFTStrategy):
+        def trainer_class_for(self, k):
+            return RankOneSaveFails
+""")
+
+
+def test_a_rank_that_fails_while_saving_leaves_the_checkpoint_uncommitted_and_its_error_is_reported(
+        tmp_path, tiny_model, train_file):
+    work = tmp_path / "project"
+    work.mkdir()
+    (work / "badsave.py").write_text(SAVE_FAILS_ON_RANK_1)
+    out = tmp_path / "exp"
+    rc, output = torchrun_with([], ["--model_name", str(tiny_model), "--output_dir", str(out), "--train_file",
+                                    str(train_file), "--strategy", "badsave:BadSave", "--num_iterations", "1",
+                                    *FAST_FLAGS], work)
+    assert rc == 1, output
+    assert "failed: RuntimeError: user bug in rank-1 save (on rank 1)" in output, output
+    assert "lost contact" not in output, output
+    # rank 1's files of checkpoint-4 never reached the disk: no manifest may say the checkpoint is whole
+    assert not (out / "checkpoint-4" / MANIFEST_NAME).exists(), sorted(p.name for p in (out / "checkpoint-4").iterdir())
+
+
+ERROR_AFTER_BACKWARD_ON_RANK_1 = textwrap.dedent("""
+    import os
+    from transformers import Trainer
+    from itertrain.strategies.sft import SFTStrategy
+
+    class RankOneAfterBackward(Trainer):
+        def training_step(self, model, inputs, *a, **k):
+            loss = super().training_step(model, inputs, *a, **k)
+            if os.environ.get("RANK") == "1" and self.state.global_step == 5:
+                raise ValueError("user bug after backward on rank 1")
+            return loss
+
+    class PostBwd(SFTStrategy):
+        def trainer_class_for(self, k):
+            return RankOneAfterBackward
+""")
+
+
+def test_a_users_error_on_rank_1_while_rank_0_checks_for_preemption_is_reported_as_that_error_not_retried(
+        tmp_path, tiny_model, train_file):
+    work = tmp_path / "project"
+    work.mkdir()
+    (work / "postbwd.py").write_text(ERROR_AFTER_BACKWARD_ON_RANK_1)
+    out = tmp_path / "exp"
+    rc, output = torchrun_with(["--max-restarts=1"], [
+        "--model_name", str(tiny_model), "--output_dir", str(out), "--train_file", str(train_file),
+        "--strategy", "postbwd:PostBwd", "--num_iterations", "1", *FAST_FLAGS], work)
+    assert rc == 1, output
+    assert "itertrain: error: training of iteration 0 failed: ValueError: user bug after backward on rank 1 " \
+           "(on rank 1)" in output, output
+    assert "lost contact" not in output, output
+    assert output.count("stage: train") == 1 and "not retried" in output, output  # the restart does not train
