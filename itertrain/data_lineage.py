@@ -11,6 +11,7 @@ with another fingerprint would continue the iteration on different data: it is r
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping, Sized
 from typing import Any
 
 import xxhash
@@ -20,7 +21,7 @@ from itertrain.errors import ItertrainError, RecoveryRefused
 KEY = "train_data"  # lineage entry: {"source": ..., "fingerprint": ...}
 
 
-def rows_fingerprint(rows: list[dict[str, Any]]) -> str:
+def rows_fingerprint(rows: Iterable[dict[str, Any]]) -> str:
     """xxh3-128 of the rows in order, each as JSON with sorted keys."""
     h = xxhash.xxh3_128()
     for row in rows:
@@ -38,9 +39,16 @@ def current(strategy: Any, iteration: int) -> dict[str, Any] | None:
         source = strategy.rows_source(iteration)
     except (NotImplementedError, ItertrainError, OSError, ValueError):
         return None
-    if not isinstance(rows, list):
+    if not _finite_rows(rows):
         return None
     return {"source": str(source), "fingerprint": rows_fingerprint(rows)}
+
+
+def _finite_rows(rows: Any) -> bool:
+    """Rows that can be read to their end: a list, a tuple, a datasets.Dataset (any sized iterable that
+    is not a string or a mapping). A generator is not fingerprinted: it might never end."""
+    return (isinstance(rows, Sized) and isinstance(rows, Iterable)
+            and not isinstance(rows, (str, bytes, Mapping)))
 
 
 def changed(recorded: dict[str, Any] | None, now: dict[str, Any] | None) -> str | None:

@@ -67,7 +67,10 @@ def init(timeout_s: float = 300.0, io_timeout_s: float = 1800.0) -> None:
     does not finish within `timeout_s` (a peer that never comes) exits with one line, so that torchrun
     can restart; an init that fails does the same through `DistributedFailure`."""
     global _io_group, _io_timeout_s, _probe_group
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+    if dist.is_initialized():
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        _attach_single_worker(timeout_s)
         return
     from itertrain import launcher
 
@@ -85,10 +88,7 @@ def init(timeout_s: float = 300.0, io_timeout_s: float = 1800.0) -> None:
         if launcher.store_client is not None:
             failures.attach(launcher.store_client[0], launcher.run_id(), launcher.restart_count(),
                             launcher.store_client[1])
-        final = failures.earlier_final()
-        if final is not None:  # a deterministic failure: repeating it would only repeat its line
-            raise final.error(f" (attempt {final.attempt} of this torchrun launch ended on it; not retried: "
-                              "fix it and relaunch)")
+        _stop_on_earlier_final()
         if store is None:
             dist.init_process_group(backend=backend, timeout=timeout)
         else:
@@ -104,6 +104,29 @@ def init(timeout_s: float = 300.0, io_timeout_s: float = 1800.0) -> None:
                                  f"(restart {launcher.restart_count()}): {short(e)}") from e
     finally:
         watchdog.cancel()
+
+
+def _stop_on_earlier_final() -> None:
+    final = failures.earlier_final()
+    if final is not None:  # a deterministic failure: repeating it would only repeat its line
+        raise final.error(f" (attempt {final.attempt} of this torchrun launch ended on it; not retried: "
+                          "fix it and relaunch)")
+
+
+def _attach_single_worker(timeout_s: float) -> None:
+    """One worker under torchrun (--nproc_per_node=1): no process group, but the agent's store still
+    tells the restarts torchrun makes that a failure of the user's ended an earlier attempt."""
+    from itertrain import launcher
+
+    if not launcher.under_torchrun() or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return
+    try:
+        launcher.rendezvous_store(timedelta(seconds=timeout_s))
+    except (RuntimeError, ValueError, OSError):
+        return  # best effort: without the store a restart only repeats the failure
+    if launcher.store_client is not None:
+        failures.attach(launcher.store_client[0], launcher.run_id(), launcher.restart_count(), True)
+        _stop_on_earlier_final()
 
 
 def _init_expired(timeout_s: float) -> None:

@@ -47,6 +47,13 @@ class RewardFunctionError(ItertrainError):
     exit_code = 1
 
 
+class TrackerUnavailable(ItertrainError):
+    """A tracker (W&B, MLflow) could not open the experiment's run: its server did not answer, or its
+    settings are wrong. Exit 1, retried by torchrun like any failure: an outage may be over by then."""
+
+    exit_code = 1
+
+
 class DistributedFailure(ItertrainError):
     """Another rank or node is gone or did not answer in time (exit 1). Printed on every node, so each
     node's own log says why it stopped; torchrun restarts the job when restarts remain."""

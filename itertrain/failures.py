@@ -64,7 +64,8 @@ class Outcome:
 
 def outcome_of(e: BaseException, rank: int) -> Outcome:
     """`e` as an Outcome: an ItertrainError keeps its type name and code; anything else is exit 1."""
-    line = (str(e).strip().splitlines() or [type(e).__name__])[0][:400]
+    # the whole line: a restarted attempt repeats it, remedy included (it is one line of the store)
+    line = (str(e).strip().splitlines() or [type(e).__name__])[0][:4000]
     code = e.exit_code if isinstance(e, errors.ItertrainError) else 1
     return Outcome(type(e).__name__, line, code, rank, not isinstance(e, NOT_RETRIED), _attempt)
 

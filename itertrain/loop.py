@@ -90,6 +90,7 @@ def run_experiment(cfg: RunConfig) -> int:
             for k in iterations:
                 with_recovery_hooks(strategy.trainer_class_for(k))  # one that would bypass the hooks: exit 2
             distributed.run_on_main(strategy.preflight, plan.iteration)
+            distributed.run_on_main(trackers.check_recorded_ids, root, record, cfg.training)
             restored = distributed.run_on_main(restored_lineage, root, plan)
             if restored is not None:  # what the checkpoint depends on but does not hold must be as it was
                 source = plan_source(ctx, plan, restored)
@@ -371,7 +372,7 @@ def run_iteration(ctx: StrategyContext, strategy: Strategy, manager: CheckpointM
         prefix = evaluation.prefix
         results.update({key: v for key, v in trainer.evaluate(metric_key_prefix=prefix).items()
                         if key.startswith(prefix + "_") and not key.endswith(_TIMING)})
-    results.update(strategy.task_metrics(k, trainer.model))
+    results.update(strategy.checked_task_metrics(k, trainer.model))
     results.update(gen_stats)
     results["wall_time_s"] = round(time.time() - started, 2)
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import Any
 
-from itertrain.errors import UsageError
+from itertrain.errors import TrackerUnavailable, UsageError
 from itertrain.experiment import load_record
 from itertrain.fsutil import atomic_write_json
 from itertrain.layout import EXPERIMENT_RECORD
@@ -24,6 +25,7 @@ from itertrain.metrics import committed_metrics
 PREFIX = "committed/"  # a committed iteration's metrics: committed/<name>, at the step where it ended
 RECORD_KEY = "trackers"  # itertrain.json: {"wandb": run id, "mlflow": run id}
 _STEP_KEY = "train/global_step"  # the x-axis HF's W&B integration defines
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,255}")  # what both W&B and MLflow accept as a run id
 
 
 def reported(args: Any) -> set[str]:
@@ -54,13 +56,31 @@ def open_runs(root: Path, args: Any) -> list[str]:
         if name in names:
             try:
                 lines.append(opener(root, args, ids))
-            except Exception as e:  # noqa: BLE001 - any tracker failure: one line, exit 2, before training
+            except Exception as e:  # noqa: BLE001 - any tracker failure: one line, exit 1, before training
                 first = str(e).splitlines()[0] if str(e) else type(e).__name__
-                raise UsageError(f"--report_to {name}: the tracker could not open its run ({first}); fix its "
-                                 f"settings (environment variables) or drop {name} from --report_to") from e
+                raise TrackerUnavailable(
+                    f"--report_to {name}: the tracker could not open its run ({first[:300]}). Nothing was "
+                    "trained; torchrun retries when --max-restarts allows (an outage may be over by then). Check "
+                    f"that its server answers and its settings (environment variables), or drop {name} from "
+                    "--report_to, and relaunch with --resume_from auto --resume_from_iteration auto") from e
     if record and ids != (record.get(RECORD_KEY) or {}):
         atomic_write_json(Path(root) / EXPERIMENT_RECORD, {**record, RECORD_KEY: ids})
     return lines
+
+
+def check_recorded_ids(root: Path, record: dict[str, Any], args: Any) -> None:
+    """Before anything is written: the run ids itertrain.json keeps for the trackers of --report_to are
+    ids a tracker accepts (a hand-edited record otherwise fails only once the launch has begun)."""
+    known = record.get(RECORD_KEY) if isinstance(record, dict) else None
+    if not isinstance(known, dict):
+        return
+    for name in sorted(reported(args) & {"wandb", "mlflow"}):
+        value = known.get(name)
+        if value is not None and not (isinstance(value, str) and _RUN_ID.fullmatch(value)):
+            raise UsageError(
+                f"{Path(root) / EXPERIMENT_RECORD} keeps {value!r} as the {name} run id (\"{RECORD_KEY}\": "
+                f"{{\"{name}\": ...}}), which is not a run id (letters, digits, '_' and '-'). Nothing was written; "
+                f"put the run's id there, or delete the \"{name}\" entry to start a new {name} run, and relaunch")
 
 
 def _open_wandb(root: Path, args: Any, ids: dict[str, str]) -> str:

@@ -59,7 +59,8 @@ PLUGIN = textwrap.dedent("""
     class Shifting(Strategy):
         def train_rows(self, iteration):
             shift = int(os.environ.get("SHIFT", "0"))
-            return [{"prompt": f"{a}+{shift}=", "completion": str(a + shift)} for a in range(40)]
+            # a tuple, not a list: any finite sequence of rows is fingerprinted
+            return tuple({"prompt": f"{a}+{shift}=", "completion": str(a + shift)} for a in range(40))
 """)
 
 
@@ -79,3 +80,26 @@ def test_a_plugin_whose_train_rows_differ_between_launches_is_refused_naming_the
     assert tree_hash(out) == before
     r = itertrain("train", *args, *AUTO, cwd=work)  # the same rows again: it continues
     assert r.returncode == 0 and "Continuing at: iteration 0, step 4" in r.output, r.output
+
+
+def test_rows_given_as_a_datasets_dataset_are_fingerprinted_like_the_same_rows_as_a_list():
+    import datasets
+
+    from itertrain import data_lineage
+
+    rows = [{"prompt": f"{a}+1=", "completion": str(a + 1)} for a in range(5)]
+
+    class Plugin:
+        def __init__(self, rows):
+            self.rows = rows
+
+        def train_rows(self, iteration):
+            return self.rows
+
+        def rows_source(self, iteration):
+            return "Plugin.train_rows(0)"
+
+    as_list = data_lineage.current(Plugin(rows), 0)
+    as_dataset = data_lineage.current(Plugin(datasets.Dataset.from_list(rows)), 0)
+    assert as_list is not None and as_dataset == as_list
+    assert data_lineage.current(Plugin(r for r in rows), 0) is None  # a generator might never end

@@ -171,3 +171,52 @@ def test_a_users_error_on_rank_1_while_rank_0_checks_for_preemption_is_reported_
            "(on rank 1)" in output, output
     assert "lost contact" not in output, output
     assert output.count("stage: train") == 1 and "not retried" in output, output  # the restart does not train
+
+
+FAILING_METRIC = textwrap.dedent("""
+    from itertrain.strategies.sft import SFTStrategy
+
+    class BadMetric(SFTStrategy):
+        def task_metrics(self, k, model):
+            raise KeyError("accuracy")
+""")
+
+
+def test_a_plugin_whose_task_metrics_raise_gives_one_line_naming_the_method_and_torchrun_does_not_repeat_it(
+        tmp_path, tiny_model, train_file):
+    work = tmp_path / "project"
+    work.mkdir()
+    (work / "badmetric.py").write_text(FAILING_METRIC)
+    out = tmp_path / "exp"
+    rc, output = torchrun_with(["--max-restarts=1"], [
+        "--model_name", str(tiny_model), "--output_dir", str(out), "--train_file", str(train_file),
+        "--strategy", "badmetric:BadMetric", "--num_iterations", "1", *FAST_FLAGS], work)
+    assert rc == 1, output
+    assert "itertrain: error: BadMetric.task_metrics(0) raised KeyError: 'accuracy'. Iteration 0 trained" in output, \
+        output
+    assert "badmetric.py" not in output and 'raise KeyError("accuracy")' not in output, output  # no traceback
+    assert output.count("stage: train") == 1 and "not retried" in output, output
+    assert (out / "checkpoint-12" / MANIFEST_NAME).exists() and not (out / "iter_0").exists()
+
+
+LONG_USAGE_ERROR = textwrap.dedent("""
+    from itertrain import Strategy
+
+    class Broken(Strategy):
+        def train_rows(self, iteration):
+            raise KeyError("prompt_column " + "x" * 290)
+""")
+
+
+def test_one_worker_under_torchrun_is_not_restarted_on_a_usage_error_and_the_repeated_line_keeps_its_remedy(
+        tmp_path, tiny_model):
+    work = tmp_path / "project"
+    work.mkdir()
+    (work / "brokenmod.py").write_text(LONG_USAGE_ERROR)
+    cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={free_port()}",
+           "--max-restarts=1", "-m", "itertrain", "train", "--model_name", str(tiny_model), "--output_dir",
+           str(tmp_path / "exp"), "--strategy", "brokenmod:Broken", "--num_iterations", "1", *FAST_FLAGS]
+    output = _run(cmd, base_env(), 600, work).output
+    # the restart stops at once with the whole line (remedy included), and torchrun's restarts end there
+    assert "relaunch the same command (attempt 0 of this torchrun launch ended on it; not retried" in output, output
+    assert output.count("raised KeyError") == 2, output

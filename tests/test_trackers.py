@@ -107,3 +107,37 @@ def test_wandb_offline_run_killed_outright_is_continued_under_the_same_id_on_the
     assert [r["train/global_step"] for r in rows if "train/loss" in r] == STEPS[-3:]  # iteration 2, after 24 steps
     assert [(r["train/global_step"], r["committed/iteration"]) for r in rows if "committed/train_loss" in r] == [
         (24, 1), (36, 2)]
+
+
+@pytest.mark.slow
+def test_an_mlflow_server_that_does_not_answer_is_a_retried_failure_exit_1_not_a_usage_error(tmp_path, sft_args):
+    from conftest import free_port
+
+    out = tmp_path / "exp"
+    args = [a if a != "none" else "mlflow" for a in sft_args(out, iterations=1)]
+    env = {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+           "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    r = itertrain("train", *args, env=env)
+    assert r.returncode == 1, r.output
+    assert "itertrain: error: --report_to mlflow: the tracker could not open its run (" in r.stderr, r.output
+    assert "torchrun retries" in r.stderr and "Traceback" not in r.stderr, r.output
+    assert "stage: train" not in r.stdout
+
+
+@pytest.mark.slow
+def test_an_invalid_run_id_in_itertrain_json_is_refused_naming_the_file_before_anything_is_written(tmp_path,
+                                                                                                   sft_args):
+    from conftest import tree_hash
+
+    out = tmp_path / "exp"
+    assert itertrain("train", *sft_args(out, iterations=1)).returncode == 0
+    record = json.loads((out / "itertrain.json").read_text())
+    (out / "itertrain.json").write_text(json.dumps({**record, "trackers": {"mlflow": "bad/id:#?"}}))
+    before = tree_hash(out)
+    args = [a if a != "none" else "mlflow" for a in sft_args(out, iterations=2)]
+    r = itertrain("train", *args, "--resume_from", "auto", "--resume_from_iteration", "auto",
+                  env={"MLFLOW_TRACKING_URI": f"file://{tmp_path / 'mlruns'}"})
+    assert r.returncode == 2, r.output
+    assert f"itertrain: error: {out / 'itertrain.json'} keeps 'bad/id:#?' as the mlflow run id" in r.stderr, r.output
+    assert "delete the \"mlflow\" entry" in r.stderr, r.output
+    assert tree_hash(out) == before

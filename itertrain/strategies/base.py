@@ -186,6 +186,22 @@ class Strategy:
         """Extra held-out metrics (e.g. exact-match accuracy). Called on every rank."""
         return {}
 
+    def checked_task_metrics(self, iteration: int, model: Any) -> dict[str, float]:
+        """`task_metrics`, as the loop calls it: a failure of the strategy's code is the user's (one line
+        naming the method, exit 1, not retried by torchrun); the iteration's checkpoints stay committed."""
+        from itertrain.errors import ItertrainError, TrainingFailed
+
+        try:
+            return self.task_metrics(iteration, model)
+        except ItertrainError:
+            raise
+        except Exception as e:  # noqa: BLE001 - user code: reported in one line, whatever it raised
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise TrainingFailed(
+                f"{type(self).__qualname__}.task_metrics({iteration}) raised {type(e).__name__}: {first}. Iteration "
+                f"{iteration} trained but its model is not committed (its checkpoints are); fix it and relaunch "
+                "with --resume_from auto --resume_from_iteration auto") from e
+
 
 def _user_rows(fn: Callable[[int], Any], iteration: int) -> Any:
     """`fn(iteration)` of a strategy; whatever it raises (other than itertrain's own errors) is a usage
