@@ -3,7 +3,8 @@
 Pushed only once its commit has happened (its manifest is on disk), never before: the Trainer's own push
 (checkpoints, mid-iteration) is turned off. A failed upload does not stop training: it is reported and
 retried after the next commit (and by the next launch). What has been pushed is kept in itertrain.json
-under "hub", so a relaunch pushes only what is missing. Rank 0.
+under "hub", with the identity of each model pushed, so a relaunch pushes only what is missing, and an
+iteration retrained since (the earlier model superseded) is pushed again. Rank 0.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from itertrain.artifacts.manifest import fingerprint
 from itertrain.experiment import load_record
 from itertrain.fsutil import atomic_write_json
 from itertrain.layout import EXPERIMENT_RECORD
@@ -19,7 +21,7 @@ from itertrain.metrics import committed_metrics
 # The model only: iter_K/ may also hold trainer checkpoints (the optimizer moments carried to the next
 # iteration, or all of them under --keep_iteration_checkpoints), which are not part of the model.
 IGNORE = ["checkpoint-*", "checkpoint-*/*"]
-RECORD_KEY = "hub"  # itertrain.json: {"repo_id": ..., "pushed": {"iter_K": commit id}}
+RECORD_KEY = "hub"  # itertrain.json: {"repo_id": ..., "pushed": {"iter_K": commit id}, "models": {"iter_K": id}}
 
 
 def repo_id(root: Path, args: Any) -> str:
@@ -41,8 +43,13 @@ def push_committed(root: Path, args: Any) -> list[str]:
     root, repo = Path(root), repo_id(root, args)
     record = load_record(root)
     hub = record.get(RECORD_KEY) if isinstance(record.get(RECORD_KEY), dict) else {}
-    pushed = dict(hub["pushed"]) if hub.get("repo_id") == repo and isinstance(hub.get("pushed"), dict) else {}
-    todo = [int(r["iteration"]) for r in committed_metrics(root) if revision(int(r["iteration"])) not in pushed]
+    same_repo = hub.get("repo_id") == repo
+    pushed = dict(hub["pushed"]) if same_repo and isinstance(hub.get("pushed"), dict) else {}
+    models = dict(hub["models"]) if same_repo and isinstance(hub.get("models"), dict) else {}
+    now = {revision(int(r["iteration"])): fingerprint(root / revision(int(r["iteration"])))
+           for r in committed_metrics(root)}
+    # an iteration retrained since its push (the pushed model superseded) is pushed again
+    todo = [int(rev[5:]) for rev, fp in now.items() if rev not in pushed or models.get(rev, fp) != fp]
     if not todo:
         return []
     api = HfApi(token=args.hub_token)
@@ -54,11 +61,12 @@ def push_committed(root: Path, args: Any) -> list[str]:
             info = api.upload_folder(repo_id=repo, folder_path=str(root / revision(k)), revision=revision(k),
                                      commit_message=f"itertrain: iteration model iter_{k}", ignore_patterns=IGNORE)
             pushed[revision(k)] = str(getattr(info, "oid", "") or "")
-            atomic_write_json(root / EXPERIMENT_RECORD, {**load_record(root), RECORD_KEY: {"repo_id": repo,
-                                                                                          "pushed": pushed}})
+            models[revision(k)] = now[revision(k)]
+            atomic_write_json(root / EXPERIMENT_RECORD, {**load_record(root), RECORD_KEY: {
+                "repo_id": repo, "pushed": pushed, "models": models}})
             lines.append(f"⬆️  iter_{k} pushed to the Hub: {repo}, revision {revision(k)}")
     except Exception as e:  # noqa: BLE001 - any upload failure (network, auth, quota): training goes on
-        waiting = ", ".join(revision(k) for k in todo if revision(k) not in pushed)
+        waiting = ", ".join(revision(k) for k in todo if models.get(revision(k)) != now[revision(k)])
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         lines.append(f"⚠️  push to the Hub ({repo}) failed: {first}. Training goes on; {waiting} will be pushed "
                      "after the next commit (or by the next launch)")
