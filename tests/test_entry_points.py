@@ -56,3 +56,17 @@ def test_torchrun_no_python_itertrain_from_outside_the_repo_requeued_with_the_sa
     assert again.returncode == 0, again.output
     assert (out / "iter_0" / "model.safetensors").read_bytes() == iter_0  # continued, not started over
     assert set(weights(out / "iter_1")) and not list(elsewhere.iterdir())  # nothing written where it was started
+
+
+@pytest.mark.slow
+def test_a_requeue_command_under_itertrain_resume_auto_that_overwrites_warns_that_every_requeue_will(tmp_path,
+                                                                                                     sft_args):
+    from conftest import itertrain
+
+    out = tmp_path / "exp"
+    assert itertrain("train", *sft_args(out, iterations=1)).returncode == 0
+    r = itertrain("train", *sft_args(out, "--overwrite_output_dir", iterations=1), env={"ITERTRAIN_RESUME": "auto"})
+    assert r.returncode == 0, r.output
+    assert "ITERTRAIN_RESUME=auto is set, yet this command's --overwrite_output_dir moved committed work to " \
+           "superseded/: a requeue that repeats this command does so again every time" in r.stdout, r.output
+    assert len(list((out / "superseded").iterdir())) == 1

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from itertrain import console, distributed, launcher
-from itertrain.args import RunConfig
+from itertrain.args import RESUME_ENV, RunConfig
 from itertrain.artifacts.manager import CheckpointManager
 from itertrain.errors import RecoveryRefused
 from itertrain.experiment import record_launch
@@ -162,6 +162,7 @@ def prepare_output_dir(cfg: RunConfig, resolved: Resolved, record: dict, manager
         dest = manager.move_aside(list(plan.supersedes))
         notes.append(f"moved {', '.join(plan.supersedes)} to {dest} (this run replaces them)")
     notes += _finish_retirement(resolved, manager, root)
+    notes += _requeue_warning(cfg, plan.mode == Mode.FRESH and inv.has_committed_progress or bool(plan.supersedes))
     runs = root / RUNS_DIR
     runs.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -176,6 +177,18 @@ def prepare_output_dir(cfg: RunConfig, resolved: Resolved, record: dict, manager
                "step": plan.step, "weights_from": plan.weights_from, "state_from": plan.state_from,
                **launcher.launch_summary()}
     return record_launch(root, record, cfg, summary)
+
+
+def _requeue_warning(cfg: RunConfig, moved_aside: bool) -> list[str]:
+    """A requeue script (ITERTRAIN_RESUME=auto) whose command also carries a flag that supersedes work
+    would move the new progress aside on every requeue: said in the report, never silently."""
+    if not moved_aside or os.environ.get(RESUME_ENV, "").strip().lower() != "auto":
+        return []
+    f = flags_of(cfg)
+    flags = "--overwrite_output_dir" if f.overwrite_output_dir else \
+        f"--resume_from {f.resume_from} --resume_from_iteration {f.resume_from_iteration}"
+    return [f"⚠️  {RESUME_ENV}=auto is set, yet this command's {flags} moved committed work to superseded/: "
+            "a requeue that repeats this command does so again every time; requeue without those flags"]
 
 
 def _finish_retirement(resolved: Resolved, manager: CheckpointManager, root: Path) -> list[str]:
