@@ -85,12 +85,12 @@ def run_experiment(cfg: RunConfig) -> int:
                 # iteration) is said once, that way, not also as a bare "argument changed".
                 explained = tuple(f"argument changed: {line.split(' ', 1)[0]}: " for line in applies)
                 config_warnings[:] = [w for w in changed if not w.startswith(explained)] + applies
+                distributed.run_on_main(trackers.check_recorded_ids, root, record, cfg.training)
             iterations = range(plan.iteration, cfg.loop.num_iterations)
             distributed.run_on_main(check_writes, plan, root, cfg, [k for k in iterations if strategy.generates(k)])
             for k in iterations:
                 with_recovery_hooks(strategy.trainer_class_for(k))  # one that would bypass the hooks: exit 2
             distributed.run_on_main(strategy.preflight, plan.iteration)
-            distributed.run_on_main(trackers.check_recorded_ids, root, record, cfg.training)
             restored = distributed.run_on_main(restored_lineage, root, plan)
             if restored is not None:  # what the checkpoint depends on but does not hold must be as it was
                 source = plan_source(ctx, plan, restored)
