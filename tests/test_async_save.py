@@ -7,6 +7,7 @@ test_async_save_gpu.py.)"""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -20,7 +21,15 @@ import pytest
 import torch
 
 from conftest import free_port, manifest, torchrun
-from itertrain.artifacts.async_save import OPTIMIZER_WRITE, WEIGHTS_WRITTEN, Abandoned, BackgroundWriter
+from itertrain.artifacts.async_save import (
+    OPTIMIZER_WRITE,
+    WEIGHTS_WRITTEN,
+    Abandoned,
+    AsyncSaver,
+    BackgroundWriter,
+    Capture,
+)
+from itertrain.errors import ArtifactWriteError
 from itertrain.artifacts.snapshot import HostBufferPool, copy_tree, located_as
 from jobs import Job, torchrun_cmd
 
@@ -186,6 +195,25 @@ def _hooked_trainer(tiny_model: Path, train_file: Path, output_dir: Path):
     manager = CheckpointManager(CheckpointConfig(output_dir=output_dir, async_save=True, fsync=False))
     manager.start_iteration(0, {})
     return attach(_trainer(tiny_model, train_file, output_dir, with_recovery_hooks(Trainer)), manager)
+
+
+def test_a_full_disk_on_rank_1_reads_on_rank_0_as_the_sentence_rank_1_prints(tmp_path):
+    directory = tmp_path / "checkpoint-4"
+    directory.mkdir()
+
+    def full_disk():
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    rank1 = AsyncSaver(timeout=30)
+    rank1.start(Capture(4, directory, 1, 2, writes=[("weights", full_disk)]), lambda best: None, None)
+    with pytest.raises(ArtifactWriteError) as on_rank1:
+        rank1.writer.wait()
+    rank0 = AsyncSaver(timeout=30)
+    rank0.start(Capture(4, directory, 0, 2), lambda best: None, None)
+    with pytest.raises(ArtifactWriteError) as on_rank0:
+        rank0.writer.wait()
+    assert "the disk is full (ENOSPC)" in str(on_rank1.value)
+    assert str(on_rank0.value) == f"rank 1: {on_rank1.value}"
 
 
 @pytest.mark.slow  # trains three times (in process)
