@@ -360,3 +360,29 @@ def _check_stop_mid_write(tmp_path, tiny_model, train_file, uninterrupted, *, ev
     assert r.returncode == 0, r.output
     assert f"Continuing at: iteration 0, step {stopped}" in r.stdout
     assert _sha(out / "iter_0" / "model.safetensors") == _sha(uninterrupted / "iter_0" / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_one_ctrl_c_under_torchrun_during_an_async_write_commits_it_and_exits_130_without_a_traceback(
+        tmp_path, tiny_model, train_file):
+    """Ctrl-C signals the whole foreground group and torchrun forwards it: each rank gets SIGINT twice,
+    and the copy is not the second Ctrl-C that would abandon the write."""
+    out = tmp_path / "exp"
+    fault = f"{OPTIMIZER_WRITE}=sleep:8#2@0"  # rank 0's second save (checkpoint-4) stays in flight for 8 s
+    with Job(torchrun_cmd(_preempt_args(out, tiny_model, train_file), port=free_port()),
+             _env(SLOW_STEP_S="0.3", ITERTRAIN_FAULT=fault)) as job:
+        deadline = time.monotonic() + 240
+        while not ((out / "checkpoint-4" / "model.safetensors").exists() and job.workers()):
+            assert time.monotonic() < deadline and job.proc.poll() is None, job.output[-3000:]
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert not (out / "checkpoint-4" / "itertrain.manifest.json").exists()  # the write is in flight
+        os.killpg(job.proc.pid, signal.SIGINT)  # what the terminal sends on Ctrl-C
+        rc = job.wait(180)
+        output = job.output
+    assert (out / "checkpoint-4" / "itertrain.manifest.json").exists(), output[-4000:]
+    assert output.count("itertrain: interrupted") == 1, output[-4000:]
+    assert "abandoned" not in output, output[-4000:]
+    assert not [line for line in output.splitlines() if line.startswith("[rank") and "Traceback" in line], \
+        output[-4000:]
+    assert rc == 130, output[-4000:]
