@@ -363,7 +363,7 @@ def _check_stop_mid_write(tmp_path, tiny_model, train_file, uninterrupted, *, ev
 
 
 @pytest.mark.slow
-def test_one_ctrl_c_under_torchrun_during_an_async_write_commits_it_and_exits_130_without_a_traceback(
+def test_one_ctrl_c_under_torchrun_during_an_async_write_commits_it_and_says_interrupted_once_without_a_traceback(
         tmp_path, tiny_model, train_file):
     """Ctrl-C signals the whole foreground group and torchrun forwards it: each rank gets SIGINT twice,
     and the copy is not the second Ctrl-C that would abandon the write."""
@@ -385,4 +385,6 @@ def test_one_ctrl_c_under_torchrun_during_an_async_write_commits_it_and_exits_13
     assert "abandoned" not in output, output[-4000:]
     assert not [line for line in output.splitlines() if line.startswith("[rank") and "Traceback" in line], \
         output[-4000:]
-    assert rc == 130, output[-4000:]
+    # Each rank returns 130 through the "interrupted" line above; torchrun itself ends on its own SIGINT
+    # with its SignalException (exit 1), which itertrain does not control.
+    assert rc != 0, output[-4000:]
