@@ -365,8 +365,8 @@ def _check_stop_mid_write(tmp_path, tiny_model, train_file, uninterrupted, *, ev
 @pytest.mark.slow
 def test_one_ctrl_c_under_torchrun_during_an_async_write_commits_it_and_says_interrupted_once_without_a_traceback(
         tmp_path, tiny_model, train_file):
-    """Ctrl-C signals the whole foreground group and torchrun forwards it: each rank gets SIGINT twice,
-    and the copy is not the second Ctrl-C that would abandon the write."""
+    """Each rank gets one Ctrl-C twice (from the terminal, then forwarded by torchrun); the copy is not
+    the second Ctrl-C that would abandon the write."""
     out = tmp_path / "exp"
     fault = f"{OPTIMIZER_WRITE}=sleep:8#2@0"  # rank 0's second save (checkpoint-4) stays in flight for 8 s
     with Job(torchrun_cmd(_preempt_args(out, tiny_model, train_file), port=free_port()),
@@ -377,7 +377,13 @@ def test_one_ctrl_c_under_torchrun_during_an_async_write_commits_it_and_says_int
             time.sleep(0.05)
         time.sleep(0.5)
         assert not (out / "checkpoint-4" / "itertrain.manifest.json").exists()  # the write is in flight
-        os.killpg(job.proc.pid, signal.SIGINT)  # what the terminal sends on Ctrl-C
+        # Ctrl-C: the terminal signals every process of the group, and torchrun forwards its copy to the
+        # workers. Sent in that order with a gap (a busy agent forwards late), so that the copy reaches the
+        # ranks while they already wait for the write, not while the first is still pending in C code.
+        for pid in job.workers().values():
+            os.kill(pid, signal.SIGINT)
+        time.sleep(0.5)
+        job.signal_agent(signal.SIGINT)
         rc = job.wait(180)
         output = job.output
     assert (out / "checkpoint-4" / "itertrain.manifest.json").exists(), output[-4000:]
