@@ -74,13 +74,15 @@ def _name(signum: int) -> str:
 def install(enabled: bool = True, grace_s: float = 25.0) -> None:
     """Catch the stop signals (main thread, first thing in a training process)."""
     _state.grace_s = grace_s
-    if not enabled or threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread():
         return  # signal handlers can only be set on the main thread: the default actions stay
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # SIG_IGN (a background job) stays
+        _state.previous[signal.SIGINT] = signal.signal(signal.SIGINT, _interrupt)  # with --preemption off too
+    if not enabled:
+        return
     _state.enabled = True
     for s in STOP_SIGNALS:
         _state.previous[s] = signal.signal(s, _handler)
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # SIG_IGN (a background job) stays
-        _state.previous[signal.SIGINT] = signal.signal(signal.SIGINT, _interrupt)
     r, w = os.pipe()
     os.set_blocking(w, False)
     _state.previous_wakeup_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
@@ -94,17 +96,19 @@ def install(enabled: bool = True, grace_s: float = 25.0) -> None:
 def uninstall() -> None:
     """Put back the signal handlers `install` replaced and end the watcher thread (a `cli.run` from
     Python returns to a program whose own handlers apply again)."""
-    if threading.current_thread() is not threading.main_thread() or _state.pipe is None:
+    if threading.current_thread() is not threading.main_thread():
         return
     for s, previous in _state.previous.items():
         signal.signal(s, previous)
     _state.previous.clear()
+    _state.interrupted_at = None
+    if _state.pipe is None:
+        return
     signal.set_wakeup_fd(_state.previous_wakeup_fd)
     _state.watching, _state.enabled = False, False
     r, w = _state.pipe
     _state.pipe = None
     os.close(w)  # the watcher reads end-of-file and returns; it closes the read end
-    _state.interrupted_at = None
 
 
 def _interrupt(signum: int, frame: Any) -> None:
