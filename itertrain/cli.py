@@ -231,6 +231,9 @@ def run(argv: list[str] | None = None, *, strategy=None) -> int:
         from itertrain import distributed
 
         distributed.shutdown()
+        preemption = sys.modules.get("itertrain.preemption")
+        if preemption is not None:  # the caller's own signal handlers apply again
+            preemption.uninstall()
 
 
 def entry() -> None:

@@ -16,8 +16,9 @@ How a signal travels:
    a kill).
 4. A second stop signal or the end of `--preemption_grace_s` stops at once; an unfinished checkpoint
    then has no manifest, and the next launch never uses it. SIGINT (Ctrl-C) keeps Python's own
-   behaviour: KeyboardInterrupt at the next instruction of the main thread, a commit already being
-   written in the background lands before the lock is released, exit 130 (cli.guarded).
+   behaviour, KeyboardInterrupt at the next instruction of the main thread, except that a copy within
+   DUPLICATE_WINDOW_S is the same press (torchrun forwards it); a commit already being written in the
+   background lands before the lock is released, exit 130 (cli.guarded).
 """
 
 from __future__ import annotations
@@ -53,6 +54,11 @@ class _State:
         self.agreed: tuple[int, int] | None = None  # (signal, step) every rank agreed on
         self.deadline: threading.Timer | None = None
         self.done = False  # the stop completed at a committed point: a late deadline exits quietly
+        self.interrupted_at: float | None = None  # the first Ctrl-C (SIGINT) this rank received
+        self.previous: dict[int, Any] = {}  # the handlers `install` replaced, restored by `uninstall`
+        self.pipe: tuple[int, int] | None = None  # the wakeup pipe (read end, write end)
+        self.previous_wakeup_fd = -1
+        self.fork_hook = False
 
 
 _state = _State()
@@ -68,17 +74,52 @@ def _name(signum: int) -> str:
 def install(enabled: bool = True, grace_s: float = 25.0) -> None:
     """Catch the stop signals (main thread, first thing in a training process)."""
     _state.grace_s = grace_s
-    if not enabled or threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread():
         return  # signal handlers can only be set on the main thread: the default actions stay
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # SIG_IGN (a background job) stays
+        _state.previous[signal.SIGINT] = signal.signal(signal.SIGINT, _interrupt)  # with --preemption off too
+    if not enabled:
+        return
     _state.enabled = True
     for s in STOP_SIGNALS:
-        signal.signal(s, _handler)
+        _state.previous[s] = signal.signal(s, _handler)
     r, w = os.pipe()
     os.set_blocking(w, False)
-    signal.set_wakeup_fd(w, warn_on_full_buffer=False)
-    _state.watching = True
+    _state.previous_wakeup_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    _state.pipe, _state.watching = (r, w), True
     threading.Thread(target=_watch, args=(r,), name="itertrain-signal-watch", daemon=True).start()
-    os.register_at_fork(after_in_child=_reset_in_child)
+    if not _state.fork_hook:  # register_at_fork cannot be undone: once per process
+        os.register_at_fork(after_in_child=_reset_in_child)
+        _state.fork_hook = True
+
+
+def uninstall() -> None:
+    """Put back the signal handlers `install` replaced and end the watcher thread (a `cli.run` from
+    Python returns to a program whose own handlers apply again)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for s, previous in _state.previous.items():
+        signal.signal(s, previous)
+    _state.previous.clear()
+    _state.interrupted_at = None
+    if _state.pipe is None:
+        return
+    signal.set_wakeup_fd(_state.previous_wakeup_fd)
+    _state.watching, _state.enabled = False, False
+    r, w = _state.pipe
+    _state.pipe = None
+    os.close(w)  # the watcher reads end-of-file and returns; it closes the read end
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    """Ctrl-C: KeyboardInterrupt, as Python does, but once per press. The terminal signals every process
+    of the foreground group and torchrun forwards the SIGINT it got, so each rank receives one press twice
+    within milliseconds; the copy must not count as the second Ctrl-C that abandons a checkpoint write."""
+    now = time.monotonic()
+    if _state.interrupted_at is not None and now - _state.interrupted_at < DUPLICATE_WINDOW_S:
+        return
+    _state.interrupted_at = now
+    raise KeyboardInterrupt
 
 
 def _handler(signum: int, frame: Any) -> None:
@@ -92,6 +133,9 @@ def _watch(fd: int) -> None:
             data = os.read(fd, 64)
         except OSError:
             return
+        if not data:  # `uninstall` closed the write end
+            os.close(fd)
+            return
         for signum in data:  # SIGINT's byte comes too (Python's handler is a handler): it is not ours
             if signum in STOP_SIGNALS:
                 _on_signal(signum)
@@ -103,6 +147,8 @@ def _reset_in_child() -> None:
         signal.set_wakeup_fd(-1)
         for s in STOP_SIGNALS:
             signal.signal(s, signal.SIG_DFL)
+        if signal.getsignal(signal.SIGINT) is _interrupt:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
     except ValueError:
         pass
 

@@ -7,6 +7,7 @@ test_async_save_gpu.py.)"""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -20,7 +21,15 @@ import pytest
 import torch
 
 from conftest import free_port, manifest, torchrun
-from itertrain.artifacts.async_save import OPTIMIZER_WRITE, WEIGHTS_WRITTEN, Abandoned, BackgroundWriter
+from itertrain.artifacts.async_save import (
+    OPTIMIZER_WRITE,
+    WEIGHTS_WRITTEN,
+    Abandoned,
+    AsyncSaver,
+    BackgroundWriter,
+    Capture,
+)
+from itertrain.errors import ArtifactWriteError
 from itertrain.artifacts.snapshot import HostBufferPool, copy_tree, located_as
 from jobs import Job, torchrun_cmd
 
@@ -188,6 +197,25 @@ def _hooked_trainer(tiny_model: Path, train_file: Path, output_dir: Path):
     return attach(_trainer(tiny_model, train_file, output_dir, with_recovery_hooks(Trainer)), manager)
 
 
+def test_a_full_disk_on_rank_1_reads_on_rank_0_as_the_sentence_rank_1_prints(tmp_path):
+    directory = tmp_path / "checkpoint-4"
+    directory.mkdir()
+
+    def full_disk():
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    rank1 = AsyncSaver(timeout=30)
+    rank1.start(Capture(4, directory, 1, 2, writes=[("weights", full_disk)]), lambda best: None, None)
+    with pytest.raises(ArtifactWriteError) as on_rank1:
+        rank1.writer.wait()
+    rank0 = AsyncSaver(timeout=30)
+    rank0.start(Capture(4, directory, 0, 2), lambda best: None, None)
+    with pytest.raises(ArtifactWriteError) as on_rank0:
+        rank0.writer.wait()
+    assert "the disk is full (ENOSPC)" in str(on_rank1.value)
+    assert str(on_rank0.value) == f"rank 1: {on_rank1.value}"
+
+
 @pytest.mark.slow  # trains three times (in process)
 def test_async_checkpoints_are_hfs_own_files_and_plain_hf_resumes_from_them(tmp_path, tiny_model, train_file,
                                                                             monkeypatch):
@@ -332,3 +360,37 @@ def _check_stop_mid_write(tmp_path, tiny_model, train_file, uninterrupted, *, ev
     assert r.returncode == 0, r.output
     assert f"Continuing at: iteration 0, step {stopped}" in r.stdout
     assert _sha(out / "iter_0" / "model.safetensors") == _sha(uninterrupted / "iter_0" / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_one_ctrl_c_under_torchrun_during_an_async_write_commits_it_and_says_interrupted_once_without_a_traceback(
+        tmp_path, tiny_model, train_file):
+    """Each rank gets one Ctrl-C twice (from the terminal, then forwarded by torchrun); the copy is not
+    the second Ctrl-C that would abandon the write."""
+    out = tmp_path / "exp"
+    fault = f"{OPTIMIZER_WRITE}=sleep:8#2@0"  # rank 0's second save (checkpoint-4) stays in flight for 8 s
+    with Job(torchrun_cmd(_preempt_args(out, tiny_model, train_file), port=free_port()),
+             _env(SLOW_STEP_S="0.3", ITERTRAIN_FAULT=fault)) as job:
+        deadline = time.monotonic() + 240
+        while not ((out / "checkpoint-4" / "model.safetensors").exists() and job.workers()):
+            assert time.monotonic() < deadline and job.proc.poll() is None, job.output[-3000:]
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert not (out / "checkpoint-4" / "itertrain.manifest.json").exists()  # the write is in flight
+        # Ctrl-C: the terminal signals every process of the group, and torchrun forwards its copy to the
+        # workers. Sent in that order with a gap (a busy agent forwards late), so that the copy reaches the
+        # ranks while they already wait for the write, not while the first is still pending in C code.
+        for pid in job.workers().values():
+            os.kill(pid, signal.SIGINT)
+        time.sleep(0.5)
+        job.signal_agent(signal.SIGINT)
+        rc = job.wait(180)
+        output = job.output
+    assert (out / "checkpoint-4" / "itertrain.manifest.json").exists(), output[-4000:]
+    assert output.count("itertrain: interrupted") == 1, output[-4000:]
+    assert "abandoned" not in output, output[-4000:]
+    assert not [line for line in output.splitlines() if line.startswith("[rank") and "Traceback" in line], \
+        output[-4000:]
+    # Each rank returns 130 through the "interrupted" line above; torchrun itself ends on its own SIGINT
+    # with its SignalException (exit 1), which itertrain does not control.
+    assert rc != 0, output[-4000:]

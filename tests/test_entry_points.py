@@ -70,3 +70,28 @@ def test_a_requeue_command_under_itertrain_resume_auto_that_overwrites_warns_tha
     assert "ITERTRAIN_RESUME=auto is set, yet this command's --overwrite_output_dir moved committed work to " \
            "superseded/: a requeue that repeats this command does so again every time" in r.stdout, r.output
     assert len(list((out / "superseded").iterdir())) == 1
+
+
+def test_cli_run_from_python_gives_back_the_callers_signal_handlers_and_leaves_no_watcher_thread(tmp_path):
+    import signal
+    import threading
+
+    from itertrain import cli
+
+    def callers_handler(signum, frame):
+        pass
+
+    before = signal.signal(signal.SIGTERM, callers_handler)
+    try:
+        code = cli.run(["--model_name", str(tmp_path / "no-model"), "--train_file", str(tmp_path / "t.jsonl"),
+                        "--output_dir", str(tmp_path / "out")])
+        assert code == 2  # the missing model is refused after itertrain installed its handlers
+        assert signal.getsignal(signal.SIGTERM) is callers_handler
+        assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        for t in threading.enumerate():
+            if t.name == "itertrain-signal-watch":
+                t.join(10)
+                assert not t.is_alive()
+    finally:
+        signal.signal(signal.SIGTERM, before)

@@ -8,6 +8,7 @@ import subprocess
 import pytest
 
 from conftest import REPO, base_env, itertrain, manifest, torchrun, tree_hash
+from itertrain.preemption import DUPLICATE_WINDOW_S
 
 pytestmark = pytest.mark.slow  # real processes: torchrun, training, kills
 
@@ -62,6 +63,7 @@ def _interrupt_while_writing(tmp_path, sft_args, times: int):
         for line in proc.stderr:
             err += line
             if "finishing the background write of checkpoint-8" in line:
+                time.sleep(DUPLICATE_WINDOW_S + 0.5)  # a Ctrl-C within the window is the same press
                 os.kill(proc.pid, signal.SIGINT)
                 break
     stdout, rest = proc.communicate(timeout=240)

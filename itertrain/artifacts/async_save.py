@@ -99,10 +99,11 @@ class _Frozen:
 
 
 # ---- completion across ranks ------------------------------------------------------------------------------
-def publish_written(cap: Capture, error: str | None = None) -> None:
-    """Rank r > 0: this rank's files of checkpoint-S are written (or failed: `error`)."""
+def publish_written(cap: Capture, error: str | None = None, described: bool = False) -> None:
+    """Rank r > 0: this rank's files of checkpoint-S are written (or failed: `error`; `described`: it is
+    the readable sentence of fsutil.describe_write_error)."""
     atomic_write_json(cap.directory / WRITTEN_MARKER.format(rank=cap.rank),
-                      {"step": cap.step, "rank": cap.rank, "error": error})
+                      {"step": cap.step, "rank": cap.rank, "error": error, "described": described})
 
 
 def collect_written(cap: Capture, cancel: threading.Event, *, timeout: float, poll: float = 0.05) -> None:
@@ -116,6 +117,8 @@ def collect_written(cap: Capture, cancel: threading.Event, *, timeout: float, po
             except FileNotFoundError:
                 continue
             if marker.get("step") != cap.step or marker.get("error"):
+                if marker.get("described"):  # the sentence that rank printed, e.g. "the disk is full (ENOSPC)"
+                    raise ArtifactWriteError(f"rank {r}: {marker['error']}")
                 raise ArtifactWriteError(f"rank {r} could not write {cap.directory}: {marker.get('error')}")
             pending.discard(r)
         if pending:
@@ -316,10 +319,10 @@ class AsyncSaver:
                     publish_written(cap, error="abandoned")
                 raise
             except BaseException as e:
-                if cap.rank:
-                    publish_written(cap, error=f"{type(e).__name__}: {e}")
-                message = None if isinstance(e, ArtifactWriteError) else describe_library_write_error(e, cap.directory)
-                if message is None:
+                message = str(e) if isinstance(e, ArtifactWriteError) else describe_library_write_error(e, cap.directory)
+                if cap.rank:  # rank 0 reports this rank's failure in the very words this rank would use
+                    publish_written(cap, error=message or f"{type(e).__name__}: {e}", described=message is not None)
+                if message is None or isinstance(e, ArtifactWriteError):
                     raise
                 raise ArtifactWriteError(message) from e
             if cap.rank:
