@@ -55,9 +55,9 @@ def test_missing_tracker_is_refused_before_anything_is_written(tmp_path, sft_arg
     out = tmp_path / "exp"
     assert itertrain("train", *sft_args(out, iterations=1)).returncode == 0
     before = tree_hash(out)
-    r = itertrain("train", *sft_args(out, "--report_to", "wandb", "--resume_from", "auto",
+    r = itertrain("train", *sft_args(out, "--report_to", "comet_ml", "--resume_from", "auto",
                                      "--resume_from_iteration", "auto", iterations=2))
-    assert r.returncode == 2 and "--report_to wandb" in r.stderr and "pip install wandb" in r.stderr
+    assert r.returncode == 2 and "--report_to comet_ml" in r.stderr and "pip install comet_ml" in r.stderr
     assert "CHECKPOINT RECOVERY SYSTEM" not in r.stdout and "Traceback" not in r.stderr
     assert tree_hash(out) == before
 

@@ -88,8 +88,8 @@ def test_unimportable_reward_function_is_refused_before_iteration_0_trains(tmp_p
 
 def test_report_to_a_tracker_that_is_not_installed_is_refused_naming_it(tmp_path, sft_args):
     out = tmp_path / "exp"
-    r = itertrain("train", *sft_args(out), "--report_to", "wandb")
-    assert_refused(r, "--report_to wandb", "not installed", "pip install wandb")
+    r = itertrain("train", *sft_args(out), "--report_to", "comet_ml")  # wandb and mlflow come with the bootstrap
+    assert_refused(r, "--report_to comet_ml", "not installed", "pip install comet_ml")
     assert not out.exists()
 
 

@@ -109,8 +109,9 @@ def test_trainer_class_that_bypasses_the_hooks_is_refused_before_anything_is_wri
     r = itertrain("train", "--model_name", str(tiny_model), "--output_dir", str(out), "--strategy", "badmod:BadOrder",
                   *FAST_FLAGS, cwd=tmp_path)
     assert r.returncode == 2, r.output
-    assert "Sneaky._save_checkpoint, Trainer._save_optimizer_and_scheduler, Trainer._load_from_checkpoint come " \
-           "before itertrain's RecoveryHooks" in r.stderr
+    assert ("Sneaky._save_checkpoint, Trainer._save, Trainer._save_optimizer_and_scheduler, Trainer._load_from_checkpoint, "
+            "Trainer._finalize_training come "
+            "before itertrain's RecoveryHooks") in r.stderr
     assert "Traceback" not in r.stderr
     assert not out.exists()
 
