@@ -132,7 +132,12 @@ def run_iterations(ctx: StrategyContext, strategy: Strategy, manager: Checkpoint
         run_iteration(ctx, strategy, manager, resolved, record, metrics)
         if resolved.plan.iteration + 1 >= cfg.loop.num_iterations:
             return
+        done = resolved.plan.iteration
         resolved = resolve(root, auto, record, opts)
+        if resolved.plan.iteration <= done:  # never retrain (and supersede) an iteration just committed
+            why = "; ".join(f"{r.path}: {r.reason}" for r in resolved.plan.rejected) or resolved.plan.reason
+            raise TrainingFailed(f"iteration {done} was committed, but recovery then planned iteration "
+                                 f"{resolved.plan.iteration} again, so the run stops: {why}")
         say(f"➡️  iteration {resolved.plan.iteration}: weights from {resolved.plan.weights_from}, "
             f"training state: {resolved.plan.state_scope.value}"
             + (f" from {resolved.plan.state_from}" if resolved.plan.state_from else ""))

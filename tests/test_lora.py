@@ -183,3 +183,16 @@ def test_use_peft_without_peft_installed_exits_2_naming_the_extra(tiny_model, tr
     assert r.returncode == 2, r.output
     assert "--use_peft trains LoRA adapters with PEFT" in r.stderr and "pip install 'itertrain[lora]'" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "exp").exists()
+
+
+def test_adapter_mode_targeting_lm_head_commits_each_iteration_once_and_completes(tiny_model, train_file, tmp_path):
+    # PEFT adds lm_head's base weight to the state it expects, but the adapter file never holds it: the
+    # committed iter_0 was rejected and re-trained (and superseded) without end.
+    out = tmp_path / "out"
+    r = itertrain("train", *lora_args(tiny_model, train_file, out, "adapter", "--lora_r", "8",
+                                      "--lora_target_modules", "q_proj", "lm_head"), timeout=240)
+    assert r.returncode == 0, r.output
+    assert "experiment complete: 2 iteration(s)" in r.output
+    assert r.output.count("stage: commit") == 2
+    assert not (out / "superseded").exists()
+    assert (out / "iter_1" / "adapter_model.safetensors").is_file()
