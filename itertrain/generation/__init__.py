@@ -179,3 +179,5 @@ def check_backend(cfg, strategy_name: str, samples: bool) -> None:
 
     vllm.require_vllm()
     vllm.check_architecture(cfg.model.model_name)
+    if cfg.lora.mode == "adapter":  # the engine serves the adapter itself: its rank must fit vLLM's list
+        vllm.engine_lora_rank(cfg.lora.lora_r)

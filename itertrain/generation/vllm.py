@@ -58,6 +58,31 @@ def _environment() -> None:
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
 
 
+FALLBACK_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM 0.x's list, where it exposes none
+
+
+def allowed_lora_ranks() -> tuple[int, ...]:
+    """The max_lora_rank values this vLLM accepts (its own `MaxLoRARanks` where it has one)."""
+    import typing
+
+    try:
+        from vllm.config.lora import MaxLoRARanks
+    except ImportError:
+        return FALLBACK_LORA_RANKS
+    return tuple(sorted(typing.get_args(MaxLoRARanks))) or FALLBACK_LORA_RANKS
+
+
+def engine_lora_rank(lora_r: int) -> int:
+    """The smallest max_lora_rank vLLM accepts that holds an adapter of rank `lora_r`; UsageError (exit 2)
+    for a rank above vLLM's largest."""
+    ranks = allowed_lora_ranks()
+    fitting = [r for r in ranks if r >= lora_r]
+    if not fitting:
+        raise UsageError(f"--lora_r {lora_r}: vLLM serves LoRA adapters of rank at most {ranks[-1]}; use a smaller "
+                         f"--lora_r or --generation_backend hf")
+    return fitting[0]
+
+
 def check_architecture(model_dir: str | Path) -> None:
     """UsageError (exit 2) when vLLM has no implementation of the model's architecture."""
     try:
@@ -143,7 +168,7 @@ def _engine(model: EngineModel, opts: EngineOptions):
         # Under torchrun each rank runs its own engine in the process group it already has (TRL's colocate mode).
         kwargs["distributed_executor_backend"] = "external_launcher"
     if model.adapter is not None:
-        kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=max(model.lora_rank, 8))
+        kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=engine_lora_rank(model.lora_rank))
     return LLM(model=str(model.model), **kwargs)
 
 
@@ -250,5 +275,8 @@ def _release() -> None:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+    """The error in one line: its lines joined (a pydantic ValidationError's first line names only the
+    class; the reason follows), cut at 400 characters."""
+    text = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    text = text if len(text) <= 400 else text[:397] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
