@@ -161,10 +161,11 @@ def check_backend(cfg, strategy_name: str, samples: bool) -> None:
         raise UsageError(f"--top_k {gen.top_k}: must be 0 (off) or a positive number of tokens")
     if gen.backend != "vllm":
         return
+    flag = "--use_vllm" if gen.use_vllm else "--generation_backend"  # the flag the user gave
     if not samples:
-        raise UsageError(f"--generation_backend vllm: --strategy {strategy_name} does not sample its data; "
-                         "vLLM serves strategies that do (expert_iteration, iterative_dpo, and plug-ins built on "
-                         "itertrain.strategies.expert_iteration.SampledDataStrategy). Drop --generation_backend")
+        raise UsageError(f"{flag} {'true' if gen.use_vllm else 'vllm'}: --strategy {strategy_name} does not sample "
+                         "its data; vLLM serves strategies that do (expert_iteration, iterative_dpo, and plug-ins "
+                         f"built on itertrain.strategies.expert_iteration.SampledDataStrategy). Drop {flag}")
     if not 0 < gen.vllm_gpu_memory_utilization <= 1:
         raise UsageError(f"--vllm_gpu_memory_utilization {gen.vllm_gpu_memory_utilization}: must be in (0, 1]")
     if gen.vllm_tensor_parallel_size != 1:
