@@ -39,11 +39,14 @@ class Sampling:
 
 
 def backend_record(cfg) -> dict[str, str]:
-    """What the data manifest records of the backend that made the data: its name and version."""
+    """What the data manifest records of the backend that made the data: its name and version (vLLM: and
+    the dtype its engine ran in)."""
     if cfg.generation.backend == "vllm":
         from itertrain.generation.vllm import version
+        from itertrain.weights import resolved_dtype
 
-        return {"backend": "vllm", "version": version() or "unknown"}
+        return {"backend": "vllm", "version": version() or "unknown",
+                "dtype": resolved_dtype(Path(cfg.model.model_name), cfg.model.model_dtype)}
     import transformers
 
     return {"backend": "hf", "version": f"transformers {transformers.__version__}"}

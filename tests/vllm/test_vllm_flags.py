@@ -48,3 +48,19 @@ def test_a_lora_rank_above_vllms_largest_is_refused_with_exit_2_before_anything_
     assert r.returncode == 2, r.output[-3000:]
     assert "--lora_r 1024: vLLM serves LoRA adapters of rank at most 512" in r.stderr
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_model_dtype_auto_runs_the_vllm_engine_in_the_dtype_the_hf_backend_loads(tiny_model):
+    """vLLM's own "auto" picks bfloat16 for a float32 checkpoint; the HF backend samples in float32."""
+    from itertrain.generation import vllm as backend
+    from itertrain.weights import load_model
+
+    hf_dtype = load_model(tiny_model, "auto", False).dtype
+    llm = backend._engine(backend.EngineModel(tiny_model, tiny_model), backend.EngineOptions(dtype="auto"))
+    try:
+        assert llm.llm_engine.model_config.dtype == hf_dtype
+    finally:
+        backend._shutdown(llm, had_group=False)
+        del llm
+        backend._release()
