@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from itertrain import data_lineage, distributed, faults, hub, launcher, preemption, trackers
+from itertrain import data_lineage, distributed, faults, generation, hub, launcher, preemption, trackers
 from itertrain.args import RunConfig
 from itertrain.artifacts.manager import CheckpointConfig, CheckpointManager
 from itertrain.artifacts.manifest import fingerprint
@@ -109,6 +109,7 @@ def run_experiment(cfg: RunConfig) -> int:
             return 0
         wrote = True
         record = distributed.run_on_main(prepare_output_dir, cfg, resolved, record, manager, config_warnings)
+        distributed.run_on_main(generation.clear_eval_scratch, root)  # what a stopped vLLM evaluation left
         metrics = MetricsLog(root) if distributed.is_main() else None
         for line in distributed.run_on_main(trackers.open_runs, root, cfg.training) or []:
             say(f"   {line}")
