@@ -28,6 +28,7 @@ EXPERIMENT_RECORD = "itertrain.json"
 LOCK_NAME = ".itertrain.lock"
 MANIFEST_NAME = "itertrain.manifest.json"
 SUPERSEDED_DIR = "superseded"
+EVAL_SCRATCH_DIR = ".itertrain-eval"  # vLLM evaluation's model copies, one per rank; removed at each launch
 RUNS_DIR = "runs"
 DATA_DIR = "data"
 BASE = "base"  # a weights source meaning --model_name (a plan's weights_from, an adapter's base)

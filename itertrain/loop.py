@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from itertrain import data_lineage, distributed, faults, hub, launcher, preemption, trackers
+from itertrain import data_lineage, distributed, faults, generation, hub, launcher, preemption, trackers
 from itertrain.args import RunConfig
 from itertrain.artifacts.manager import CheckpointConfig, CheckpointManager
 from itertrain.artifacts.manifest import fingerprint
@@ -110,6 +110,7 @@ def run_experiment(cfg: RunConfig) -> int:
             return 0
         wrote = True
         record = distributed.run_on_main(prepare_output_dir, cfg, resolved, record, manager, config_warnings)
+        distributed.run_on_main(generation.clear_eval_scratch, root)  # what a stopped vLLM evaluation left
         metrics = MetricsLog(root) if distributed.is_main() else None
         for line in distributed.run_on_main(trackers.open_runs, root, cfg.training) or []:
             say(f"   {line}")
@@ -133,7 +134,12 @@ def run_iterations(ctx: StrategyContext, strategy: Strategy, manager: Checkpoint
         run_iteration(ctx, strategy, manager, resolved, record, metrics)
         if resolved.plan.iteration + 1 >= cfg.loop.num_iterations:
             return
+        done = resolved.plan.iteration
         resolved = resolve(root, auto, record, opts)
+        if resolved.plan.iteration <= done:  # never retrain (and supersede) an iteration just committed
+            why = "; ".join(f"{r.path}: {r.reason}" for r in resolved.plan.rejected) or resolved.plan.reason
+            raise TrainingFailed(f"iteration {done} was committed, but recovery then planned iteration "
+                                 f"{resolved.plan.iteration} again, so the run stops: {why}")
         say(f"➡️  iteration {resolved.plan.iteration}: weights from {resolved.plan.weights_from}, "
             f"training state: {resolved.plan.state_scope.value}"
             + (f" from {resolved.plan.state_from}" if resolved.plan.state_from else ""))

@@ -227,6 +227,10 @@ def parse_train_args(argv: list[str] | None = None, strategy: type[Strategy] | N
     strategy_args = extra.pop(0) if cls.arguments_class else None
     if cls.training_arguments_class is not None:
         training = build_training_arguments(cls.training_arguments_class, training, extra[0] if extra else None)
+    backend = _last_value(full, "--generation_backend")
+    if generation.use_vllm and backend not in (None, "vllm"):  # TRL's alias must not silently win
+        raise UsageError(f"--use_vllm true and --generation_backend {backend} conflict: --use_vllm is TRL's name "
+                         "for --generation_backend vllm; give one of them")
     cfg = RunConfig(model, loop, generation, recovery, training, strategy_args, argv, lora, dist_args)
     validate(cfg)
     cls.check_arguments(cfg)

@@ -22,6 +22,20 @@ def dtype_of(name: str) -> Any:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}[name]
 
 
+def resolved_dtype(directory: Path, name: str) -> str:
+    """The dtype `from_pretrained(dtype=name)` gives the model in `directory`: "auto" is the config's
+    `dtype` (`torch_dtype` in older configs), float32 without one. (vLLM's own "auto" would pick
+    bfloat16 for a float32 checkpoint, sampling other numbers than the HF backend.)"""
+    if name != "auto":
+        return name
+    try:
+        config = json.loads((Path(directory) / "config.json").read_text())
+    except (OSError, ValueError):
+        return "float32"
+    value = config.get("dtype") or config.get("torch_dtype")
+    return value if value in ("float32", "bfloat16", "float16") else "float32"
+
+
 def load_model(directory: Path, dtype: str, trust_remote_code: bool, **kwargs: Any):
     """A causal LM from an HF model directory, offline."""
     from transformers import AutoModelForCausalLM

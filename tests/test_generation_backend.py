@@ -18,9 +18,25 @@ def test_use_vllm_with_a_strategy_that_does_not_sample_is_refused(model_dir, tmp
     data = tmp_path / "train.jsonl"
     data.write_text('{"text": "a"}\n')
     argv = ["--model_name", str(model_dir), "--output_dir", str(tmp_path / "out"), "--train_file", str(data)]
-    with pytest.raises(UsageError, match="--strategy sft does not sample its data"):
+    with pytest.raises(UsageError, match="^--use_vllm true: --strategy sft does not sample its data.*Drop --use_vllm$"):
         parse_train_args([*argv, "--use_vllm", "true"])
+    with pytest.raises(UsageError, match="^--generation_backend vllm: --strategy sft.*Drop --generation_backend$"):
+        parse_train_args([*argv, "--generation_backend", "vllm"])
     assert parse_train_args(argv).generation.backend == "hf"
+
+
+def test_use_vllm_with_generation_backend_hf_exits_2_naming_both_flags(model_dir, tmp_path):
+    """--use_vllm true --generation_backend hf used to run vLLM without a word; a matching pair is fine."""
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "a"}\n')
+    argv = ["--model_name", str(model_dir), "--output_dir", str(tmp_path / "out"), "--train_file", str(data)]
+    with pytest.raises(UsageError, match="--use_vllm true and --generation_backend hf conflict") as e:
+        parse_train_args([*argv, "--use_vllm", "true", "--generation_backend", "hf"])
+    assert e.value.exit_code == 2
+    with pytest.raises(UsageError, match="conflict"):
+        parse_train_args([*argv, "--generation_backend=hf", "--use_vllm"])
+    with pytest.raises(UsageError, match="^--use_vllm true: --strategy sft"):  # agreeing flags: no conflict
+        parse_train_args([*argv, "--use_vllm", "true", "--generation_backend", "vllm"])
 
 
 @pytest.mark.slow

@@ -5,12 +5,16 @@ with plain Hugging Face / PEFT, the recorded reference to the base model, and ad
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from conftest import FAST_FLAGS, itertrain, manifest, torchrun, tree_hash
+from conftest import FAST_FLAGS, PY, REPO, base_env, itertrain, manifest, torchrun, tree_hash
 
 pytestmark = pytest.mark.slow  # real processes: torchrun, training, kills
 
@@ -183,3 +187,45 @@ def test_use_peft_without_peft_installed_exits_2_naming_the_extra(tiny_model, tr
     assert r.returncode == 2, r.output
     assert "--use_peft trains LoRA adapters with PEFT" in r.stderr and "pip install 'itertrain[lora]'" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "exp").exists()
+
+
+def test_adapter_mode_targeting_lm_head_commits_each_iteration_once_and_completes(tiny_model, train_file, tmp_path):
+    # PEFT adds lm_head's base weight to the state it expects, but the adapter file never holds it: the
+    # committed iter_0 was rejected and re-trained (and superseded) without end.
+    out = tmp_path / "out"
+    r = itertrain("train", *lora_args(tiny_model, train_file, out, "adapter", "--lora_r", "8",
+                                      "--lora_target_modules", "q_proj", "lm_head"), timeout=240)
+    assert r.returncode == 0, r.output
+    assert "experiment complete: 2 iteration(s)" in r.output
+    assert r.output.count("stage: commit") == 2
+    assert not (out / "superseded").exists()
+    assert (out / "iter_1" / "adapter_model.safetensors").is_file()
+
+
+def test_a_committed_iteration_that_recovery_then_rejects_stops_the_run_instead_of_retraining_it(
+        tiny_model, train_file, tmp_path):
+    """iter_0 is damaged right after its commit (held there by a fault point): the next plan would train
+    iteration 0 again; the run stops with exit 1 and one line naming why, and iter_0 is left where it is."""
+    out, release = tmp_path / "out", tmp_path / "release"
+    args = lora_args(tiny_model, train_file, out, "adapter", "--lora_r", "8")
+    proc = subprocess.Popen([PY, "-m", "itertrain", "train", *args], cwd=REPO, start_new_session=True,
+                            env=base_env({"ITERTRAIN_FAULT": f"iteration.after_manifest=hold:{release}"}),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        weights = out / "iter_0" / "adapter_model.safetensors"
+        deadline = time.time() + 240
+        while not (out / "iter_0" / "itertrain.manifest.json").exists():
+            assert proc.poll() is None and time.time() < deadline, "iter_0 was never committed"
+            time.sleep(0.1)
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 0xFF  # a flipped bit in the tensor data: the manifest's hash no longer matches
+        weights.write_bytes(bytes(data))
+        release.touch()
+        stdout, stderr = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 1, stdout[-3000:] + stderr[-3000:]
+    assert "iteration 0 was committed, but recovery then planned iteration 0 again, so the run stops" in stderr
+    assert stdout.count("stage: commit") == 1
+    assert not (out / "superseded").exists() and (out / "iter_0" / "itertrain.manifest.json").exists()

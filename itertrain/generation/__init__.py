@@ -6,8 +6,6 @@ global batches to ranks, seed every (iteration, example, sample) alike, and retu
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -39,11 +37,14 @@ class Sampling:
 
 
 def backend_record(cfg) -> dict[str, str]:
-    """What the data manifest records of the backend that made the data: its name and version."""
+    """What the data manifest records of the backend that made the data: its name and version (vLLM: and
+    the dtype its engine ran in)."""
     if cfg.generation.backend == "vllm":
         from itertrain.generation.vllm import version
+        from itertrain.weights import resolved_dtype
 
-        return {"backend": "vllm", "version": version() or "unknown"}
+        return {"backend": "vllm", "version": version() or "unknown",
+                "dtype": resolved_dtype(Path(cfg.model.model_name), cfg.model.model_dtype)}
     import transformers
 
     return {"backend": "hf", "version": f"transformers {transformers.__version__}"}
@@ -121,12 +122,53 @@ def _write_full_model(model, directory: Path) -> None:
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
 
 
+def clear_eval_scratch(root: Path) -> None:
+    """Remove the model copies a stopped vLLM evaluation left in `root` (a SIGTERM exits past its cleanup,
+    a SIGKILL cannot be caught). Run at each launch by rank 0; a link there is unlinked, never followed."""
+    from itertrain.fsutil import safe_rmtree
+    from itertrain.layout import EVAL_SCRATCH_DIR
+
+    path = Path(root) / EVAL_SCRATCH_DIR
+    if path.is_symlink():
+        path.unlink()
+    elif path.is_dir():
+        safe_rmtree(path, Path(root))
+
+
+def _eval_scratch(root: Path) -> Path:
+    """This rank's empty scratch directory inside the output dir (none of it through a link)."""
+    from itertrain.fsutil import safe_rmtree
+    from itertrain.layout import EVAL_SCRATCH_DIR
+
+    parent = Path(root) / EVAL_SCRATCH_DIR
+    if parent.is_symlink():
+        parent.unlink()
+    parent.mkdir(exist_ok=True)
+    path = parent / f"rank-{distributed.rank()}"
+    if path.is_symlink():
+        path.unlink()
+    elif path.exists():
+        safe_rmtree(path, Path(root))
+    path.mkdir()
+    return path
+
+
+def _drop_eval_scratch(path: Path, root: Path) -> None:
+    from itertrain.fsutil import safe_rmtree
+
+    safe_rmtree(path, Path(root))
+    try:
+        path.parent.rmdir()  # the last rank out removes the folder
+    except OSError:
+        pass
+
+
 def heldout_accuracy(task, model, ctx) -> dict[str, float]:
     """Greedy exact-match accuracy on each of the task's held-out sets (every rank gets the result). On
-    vLLM the just-trained model is first written to a temporary directory of this rank, outside the
-    experiment, and removed after."""
+    vLLM the just-trained model is first written to a scratch directory of this rank inside the output
+    dir (removed after, and at the next launch if the run is stopped meanwhile)."""
     cfg = ctx.cfg
-    tmp = Path(tempfile.mkdtemp(prefix="itertrain-eval-")) if cfg.generation.backend == "vllm" else None
+    tmp = _eval_scratch(ctx.root) if cfg.generation.backend == "vllm" else None
     try:
         engine = _written_for_engine(model, ctx.tokenizer, tmp, cfg) if tmp is not None else None
         sets = task.heldout_sets()
@@ -147,7 +189,7 @@ def heldout_accuracy(task, model, ctx) -> dict[str, float]:
         return metrics
     finally:
         if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+            _drop_eval_scratch(tmp, ctx.root)
 
 
 def check_backend(cfg, strategy_name: str, samples: bool) -> None:
@@ -161,10 +203,11 @@ def check_backend(cfg, strategy_name: str, samples: bool) -> None:
         raise UsageError(f"--top_k {gen.top_k}: must be 0 (off) or a positive number of tokens")
     if gen.backend != "vllm":
         return
+    flag = "--use_vllm" if gen.use_vllm else "--generation_backend"  # the flag the user gave
     if not samples:
-        raise UsageError(f"--generation_backend vllm: --strategy {strategy_name} does not sample its data; "
-                         "vLLM serves strategies that do (expert_iteration, iterative_dpo, and plug-ins built on "
-                         "itertrain.strategies.expert_iteration.SampledDataStrategy). Drop --generation_backend")
+        raise UsageError(f"{flag} {'true' if gen.use_vllm else 'vllm'}: --strategy {strategy_name} does not sample "
+                         "its data; vLLM serves strategies that do (expert_iteration, iterative_dpo, and plug-ins "
+                         f"built on itertrain.strategies.expert_iteration.SampledDataStrategy). Drop {flag}")
     if not 0 < gen.vllm_gpu_memory_utilization <= 1:
         raise UsageError(f"--vllm_gpu_memory_utilization {gen.vllm_gpu_memory_utilization}: must be in (0, 1]")
     if gen.vllm_tensor_parallel_size != 1:
@@ -179,3 +222,5 @@ def check_backend(cfg, strategy_name: str, samples: bool) -> None:
 
     vllm.require_vllm()
     vllm.check_architecture(cfg.model.model_name)
+    if cfg.lora.mode == "adapter":  # the engine serves the adapter itself: its rank must fit vLLM's list
+        vllm.engine_lora_rank(cfg.lora.lora_r)

