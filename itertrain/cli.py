@@ -177,6 +177,7 @@ def guarded(fn, *args, **kwargs) -> int:
     from itertrain import console
 
     main_rank = os.environ.get("RANK", "0") == "0"
+    failures.new_command()
     try:
         return fn(*args, **kwargs)
     except Exception as e:  # noqa: BLE001 - mapped to one line below, or re-raised

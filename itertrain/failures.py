@@ -147,6 +147,14 @@ def probe(group: Any) -> str:
     return answer[0] if answer else "busy"
 
 
+def new_command() -> None:
+    """A command starts (once per process under torchrun; again when `itertrain.cli.main` is called from
+    Python): its failure has not been said yet."""
+    global _said
+    with _said_lock:
+        _said = False
+
+
 def say_once() -> bool:
     """True the first time only: the main thread and the signal watcher may both end the process,
     and the run's failure is said once."""
