@@ -14,7 +14,6 @@ import dataclasses
 import gc
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 from itertrain import data_lineage, distributed, faults, generation, hub, launcher, preemption, trackers
@@ -30,7 +29,14 @@ from itertrain.lock import RunLock
 from itertrain.lora import ADAPTER, MERGED, settings_of
 from itertrain.lora.links import LORA, base_dir, lora_lineage
 from itertrain.lora.model import IterationModelSaver, load_iteration_model
-from itertrain.metrics import IterationLossCallback, MetricsLog, TensorBoardCallback, tensorboard_dir
+from itertrain.metrics import (
+    IterationLossCallback,
+    MetricsLog,
+    TensorBoardCallback,
+    finished_state,
+    iteration_train_loss,
+    tensorboard_dir,
+)
 from itertrain.recovery.flags import AUTO, BASE, RecoveryFlags, flags_of
 from itertrain.recovery.plan import Mode, RecoveryPlan, StateScope
 from itertrain.recovery.prepare import check_writes, hyperparameters, prepare_output_dir, print_report, resume_changes
@@ -229,25 +235,6 @@ def _reports_to_tensorboard(args) -> bool:
 
 
 _TIMING = ("_runtime", "_per_second")  # wall-clock figures: not part of the iteration's results
-
-
-def finished_state(checkpoint: str | None, max_steps: int):
-    """The TrainerState of a checkpoint taken at (or past) the iteration's final step under the
-    current --max_steps, else None. (HF Trainer would run one extra step when resumed at max_steps.)"""
-    if checkpoint is None:
-        return None
-    from transformers import TrainerState
-
-    state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
-    limit = max_steps if max_steps and max_steps > 0 else state.max_steps
-    return state if limit and state.global_step >= limit else None
-
-
-def iteration_train_loss(state, fallback: float) -> float:
-    """Mean of the logged training losses of the whole iteration. HF's own `training_loss` covers only
-    the steps of the last train() call, so after a resume it would differ from an uninterrupted run."""
-    losses = [e["loss"] for e in state.log_history if "loss" in e]
-    return sum(losses) / len(losses) if losses else fallback
 
 
 def plan_source(ctx: StrategyContext, plan: RecoveryPlan, restored: dict | None, loaded: Any = None) -> ModelSource:

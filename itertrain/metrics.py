@@ -135,3 +135,22 @@ class IterationLossCallback(TrainerCallback):
             if losses:
                 logs["train_loss"] = sum(losses) / len(losses)
         return control
+
+
+def finished_state(checkpoint: str | None, max_steps: int):
+    """The TrainerState of a checkpoint taken at (or past) the iteration's final step under the
+    current --max_steps, else None. (HF Trainer would run one extra step when resumed at max_steps.)"""
+    if checkpoint is None:
+        return None
+    from transformers import TrainerState
+
+    state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+    limit = max_steps if max_steps and max_steps > 0 else state.max_steps
+    return state if limit and state.global_step >= limit else None
+
+
+def iteration_train_loss(state, fallback: float) -> float:
+    """Mean of the logged training losses of the whole iteration. HF's own `training_loss` covers only
+    the steps of the last train() call, so after a resume it would differ from an uninterrupted run."""
+    losses = [e["loss"] for e in state.log_history if "loss" in e]
+    return sum(losses) / len(losses) if losses else fallback
