@@ -76,13 +76,14 @@ def install(enabled: bool = True, grace_s: float = 25.0) -> None:
     _state.grace_s = grace_s
     if threading.current_thread() is not threading.main_thread():
         return  # signal handlers can only be set on the main thread: the default actions stay
+    _end_watcher()  # a second command in one Python process (`main` then `run`): one pipe, one watcher
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # SIG_IGN (a background job) stays
-        _state.previous[signal.SIGINT] = signal.signal(signal.SIGINT, _interrupt)  # with --preemption off too
+        _keep_previous(signal.SIGINT, signal.signal(signal.SIGINT, _interrupt))  # with --preemption off too
     if not enabled:
         return
     _state.enabled = True
     for s in STOP_SIGNALS:
-        _state.previous[s] = signal.signal(s, _handler)
+        _keep_previous(s, signal.signal(s, _handler))
     r, w = os.pipe()
     os.set_blocking(w, False)
     _state.previous_wakeup_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
@@ -91,6 +92,12 @@ def install(enabled: bool = True, grace_s: float = 25.0) -> None:
     if not _state.fork_hook:  # register_at_fork cannot be undone: once per process
         os.register_at_fork(after_in_child=_reset_in_child)
         _state.fork_hook = True
+
+
+def _keep_previous(signum: int, handler: Any) -> None:
+    """Remember the caller's handler for `uninstall`; ours, left by an earlier command, is not the caller's."""
+    if handler not in (_handler, _interrupt):
+        _state.previous[signum] = handler
 
 
 def uninstall() -> None:
@@ -102,6 +109,10 @@ def uninstall() -> None:
         signal.signal(s, previous)
     _state.previous.clear()
     _state.interrupted_at = None
+    _end_watcher()
+
+
+def _end_watcher() -> None:
     if _state.pipe is None:
         return
     signal.set_wakeup_fd(_state.previous_wakeup_fd)

@@ -82,12 +82,13 @@ def test_cli_run_from_python_gives_back_the_callers_signal_handlers_and_leaves_n
         pass
 
     before = signal.signal(signal.SIGTERM, callers_handler)
+    usr1_before = signal.signal(signal.SIGUSR1, callers_handler)
     try:
         code = cli.run(["--model_name", str(tmp_path / "no-model"), "--train_file", str(tmp_path / "t.jsonl"),
                         "--output_dir", str(tmp_path / "out")])
         assert code == 2  # the missing model is refused after itertrain installed its handlers
         assert signal.getsignal(signal.SIGTERM) is callers_handler
-        assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
+        assert signal.getsignal(signal.SIGUSR1) is callers_handler
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
         for t in threading.enumerate():
             if t.name == "itertrain-signal-watch":
@@ -95,3 +96,28 @@ def test_cli_run_from_python_gives_back_the_callers_signal_handlers_and_leaves_n
                 assert not t.is_alive()
     finally:
         signal.signal(signal.SIGTERM, before)
+        signal.signal(signal.SIGUSR1, usr1_before)
+
+
+def test_cli_main_then_run_in_one_process_restores_the_callers_handler_and_ends_every_watcher(tmp_path):
+    import signal
+    import threading
+
+    from itertrain import cli
+
+    def callers_handler(signum, frame):
+        pass
+
+    args = ["--model_name", str(tmp_path / "no-model"), "--output_dir", str(tmp_path / "out")]
+    before = signal.getsignal(signal.SIGUSR1)
+    try:
+        assert cli.main(["train", *args]) == 2  # `main` is a process's entry: its handlers stay installed
+        signal.signal(signal.SIGUSR1, callers_handler)  # the program then sets its own, and calls `run`
+        assert cli.run(args) == 2
+        assert signal.getsignal(signal.SIGUSR1) is callers_handler
+        watchers = [t for t in threading.enumerate() if t.name == "itertrain-signal-watch"]
+        for t in watchers:
+            t.join(10)
+        assert not any(t.is_alive() for t in watchers)
+    finally:
+        signal.signal(signal.SIGUSR1, before)
