@@ -178,6 +178,12 @@ class GenerationArguments:
         metadata={"help": "expert_iteration: train on this iteration's accepted data (fresh) or all so far (cumulative).",
                   "choices": ["fresh", "cumulative"]},
     )
+    min_accepted: int = field(
+        default=0,
+        metadata={"help": "expert_iteration: stop (exit 1, before training) when an iteration's verifier kept fewer "
+                          "distinct samples than this; the sampled data stays committed, so a relaunch with a lower "
+                          "value trains on it (0: train on any number above 0)."},
+    )
     generation_backend: str = field(
         default="hf",
         metadata={"help": "What samples: Hugging Face generate() (hf) or a vLLM engine per rank (vllm; needs "

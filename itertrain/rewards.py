@@ -10,8 +10,9 @@ the signature (a parameter named `prompts` or `completions` means batched):
   tokenizer (no special tokens), `columns` are the prompt rows' other fields as lists (e.g. `answer=[...]`),
   `trainer_state` is None (sampling happens outside a Trainer) and `log_extra` / `log_metric` are no-ops.
 A reward of None means "not scored" (TRL's convention): the sample is never kept or paired.
-The function is imported with the current directory on the import path and tried on one example at
-launch, before anything is written (`check_reward`).
+The function is imported with the current directory on the import path and tried at launch, before
+anything is written, on a small batch in the call shape sampling uses: several prompt rows x several
+made-up samples (`check_reward`, `check_reward_function`).
 
 `--reward_model DIR` scores `prompt + completion` with a local AutoModelForSequenceClassification with
 one label (its logit is the reward), tokenized by DIR's tokenizer, in batches formed globally and dealt
@@ -77,11 +78,16 @@ class RewardFunction:
     def score(self, rows: list[dict[str, Any]], completions: list[list[str]], tokenizer: Any = None) -> Rewards:
         """rewards[i][s] for completion s of prompt row i (`tokenizer`: for TRL's `completion_ids`)."""
         flat = _flatten(rows, completions)
-        if self.batched:
-            values = self._batched(flat, tokenizer)
-        else:
-            values = [self._one(i, row, c) for i, row, c in flat]
+        values = self.values(rows, completions, tokenizer)
         return _unflatten([self._number(v, i, row, c) for v, (i, row, c) in zip(values, flat)], completions)
+
+    def values(self, rows: list[dict[str, Any]], completions: list[list[str]], tokenizer: Any = None) -> list[Any]:
+        """What the function returned, one value per completion in row order, unchecked (RewardFunctionError
+        when it raised, or when a batched call returned another number of values)."""
+        flat = _flatten(rows, completions)
+        if self.batched:
+            return self._batched(flat, tokenizer)
+        return [self._one(i, row, c) for i, row, c in flat]
 
     def _batched(self, flat: list[tuple[int, dict[str, Any], str]], tokenizer: Any) -> list[Any]:
         texts = [c for _, _, c in flat]
@@ -222,19 +228,63 @@ def reward_scorer(gen: Any, model_args: Any) -> RewardFunction | RewardModel:
     return load_reward_fn(gen.reward_fn)
 
 
-def check_reward(scorer: RewardFunction | RewardModel, example: dict[str, Any], tokenizer: Any = None) -> None:
-    """Call the reward on one example (its reference answer as the completion) before anything is
-    written (one process). UsageError naming the function or model when it fails."""
-    completion = str(example.get("answer", ""))
-    try:
-        if isinstance(scorer, RewardModel):
-            scorer.score([example], [[completion]], sharded=False)
-        else:
-            scorer.score([example], [[completion]], tokenizer)
-    except RewardFunctionError as e:
-        raise UsageError(f"--reward_fn {scorer.spec} failed on the first prompt row at launch: {e}") from e
-    except UsageError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a reward model that cannot score is a usage error found at launch
-        raise UsageError(f"{scorer.spec} failed on the first prompt row at launch ({type(e).__name__}: {e})") from e
+LAUNCH_ROWS, LAUNCH_SAMPLES = 4, 4  # the launch check's batch: this many prompt rows x up to this many samples
 
+
+def _valid(value: Any) -> bool:
+    """A reward the strategies can use: a finite number, a bool, or None (not scored)."""
+    return value is None or isinstance(value, bool) or (isinstance(value, (int, float)) and math.isfinite(value))
+
+
+def check_reward_function(fn: RewardFunction | Callable[..., Any], prompts: list[str], completions: list[list[str]],
+                          *, tokenizer: Any = None, **columns: list[Any]) -> None:
+    """Call a reward function once on a whole small batch, in the call shape sampling uses (`completions[i]`:
+    the samples of `prompts[i]`; `columns`: the prompt rows' other fields, one value per prompt), and raise
+    UsageError (exit 2), in one line naming the function, when it raises, returns another number of rewards,
+    returns something that is not a finite number or None (saying what, for how many), or None for all."""
+    if not isinstance(fn, RewardFunction):
+        fn = RewardFunction(fn, getattr(fn, "__qualname__", repr(fn)), _is_batched(fn))
+    rows = [{"prompt": p, **{k: v[i] for k, v in columns.items()}} for i, p in enumerate(prompts)]
+    n = sum(map(len, completions))
+    shape = f"{len(rows)} prompts x {max(map(len, completions), default=0)} samples"
+    try:
+        values = fn.values(rows, completions, tokenizer)
+    except RewardFunctionError as e:
+        raise UsageError(f"--reward_fn {fn.spec} failed the launch check ({shape}): {e}") from e
+    bad = [v for v in values if not _valid(v)]
+    if bad:
+        raise UsageError(f"--reward_fn {fn.spec} returned {bad[0]!r} ({type(bad[0]).__name__}) for {len(bad)} of {n} "
+                         f"completions at launch ({shape}); it must return a finite number (or None: not scored) "
+                         "for each")
+    if n and all(v is None for v in values):
+        raise UsageError(f"--reward_fn {fn.spec} returned None (not scored) for all {n} completions at launch "
+                         f"({shape}, the reference answer among them); nothing could ever be kept or paired")
+
+
+def launch_batch(rows: list[dict[str, Any]], samples_per_prompt: int) -> tuple[list[dict[str, Any]], list[list[str]]]:
+    """The launch check's batch: the first prompt rows, each with 2..4 made-up samples (its reference answer,
+    an empty completion, the answer reversed, "0"), so that wrong counts and types show before training."""
+    rows = rows[:LAUNCH_ROWS]
+    samples = min(max(samples_per_prompt, 2), LAUNCH_SAMPLES)
+    completions = []
+    for row in rows:
+        answer = str(row.get("answer", ""))
+        completions.append([answer, "", answer[::-1] + " ", "0"][:samples])
+    return rows, completions
+
+
+def check_reward(scorer: RewardFunction | RewardModel, rows: list[dict[str, Any]], tokenizer: Any = None,
+                 samples_per_prompt: int = LAUNCH_SAMPLES) -> None:
+    """Score the launch batch of `rows` (`launch_batch`) before anything is written (one process): a reward
+    function through `check_reward_function`, a reward model unsharded. UsageError naming it when it fails."""
+    batch, completions = launch_batch(rows, samples_per_prompt)
+    if isinstance(scorer, RewardFunction):
+        columns = {k: [row.get(k) for row in batch] for k in sorted({k for r in batch for k in r} - {"prompt"})}
+        check_reward_function(scorer, [row["prompt"] for row in batch], completions, tokenizer=tokenizer, **columns)
+        return
+    try:
+        scorer.score(batch, completions, sharded=False)
+    except (UsageError, RewardFunctionError) as e:
+        raise UsageError(f"{scorer.spec} failed at launch: {e}") from e
+    except Exception as e:  # noqa: BLE001 - a reward model that cannot score is a usage error found at launch
+        raise UsageError(f"{scorer.spec} failed at launch ({type(e).__name__}: {e})") from e

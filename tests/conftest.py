@@ -170,6 +170,7 @@ EXTENDED = (
     "test_dead_ends_preflight.py::test_bad_data_of_the_iteration_about_to_run_is_refused_before_anything_is_written[empty",
     "test_expert_iteration.py::test_two_ranks_generate_the_same_data_as_one",
     "test_expert_iteration.py::test_reward_function_errors_name_the_function_and_the_example[return",
+    "test_expert_iteration.py::test_launch_check_catches_a_bad_reward_function_before_iteration_0_trains[raises]",
     "test_demo.py::test_dpo_demo_runs_sft_then_dpo",
     "test_recovery_faults.py::test_damaged_newest_checkpoint_is_rejected_and_auto_falls_back_to_the_older_one[garbled",
     "test_recovery_faults.py::test_damaged_newest_checkpoint_is_rejected_and_auto_falls_back_to_the_older_one[manifest_missing",

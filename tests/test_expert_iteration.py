@@ -115,13 +115,14 @@ def test_two_ranks_generate_the_same_data_as_one(tmp_path, ei_args, reference):
 
 
 @pytest.mark.parametrize("body,expected", [
-    ("raise ValueError('cannot parse the answer')", "raised ValueError: cannot parse the answer on example 0"),
-    ("return 'yes'", "returned 'yes' (str) on example 0"),
+    ("raise ValueError('cannot parse the answer')", "raised ValueError: cannot parse the answer on example "),
+    ("return 'yes'", "returned 'yes' (str) on example "),
 ])
-def test_reward_function_errors_name_the_function_and_the_example(tmp_path, ei_args, body, expected):
-    # Right on the launch check (which scores the reference answer), wrong on the sampled completions.
+def test_reward_function_errors_name_the_function_and_the_example(tmp_path, ei_args, ei_files, body, expected):
+    # Right on the launch check's prompt rows (the first four), wrong on the other prompts' sampled completions.
+    first = [json.loads(line)["prompt"] for line in ei_files[1].read_text().splitlines()[:4]]
     (tmp_path / "my_rewards.py").write_text(
-        f"def score(prompt, completion, answer):\n    if completion == answer:\n        return 1.0\n    {body}\n")
+        f"def score(prompt, completion, answer):\n    if prompt in {first!r}:\n        return 1.0\n    {body}\n")
     out = tmp_path / "exp"
     r = itertrain("train", *ei_args(out, "--reward_fn", "my_rewards:score"), env={"PYTHONPATH": str(tmp_path)})
     assert r.returncode == 1, r.output
@@ -130,13 +131,42 @@ def test_reward_function_errors_name_the_function_and_the_example(tmp_path, ei_a
     assert (out / "iter_0" / "itertrain.manifest.json").exists()  # iteration 0 stays committed
 
 
-def test_a_reward_function_that_fails_at_launch_exits_2_before_anything_is_written(tmp_path, ei_args):
+@pytest.mark.parametrize("body,expected", [
     # A TRL reward function written for another dataset: it reads a column the prompt rows do not have.
-    (tmp_path / "my_rewards.py").write_text(
-        "def score(prompts, completions, **kwargs):\n    return [float(c == s) for c, s in zip(completions, kwargs['solution'])]\n")
+    ("return [float(c == s) for c, s in zip(completions, kwargs['solution'])]",
+     "failed the launch check (4 prompts x 3 samples): reward function my_rewards:score raised KeyError: 'solution'"),
+    # One reward per prompt instead of one per completion (seen only on several prompts x samples).
+    ("return [0.0 for _ in dict.fromkeys(prompts)]",
+     "failed the launch check (4 prompts x 3 samples): reward function my_rewards:score returned 4 rewards for 12 "
+     "completions"),
+    # A verdict string instead of a number, for the completions that are not the reference answer.
+    ("return [1.0 if c == a else 'wrong' for c, a in zip(completions, kwargs['answer'])]",
+     "returned 'wrong' (str) for 8 of 12 completions at launch (4 prompts x 3 samples)"),
+], ids=["raises", "wrong_length", "non_numeric"])
+def test_launch_check_catches_a_bad_reward_function_before_iteration_0_trains(tmp_path, ei_args, body, expected):
+    (tmp_path / "my_rewards.py").write_text(f"def score(prompts, completions, **kwargs):\n    {body}\n")
     out = tmp_path / "exp"
     r = itertrain("train", *ei_args(out, "--reward_fn", "my_rewards:score"), env={"PYTHONPATH": str(tmp_path)})
     assert r.returncode == 2, r.output
-    assert "--reward_fn my_rewards:score failed on the first prompt row at launch" in r.stderr
-    assert "raised KeyError: 'solution'" in r.stderr and "Traceback" not in r.stderr
-    assert not out.exists()
+    assert f"--reward_fn my_rewards:score {expected}" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert not out.exists()  # nothing trained, nothing written
+
+
+def test_min_accepted_stops_before_training_and_a_relaunch_with_a_lower_value_trains_on_the_committed_data(
+        tmp_path, ei_args, reference):
+    out = tmp_path / "exp"
+    r = itertrain("train", *ei_args(out, "--min_accepted", "1000"))
+    assert r.returncode == 1, r.output
+    kept = json.loads((out / "data/iter_1/stats.json").read_text())["accepted"]
+    assert f"iteration 1: the verifier kept {kept} distinct samples, fewer than --min_accepted 1000" in r.stderr
+    assert f"relaunch with --min_accepted {kept} (or lower)" in r.stderr and "Traceback" not in r.stderr
+    assert manifest(out / "data/iter_1")["kind"] == "data"  # the sampled data stays committed
+    assert not (out / "iter_1").exists() and not list(out.glob("checkpoint-*"))  # nothing of iteration 1 trained
+    samples = (out / "data/iter_1/samples.jsonl").read_bytes()
+
+    r = itertrain("train", *ei_args(out, "--min_accepted", str(kept)), *RESUME)
+    assert r.returncode == 0, r.output
+    assert "reusing committed data/iter_1" in r.stdout
+    assert (out / "data/iter_1/samples.jsonl").read_bytes() == samples
+    assert manifest(out / "iter_1")["extra"]["metrics"]["accepted"] == kept

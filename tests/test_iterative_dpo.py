@@ -268,3 +268,26 @@ def test_async_save_with_iterative_dpo_commits_dpotrainers_own_checkpoints(tmp_p
         ours, theirs = manifest(out / c)["files"], manifest(sync / c)["files"]
         ours.pop("training_args.bin"), theirs.pop("training_args.bin")
         assert ours == theirs, c
+
+
+@needs_trl
+def test_min_pairs_stops_an_iteration_with_fewer_pairs_and_names_the_value_that_would_train(tmp_path):
+    from types import SimpleNamespace
+
+    from itertrain.errors import TrainingFailed
+    from itertrain.strategies.iterative_dpo import DPOArguments, IterativeDPOStrategy
+
+    pairs = tmp_path / "data" / "iter_1" / "pairs.jsonl"
+    pairs.parent.mkdir(parents=True)
+    pairs.write_text("".join(json.dumps({"prompt": f"{i}+1=", "chosen": str(i + 1), "rejected": "x"}) + "\n"
+                             for i in range(3)))
+
+    def strategy(min_pairs: int) -> IterativeDPOStrategy:
+        cfg = SimpleNamespace(strategy_args=DPOArguments(min_pairs=min_pairs))
+        return IterativeDPOStrategy(SimpleNamespace(cfg=cfg, root=tmp_path))
+
+    with pytest.raises(TrainingFailed, match=r"iteration 1: the samples gave 3 preference pairs, fewer than "
+                                             r"--min_pairs 4, .*data/iter_1 stays committed: relaunch with "
+                                             r"--min_pairs 3 \(or lower\)"):
+        strategy(4).train_rows(1)
+    assert len(strategy(3).train_rows(1)) == 3 == len(strategy(0).train_rows(1))

@@ -64,9 +64,36 @@ def test_none_means_not_scored_and_a_wrong_count_is_an_error():
 def test_a_failing_reward_function_is_a_usage_error_at_launch_naming_it(tmp_path, monkeypatch):
     (tmp_path / "bad_reward.py").write_text("def score(prompts, completions, **kw):\n    raise KeyError('answer')\n")
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(UsageError, match=r"--reward_fn bad_reward:score failed on the first prompt row at launch.*"
-                                         r"raised KeyError"):
-        check_reward(load_reward_fn("bad_reward:score"), ROWS[0])
+    with pytest.raises(UsageError, match=r"--reward_fn bad_reward:score failed the launch check \(2 prompts x 4 "
+                                         r"samples\).*raised KeyError"):
+        check_reward(load_reward_fn("bad_reward:score"), ROWS)
+
+
+@pytest.mark.parametrize("returns,expected", [
+    # one reward per prompt instead of one per completion: only a batch of several prompts x samples shows it
+    ("[1.0 for _ in set(prompts)]", r"failed the launch check \(2 prompts x 3 samples\): reward function r:fn "
+                                    r"returned 2 rewards for 6 completions"),
+    ("['yes' if c else 0.0 for c in completions]", r"returned 'yes' \(str\) for 4 of 6 completions at launch"),
+    ("[float('nan')] * len(completions)", r"returned nan \(float\) for 6 of 6 completions"),
+    ("[None] * len(completions)", r"returned None \(not scored\) for all 6 completions"),
+])
+def test_launch_check_names_what_a_batched_reward_returned_for_how_many_completions(returns, expected):
+    fn = eval(f"lambda prompts, completions, **kwargs: {returns}")
+    with pytest.raises(UsageError, match=r"^--reward_fn r:fn .*" + expected):
+        check_reward(RewardFunction(fn, "r:fn", batched=True), ROWS, samples_per_prompt=3)
+
+
+def test_launch_check_passes_a_reward_that_scores_some_and_leaves_others_unscored():
+    from itertrain.rewards import check_reward_function
+
+    seen = {}
+
+    def reward(prompts, completions, answer, **kwargs):
+        seen.update(prompts=prompts, answer=answer)
+        return [1.0 if c == a else None for c, a in zip(completions, answer)]
+
+    check_reward_function(reward, ["1+1=", "2+2="], [["2", ""], ["4", "x"]], answer=["2", "4"])
+    assert seen == {"prompts": ["1+1=", "1+1=", "2+2=", "2+2="], "answer": ["2", "2", "4", "4"]}
 
 
 def make_reward_model(directory, num_labels: int = 1):

@@ -30,6 +30,7 @@ from itertrain.strategies.sft import SFTStrategy
 ACCEPTED = "accepted.jsonl"
 SAMPLES = "samples.jsonl"
 STATS = "stats.json"
+LOW_ACCEPTANCE = 0.01  # below this share of samples passing, a run without --min_accepted is warned
 
 
 class SampledDataStrategy(SFTStrategy):
@@ -49,6 +50,8 @@ class SampledDataStrategy(SFTStrategy):
             )
         if gen.samples_per_prompt < 1 or gen.generation_batch_size < 1 or gen.max_new_tokens < 1:
             raise UsageError("--samples_per_prompt, --generation_batch_size and --max_new_tokens must be at least 1")
+        if gen.min_accepted < 0:
+            raise UsageError(f"--min_accepted {gen.min_accepted}: must be 0 (off) or a positive number of samples")
 
     def generates(self, iteration: int) -> bool:
         return iteration > 0  # iteration 0 learns from labeled data
@@ -60,7 +63,8 @@ class SampledDataStrategy(SFTStrategy):
             super().preflight(iteration)
         later = [k for k in range(iteration, self.ctx.cfg.loop.num_iterations) if self.generates(k)]
         if later:
-            check_reward(self.scorer(), self.prompt_rows(later[0])[0], self.ctx.tokenizer)
+            check_reward(self.scorer(), self.prompt_rows(later[0]), self.ctx.tokenizer,
+                         self.ctx.cfg.generation.samples_per_prompt)
 
     def rows_source(self, iteration: int) -> str:
         return super().rows_source(iteration) if iteration == 0 else str(self.data_dir(iteration) / ACCEPTED)
@@ -228,6 +232,10 @@ class ExpertIterationStrategy(SampledDataStrategy):
         print(f"   📦 {data_name(iteration)}: {passed} of {n} samples passed the verifier "
               f"({stats['acceptance_rate']:.1%}), {len(accepted)} distinct kept, {solved}/{len(rows)} prompts "
               "solved", flush=True)
+        if 0 < stats["acceptance_rate"] < LOW_ACCEPTANCE and not self.ctx.cfg.generation.min_accepted:
+            print(f"   ⚠️  only {stats['acceptance_rate']:.2%} of the samples passed: iteration {iteration} trains on "
+                  f"{len(accepted)} distinct samples. Pass --min_accepted N to stop instead when fewer are kept",
+                  flush=True)
         return stats
 
     def train_rows(self, iteration: int) -> list[dict[str, Any]]:
@@ -246,4 +254,12 @@ class ExpertIterationStrategy(SampledDataStrategy):
                 "nothing to train on. Raise --samples_per_prompt or --temperature, or lower --reward_threshold; "
                 f"the samples are in {self.data_dir(iteration) / SAMPLES}"
             )
+        least = self.ctx.cfg.generation.min_accepted
+        if accepted < least:
+            raise TrainingFailed(
+                f"iteration {iteration}: the verifier kept {accepted} distinct samples, fewer than --min_accepted "
+                f"{least}, so the run stops before training on them. {data_name(iteration)} stays committed: relaunch "
+                f"with --min_accepted {accepted} (or lower) and --resume_from auto --resume_from_iteration auto to "
+                "train on it, or raise --samples_per_prompt or --temperature, or lower --reward_threshold, to sample "
+                f"again; the samples are in {self.data_dir(iteration) / SAMPLES}")
         return rows

@@ -72,6 +72,12 @@ class DPOArguments:
         metadata={"help": "A prompt gives a pair only when its best and worst sample's rewards differ by at least this "
                           "(and by more than 0)."},
     )
+    min_pairs: int = field(
+        default=0,
+        metadata={"help": "Stop (exit 1, before training) when an iteration's samples give fewer preference pairs than "
+                          "this; the sampled data stays committed, so a relaunch with a lower value trains on it "
+                          "(0: train on any number above 0)."},
+    )
     sft_learning_rate: float | None = field(
         default=None, metadata={"help": "Learning rate of the SFT iteration 0 (default: --learning_rate)."}
     )
@@ -157,6 +163,8 @@ class IterativeDPOStrategy(SampledDataStrategy):
     def check_arguments(cls, cfg) -> None:
         super().check_arguments(cfg)
         t = cfg.training
+        if cfg.strategy_args.min_pairs < 0:
+            raise UsageError(f"--min_pairs {cfg.strategy_args.min_pairs}: must be 0 (off) or a positive number of pairs")
         # Both would hold reference state outside the checkpoints: a resume could not restore it.
         if t.precompute_ref_log_probs:
             raise UsageError("--precompute_ref_log_probs is not supported by iterative_dpo: the reference log-probs "
@@ -197,6 +205,13 @@ class IterativeDPOStrategy(SampledDataStrategy):
             raise TrainingFailed(
                 f"iteration {iteration}: no prompt gave a preference pair ({why}), so there is nothing to train on. "
                 f"{advice}; the samples are in {self.data_dir(iteration) / SAMPLES}")
+        if len(pairs) < self.dpo.min_pairs:
+            raise TrainingFailed(
+                f"iteration {iteration}: the samples gave {len(pairs)} preference pairs, fewer than --min_pairs "
+                f"{self.dpo.min_pairs}, so the run stops before training on them. {data_name(iteration)} stays "
+                f"committed: relaunch with --min_pairs {len(pairs)} (or lower) and --resume_from auto "
+                "--resume_from_iteration auto to train on it, or raise --samples_per_prompt or --temperature, or "
+                f"lower --min_reward_margin, to sample again; the pairs are in {self.data_dir(iteration) / PAIRS}")
         return pairs
 
     def preference_dataset(self, pairs: list[dict[str, Any]]) -> Any:
