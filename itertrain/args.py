@@ -184,6 +184,15 @@ class GenerationArguments:
                           "distinct samples than this; the sampled data stays committed, so a relaunch with a lower "
                           "value trains on it (0: train on any number above 0)."},
     )
+    eval_prompts_file: str | None = field(
+        default=None,
+        metadata={"help": "JSONL prompt rows (with the columns the reward needs) for a held-out evaluation of each "
+                          "iteration's model: mean reward and pass@k, sampled as the strategies sample, scored by the "
+                          "reward, committed with the iteration's metrics (heldout_*)."},
+    )
+    eval_num_generations: int = field(
+        default=4, metadata={"help": "Completions sampled per held-out prompt (--eval_prompts_file): n of pass@k."}
+    )
     generation_backend: str = field(
         default="hf",
         metadata={"help": "What samples: Hugging Face generate() (hf) or a vLLM engine per rank (vllm; needs "

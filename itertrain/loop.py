@@ -16,7 +16,7 @@ import os
 import time
 from typing import Any
 
-from itertrain import data_lineage, distributed, faults, generation, hub, launcher, preemption, trackers
+from itertrain import data_lineage, distributed, faults, generation, heldout, hub, launcher, preemption, trackers
 from itertrain.args import RunConfig
 from itertrain.artifacts.manager import CheckpointConfig, CheckpointManager
 from itertrain.artifacts.manifest import fingerprint
@@ -97,6 +97,7 @@ def run_experiment(cfg: RunConfig) -> int:
             for k in iterations:
                 with_recovery_hooks(strategy.trainer_class_for(k))  # one that would bypass the hooks: exit 2
             distributed.run_on_main(strategy.preflight, plan.iteration)
+            distributed.run_on_main(heldout.preflight, cfg, ctx.tokenizer)  # --eval_prompts_file and its reward
             restored = distributed.run_on_main(restored_lineage, root, plan)
             if restored is not None:  # what the checkpoint depends on but does not hold must be as it was
                 source = plan_source(ctx, plan, restored)
@@ -366,6 +367,7 @@ def run_iteration(ctx: StrategyContext, strategy: Strategy, manager: CheckpointM
         results.update({key: v for key, v in trainer.evaluate(metric_key_prefix=prefix).items()
                         if key.startswith(prefix + "_") and not key.endswith(_TIMING)})
     results.update(strategy.checked_task_metrics(k, trainer.model))
+    results.update(heldout.evaluate(ctx, k, trainer.model))  # --eval_prompts_file: mean reward, pass@k
     results.update(gen_stats)
     results["wall_time_s"] = round(time.time() - started, 2)
 

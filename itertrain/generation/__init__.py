@@ -15,7 +15,7 @@ from itertrain.generation.common import Request, deal, example_seed, global_batc
 from itertrain.generation.hf import GumbelSampler, sample_completions
 
 __all__ = ["GumbelSampler", "Request", "Sampling", "deal", "example_seed", "generate", "global_batches",
-           "heldout_accuracy", "sample_completions", "backend_record", "engine_model_for"]
+           "heldout_accuracy", "sample_completions", "sample_trained", "backend_record", "engine_model_for"]
 
 
 @dataclass(frozen=True)
@@ -187,6 +187,20 @@ def heldout_accuracy(task, model, ctx) -> dict[str, float]:
                 correct = sum(task.is_correct(next(outs)[0], r["answer"]) for r in sets[name])
                 metrics[f"accuracy_{name}"] = correct / max(len(sets[name]), 1)
         return metrics
+    finally:
+        if tmp is not None:
+            _drop_eval_scratch(tmp, ctx.root)
+
+
+def sample_trained(model, ctx, prompts: list[str], sampling: Sampling) -> list[list[str]]:
+    """completions[i][s] on every rank from an in-memory model (the one an iteration just trained). On vLLM
+    it is first written to this rank's scratch directory inside the output dir (removed after, and at the
+    next launch if the run is stopped meanwhile), as `heldout_accuracy` does."""
+    cfg = ctx.cfg
+    tmp = _eval_scratch(ctx.root) if cfg.generation.backend == "vllm" else None
+    try:
+        engine = _written_for_engine(model, ctx.tokenizer, tmp, cfg) if tmp is not None else None
+        return generate(cfg, ctx.tokenizer, prompts, sampling, hf_model=lambda: model, engine_model=lambda: engine)
     finally:
         if tmp is not None:
             _drop_eval_scratch(tmp, ctx.root)

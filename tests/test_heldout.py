@@ -1,0 +1,95 @@
+"""Held-out evaluation per iteration (--eval_prompts_file): the pass@k estimator, and real 2-rank runs whose
+figures are committed per iteration and are the same after a SIGKILL during the evaluation and a relaunch."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from conftest import itertrain, torchrun
+
+RESUME = ("--resume_from", "auto", "--resume_from_iteration", "auto")
+
+
+# ---- pure parts ---------------------------------------------------------------------------------------------
+def test_pass_at_k_matches_hand_computed_values():
+    from itertrain.heldout import pass_at_k
+
+    assert pass_at_k(4, 1, 1) == pytest.approx(0.25)  # 1 - C(3,1)/C(4,1)
+    assert pass_at_k(4, 1, 2) == pytest.approx(0.5)  # 1 - C(3,2)/C(4,2) = 1 - 3/6
+    assert pass_at_k(4, 2, 2) == pytest.approx(5 / 6)  # 1 - C(2,2)/C(4,2) = 1 - 1/6
+    assert pass_at_k(5, 2, 3) == pytest.approx(0.9)  # 1 - C(3,3)/C(5,3) = 1 - 1/10
+    assert pass_at_k(4, 3, 2) == 1.0  # fewer failures than k: a passing sample is always drawn
+    assert pass_at_k(4, 0, 4) == 0.0 and pass_at_k(4, 4, 1) == 1.0
+    with pytest.raises(ValueError):
+        pass_at_k(2, 1, 3)  # k > n: not estimable from n samples
+
+
+def test_summary_averages_pass_at_k_over_prompts_and_never_passes_an_unscored_sample():
+    from itertrain.heldout import summarize
+
+    got = summarize([[1.0, 0.0, None, 1.0], [0.0, 0.0, 0.0, 0.0]], threshold=1.0)
+    assert got == pytest.approx({"heldout_pass_at_1": (0.5 + 0) / 2, "heldout_pass_at_2": (5 / 6 + 0) / 2,
+                                 "heldout_pass_at_4": (1 + 0) / 2, "heldout_mean_reward": 2 / 7,
+                                 "heldout_scored": 7 / 8})
+    assert summarize([[None, None]], threshold=0.0) == {"heldout_scored": 0.0, "heldout_pass_at_1": 0.0,
+                                                       "heldout_pass_at_2": 0.0}
+
+
+# ---- real runs --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def eval_prompts(tmp_path_factory) -> Path:
+    rng = random.Random(7)
+    p = tmp_path_factory.mktemp("heldout") / "eval_prompts.jsonl"
+    p.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) + "\n"
+                         for a, b in ((rng.randint(0, 99), rng.randint(0, 99)) for _ in range(8))))
+    return p
+
+
+def heldout_rows(out: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "runs" / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k.startswith("heldout_") or k == "iteration"} for r in rows]
+
+
+@pytest.mark.slow
+def test_heldout_figures_per_iteration_are_identical_after_a_sigkill_during_evaluation_on_two_ranks(
+        tmp_path, sft_args, eval_prompts):
+    # A shaped reward (share of answer digits right) and threshold 0, so an untrained tiny model's figures
+    # are not all zero; 8 prompts x 4 samples in batches of 8: two batches per rank per evaluation.
+    flags = ("--eval_prompts_file", str(eval_prompts), "--eval_num_generations", "4", "--max_new_tokens", "4",
+             "--generation_batch_size", "8", "--temperature", "1.0", "--reward_threshold", "0.5",
+             "--reward_fn", "itertrain.tasks.arithmetic:digit_credit")
+    ref = tmp_path / "ref"
+    r = torchrun(*sft_args(ref, *flags))
+    assert r.returncode == 0, r.output
+    expected = heldout_rows(ref)
+    assert [row["iteration"] for row in expected] == [0, 1]
+    for row in expected:
+        assert set(row) == {"iteration", "heldout_mean_reward", "heldout_scored", "heldout_pass_at_1",
+                            "heldout_pass_at_2", "heldout_pass_at_4"}
+        assert row["heldout_pass_at_1"] <= row["heldout_pass_at_2"] <= row["heldout_pass_at_4"]
+    assert "📈 iter_1: " in r.stdout and "heldout_pass_at_4=" in r.stdout
+
+    out = tmp_path / "killed"
+    # rank 0's third sampling batch: the first of iteration 1's evaluation (the job is SIGKILLed whole)
+    r = torchrun(*sft_args(out, *flags), fault="generation.batch=kill#3@0")
+    assert r.returncode != 0
+    assert (out / "iter_0" / "itertrain.manifest.json").exists() and not (out / "iter_1").exists()
+    r = torchrun(*sft_args(out, *flags), *RESUME)
+    assert r.returncode == 0, r.output
+    assert heldout_rows(out) == expected
+    assert (out / "iter_1" / "model.safetensors").read_bytes() == (ref / "iter_1" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.slow
+def test_eval_prompts_without_a_prompt_field_are_refused_before_anything_is_written(tmp_path, sft_args):
+    bad = tmp_path / "eval.jsonl"
+    bad.write_text(json.dumps({"question": "1+1=", "answer": "2"}) + "\n")
+    out = tmp_path / "exp"
+    r = itertrain("train", *sft_args(out, "--eval_prompts_file", str(bad)))
+    assert r.returncode == 2, r.output
+    assert f"--eval_prompts_file {bad}: row 0 has no 'prompt' text, got keys ['answer', 'question']" in r.stderr
+    assert not out.exists()
