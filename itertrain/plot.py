@@ -2,8 +2,8 @@
 
 Panels are drawn only for what the experiment recorded: held-out accuracy (built-in tasks), losses
 (train, eval, eval on training rows), the share of sampled answers kept (expert iteration) or the
-preference pairs and the mean reward of the samples (iterative DPO), each with labeled axes and a
-scale that shows small values.
+preference pairs and the mean reward of the samples (iterative DPO), pass@k and the mean reward on
+held-out prompts (--eval_prompts_file), each with labeled axes and a scale that shows small values.
 """
 
 from __future__ import annotations
@@ -30,6 +30,15 @@ def _accuracy_keys(rows: list[dict[str, Any]]) -> list[str]:
     return sorted({k for r in rows for k in r if k.startswith("accuracy_")}, key=lambda k: (len(k), k))
 
 
+HELDOUT = "heldout_"  # --eval_prompts_file: itertrain.heldout's figures
+
+
+def _pass_keys(rows: list[dict[str, Any]]) -> list[str]:
+    """heldout_pass_at_K keys, by K."""
+    keys = {k for r in rows for k in r if k.startswith(HELDOUT + "pass_at_")}
+    return sorted(keys, key=lambda k: int(k.rsplit("_", 1)[1]))
+
+
 def _cell(row: dict[str, Any], key: str, fmt: str = "") -> str:
     return format(row[key], fmt) if row.get(key) is not None else "—"
 
@@ -48,8 +57,12 @@ def metrics_table(exp_dir: Path) -> str:
         else:
             columns += [("accepted", "acceptance_rate", ".1%"), ("kept", "accepted", "")]
     mixed = any("curriculum" in r for r in rows)  # the task's adaptive curriculum: prompts per number of digits
+    passes = _pass_keys(rows)
+    passes = list(dict.fromkeys(passes[:1] + passes[-1:]))  # pass@1 and pass@n (the plot draws every k)
+    heldout = ([("heldout reward", HELDOUT + "mean_reward", ".3f")] if any(HELDOUT + "mean_reward" in r for r in rows)
+               else []) + [("heldout pass@" + k.rsplit("_", 1)[1], k, ".1%") for k in passes]
     head = ["iter", *(["prompts by digits"] if mixed else []), *[c for c, _, _ in columns], "train loss",
-            *[k.removeprefix("accuracy_") + " acc" for k in acc],
+            *[k.removeprefix("accuracy_") + " acc" for k in acc], *[c for c, _, _ in heldout],
             "wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -59,6 +72,7 @@ def metrics_table(exp_dir: Path) -> str:
             *[_cell(r, key, fmt) for _, key, fmt in columns],
             _cell(r, "train_loss", ".3f"),
             *[_cell(r, k, ".0%") for k in acc],
+            *[_cell(r, key, fmt) for _, key, fmt in heldout],
             f"{r.get('wall_time_s', 0):.0f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -78,7 +92,7 @@ def plugin_keys(rows: list[dict[str, Any]]) -> list[str]:
     """Numeric metrics no built-in panel draws (a strategy's `task_metrics`, its generate stats)."""
     known = _KNOWN | {k for k, _ in _LOSSES} | set(_accuracy_keys(rows))
     return sorted({k for r in rows for k, v in r.items()
-                   if k not in known and not k.startswith("eval_")  # the trainer's own evaluation figures
+                   if k not in known and not k.startswith(("eval_", HELDOUT))  # the trainer's; the held-out panel's
                    and not k.endswith(("_runtime", "_per_second"))
                    and isinstance(v, (int, float)) and not isinstance(v, bool)})
 
@@ -105,7 +119,8 @@ def panels(rows: list[dict[str, Any]]) -> list[str]:
     """The panels worth drawing for these rows: only what the experiment recorded."""
     shown = {"accuracy": bool(_accuracy_keys(rows)), "loss": any(k in r for k, _ in _LOSSES for r in rows),
              "rate": any(r.get("acceptance_rate") is not None for r in rows),
-             "pairs": any(r.get("pairs") is not None for r in rows), "plugin": bool(plugin_keys(rows))}
+             "pairs": any(r.get("pairs") is not None for r in rows),
+             "heldout": any(k.startswith(HELDOUT) for r in rows for k in r), "plugin": bool(plugin_keys(rows))}
     return [name for name, show in shown.items() if show]
 
 
@@ -134,6 +149,8 @@ def plot_metrics(exp_dir: Path, out: Path) -> Path:
             dpo = any("pairs" in r for r in rows)  # iteration 0 is SFT, the later ones DPO
             ax.set(title="loss", ylabel="SFT: cross-entropy per token; DPO: its loss" if dpo else "cross-entropy per token")
             ax.legend(fontsize=8)
+        elif panel == "heldout":
+            _heldout_panel(ax, its, rows)
         elif panel == "plugin":
             for k in plugin_keys(rows):
                 ax.plot(its, [r.get(k) for r in rows], marker="o", label=k)
@@ -170,6 +187,22 @@ def plot_metrics(exp_dir: Path, out: Path) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def _heldout_panel(ax: Any, its: list[int], rows: list[dict[str, Any]]) -> None:
+    """pass@k per k, and the mean reward on its own axis (a reward has its own scale)."""
+    for k in _pass_keys(rows):
+        ax.plot(its, [r.get(k) for r in rows], marker="o", label="pass@" + k.rsplit("_", 1)[1])
+    ax.set(title="held-out prompts (--eval_prompts_file)", ylabel="pass@k (share of prompts)", ylim=(-0.02, 1.02))
+    handles, labels = ax.get_legend_handles_labels()
+    rewards = [r.get(HELDOUT + "mean_reward") for r in rows]
+    if any(v is not None for v in rewards):
+        twin = ax.twinx()
+        twin.plot(its, rewards, marker="s", linestyle="--", color="C7", label="mean reward")
+        twin.set_ylabel("mean reward")
+        more = twin.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    ax.legend(handles, labels, fontsize=8)
 
 
 def plot_command(argv: list[str]) -> int:

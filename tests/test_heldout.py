@@ -39,6 +39,21 @@ def test_summary_averages_pass_at_k_over_prompts_and_never_passes_an_unscored_sa
                                                        "heldout_pass_at_2": 0.0}
 
 
+def test_table_and_plot_show_the_heldout_figures_in_their_own_columns_and_panel(tmp_path):
+    from itertrain.plot import metrics_table, panels, plot_metrics, plugin_keys
+
+    rows = [{"iteration": k, "train_loss": 1.0, "heldout_mean_reward": 0.25 * k, "heldout_scored": 1.0,
+             "heldout_pass_at_1": 0.1 * k, "heldout_pass_at_2": 0.15 * k, "heldout_pass_at_4": 0.2 * k,
+             "wall_time_s": 3} for k in (0, 1)]
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = metrics_table(tmp_path).splitlines()
+    assert table[0] == "| iter | train loss | heldout reward | heldout pass@1 | heldout pass@4 | wall s |"
+    assert table[3] == "| 1 | 1.000 | 0.250 | 10.0% | 20.0% | 3 |"
+    assert panels(rows) == ["loss", "heldout"] and plugin_keys(rows) == []  # not also drawn as a plug-in's metric
+    assert plot_metrics(tmp_path, tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
+
+
 # ---- real runs --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def eval_prompts(tmp_path_factory) -> Path:
