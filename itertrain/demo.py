@@ -2,8 +2,9 @@
 
 Creates a tiny model, runs iteration 0 (supervised, 1-3 digit additions) and three expert iterations
 (sampling answers to unlabeled 4- to 6-digit additions, at the difficulties the task's curriculum picks
-from the model's pass rates, keeping the verified answers, training on them), prints a per-iteration
-table and writes the plot. Rerunning it resumes (or reports complete).
+from the model's pass rates, keeping the verified answers, training on them), evaluates each iteration's
+model on held-out problems (greedy accuracy per number of digits; sampled mean reward and pass@k on
+OUTPUT_DIR/eval-prompts.jsonl), prints a per-iteration table and writes the plot. Rerunning it resumes (or reports complete).
 `--strategy iterative_dpo` runs the same iteration 0 and samples the same problems, then trains each
 later iteration with DPO on (right answer, wrong answer) pairs instead.
 """
@@ -64,6 +65,25 @@ DPO_DEMO_FLAGS = [
 STRATEGIES = {"expert_iteration": (DEMO_EXPERIMENT, DEMO_FLAGS), "iterative_dpo": (DEMO_DPO_EXPERIMENT, DPO_DEMO_FLAGS)}
 
 
+EVAL_PER_LEVEL = 50  # held-out problems per number of digits in the demo's --eval_prompts_file
+
+
+def write_eval_prompts(root: Path, seed: int) -> Path:
+    """ROOT/eval-prompts.jsonl: the first EVAL_PER_LEVEL problems of each of the task's held-out sets (never
+    trained on), for the held-out mean reward and pass@k of every iteration. Written only when it differs."""
+    import json
+
+    from itertrain.tasks.arithmetic import ArithmeticTask
+
+    rows = [r for level in ArithmeticTask(seed=seed).heldout_sets().values() for r in level[:EVAL_PER_LEVEL]]
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    path = root / "eval-prompts.jsonl"
+    if not path.is_file() or path.read_text() != text:
+        root.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return path
+
+
 def demo(argv: list[str]) -> int:
     p = ArgumentParser(
         prog="itertrain demo", allow_abbrev=False,
@@ -94,6 +114,8 @@ def demo(argv: list[str]) -> int:
     from itertrain.parser import parse_train_args
 
     cfg = parse_train_args(["--model_name", str(model_dir), "--output_dir", str(exp_dir), *flags, *extra])
+    if cfg.generation.eval_prompts_file is None:  # the held-out figures of the demo's table (unless given)
+        cfg.generation.eval_prompts_file = str(write_eval_prompts(root, cfg.training.seed))
     code = run_experiment(cfg)
     if code == 0:
         from itertrain.plot import metrics_table, plot_metrics

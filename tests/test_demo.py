@@ -37,6 +37,9 @@ def test_demo_creates_model_runs_expert_iteration_prints_table_and_plot(short_de
     # one sample per prompt, as many prompts as the task's fixed schedule has
     assert rows[1]["samples"] == len(ArithmeticTask(seed=0).prompts(1))
     assert {"accuracy_3digit", "accuracy_4digit", "accuracy_5digit", "accuracy_6digit"} <= rows[1].keys()
+    # sampled held-out figures on the demo's eval prompts (200 held-out problems, 4 samples each)
+    assert len((root / "eval-prompts.jsonl").read_text().splitlines()) == 200
+    assert {"heldout_mean_reward", "heldout_pass_at_1", "heldout_pass_at_4"} <= rows[1].keys()
     # the curriculum's decision (threshold 0: every probe sample passes, so every level counts as passed and
     # the hardest gets most prompts) is in the data manifest and the metrics, and printed
     decided = manifest(exp / "data" / "iter_1")["extra"]["stats"]["curriculum"]
@@ -46,6 +49,7 @@ def test_demo_creates_model_runs_expert_iteration_prints_table_and_plot(short_de
     # the table printed at the end has one line per iteration, with the prompts' digits and sample count
     table = [line for line in r.stdout.splitlines() if line.startswith("| ")]
     assert table[0].startswith("| iter | prompts by digits | samples | accepted | kept | train loss | 3digit acc")
+    assert "| heldout reward | heldout pass@1 | heldout pass@4 | wall s |" in table[0]
     assert table[1].startswith("| 0 | — | — |")
     assert table[2].startswith(f"| 1 | 4:250 5:250 6:3500 | {rows[1]['samples']} |")
     png = exp / "runs" / "metrics.png"
@@ -64,8 +68,9 @@ def test_demo_creates_model_runs_expert_iteration_prints_table_and_plot(short_de
 def test_kill_during_the_curriculum_probe_relaunch_decides_the_same_and_rebuilds_identical_bytes(
         tmp_path: Path, short_demo) -> None:
     ref = short_demo[0] / "experiment"
-    # iteration 0's evaluation samples 4 batches (one per held-out set); the 5th is iteration 1's probe
-    r = itertrain("demo", "--output_dir", str(tmp_path / "demo"), *SHORT, fault="generation.batch=kill#5", timeout=600)
+    # iteration 0's evaluation samples 5 batches (one per held-out set, one of eval-prompts.jsonl); the 6th is
+    # iteration 1's probe
+    r = itertrain("demo", "--output_dir", str(tmp_path / "demo"), *SHORT, fault="generation.batch=kill#6", timeout=600)
     assert r.returncode == -9, r.output
     assert "stage: generate" in r.stdout and "curriculum:" not in r.stdout  # killed before deciding
     r = itertrain("demo", "--output_dir", str(tmp_path / "demo"), *SHORT, timeout=600)

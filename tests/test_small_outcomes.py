@@ -24,8 +24,10 @@ def test_dpo_whose_reward_function_scores_nothing_says_no_sample_was_scored(tmp_
         for a, b in ((rng.randint(0, 50), rng.randint(0, 50)) for _ in range(32))))
     (tmp_path / "prompts.jsonl").write_text("".join(
         json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) + "\n" for a, b in ((1, 2), (3, 4), (5, 6))))
-    (tmp_path / "unscored.py").write_text("def score(prompts, completions, **kwargs):\n"
-                                          "    return [None] * len(completions)\n")
+    # Scores the launch check's batch (the first call; None for all of it is refused there, exit 2), then nothing.
+    (tmp_path / "unscored.py").write_text("calls = []\n\n\ndef score(prompts, completions, **kwargs):\n"
+                                          "    calls.append(1)\n"
+                                          "    return [1.0 if len(calls) == 1 else None for _ in completions]\n")
     out = tmp_path / "exp"
     r = itertrain("train", "--model_name", str(tiny_model), "--output_dir", str(out), "--strategy", "iterative_dpo",
                   "--train_file", str(tmp_path / "labeled.jsonl"), "--prompts_file", str(tmp_path / "prompts.jsonl"),
