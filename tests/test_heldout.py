@@ -1,5 +1,6 @@
-"""Held-out evaluation per iteration (--eval_prompts_file): the pass@k estimator, and real 2-rank runs whose
-figures are committed per iteration and are the same after a SIGKILL during the evaluation and a relaunch."""
+"""Held-out evaluation per iteration (--eval_prompts_file): the pass@k estimator, the table and plot, real 2-rank
+runs whose figures are committed per iteration and are the same after a SIGKILL during the evaluation and a
+relaunch; and expert iteration's warning when very few samples pass."""
 
 from __future__ import annotations
 
@@ -108,3 +109,24 @@ def test_eval_prompts_without_a_prompt_field_are_refused_before_anything_is_writ
     assert r.returncode == 2, r.output
     assert f"--eval_prompts_file {bad}: row 0 has no 'prompt' text, got keys ['answer', 'question']" in r.stderr
     assert not out.exists()
+
+
+def test_expert_iteration_warns_when_under_1_percent_of_samples_pass_unless_min_accepted_is_set(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from itertrain.strategies.expert_iteration import ExpertIterationStrategy
+
+    def select(min_accepted: int) -> str:
+        gen = SimpleNamespace(reward_threshold=1.0, min_accepted=min_accepted)
+        strategy = ExpertIterationStrategy(SimpleNamespace(cfg=SimpleNamespace(generation=gen), root=tmp_path))
+        strategy.commit = lambda *args: None  # the data files are not what this is about
+        rows = [{"prompt": "1+1="}, {"prompt": "2+2="}]
+        completions = [[str(s) for s in range(150)], [str(s) for s in range(150)]]
+        rewards = [[1.0 if s == 2 else 0.0 for s in range(150)], [0.0] * 150]  # 1 of 300 passes
+        stats = strategy.select_and_commit(1, rows, completions, rewards, None, {})
+        assert stats["accepted"] == 1 and stats["acceptance_rate"] == 1 / 300
+        return capsys.readouterr().out
+
+    assert ("⚠️  only 0.33% of the samples passed: iteration 1 trains on 1 distinct samples. Pass --min_accepted N "
+            "to stop instead when fewer are kept") in select(0)
+    assert "⚠️" not in select(5)
