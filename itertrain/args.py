@@ -190,8 +190,9 @@ class GenerationArguments:
                           "iteration's model: mean reward and pass@k, sampled as the strategies sample, scored by the "
                           "reward, committed with the iteration's metrics (heldout_*)."},
     )
-    eval_num_generations: int = field(
-        default=4, metadata={"help": "Completions sampled per held-out prompt (--eval_prompts_file): n of pass@k."}
+    num_generations_eval: int = field(
+        default=4, metadata={"help": "Completions sampled per held-out prompt (--eval_prompts_file): n of pass@k "
+                                     "(TRL's name for the samples per prompt of an evaluation)."}
     )
     generation_backend: str = field(
         default="hf",

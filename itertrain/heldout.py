@@ -1,6 +1,6 @@
 """Held-out evaluation of what the method optimises: `--eval_prompts_file` (mean reward and pass@k).
 
-In each iteration's evaluate stage, the model the iteration trained samples `--eval_num_generations`
+In each iteration's evaluate stage, the model the iteration trained samples `--num_generations_eval`
 completions per held-out prompt through the generation backend the strategies use (HF `generate()` or
 vLLM; batches formed globally and dealt to ranks, gathered on every rank), with the strategies' sampling
 flags (--temperature, --top_p, --top_k, --max_new_tokens), and the reward scores them (--reward_fn,
@@ -81,9 +81,9 @@ def preflight(cfg, tokenizer: Any) -> None:
     gen = cfg.generation
     if not gen.eval_prompts_file:
         return
-    if gen.eval_num_generations < 1:
-        raise UsageError(f"--eval_num_generations {gen.eval_num_generations}: must be at least 1")
-    check_reward(reward_scorer(gen, cfg.model), prompt_rows(cfg), tokenizer, gen.eval_num_generations)
+    if gen.num_generations_eval < 1:
+        raise UsageError(f"--num_generations_eval {gen.num_generations_eval}: must be at least 1")
+    check_reward(reward_scorer(gen, cfg.model), prompt_rows(cfg), tokenizer, gen.num_generations_eval)
 
 
 def evaluate(ctx: Any, iteration: int, model: Any) -> dict[str, float]:
@@ -95,7 +95,7 @@ def evaluate(ctx: Any, iteration: int, model: Any) -> dict[str, float]:
         return {}
     rows = prompt_rows(cfg)
     faults.point("heldout.sample")
-    sampling = Sampling(samples_per_prompt=gen.eval_num_generations, temperature=gen.temperature, top_p=gen.top_p,
+    sampling = Sampling(samples_per_prompt=gen.num_generations_eval, temperature=gen.temperature, top_p=gen.top_p,
                         top_k=gen.top_k, max_new_tokens=gen.max_new_tokens, batch_size=gen.generation_batch_size,
                         seed_parts=(cfg.training.seed, "heldout"), desc=f"heldout iter_{iteration}",
                         progress=not cfg.training.disable_tqdm)

@@ -75,7 +75,7 @@ def test_heldout_figures_per_iteration_are_identical_after_a_sigkill_during_eval
         tmp_path, sft_args, eval_prompts):
     # A shaped reward (share of answer digits right) and threshold 0, so an untrained tiny model's figures
     # are not all zero; 8 prompts x 4 samples in batches of 8: two batches per rank per evaluation.
-    flags = ("--eval_prompts_file", str(eval_prompts), "--eval_num_generations", "4", "--max_new_tokens", "4",
+    flags = ("--eval_prompts_file", str(eval_prompts), "--num_generations_eval", "4", "--max_new_tokens", "4",
              "--generation_batch_size", "8", "--temperature", "1.0", "--reward_threshold", "0.5",
              "--reward_fn", "itertrain.tasks.arithmetic:digit_credit")
     ref = tmp_path / "ref"
