@@ -1,4 +1,4 @@
-"""Rewards for the strategies that score their samples: `--reward_fn module:function` or `--reward_model DIR`.
+"""Rewards for the strategies that score their samples: `--reward_funcs module:function` or `--reward_model DIR`.
 
 A reward function takes one of two forms, told apart by `fn.batched = True|False` when set, else by
 the signature (a parameter named `prompts` or `completions` means batched):
@@ -127,7 +127,7 @@ def load_reward_fn(spec: str | None) -> RewardFunction:
         return RewardFunction(exact_match, "exact_match", batched=False)
     module, _, name = spec.partition(":")
     if not module or not name:
-        raise UsageError(f"--reward_fn {spec!r}: expected module:function")
+        raise UsageError(f"--reward_funcs {spec!r}: expected module:function")
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())  # as `python -m` does
     try:
@@ -135,9 +135,9 @@ def load_reward_fn(spec: str | None) -> RewardFunction:
         for part in name.split("."):
             fn = getattr(fn, part)
     except Exception as e:  # noqa: BLE001 - any failure of user code is reported in one line
-        raise UsageError(f"--reward_fn {spec}: cannot import it ({type(e).__name__}: {e})") from e
+        raise UsageError(f"--reward_funcs {spec}: cannot import it ({type(e).__name__}: {e})") from e
     if not callable(fn):
-        raise UsageError(f"--reward_fn {spec} is not callable")
+        raise UsageError(f"--reward_funcs {spec} is not callable")
     return RewardFunction(fn, spec, _is_batched(fn))
 
 
@@ -201,7 +201,7 @@ class RewardModel:
         bad = next((n for n in range(len(texts)) if not math.isfinite(scores[n])), None)
         if bad is not None:  # an overflow in the model's dtype: not a reward that JSON or a margin can hold
             raise RewardFunctionError(f"reward model {self.path} scored sample {bad} {scores[bad]!r}; rewards must "
-                                      "be finite (try --model_dtype float32)")
+                                      "be finite (try --dtype float32)")
         return _unflatten([scores[n] for n in range(len(texts))], completions)
 
 
@@ -211,7 +211,7 @@ def why_no_pairs(samples: list[dict[str, Any]], min_margin: float) -> tuple[str,
         return (f"none of the {len(samples)} samples was scored: the reward function returned None for every one",
                 "Make the reward function return a number for the completions it can judge")
     return (f"every prompt's scored samples were within --min_reward_margin {min_margin} of each other",
-            "Raise --samples_per_prompt or --temperature, or lower --min_reward_margin")
+            "Raise --num_generations or --temperature, or lower --min_reward_margin")
 
 
 def reward_scorer(gen: Any, model_args: Any) -> RewardFunction | RewardModel:
@@ -232,7 +232,7 @@ def check_reward(scorer: RewardFunction | RewardModel, example: dict[str, Any], 
         else:
             scorer.score([example], [[completion]], tokenizer)
     except RewardFunctionError as e:
-        raise UsageError(f"--reward_fn {scorer.spec} failed on the first prompt row at launch: {e}") from e
+        raise UsageError(f"--reward_funcs {scorer.spec} failed on the first prompt row at launch: {e}") from e
     except UsageError:
         raise
     except Exception as e:  # noqa: BLE001 - a reward model that cannot score is a usage error found at launch

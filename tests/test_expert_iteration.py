@@ -137,6 +137,6 @@ def test_a_reward_function_that_fails_at_launch_exits_2_before_anything_is_writt
     out = tmp_path / "exp"
     r = itertrain("train", *ei_args(out, "--reward_fn", "my_rewards:score"), env={"PYTHONPATH": str(tmp_path)})
     assert r.returncode == 2, r.output
-    assert "--reward_fn my_rewards:score failed on the first prompt row at launch" in r.stderr
+    assert "--reward_funcs my_rewards:score failed on the first prompt row at launch" in r.stderr
     assert "raised KeyError: 'solution'" in r.stderr and "Traceback" not in r.stderr
     assert not out.exists()

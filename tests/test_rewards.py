@@ -64,7 +64,7 @@ def test_none_means_not_scored_and_a_wrong_count_is_an_error():
 def test_a_failing_reward_function_is_a_usage_error_at_launch_naming_it(tmp_path, monkeypatch):
     (tmp_path / "bad_reward.py").write_text("def score(prompts, completions, **kw):\n    raise KeyError('answer')\n")
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(UsageError, match=r"--reward_fn bad_reward:score failed on the first prompt row at launch.*"
+    with pytest.raises(UsageError, match=r"--reward_funcs bad_reward:score failed on the first prompt row at launch.*"
                                          r"raised KeyError"):
         check_reward(load_reward_fn("bad_reward:score"), ROWS[0])
 

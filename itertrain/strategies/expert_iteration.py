@@ -1,8 +1,8 @@
 """`--strategy expert_iteration`: rejection-sampling fine-tuning (STaR / ReST-EM style).
 
 Iteration 0 is supervised fine-tuning on labeled data. Every later iteration K:
-generate (sample --samples_per_prompt completions per prompt from the previous iteration's model, as
-the recovery plan names it) -> score (exact match with the reference answer, or --reward_fn) ->
+generate (sample --num_generations completions per prompt from the previous iteration's model, as
+the recovery plan names it) -> score (exact match with the reference answer, or --reward_funcs) ->
 filter (keep reward >= threshold, dedupe) -> commit data/iter_K/ -> train on it
 (--data_policy fresh|cumulative).
 
@@ -48,7 +48,7 @@ class SampledDataStrategy(SFTStrategy):
                 "and --prompts_file (prompt/answer JSONL to sample from)"
             )
         if gen.samples_per_prompt < 1 or gen.generation_batch_size < 1 or gen.max_new_tokens < 1:
-            raise UsageError("--samples_per_prompt, --generation_batch_size and --max_new_tokens must be at least 1")
+            raise UsageError("--num_generations, --generation_batch_size and --max_completion_length must be at least 1")
 
     def generates(self, iteration: int) -> bool:
         return iteration > 0  # iteration 0 learns from labeled data
@@ -243,7 +243,7 @@ class ExpertIterationStrategy(SampledDataStrategy):
         if accepted == 0:
             raise TrainingFailed(
                 f"iteration {iteration}: the verifier accepted none of the sampled completions, so there is "
-                "nothing to train on. Raise --samples_per_prompt or --temperature, or lower --reward_threshold; "
+                "nothing to train on. Raise --num_generations or --temperature, or lower --reward_threshold; "
                 f"the samples are in {self.data_dir(iteration) / SAMPLES}"
             )
         return rows

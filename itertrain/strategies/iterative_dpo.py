@@ -1,8 +1,8 @@
 """`--strategy iterative_dpo`: online / iterative DPO (RLHFlow, Self-Rewarding style) on TRL's DPOTrainer.
 
 Iteration 0 is supervised fine-tuning on labeled data, as in expert iteration. Every later iteration K:
-generate (sample --samples_per_prompt completions per prompt from the previous iteration's model, with
-expert iteration's per-sample seeds) -> score (exact match, --reward_fn or --reward_model) -> pair (per
+generate (sample --num_generations completions per prompt from the previous iteration's model, with
+expert iteration's per-sample seeds) -> score (exact match, --reward_funcs or --reward_model) -> pair (per
 prompt: chosen = the highest reward, rejected = the lowest; no pair when the margin is below
 --min_reward_margin or zero) -> commit data/iter_K (samples.jsonl, pairs.jsonl, stats.json, and the
 lineage of the model that produced them) -> train with TRL's DPOTrainer behind itertrain's recovery
