@@ -138,9 +138,18 @@ class LoopArguments:
     )
     train_file: str | None = field(
         default=None,
-        metadata={"help": "JSONL with prompt/completion or text; may contain {iteration}. For strategies that generate: "
+        metadata={"help": "JSONL with prompt/completion, text or messages (message lists rendered with the chat "
+                          "template); may contain {iteration}. For strategies that generate: "
                           "labeled data for iteration 0."},
     )
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Training rows from a dataset instead of --train_file, read with datasets.load_dataset: a "
+                          "dataset directory (save_to_disk output, or a folder of json/parquet files), a data file, or "
+                          "a Hub id already in the local cache (nothing is downloaded). Same row shapes as --train_file."},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "The dataset's configuration (subset) name."})
+    dataset_split: str = field(default="train", metadata={"help": "The split of --dataset_name to train on."})
     eval_file: str | None = field(default=None, metadata={"help": "JSONL for the held-out loss (may contain {iteration})."})
     iteration_init: str = field(
         default="previous",

@@ -324,6 +324,8 @@ def validate(cfg: RunConfig) -> None:
         )
     if t.save_only_model:
         raise UsageError("--save_only_model writes checkpoints without optimizer state, which cannot be resumed")
+    if loop.train_file and loop.dataset_name:
+        raise UsageError("--train_file and --dataset_name both name the training rows: pass one of them")
     for group, name in ((loop, "train_file"), (loop, "eval_file"), (cfg.generation, "prompts_file")):
         value = getattr(group, name)
         if value and "{iteration}" not in value and not Path(value).is_file():

@@ -28,7 +28,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from itertrain import distributed
+from itertrain import chat, distributed
 from itertrain.errors import RewardFunctionError, UsageError
 
 Rewards = list[list[float | None]]  # rewards[i][s]: completion s of prompt row i
@@ -87,8 +87,10 @@ class RewardFunction:
         texts = [c for _, _, c in flat]
         columns = {k: [row.get(k) for _, row, _ in flat] for k in sorted({k for _, r, _ in flat for k in r} - {"prompt"})}
         ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in texts] if tokenizer is not None else None
+        # TRL's form: a conversational prompt's completions are assistant message lists
+        shaped = [chat.as_completion(row["prompt"], c) for _, row, c in flat]
         try:
-            values = list(self.fn(prompts=[row["prompt"] for _, row, _ in flat], completions=texts, completion_ids=ids,
+            values = list(self.fn(prompts=[row["prompt"] for _, row, _ in flat], completions=shaped, completion_ids=ids,
                                   **columns, trainer_state=None, log_extra=_ignore, log_metric=_ignore))
         except Exception as e:  # noqa: BLE001 - user code: report it readably, whatever it raised
             raise RewardFunctionError(f"reward function {self.spec} raised {type(e).__name__}: {e}") from e
@@ -187,7 +189,7 @@ class RewardModel:
         from itertrain.generation import deal
 
         model, tok = self.load()
-        texts = [row["prompt"] + c for _, row, c in _flatten(rows, completions)]
+        texts = [_scored_text(row["prompt"], c, tok) for _, row, c in _flatten(rows, completions)]
         order = sorted(range(len(texts)), key=lambda n: (len(texts[n]), n))
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         scores: dict[int, float] = {}
@@ -203,6 +205,15 @@ class RewardModel:
             raise RewardFunctionError(f"reward model {self.path} scored sample {bad} {scores[bad]!r}; rewards must "
                                       "be finite (try --dtype float32)")
         return _unflatten([scores[n] for n in range(len(texts))], completions)
+
+
+def _scored_text(prompt: Any, completion: str, tokenizer: Any) -> str:
+    """What a reward model reads: prompt + completion, a conversation rendered with the reward model's own
+    chat template (as TRL does)."""
+    if isinstance(prompt, str):
+        return prompt + completion
+    out = chat.render({"prompt": prompt, "completion": chat.as_completion(prompt, completion)}, tokenizer)
+    return out["prompt"] + out["completion"]
 
 
 def why_no_pairs(samples: list[dict[str, Any]], min_margin: float) -> tuple[str, str]:

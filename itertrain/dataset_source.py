@@ -1,0 +1,84 @@
+"""`--dataset_name` / `--dataset_config` / `--dataset_split`: training rows from a `datasets` dataset.
+
+The name is what `datasets.load_dataset` takes: a folder of data files (json, jsonl, parquet, csv), one
+data file, or a Hub id, which must already be in the local cache (nothing is downloaded at run time).
+A directory written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk` is read with `load_from_disk`.
+The rows are what a strategy trains on, so the lineage fingerprints them as it fingerprints --train_file's
+rows: a changed dataset under the same name is caught on resume.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from itertrain.errors import UsageError
+
+DATA_FILES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+_SAVED = ("dataset_info.json", "state.json", "dataset_dict.json")  # what save_to_disk writes
+
+
+def describe(name: str, config: str | None, split: str) -> str:
+    """The dataset as messages and the lineage name it."""
+    return f"dataset {name}" + (f" ({config})" if config else "") + f", split {split}"
+
+
+def looks_like_path(name: str) -> bool:
+    """A name meant as a local path (it exists, is spelled as one, or ends as a data file), not a Hub id."""
+    return (os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1
+            or Path(name).suffix.lower() in DATA_FILES)
+
+
+def dataset_rows(name: str, config: str | None = None, split: str = "train") -> list[dict[str, Any]]:
+    """The rows of the split, as dicts without the empty (None) fields that a shared schema adds; read once
+    per process. UsageError (exit 2) naming the dataset when it cannot be read."""
+    return [dict(row) for row in _rows(name, config, split)]
+
+
+@lru_cache(maxsize=8)
+def _rows(name: str, config: str | None, split: str) -> tuple[dict[str, Any], ...]:
+    dataset = load(name, config, split)
+    return tuple({k: v for k, v in row.items() if v is not None} for row in dataset)
+
+
+def load(name: str, config: str | None, split: str) -> Any:
+    """The split as a datasets.Dataset."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    what = describe(name, config, split)
+    path = Path(name).expanduser()
+    if path.is_dir() and any((path / f).is_file() for f in _SAVED):
+        return _from_disk(path, split, what)
+    if looks_like_path(name) and not path.exists():
+        raise UsageError(f"--dataset_name {name} does not exist: pass a dataset directory (save_to_disk output or "
+                         "a folder of json/parquet files), a data file, or a Hub id already in the local cache")
+    builder = DATA_FILES.get(path.suffix.lower()) if path.is_file() else None
+    try:
+        if builder is not None:
+            return datasets.load_dataset(builder, data_files=str(path), split=split)
+        return datasets.load_dataset(str(path) if path.exists() else name, config, split=split)
+    except Exception as e:  # noqa: BLE001 - datasets raises many types (offline, missing split, bad file)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        if path.exists():
+            raise UsageError(f"{what} cannot be read: {first}") from e
+        raise UsageError(
+            f"--dataset_name {name}: not a local path, and the Hub dataset is not in the local cache ({first}). "
+            f"Nothing is downloaded at run time: fetch it beforehand (huggingface-cli download --repo-type dataset "
+            f"{name}), or pass a local dataset directory or data file") from e
+
+
+def _from_disk(path: Path, split: str, what: str) -> Any:
+    import datasets
+
+    try:
+        saved = datasets.load_from_disk(str(path))
+    except Exception as e:  # noqa: BLE001
+        raise UsageError(f"{what} cannot be read: {(str(e).strip().splitlines() or [''])[0][:300]}") from e
+    if isinstance(saved, datasets.DatasetDict):
+        if split not in saved:
+            raise UsageError(f"{what}: {path} has the splits {', '.join(saved)}; pass one with --dataset_split")
+        return saved[split]
+    return saved
