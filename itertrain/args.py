@@ -75,6 +75,27 @@ def flag(name: str) -> str:
     return "--" + TRL_NAMES.get(name, name)
 
 
+def canonical_name(parser: Any, name: str) -> None:
+    """The action of field `name` shows TRL's name only (`--help`, argparse's messages); its older names
+    (--name, --name-with-dashes) still parse to it."""
+    action = parser._option_string_actions[f"--{name}"]
+    canonical = flag(name)
+    if canonical in parser._option_string_actions:
+        raise RuntimeError(f"{canonical} is defined twice")  # a programming error: two fields, one flag
+    action.option_strings = [canonical]
+    if action.choices is None:
+        action.metavar = canonical.removeprefix("--").upper()
+    parser._option_string_actions[canonical] = action
+
+
+def shared_values(cfg_groups: list[Any], subclass: type) -> dict[str, Any]:
+    """Fields of a TrainingArguments subclass that an itertrain flag under TRL's name sets (one flag, one
+    meaning): e.g. iterative_dpo's --max_length truncates both the SFT examples and DPOConfig's sequences."""
+    names = {f.name for f in fields(subclass)}
+    return {TRL_NAMES[f.name]: getattr(g, f.name) for g in cfg_groups for f in fields(g)
+            if f.name in TRL_NAMES and TRL_NAMES[f.name] in names}
+
+
 @dataclass
 class RecoveryArguments:
     _argument_group_name = "recovery (the guide's flags)"

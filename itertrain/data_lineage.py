@@ -83,7 +83,7 @@ def status_of(root: Any, arguments: dict[str, Any], plan: Any) -> dict[str, Any]
     None when the plan continues no checkpoint or the checkpoint recorded no data."""
     from itertrain.artifacts.manifest import ManifestError, read_manifest
     from itertrain.data import read_jsonl, resolve_path
-    from itertrain.dataset_source import dataset_rows, describe
+    from itertrain.sources import dataset_rows, describe
     if plan is None or plan.state_scope.value != "full" or not plan.state_from:  # StateScope.FULL
         return None
     try:

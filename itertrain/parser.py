@@ -15,9 +15,10 @@ from typing import Any
 
 import yaml
 
-from itertrain.args import ARGUMENT_GROUPS, TRL_NAMES, DistributedArguments, RunConfig, flag
+from itertrain.args import ARGUMENT_GROUPS, TRL_NAMES, DistributedArguments, RunConfig, canonical_name, shared_values
 from itertrain.errors import UsageError
 from itertrain.lora import check_settings
+from itertrain.sources import resolve_model
 from itertrain.strategies import available, load_strategy
 from itertrain.strategies.base import Strategy
 
@@ -104,33 +105,12 @@ def _hf_parser(types: list[type], **kwargs: Any):
                 return
             HfArgumentParser._parse_dataclass_field(parser, field)
             if field.name in TRL_NAMES:
-                _canonical_name(parser, field.name)
+                canonical_name(parser, field.name)
 
         def parse_known_args(self, args=None, namespace=None):
             return super().parse_known_args(args, _SharedFieldsNamespace() if namespace is None else namespace)
 
     return Parser(types, allow_abbrev=False, **kwargs)
-
-
-def _canonical_name(parser: Any, name: str) -> None:
-    """The action of field `name` shows TRL's name only (`--help`, argparse's messages); its older names
-    (--name, --name-with-dashes) still parse to it."""
-    action = parser._option_string_actions[f"--{name}"]
-    canonical = flag(name)
-    if canonical in parser._option_string_actions:
-        raise RuntimeError(f"{canonical} is defined twice")  # a programming error: two fields, one flag
-    action.option_strings = [canonical]
-    if action.choices is None:
-        action.metavar = canonical.removeprefix("--").upper()
-    parser._option_string_actions[canonical] = action
-
-
-def shared_values(cfg_groups: list[Any], subclass: type) -> dict[str, Any]:
-    """Fields of a TrainingArguments subclass that an itertrain flag under TRL's name sets (one flag, one
-    meaning): e.g. iterative_dpo's --max_length truncates both the SFT examples and DPOConfig's sequences."""
-    names = {f.name for f in fields(subclass)}
-    return {TRL_NAMES[f.name]: getattr(g, f.name) for g in cfg_groups for f in fields(g)
-            if f.name in TRL_NAMES and TRL_NAMES[f.name] in names}
 
 
 def make_parser(strategy: type[Strategy]):
@@ -271,6 +251,8 @@ def parse_train_args(argv: list[str] | None = None, strategy: type[Strategy] | N
     if generation.use_vllm and backend not in (None, "vllm"):  # TRL's alias must not silently win
         raise UsageError(f"--use_vllm true and --generation_backend {backend} conflict: --use_vllm is TRL's name "
                          "for --generation_backend vllm; give one of them")
+    if model.model_name:  # a Hub id: its snapshot directory in the local cache, from here on
+        model.model_name = resolve_model(model.model_name)
     cfg = RunConfig(model, loop, generation, recovery, training, strategy_args, argv, lora, dist_args)
     validate(cfg)
     cls.check_arguments(cfg)
@@ -301,12 +283,7 @@ def validate(cfg: RunConfig) -> None:
     if not m.model_name:
         raise UsageError("--model_name_or_path is required: a local model directory (create one with "
                          "`itertrain init-model DIR`)")
-    if not _is_local_model(m.model_name):
-        what = "does not exist" if not Path(m.model_name).exists() else "is not a model directory (no config.json)"
-        raise UsageError(
-            f"--model_name_or_path {m.model_name} {what}. itertrain never downloads models: pass a local Hugging Face "
-            f"model directory, or create a tiny one with `itertrain init-model {m.model_name}`"
-        )
+    resolve_model(m.model_name)  # a local model directory, or a Hub id in the local cache
     if m.tokenizer_name and not Path(m.tokenizer_name).is_dir():
         raise UsageError(f"--tokenizer_name {m.tokenizer_name} does not exist (pass a local tokenizer directory)")
     if not t.output_dir or t.output_dir == "trainer_output" and "--output_dir" not in cfg.argv:

@@ -109,7 +109,7 @@ def _save_rows(path: Path, rows: list[dict], splits: tuple[str, ...] = ("train",
 
 
 def test_dataset_name_reads_a_save_to_disk_directory_a_folder_of_json_files_and_a_data_file(tmp_path):
-    from itertrain.dataset_source import dataset_rows
+    from itertrain.sources import dataset_rows
     from itertrain.errors import UsageError
 
     rows = [{"prompt": "1+1=", "completion": "2"}, {"text": "hello"}]
@@ -167,3 +167,57 @@ def test_dataset_name_trains_and_a_changed_dataset_under_the_same_name_is_refuse
     assert r.returncode == 0, r.output
     assert "Continuing at: iteration 0, step 4" in r.output
     assert manifest(out / "iter_0")["lineage"]["train_data"]["fingerprint"] == recorded["fingerprint"]
+
+
+# ---- Hub model ids -------------------------------------------------------------------------------------------
+def _hub_cache(cache: Path, repo_id: str, model: Path, revision: str = "0123456789abcdef") -> Path:
+    """A local Hugging Face cache holding `model` as `repo_id`, laid out as huggingface_hub lays it out."""
+    import shutil
+
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / revision
+    shutil.copytree(model, snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(revision)
+    return snapshot
+
+
+def test_a_hub_model_id_resolves_to_its_snapshot_in_the_local_cache_and_an_uncached_one_exits_2(
+        tmp_path, model_dir, monkeypatch):
+    from huggingface_hub import constants
+
+    from itertrain.errors import UsageError
+    from itertrain.parser import parse_train_args
+
+    snapshot = _hub_cache(tmp_path / "hub", "some-org/tiny", model_dir)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "a"}\n')
+    rest = ["--output_dir", str(tmp_path / "out"), "--train_file", str(data)]
+    cfg = parse_train_args(["--model_name_or_path", "some-org/tiny", *rest])
+    assert Path(cfg.model.model_name) == snapshot.resolve()
+    with pytest.raises(UsageError) as e:
+        parse_train_args(["--model_name_or_path", "some-org/missing", *rest])
+    assert e.value.exit_code == 2
+    assert "some-org/missing" in str(e.value) and "is not in the local cache" in str(e.value)
+    assert "huggingface-cli download some-org/missing" in str(e.value)
+    with pytest.raises(UsageError, match="does not exist. itertrain never downloads models"):
+        parse_train_args(["--model_name_or_path", str(tmp_path / "no" / "such" / "dir"), *rest])
+
+
+@pytest.mark.slow
+def test_a_hub_model_id_from_a_local_cache_trains_offline_with_the_snapshots_fingerprint_in_the_lineage(
+        tmp_path, tiny_model, train_file):
+    from conftest import manifest
+
+    from itertrain.artifacts.manifest import fingerprint
+
+    snapshot = _hub_cache(tmp_path / "hub", "some-org/tiny", tiny_model)
+    out = tmp_path / "exp"
+    r = itertrain("train", "--model_name_or_path", "some-org/tiny", "--output_dir", str(out), "--train_file",
+                  str(train_file), "--num_iterations", "1", *FAST_FLAGS,
+                  env={"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.output
+    lineage = manifest(out / "iter_0")["lineage"]
+    assert lineage["weights_from"] == "base" and lineage["weights_id"] == fingerprint(snapshot)

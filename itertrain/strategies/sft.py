@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from itertrain.data import read_jsonl, resolve_path
-from itertrain.dataset_source import dataset_rows, describe
+from itertrain.sources import dataset_rows, describe
 from itertrain.errors import UsageError
 from itertrain.strategies.base import Evaluation, Strategy
 

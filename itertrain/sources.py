@@ -1,10 +1,15 @@
-"""`--dataset_name` / `--dataset_config` / `--dataset_split`: training rows from a `datasets` dataset.
+"""Where the user's data and base model come from: `--dataset_name` / `--dataset_config` / `--dataset_split`
+(training rows from a `datasets` dataset), and a Hub id in `--model_name_or_path` (resolved in the local cache).
 
 The name is what `datasets.load_dataset` takes: a folder of data files (json, jsonl, parquet, csv), one
 data file, or a Hub id, which must already be in the local cache (nothing is downloaded at run time).
 A directory written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk` is read with `load_from_disk`.
 The rows are what a strategy trains on, so the lineage fingerprints them as it fingerprints --train_file's
 rows: a changed dataset under the same name is caught on resume.
+
+A Hub model id resolves to its snapshot directory in the local Hugging Face cache (HF_HUB_CACHE, revision
+`main`); nothing is downloaded. Everything after the parse sees that directory, so the base model's
+fingerprint in the lineage is the snapshot's, and iteration models stay local committed directories.
 """
 
 from __future__ import annotations
@@ -82,3 +87,46 @@ def _from_disk(path: Path, split: str, what: str) -> Any:
             raise UsageError(f"{what}: {path} has the splits {', '.join(saved)}; pass one with --dataset_split")
         return saved[split]
     return saved
+
+
+def resolve_model(name: str, flag: str = "--model_name_or_path") -> str:
+    """A local model directory as it is; a Hub id as its snapshot directory in the local cache. UsageError
+    (exit 2) for a path that is not a model directory, or an id that is not in the cache."""
+    path = Path(name).expanduser()
+    if (path / "config.json").is_file() or looks_like_path(name) or not _is_repo_id(name):
+        if path.is_dir() and (path / "config.json").is_file():
+            return name
+        what = "does not exist" if not path.exists() else "is not a model directory (no config.json)"
+        raise UsageError(f"{flag} {name} {what}. itertrain never downloads models: pass a local Hugging Face model "
+                         f"directory, a Hub id already in the local cache, or create a tiny model with "
+                         f"`itertrain init-model {name}`")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        snapshot = snapshot_download(name, local_files_only=True)
+    except (LocalEntryNotFoundError, OSError, ValueError) as e:
+        raise UsageError(
+            f"{flag} {name}: no local directory of that name, and the Hub model {name} is not in the local cache "
+            f"({_cache_dir()}). Nothing is downloaded at run time: fetch it beforehand (huggingface-cli download "
+            f"{name}), or pass a local model directory") from e
+    if not (Path(snapshot) / "config.json").is_file():
+        raise UsageError(f"{flag} {name}: its snapshot in the local cache ({snapshot}) has no config.json; fetch the "
+                         f"whole model beforehand (huggingface-cli download {name})")
+    return snapshot
+
+
+def _is_repo_id(name: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
