@@ -167,7 +167,7 @@ class LoopArguments:
         default=None,
         metadata={"help": "Training rows from a dataset instead of --train_file, read with datasets.load_dataset: a "
                           "dataset directory (save_to_disk output, or a folder of json/parquet files), a data file, or "
-                          "a Hub id already in the local cache (nothing is downloaded). Same row shapes as --train_file."},
+                          "a Hub id (under HF_HUB_OFFLINE=1 from the local cache only). Same row shapes as --train_file."},
     )
     dataset_config: str | None = field(default=None, metadata={"help": "The dataset's configuration (subset) name."})
     dataset_split: str = field(default="train", metadata={"help": "The split of --dataset_name to train on."})

@@ -57,6 +57,9 @@ def check_rows(rows: list[dict[str, Any]], source: str) -> None:
             raise UsageError(f"{source}: row {n} needs {ROW_SHAPES}, got keys {sorted(row)}")
         if "messages" in row and not _messages(row["messages"]):
             raise UsageError(f"{source}: row {n}: messages must be a list of {{\"role\", \"content\"}} objects")
+        if "messages" in row and "text" not in row and not any(m["role"] == "assistant" for m in row["messages"]):
+            raise UsageError(f"{source}: row {n} has no assistant message: a messages row is trained on its "
+                             "assistant turns only, so it would train on nothing")
 
 
 def _messages(value: Any) -> bool:

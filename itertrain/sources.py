@@ -2,7 +2,7 @@
 (training rows from a `datasets` dataset), and a Hub id in `--model_name_or_path` (resolved in the local cache).
 
 The name is what `datasets.load_dataset` takes: a folder of data files (json, jsonl, parquet, csv), one
-data file, or a Hub id, which must already be in the local cache (nothing is downloaded at run time).
+data file, or a Hub id (`datasets` follows HF_HUB_OFFLINE: offline, it must be in the local cache).
 A directory written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk` is read with `load_from_disk`.
 The rows are what a strategy trains on, so the lineage fingerprints them as it fingerprints --train_file's
 rows: a changed dataset under the same name is caught on resume.
@@ -69,10 +69,14 @@ def load(name: str, config: str | None, split: str) -> Any:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         if path.exists():
             raise UsageError(f"{what} cannot be read: {first}") from e
+        from huggingface_hub import constants
+
+        where = ("is not in the local cache (HF_HUB_OFFLINE=1: nothing is downloaded at run time)"
+                 if constants.HF_HUB_OFFLINE else "cannot be loaded from the Hub")
         raise UsageError(
-            f"--dataset_name {name}: not a local path, and the Hub dataset is not in the local cache ({first}). "
-            f"Nothing is downloaded at run time: fetch it beforehand (huggingface-cli download --repo-type dataset "
-            f"{name}), or pass a local dataset directory or data file") from e
+            f"--dataset_name {name}: not a local path, and the Hub dataset {where} ({first}). Fetch it beforehand "
+            f"(huggingface-cli download --repo-type dataset {name}), or pass a local dataset directory or data "
+            "file") from e
 
 
 def _from_disk(path: Path, split: str, what: str) -> Any:

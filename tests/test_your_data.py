@@ -48,6 +48,11 @@ def test_a_messages_row_is_trained_on_its_assistant_turns_only():
     # a prompt/completion pair of message lists: the loss on the completion, as TRL renders it
     pair = tokenize_example({"prompt": [USER], "completion": [{"role": "assistant", "content": "5"}]}, tokenizer, 256)
     assert tokenizer.decode([t for t in pair["labels"] if t != IGNORE_INDEX]) == "5</s>"
+    from itertrain.data import check_rows
+    from itertrain.errors import UsageError
+
+    with pytest.raises(UsageError, match="row 0 has no assistant message"):  # it would train on nothing
+        check_rows([{"messages": [USER]}], "chat.jsonl")
 
 
 def _conversation_files(d: Path) -> tuple[Path, Path]:
