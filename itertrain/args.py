@@ -80,7 +80,7 @@ def canonical_name(parser: Any, name: str) -> None:
     (--name, --name-with-dashes) still parse to it."""
     action = parser._option_string_actions[f"--{name}"]
     canonical = flag(name)
-    if canonical in parser._option_string_actions:
+    if parser._option_string_actions.get(canonical, action) is not action:  # (an alias of this field is fine)
         raise RuntimeError(f"{canonical} is defined twice")  # a programming error: two fields, one flag
     action.option_strings = [canonical]
     if action.choices is None:
