@@ -77,8 +77,9 @@ def test_a_messages_dataset_runs_to_completion_and_samples_from_rendered_prompts
     r = itertrain("train", "--model_name_or_path", str(tiny_model), "--output_dir", str(out), "--strategy", strategy,
                   "--train_file", str(train), "--prompts_file", str(prompts), "--num_iterations", "2",
                   "--num_generations", "3", "--max_completion_length", "4", "--reward_funcs", "chat_reward:score",
-                  *FAST_FLAGS, *(["--reward_threshold", "0"] if strategy == "expert_iteration" else
-                                 ["--min_reward_margin", "0", "--max_steps", "4"]), cwd=tmp_path)
+                  *FAST_FLAGS, "--max_steps", "4",
+                  *(["--reward_threshold", "0"] if strategy == "expert_iteration" else ["--min_reward_margin", "0"]),
+                  cwd=tmp_path)
     assert r.returncode == 0, r.output
     assert "experiment complete: 2 iteration(s) committed" in r.output
     name = "accepted.jsonl" if strategy == "expert_iteration" else "pairs.jsonl"
