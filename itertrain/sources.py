@@ -15,7 +15,6 @@ fingerprint in the lineage is the snapshot's, and iteration models stay local co
 from __future__ import annotations
 
 import os
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -37,15 +36,10 @@ def looks_like_path(name: str) -> bool:
 
 
 def dataset_rows(name: str, config: str | None = None, split: str = "train") -> list[dict[str, Any]]:
-    """The rows of the split, as dicts without the empty (None) fields that a shared schema adds; read once
-    per process. UsageError (exit 2) naming the dataset when it cannot be read."""
-    return [dict(row) for row in _rows(name, config, split)]
-
-
-@lru_cache(maxsize=8)
-def _rows(name: str, config: str | None, split: str) -> tuple[dict[str, Any], ...]:
-    dataset = load(name, config, split)
-    return tuple({k: v for k, v in row.items() if v is not None} for row in dataset)
+    """The rows of the split, as dicts without the empty (None) fields that a shared schema adds. Read
+    afresh at every call (memory-mapped Arrow: cheap), so that what is fingerprinted is what is on disk now.
+    UsageError (exit 2) naming the dataset when it cannot be read."""
+    return [{k: v for k, v in row.items() if v is not None} for row in load(name, config, split)]
 
 
 def load(name: str, config: str | None, split: str) -> Any:
