@@ -136,7 +136,10 @@ class ModelArguments:
         metadata={"help": "Base model: a local Hugging Face model directory (nothing is downloaded). "
                           "Alias: --model_name."},
     )
-    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer directory (default: --model_name_or_path)."})
+    tokenizer_name: str | None = field(
+        default=None,
+        metadata={"help": "Tokenizer directory, or a Hub id in the local cache (default: --model_name_or_path's)."},
+    )
     model_dtype: str = field(
         default="float32",
         metadata={"help": "dtype of the trained weights (float32 keeps fp32 master weights under --bf16). "

@@ -253,6 +253,8 @@ def parse_train_args(argv: list[str] | None = None, strategy: type[Strategy] | N
                          "for --generation_backend vllm; give one of them")
     if model.model_name:  # a Hub id: its snapshot directory in the local cache, from here on
         model.model_name = resolve_model(model.model_name)
+    if model.tokenizer_name:
+        model.tokenizer_name = resolve_model(model.tokenizer_name, "--tokenizer_name", need=None)
     cfg = RunConfig(model, loop, generation, recovery, training, strategy_args, argv, lora, dist_args)
     validate(cfg)
     cls.check_arguments(cfg)
@@ -284,8 +286,6 @@ def validate(cfg: RunConfig) -> None:
         raise UsageError("--model_name_or_path is required: a local model directory (create one with "
                          "`itertrain init-model DIR`)")
     resolve_model(m.model_name)  # a local model directory, or a Hub id in the local cache
-    if m.tokenizer_name and not Path(m.tokenizer_name).is_dir():
-        raise UsageError(f"--tokenizer_name {m.tokenizer_name} does not exist (pass a local tokenizer directory)")
     if not t.output_dir or t.output_dir == "trainer_output" and "--output_dir" not in cfg.argv:
         raise UsageError("--output_dir is required: the experiment directory (created if missing)")
     if os.path.exists(t.output_dir) and not os.path.isdir(t.output_dir):

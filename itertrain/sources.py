@@ -87,14 +87,15 @@ def _from_disk(path: Path, split: str, what: str) -> Any:
     return saved
 
 
-def resolve_model(name: str, flag: str = "--model_name_or_path") -> str:
+def resolve_model(name: str, flag: str = "--model_name_or_path", need: str | None = "config.json") -> str:
     """A local model directory as it is; a Hub id as its snapshot directory in the local cache. UsageError
-    (exit 2) for a path that is not a model directory, or an id that is not in the cache."""
+    (exit 2) for a path that is not a model directory (holding `need`), or an id that is not in the cache."""
     path = Path(name).expanduser()
-    if (path / "config.json").is_file() or looks_like_path(name) or not _is_repo_id(name):
-        if path.is_dir() and (path / "config.json").is_file():
+    local = path.is_dir() and (need is None or (path / need).is_file())
+    if local or looks_like_path(name) or not _is_repo_id(name):
+        if local:
             return name
-        what = "does not exist" if not path.exists() else "is not a model directory (no config.json)"
+        what = "does not exist" if not path.exists() else f"is not a model directory (no {need})"
         raise UsageError(f"{flag} {name} {what}. itertrain never downloads models: pass a local Hugging Face model "
                          f"directory, a Hub id already in the local cache, or create a tiny model with "
                          f"`itertrain init-model {name}`")
@@ -108,8 +109,8 @@ def resolve_model(name: str, flag: str = "--model_name_or_path") -> str:
             f"{flag} {name}: no local directory of that name, and the Hub model {name} is not in the local cache "
             f"({_cache_dir()}). Nothing is downloaded at run time: fetch it beforehand (huggingface-cli download "
             f"{name}), or pass a local model directory") from e
-    if not (Path(snapshot) / "config.json").is_file():
-        raise UsageError(f"{flag} {name}: its snapshot in the local cache ({snapshot}) has no config.json; fetch the "
+    if need is not None and not (Path(snapshot) / need).is_file():
+        raise UsageError(f"{flag} {name}: its snapshot in the local cache ({snapshot}) has no {need}; fetch the "
                          f"whole model beforehand (huggingface-cli download {name})")
     return snapshot
 

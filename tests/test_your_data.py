@@ -201,8 +201,8 @@ def test_a_hub_model_id_resolves_to_its_snapshot_in_the_local_cache_and_an_uncac
     data = tmp_path / "train.jsonl"
     data.write_text('{"text": "a"}\n')
     rest = ["--output_dir", str(tmp_path / "out"), "--train_file", str(data)]
-    cfg = parse_train_args(["--model_name_or_path", "some-org/tiny", *rest])
-    assert Path(cfg.model.model_name) == snapshot.resolve()
+    cfg = parse_train_args(["--model_name_or_path", "some-org/tiny", "--tokenizer_name", "some-org/tiny", *rest])
+    assert Path(cfg.model.model_name) == Path(cfg.model.tokenizer_name) == snapshot.resolve()
     with pytest.raises(UsageError) as e:
         parse_train_args(["--model_name_or_path", "some-org/missing", *rest])
     assert e.value.exit_code == 2
