@@ -58,6 +58,44 @@ def resume_default() -> str:
     return value or "none"
 
 
+# TRL's flag name for a field itertrain first named otherwise: `--help` shows TRL's name (canonical; messages
+# use it too), and the older name stays accepted on the command line and as a YAML key.
+TRL_NAMES = {
+    "model_name": "model_name_or_path",
+    "samples_per_prompt": "num_generations",
+    "max_new_tokens": "max_completion_length",
+    "reward_fn": "reward_funcs",
+    "model_dtype": "dtype",
+    "max_seq_length": "max_length",
+}
+
+
+def flag(name: str) -> str:
+    """The flag of the field `name` as users type it: `--` and TRL's name where itertrain's older one differs."""
+    return "--" + TRL_NAMES.get(name, name)
+
+
+def canonical_name(parser: Any, name: str) -> None:
+    """The action of field `name` shows TRL's name only (`--help`, argparse's messages); its older names
+    (--name, --name-with-dashes) still parse to it."""
+    action = parser._option_string_actions[f"--{name}"]
+    canonical = flag(name)
+    if parser._option_string_actions.get(canonical, action) is not action:  # (an alias of this field is fine)
+        raise RuntimeError(f"{canonical} is defined twice")  # a programming error: two fields, one flag
+    action.option_strings = [canonical]
+    if action.choices is None:
+        action.metavar = canonical.removeprefix("--").upper()
+    parser._option_string_actions[canonical] = action
+
+
+def shared_values(cfg_groups: list[Any], subclass: type) -> dict[str, Any]:
+    """Fields of a TrainingArguments subclass that an itertrain flag under TRL's name sets (one flag, one
+    meaning): e.g. iterative_dpo's --max_length truncates both the SFT examples and DPOConfig's sequences."""
+    names = {f.name for f in fields(subclass)}
+    return {TRL_NAMES[f.name]: getattr(g, f.name) for g in cfg_groups for f in fields(g)
+            if f.name in TRL_NAMES and TRL_NAMES[f.name] in names}
+
+
 @dataclass
 class RecoveryArguments:
     _argument_group_name = "recovery (the guide's flags)"
@@ -95,12 +133,17 @@ class ModelArguments:
 
     model_name: str = field(
         default=None,  # type: ignore[assignment]
-        metadata={"help": "Base model: a local Hugging Face model directory (nothing is downloaded)."},
+        metadata={"help": "Base model: a local Hugging Face model directory (nothing is downloaded). "
+                          "Alias: --model_name."},
     )
-    tokenizer_name: str | None = field(default=None, metadata={"help": "Tokenizer directory (default: model_name)."})
+    tokenizer_name: str | None = field(
+        default=None,
+        metadata={"help": "Tokenizer directory, or a Hub id in the local cache (default: --model_name_or_path's)."},
+    )
     model_dtype: str = field(
         default="float32",
-        metadata={"help": "dtype of the trained weights (float32 keeps fp32 master weights under --bf16).",
+        metadata={"help": "dtype of the trained weights (float32 keeps fp32 master weights under --bf16). "
+                          "Alias: --model_dtype.",
                   "choices": ["float32", "bfloat16", "float16", "auto"]},
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code (off by default)."})
@@ -119,16 +162,26 @@ class LoopArguments:
     )
     train_file: str | None = field(
         default=None,
-        metadata={"help": "JSONL with prompt/completion or text; may contain {iteration}. For strategies that generate: "
+        metadata={"help": "JSONL with prompt/completion, text or messages (message lists rendered with the chat "
+                          "template); may contain {iteration}. For strategies that generate: "
                           "labeled data for iteration 0."},
     )
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Training rows from a dataset instead of --train_file, read with datasets.load_dataset: a "
+                          "dataset directory (save_to_disk output, or a folder of json/parquet files), a data file, or "
+                          "a Hub id (under HF_HUB_OFFLINE=1 from the local cache only). Same row shapes as --train_file."},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "The dataset's configuration (subset) name."})
+    dataset_split: str = field(default="train", metadata={"help": "The split of --dataset_name to train on."})
     eval_file: str | None = field(default=None, metadata={"help": "JSONL for the held-out loss (may contain {iteration})."})
     iteration_init: str = field(
         default="previous",
         metadata={"help": "Start iteration K from iter_{K-1} (previous) or from the base model every time (base, "
                           "as ReST-EM does).", "choices": ["previous", "base"]},
     )
-    max_seq_length: int = field(default=256, metadata={"help": "Truncate training examples to this many tokens."})
+    max_seq_length: int = field(default=256, metadata={"help": "Truncate every training example (prompt + "
+                                                           "completion) to this many tokens. Alias: --max_seq_length."})
     keep_iteration_checkpoints: bool = field(
         default=False, metadata={"help": "Move an iteration's trainer checkpoints into iter_K/ instead of deleting them."}
     )
@@ -154,18 +207,21 @@ class GenerationArguments:
     prompts_file: str | None = field(
         default=None, metadata={"help": "JSONL prompt/answer to sample from (may contain {iteration})."}
     )
-    samples_per_prompt: int = field(default=4, metadata={"help": "Completions sampled per prompt."})
+    samples_per_prompt: int = field(default=4, metadata={"help": "Completions sampled per prompt. "
+                                                                  "Alias: --samples_per_prompt."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling."})
     top_k: int = field(default=0, metadata={"help": "Sample among the k most likely tokens only (0: all)."})
-    max_new_tokens: int = field(default=16, metadata={"help": "Tokens generated per sample."})
+    max_new_tokens: int = field(default=16, metadata={"help": "Tokens generated per sample (at most). "
+                                                             "Alias: --max_new_tokens."})
     generation_batch_size: int = field(default=64, metadata={"help": (
         "Samples (prompt, sample pairs) per generate() call, or per vLLM call; batches are formed over the whole "
         "work, so they do not depend on the number of ranks.")})
     reward_fn: str | None = field(
         default=None,
         metadata={"help": "module:function: per sample (prompt, completion, answer) -> float, or batched in TRL's form "
-                          "(prompts, completions, **kwargs) -> list[float] (default: exact match with the answer)."},
+                          "(prompts, completions, **kwargs) -> list[float] (default: exact match with the answer). "
+                          "Alias: --reward_fn."},
     )
     reward_model: str | None = field(
         default=None,

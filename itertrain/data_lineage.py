@@ -78,11 +78,12 @@ def check_restored(strategy: Any, iteration: int, lineage: dict[str, Any], check
 
 def status_of(root: Any, arguments: dict[str, Any], plan: Any) -> dict[str, Any] | None:
     """For `itertrain status`: the data a plan's mid-iteration resume would continue on. Compared with
-    the rows now for --strategy sft with --train_file (the rows are the file's); for other strategies
+    the rows now for --strategy sft with --train_file or --dataset_name (the rows are theirs); for other strategies
     the recorded fingerprint only (their rows exist once a launch builds the strategy, which compares).
     None when the plan continues no checkpoint or the checkpoint recorded no data."""
     from itertrain.artifacts.manifest import ManifestError, read_manifest
     from itertrain.data import read_jsonl, resolve_path
+    from itertrain.sources import dataset_rows, describe
     if plan is None or plan.state_scope.value != "full" or not plan.state_from:  # StateScope.FULL
         return None
     try:
@@ -94,13 +95,20 @@ def status_of(root: Any, arguments: dict[str, Any], plan: Any) -> dict[str, Any]
         return None
     out: dict[str, Any] = {"checkpoint": plan.state_from, "source": recorded.get("source"),
                            "fingerprint": recorded.get("fingerprint"), "now": None, "changed": None}
-    if arguments.get("strategy", "sft") == "sft" and arguments.get("train_file"):
+    if arguments.get("strategy", "sft") != "sft" or not (arguments.get("train_file") or arguments.get("dataset_name")):
+        return out
+    if arguments.get("train_file"):
         path = resolve_path(str(arguments["train_file"]), plan.iteration)
-        try:
-            now = {"source": path, "fingerprint": rows_fingerprint(read_jsonl(path))}
-        except ItertrainError as e:
-            now = {"source": path, "fingerprint": f"unreadable ({e})"}
-        out["now"], out["changed"] = now["fingerprint"], changed(recorded, now)
+        read = lambda: read_jsonl(path)  # noqa: E731
+    else:
+        name, config, split = arguments["dataset_name"], arguments.get("dataset_config"), arguments.get("dataset_split", "train")
+        path = describe(name, config, split)
+        read = lambda: dataset_rows(name, config, split)  # noqa: E731
+    try:
+        now = {"source": path, "fingerprint": rows_fingerprint(read())}
+    except ItertrainError as e:
+        now = {"source": path, "fingerprint": f"unreadable ({e})"}
+    out["now"], out["changed"] = now["fingerprint"], changed(recorded, now)
     return out
 
 

@@ -26,9 +26,9 @@ DEMO_MODEL = TinyModelSpec(hidden_size=128, intermediate_size=384, num_hidden_la
 COMMON_FLAGS = [
     "--task", "arithmetic",
     "--num_iterations", "4",
-    "--samples_per_prompt", "8",
+    "--num_generations", "8",
     "--temperature", "1.0",
-    "--max_new_tokens", "8",
+    "--max_completion_length", "8",
     "--generation_batch_size", "1000",
     "--per_device_train_batch_size", "64",
     "--warmup_steps", "60",

@@ -17,7 +17,8 @@ from itertrain.layout import EXPERIMENT_RECORD, MANIFEST_NAME, Kind, scan
 SCHEMA_VERSION = 1
 # A change to these is a different experiment (model, strategy, data): refused without
 # --allow_config_change. Each strategy adds its own (`Strategy.defining_fields`).
-DEFINING = ("model_name", "tokenizer_name", "strategy", "task", "iteration_init", "train_file", "eval_file",
+DEFINING = ("model_name", "tokenizer_name", "strategy", "task", "iteration_init", "train_file", "dataset_name",
+            "dataset_config", "dataset_split", "eval_file",
             "use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "iteration_model")
 # Changes to these are expected and not worth a warning.
 _QUIET = {
@@ -27,7 +28,8 @@ _QUIET = {
     "async_save",  # how checkpoints are written, not what they hold (the files are the same)
 }
 _MAX_LAUNCHES = 100
-_PATHS = ("model_name", "tokenizer_name", "train_file", "eval_file", "prompts_file", "reward_model")
+_PATHS = ("model_name", "tokenizer_name", "train_file", "dataset_name", "eval_file", "prompts_file", "reward_model")
+_IDS = ("model_name", "dataset_name")  # a local path, or a Hub id (recorded as it is)
 
 
 def load_record(root: Path) -> dict[str, Any]:
@@ -63,8 +65,11 @@ def resolved_arguments(cfg: RunConfig) -> dict[str, Any]:
         args.update(dataclass_dict(group))
     training = json.loads(cfg.training.to_json_string())
     args.update({k: v for k, v in training.items() if k not in args})
+    if not args.get("dataset_name"):  # meaningless without it (and records from before it have none)
+        args.pop("dataset_config", None)
+        args.pop("dataset_split", None)
     for key in _PATHS:  # the same file spelled relative or absolute is the same experiment
-        if args.get(key):
+        if args.get(key) and (key not in _IDS or os.path.exists(args[key])):
             args[key] = os.path.abspath(args[key])
     return args
 

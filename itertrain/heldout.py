@@ -3,7 +3,7 @@
 In each iteration's evaluate stage, the model the iteration trained samples `--num_generations_eval`
 completions per held-out prompt through the generation backend the strategies use (HF `generate()` or
 vLLM; batches formed globally and dealt to ranks, gathered on every rank), with the strategies' sampling
-flags (--temperature, --top_p, --top_k, --max_new_tokens), and the reward scores them (--reward_fn,
+flags (--temperature, --top_p, --top_k, --max_completion_length), and the reward scores them (--reward_funcs,
 --reward_model, or exact match with the row's `answer`). The figures are committed with the iteration's
 model (its manifest, runs/metrics.jsonl, the trackers):
 
@@ -25,7 +25,7 @@ from __future__ import annotations
 from math import comb
 from typing import Any
 
-from itertrain import distributed, faults
+from itertrain import chat, distributed, faults
 from itertrain.data import read_jsonl
 from itertrain.errors import UsageError
 from itertrain.generation import Sampling, sample_trained
@@ -71,8 +71,9 @@ def prompt_rows(cfg) -> list[dict[str, Any]]:
     if not rows:
         raise UsageError(f"--eval_prompts_file {path}: no prompt rows")
     for n, row in enumerate(rows):
-        if not isinstance(row.get("prompt"), str):
-            raise UsageError(f"--eval_prompts_file {path}: row {n} has no 'prompt' text, got keys {sorted(row)}")
+        if not isinstance(row.get("prompt"), (str, list)):  # text, or messages (rendered with the chat template)
+            raise UsageError(f"--eval_prompts_file {path}: row {n} has no 'prompt' (text or messages), got keys "
+                             f"{sorted(row)}")
     return rows
 
 
@@ -83,7 +84,9 @@ def preflight(cfg, tokenizer: Any) -> None:
         return
     if gen.num_generations_eval < 1:
         raise UsageError(f"--num_generations_eval {gen.num_generations_eval}: must be at least 1")
-    check_reward(reward_scorer(gen, cfg.model), prompt_rows(cfg), tokenizer, gen.num_generations_eval)
+    rows = prompt_rows(cfg)
+    chat.check_rows(rows, tokenizer, f"--eval_prompts_file {gen.eval_prompts_file}")
+    check_reward(reward_scorer(gen, cfg.model), rows, tokenizer, gen.num_generations_eval)
 
 
 def evaluate(ctx: Any, iteration: int, model: Any) -> dict[str, float]:
@@ -99,7 +102,8 @@ def evaluate(ctx: Any, iteration: int, model: Any) -> dict[str, float]:
                         top_k=gen.top_k, max_new_tokens=gen.max_new_tokens, batch_size=gen.generation_batch_size,
                         seed_parts=(cfg.training.seed, "heldout"), desc=f"heldout iter_{iteration}",
                         progress=not cfg.training.disable_tqdm)
-    completions = sample_trained(model, ctx, [r["prompt"] for r in rows], sampling)
+    prompts = [chat.render_prompt(r["prompt"], ctx.tokenizer) for r in rows]  # messages: as TRL renders them
+    completions = sample_trained(model, ctx, prompts, sampling)
     scorer = reward_scorer(gen, cfg.model)
     if isinstance(scorer, RewardModel):
         rewards = scorer.score(rows, completions)

@@ -14,6 +14,7 @@ import dataclasses
 import gc
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from itertrain import data_lineage, distributed, faults, generation, heldout, hub, launcher, preemption, trackers
@@ -339,7 +340,8 @@ def run_iteration(ctx: StrategyContext, strategy: Strategy, manager: CheckpointM
         + (f" (continuing at step {plan.step})" if plan.step else ""))
     preemption.set_phase(f"the set-up of training (iteration {k})")
     faults.point("stage.train")
-    weights_id = fingerprint(root / plan.weights_from) if plan.weights_from != BASE else "base"
+    # the base model's own identity (a Hub id's: the snapshot it resolved to), not the word "base"
+    weights_id = fingerprint(root / plan.weights_from if plan.weights_from != BASE else Path(cfg.model.model_name))
     lora = distributed.run_on_main(lora_lineage, cfg, plan, root)
     manager.start_iteration(k, {
         "weights_from": plan.weights_from, "weights_id": weights_id, "state_from": plan.state_from,

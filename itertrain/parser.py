@@ -15,9 +15,10 @@ from typing import Any
 
 import yaml
 
-from itertrain.args import ARGUMENT_GROUPS, DistributedArguments, RunConfig
+from itertrain.args import ARGUMENT_GROUPS, TRL_NAMES, DistributedArguments, RunConfig, canonical_name, shared_values
 from itertrain.errors import UsageError
 from itertrain.lora import check_settings
+from itertrain.sources import resolve_model
 from itertrain.strategies import available, load_strategy
 from itertrain.strategies.base import Strategy
 
@@ -62,14 +63,16 @@ def added_fields(subclass: type, taken: set[str]) -> type | None:
     return group
 
 
-def build_training_arguments(subclass: type, training: Any, added: Any) -> Any:
-    """The strategy's TrainingArguments subclass from the parsed TrainingArguments and its own fields."""
+def build_training_arguments(subclass: type, training: Any, added: Any, shared: dict[str, Any] | None = None) -> Any:
+    """The strategy's TrainingArguments subclass from the parsed TrainingArguments and its own fields;
+    `shared`: values of its fields that an itertrain flag of the same name sets (e.g. DPOConfig.max_length)."""
     from transformers import TrainingArguments
 
     if subclass is TrainingArguments:
         return training
     values = {f.name: getattr(training, f.name) for f in fields(TrainingArguments) if f.init}
     values.update({f.name: getattr(added, f.name) for f in fields(added)} if added is not None else {})
+    values.update({k: v for k, v in (shared or {}).items() if k in {f.name for f in fields(subclass) if f.init}})
     try:
         return subclass(**values)
     except (ValueError, TypeError) as e:
@@ -81,6 +84,7 @@ def _groups(strategy: type[Strategy]) -> list[type]:
 
     ours = [*ARGUMENT_GROUPS, *([strategy.arguments_class] if strategy.arguments_class else [])]
     taken = {f.name for t in ours for f in fields(t)}
+    taken |= {TRL_NAMES[n] for n in taken if n in TRL_NAMES}  # a flag under TRL's name is taken by that name too
     added = added_fields(strategy.training_arguments_class or TrainingArguments, taken)
     return [*ours, *([added] if added else []), TrainingArguments]
 
@@ -100,6 +104,8 @@ def _hf_parser(types: list[type], **kwargs: Any):
             if f"--{field.name}" in parser._option_string_actions:
                 return
             HfArgumentParser._parse_dataclass_field(parser, field)
+            if field.name in TRL_NAMES:
+                canonical_name(parser, field.name)
 
         def parse_known_args(self, args=None, namespace=None):
             return super().parse_known_args(args, _SharedFieldsNamespace() if namespace is None else namespace)
@@ -110,7 +116,7 @@ def _hf_parser(types: list[type], **kwargs: Any):
 def make_parser(strategy: type[Strategy]):
     types = _groups(strategy)
     parser = _hf_parser(types, prog="itertrain train",
-                    usage="itertrain train --model_name DIR --output_dir DIR [--resume_from auto|S|none] "
+                    usage="itertrain train --model_name_or_path DIR --output_dir DIR [--resume_from auto|S|none] "
                           "[--resume_from_iteration auto|iter_K|none] [--config FILE.yaml] [flags]",
                     description="Run or resume an iterative training experiment (= train_iterative.py).")
     parser.add_argument("--config", metavar="FILE.yaml", default=SUPPRESS,
@@ -120,9 +126,16 @@ def make_parser(strategy: type[Strategy]):
     parser._optionals.title = f"{HF_GROUP}: {training.__module__}.{training.__qualname__}"
     parser._action_groups.remove(parser._optionals)
     parser._action_groups.append(parser._optionals)
-    for action in parser._actions:  # the registry's names in the help of --strategy
-        if action.dest == "strategy":
+    subclass = strategy.training_arguments_class
+    shared = subclass is not None and "max_length" in {f.name for f in fields(subclass)}
+    for action in parser._actions:
+        # --help lists one name per option; the dashed spelling HF adds (--max-steps) still parses.
+        action.option_strings = action.option_strings[:1]
+        if action.dest == "strategy":  # the registry's names in the help of --strategy
             action.help = f"{action.help} Available: {', '.join(available())}."
+        if action.dest == "max_seq_length" and shared:  # one --max_length, both meanings stated
+            action.help = (f"{action.help} Also {subclass.__name__}.max_length: the "
+                           "sequences its trainer builds are truncated to it too.")
     return parser, types
 
 
@@ -142,6 +155,10 @@ def _read_yaml(path: str) -> dict[str, Any]:
 def _yaml_to_argv(data: dict[str, Any], known: set[str], path: str) -> list[str]:
     """YAML keys as flags; a key that is not exactly a flag's name is refused (no prefix matching)."""
     unknown = sorted(str(k) for k in data if str(k) not in known)
+    both = [(old, new) for old, new in TRL_NAMES.items() if old in data and new in data]
+    if both:
+        raise UsageError(f"--config {path}: {', '.join(f'{o} and {n}' for o, n in both)} name the same setting; "
+                         f"keep {', '.join(n for _, n in both)} (TRL's name)")
     if unknown:
         import difflib
 
@@ -209,6 +226,7 @@ def parse_train_args(argv: list[str] | None = None, strategy: type[Strategy] | N
         parser.print_help()
         raise SystemExit(0)
     known = {f.name for t in types for f in fields(t) if f.init}
+    known |= {TRL_NAMES[n] for n in known if n in TRL_NAMES}
     rest = [a for i, a in enumerate(argv) if a != "--config" and (i == 0 or argv[i - 1] != "--config")
             and not a.startswith("--config=")]
     defaults = [a for k, v in cls.training_defaults.items() for a in (f"--{k}", str(v))]
@@ -226,11 +244,17 @@ def parse_train_args(argv: list[str] | None = None, strategy: type[Strategy] | N
     recovery, model, loop, generation, lora, dist_args, *extra, training = groups
     strategy_args = extra.pop(0) if cls.arguments_class else None
     if cls.training_arguments_class is not None:
-        training = build_training_arguments(cls.training_arguments_class, training, extra[0] if extra else None)
+        shared = shared_values([recovery, model, loop, generation, lora, dist_args], cls.training_arguments_class)
+        training = build_training_arguments(cls.training_arguments_class, training, extra[0] if extra else None,
+                                            shared)
     backend = _last_value(full, "--generation_backend")
     if generation.use_vllm and backend not in (None, "vllm"):  # TRL's alias must not silently win
         raise UsageError(f"--use_vllm true and --generation_backend {backend} conflict: --use_vllm is TRL's name "
                          "for --generation_backend vllm; give one of them")
+    if model.model_name:  # a Hub id: its snapshot directory in the local cache, from here on
+        model.model_name = resolve_model(model.model_name)
+    if model.tokenizer_name:
+        model.tokenizer_name = resolve_model(model.tokenizer_name, "--tokenizer_name", need=None)
     cfg = RunConfig(model, loop, generation, recovery, training, strategy_args, argv, lora, dist_args)
     validate(cfg)
     cls.check_arguments(cfg)
@@ -259,15 +283,9 @@ def validate(cfg: RunConfig) -> None:
     """Checks that need no lock and write nothing."""
     m, loop, t = cfg.model, cfg.loop, cfg.training
     if not m.model_name:
-        raise UsageError("--model_name is required: a local model directory (create one with `itertrain init-model DIR`)")
-    if not _is_local_model(m.model_name):
-        what = "does not exist" if not Path(m.model_name).exists() else "is not a model directory (no config.json)"
-        raise UsageError(
-            f"--model_name {m.model_name} {what}. itertrain never downloads models: pass a local Hugging Face "
-            f"model directory, or create a tiny one with `itertrain init-model {m.model_name}`"
-        )
-    if m.tokenizer_name and not Path(m.tokenizer_name).is_dir():
-        raise UsageError(f"--tokenizer_name {m.tokenizer_name} does not exist (pass a local tokenizer directory)")
+        raise UsageError("--model_name_or_path is required: a local model directory (create one with "
+                         "`itertrain init-model DIR`)")
+    resolve_model(m.model_name)  # a local model directory, or a Hub id in the local cache
     if not t.output_dir or t.output_dir == "trainer_output" and "--output_dir" not in cfg.argv:
         raise UsageError("--output_dir is required: the experiment directory (created if missing)")
     if os.path.exists(t.output_dir) and not os.path.isdir(t.output_dir):
@@ -283,15 +301,17 @@ def validate(cfg: RunConfig) -> None:
         )
     if t.save_only_model:
         raise UsageError("--save_only_model writes checkpoints without optimizer state, which cannot be resumed")
+    if loop.train_file and loop.dataset_name:
+        raise UsageError("--train_file and --dataset_name both name the training rows: pass one of them")
     for group, name in ((loop, "train_file"), (loop, "eval_file"), (cfg.generation, "prompts_file")):
         value = getattr(group, name)
         if value and "{iteration}" not in value and not Path(value).is_file():
             raise UsageError(f"--{name} {value}: no such file")
     gen = cfg.generation
     if gen.reward_fn and ":" not in gen.reward_fn:
-        raise UsageError(f"--reward_fn {gen.reward_fn!r}: expected module:function")
+        raise UsageError(f"--reward_funcs {gen.reward_fn!r}: expected module:function")
     if gen.reward_fn and gen.reward_model:
-        raise UsageError("--reward_fn and --reward_model both score samples: pass one of them")
+        raise UsageError("--reward_funcs and --reward_model both score samples: pass one of them")
     if gen.reward_model and not _is_local_model(gen.reward_model):
         raise UsageError(f"--reward_model {gen.reward_model}: not a local model directory (no config.json)")
     if loop.async_save:  # before the LoRA checks: this refusal needs no PEFT installed
@@ -340,12 +360,12 @@ def check_sharding(argv: list[str]) -> None:
     cpu = not torch.cuda.is_available() or str(_last_value(argv, "--use_cpu")).lower() in ("true", "1", "yes")
     if not cpu:
         return
-    for flag, what in (("--fsdp", "FSDP"), ("--deepspeed", "DeepSpeed")):
-        value = _last_value(argv, flag)
+    for name, what in (("--fsdp", "FSDP"), ("--deepspeed", "DeepSpeed")):
+        value = _last_value(argv, name)
         if value is not None and value.strip().lower() not in ("", "false", "none", "no", "0", "[]"):
             raise UsageError(
-                f"{flag} {value}: {what} needs GPUs. On CPU (--use_cpu, implied without a GPU) Hugging Face would "
-                f"silently train with plain DDP instead; drop {flag} for a CPU run, or run it on GPUs"
+                f"{name} {value}: {what} needs GPUs. On CPU (--use_cpu, implied without a GPU) Hugging Face would "
+                f"silently train with plain DDP instead; drop {name} for a CPU run, or run it on GPUs"
             )
 
 

@@ -1,4 +1,4 @@
-"""Rewards for the strategies that score their samples: `--reward_fn module:function` or `--reward_model DIR`.
+"""Rewards for the strategies that score their samples: `--reward_funcs module:function` or `--reward_model DIR`.
 
 A reward function takes one of two forms, told apart by `fn.batched = True|False` when set, else by
 the signature (a parameter named `prompts` or `completions` means batched):
@@ -29,7 +29,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from itertrain import distributed
+from itertrain import chat, distributed
 from itertrain.errors import RewardFunctionError, UsageError
 
 Rewards = list[list[float | None]]  # rewards[i][s]: completion s of prompt row i
@@ -93,8 +93,10 @@ class RewardFunction:
         texts = [c for _, _, c in flat]
         columns = {k: [row.get(k) for _, row, _ in flat] for k in sorted({k for _, r, _ in flat for k in r} - {"prompt"})}
         ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in texts] if tokenizer is not None else None
+        # TRL's form: a conversational prompt's completions are assistant message lists
+        shaped = [chat.as_completion(row["prompt"], c) for _, row, c in flat]
         try:
-            values = list(self.fn(prompts=[row["prompt"] for _, row, _ in flat], completions=texts, completion_ids=ids,
+            values = list(self.fn(prompts=[row["prompt"] for _, row, _ in flat], completions=shaped, completion_ids=ids,
                                   **columns, trainer_state=None, log_extra=_ignore, log_metric=_ignore))
         except Exception as e:  # noqa: BLE001 - user code: report it readably, whatever it raised
             raise RewardFunctionError(f"reward function {self.spec} raised {type(e).__name__}: {e}") from e
@@ -133,7 +135,7 @@ def load_reward_fn(spec: str | None) -> RewardFunction:
         return RewardFunction(exact_match, "exact_match", batched=False)
     module, _, name = spec.partition(":")
     if not module or not name:
-        raise UsageError(f"--reward_fn {spec!r}: expected module:function")
+        raise UsageError(f"--reward_funcs {spec!r}: expected module:function")
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())  # as `python -m` does
     try:
@@ -141,9 +143,9 @@ def load_reward_fn(spec: str | None) -> RewardFunction:
         for part in name.split("."):
             fn = getattr(fn, part)
     except Exception as e:  # noqa: BLE001 - any failure of user code is reported in one line
-        raise UsageError(f"--reward_fn {spec}: cannot import it ({type(e).__name__}: {e})") from e
+        raise UsageError(f"--reward_funcs {spec}: cannot import it ({type(e).__name__}: {e})") from e
     if not callable(fn):
-        raise UsageError(f"--reward_fn {spec} is not callable")
+        raise UsageError(f"--reward_funcs {spec} is not callable")
     return RewardFunction(fn, spec, _is_batched(fn))
 
 
@@ -193,7 +195,7 @@ class RewardModel:
         from itertrain.generation import deal
 
         model, tok = self.load()
-        texts = [row["prompt"] + c for _, row, c in _flatten(rows, completions)]
+        texts = [_scored_text(row["prompt"], c, tok) for _, row, c in _flatten(rows, completions)]
         order = sorted(range(len(texts)), key=lambda n: (len(texts[n]), n))
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         scores: dict[int, float] = {}
@@ -207,8 +209,17 @@ class RewardModel:
         bad = next((n for n in range(len(texts)) if not math.isfinite(scores[n])), None)
         if bad is not None:  # an overflow in the model's dtype: not a reward that JSON or a margin can hold
             raise RewardFunctionError(f"reward model {self.path} scored sample {bad} {scores[bad]!r}; rewards must "
-                                      "be finite (try --model_dtype float32)")
+                                      "be finite (try --dtype float32)")
         return _unflatten([scores[n] for n in range(len(texts))], completions)
+
+
+def _scored_text(prompt: Any, completion: str, tokenizer: Any) -> str:
+    """What a reward model reads: prompt + completion, a conversation rendered with the reward model's own
+    chat template (as TRL does)."""
+    if isinstance(prompt, str):
+        return prompt + completion
+    out = chat.render({"prompt": prompt, "completion": chat.as_completion(prompt, completion)}, tokenizer)
+    return out["prompt"] + out["completion"]
 
 
 def why_no_pairs(samples: list[dict[str, Any]], min_margin: float) -> tuple[str, str]:
@@ -217,7 +228,7 @@ def why_no_pairs(samples: list[dict[str, Any]], min_margin: float) -> tuple[str,
         return (f"none of the {len(samples)} samples was scored: the reward function returned None for every one",
                 "Make the reward function return a number for the completions it can judge")
     return (f"every prompt's scored samples were within --min_reward_margin {min_margin} of each other",
-            "Raise --samples_per_prompt or --temperature, or lower --min_reward_margin")
+            "Raise --num_generations or --temperature, or lower --min_reward_margin")
 
 
 def reward_scorer(gen: Any, model_args: Any) -> RewardFunction | RewardModel:
@@ -250,14 +261,14 @@ def check_reward_function(fn: RewardFunction | Callable[..., Any], prompts: list
     try:
         values = fn.values(rows, completions, tokenizer)
     except RewardFunctionError as e:
-        raise UsageError(f"--reward_fn {fn.spec} failed the launch check ({shape}): {e}") from e
+        raise UsageError(f"--reward_funcs {fn.spec} failed the launch check ({shape}): {e}") from e
     bad = [v for v in values if not _valid(v)]
     if bad:
-        raise UsageError(f"--reward_fn {fn.spec} returned {bad[0]!r} ({type(bad[0]).__name__}) for {len(bad)} of {n} "
+        raise UsageError(f"--reward_funcs {fn.spec} returned {bad[0]!r} ({type(bad[0]).__name__}) for {len(bad)} of {n} "
                          f"completions at launch ({shape}); it must return a finite number (or None: not scored) "
                          "for each")
     if n and all(v is None for v in values):
-        raise UsageError(f"--reward_fn {fn.spec} returned None (not scored) for all {n} completions at launch "
+        raise UsageError(f"--reward_funcs {fn.spec} returned None (not scored) for all {n} completions at launch "
                          f"({shape}, the reference answer among them); nothing could ever be kept or paired")
 
 

@@ -123,7 +123,7 @@ def status(argv: list[str]) -> int:
     for rel, problem in unusable.items():
         print(f"  ❌ {rel}: {problem}")
     if plan is not None:
-        print(render(plan, str(root), args.get("model_name", "--model_name")))
+        print(render(plan, str(root), args.get("model_name", "--model_name_or_path")))
         if data is not None:
             print(data_lineage.status_line(data))
     else:

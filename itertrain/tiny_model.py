@@ -24,6 +24,17 @@ class TinyModelSpec:
     seed: int = 0
 
 
+# A plain chat template (the tokenizer has no other use for role markers): each turn on its own line, an
+# assistant turn ended by EOS, so that a model trained on conversations learns to stop where generation does.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}{{ 'assistant: ' + message['content'] + eos_token }}"
+    "{% else %}{{ message['role'] + ': ' + message['content'] + '\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+)
+
+
 def build_tokenizer():
     """A character-level fast tokenizer: one token per character, BOS/EOS/PAD/UNK specials."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -33,7 +44,7 @@ def build_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
     tok.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",
         eos_token="</s>",
@@ -41,6 +52,8 @@ def build_tokenizer():
         unk_token="<unk>",
         padding_side="left",  # decoder-only generation pads on the left
     )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
 
 
 def init_model(directory: str | Path, spec: TinyModelSpec = TinyModelSpec()) -> Path:

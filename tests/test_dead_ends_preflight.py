@@ -81,7 +81,7 @@ def test_unimportable_reward_function_is_refused_before_iteration_0_trains(tmp_p
     r = itertrain("train", "--model_name", str(tiny_model), "--output_dir", str(out), "--strategy", "expert_iteration",
                   "--train_file", str(train_file), "--prompts_file", str(prompts), "--num_iterations", "2",
                   "--reward_fn", "no_such_rewards_module:score", *FAST_FLAGS)
-    assert_refused(r, "--reward_fn no_such_rewards_module:score", "cannot import it")
+    assert_refused(r, "--reward_funcs no_such_rewards_module:score", "cannot import it")
     assert not out.exists()
     assert "stage: train" not in r.stdout
 

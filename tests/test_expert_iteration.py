@@ -148,7 +148,7 @@ def test_launch_check_catches_a_bad_reward_function_before_iteration_0_trains(tm
     out = tmp_path / "exp"
     r = itertrain("train", *ei_args(out, "--reward_fn", "my_rewards:score"), env={"PYTHONPATH": str(tmp_path)})
     assert r.returncode == 2, r.output
-    assert f"--reward_fn my_rewards:score {expected}" in r.stderr, r.stderr
+    assert f"--reward_funcs my_rewards:score {expected}" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
     assert not out.exists()  # nothing trained, nothing written
 

@@ -107,7 +107,7 @@ def test_eval_prompts_without_a_prompt_field_are_refused_before_anything_is_writ
     out = tmp_path / "exp"
     r = itertrain("train", *sft_args(out, "--eval_prompts_file", str(bad)))
     assert r.returncode == 2, r.output
-    assert f"--eval_prompts_file {bad}: row 0 has no 'prompt' text, got keys ['answer', 'question']" in r.stderr
+    assert f"--eval_prompts_file {bad}: row 0 has no 'prompt' (text or messages), got keys ['answer', 'question']" in r.stderr
     assert not out.exists()
 
 

@@ -69,6 +69,7 @@ def test_dpo_fields_pass_through_under_trl_names_with_itertrain_defaults(model_d
     t = cfg.training
     assert isinstance(t, DPOConfig)
     assert (t.beta, t.loss_type, t.loss_weights, t.max_length) == (0.3, ["sigmoid", "sft"], [1.0, 0.5], 48)
+    assert cfg.loop.max_seq_length == 48  # one --max_length: the SFT iteration's examples are truncated to it too
     assert (cfg.strategy_args.ref_model, cfg.strategy_args.min_reward_margin) == ("base", 0.5)
     # TRL's learning rate and logging defaults; bf16 and activation checkpointing stay off unless asked for
     assert (t.learning_rate, t.logging_steps, t.bf16, t.activation_checkpointing) == (1e-6, 10, False, False)

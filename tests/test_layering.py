@@ -16,7 +16,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "itertrain"
 # Lowest first. A unit is a top-level module or a subpackage of itertrain/.
 FLOORS: list[tuple[str, set[str]]] = [
     ("ground: no itertrain imports", {"errors", "console", "faults", "launcher", "tasks"}),
-    ("names and configuration", {"layout", "args", "data", "fsutil", "tiny_model", "failures"}),
+    ("conversational rows", {"chat"}),
+    ("names and configuration", {"layout", "args", "data", "fsutil", "tiny_model", "failures", "sources"}),
     ("processes, weights on disk, the record", {"distributed", "weights", "experiment", "lock", "plot"}),
     ("writing artifacts, generation, signals", {"artifacts", "generation", "preemption", "shared_dir"}),
     ("adapters, metrics, rewards, the trainer mixin", {"lora", "metrics", "rewards", "trainer", "data_lineage"}),

@@ -143,3 +143,42 @@ def test_output_dir_that_is_a_file_is_a_usage_error(model_dir, tmp_path):
     args[args.index("--output_dir") + 1] = str(f)
     with pytest.raises(UsageError, match="is a file, not a directory"):
         parse_train_args(args)
+
+
+def test_trl_flag_names_are_canonical_in_help_and_the_old_names_still_parse(model_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        parse_train_args(["--strategy", "expert_iteration", "--help"])
+    out = capsys.readouterr().out
+    for canonical, old in (("model_name_or_path", "model_name"), ("num_generations", "samples_per_prompt"),
+                           ("max_completion_length", "max_new_tokens"), ("reward_funcs", "reward_fn"),
+                           ("dtype", "model_dtype"), ("max_length", "max_seq_length")):
+        assert f"\n  --{canonical} " in out, canonical
+        assert f"\n  --{old} " not in out and f"Alias: --{old}." in " ".join(out.split()), old
+    assert "--max-steps" not in out  # one name per option: HF's dashed spelling parses but is not listed
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"text": "a"}\n')
+    common = ["--output_dir", str(tmp_path / "out"), "--train_file", str(data), "--strategy", "expert_iteration",
+              "--prompts_file", str(data)]
+    old = parse_train_args(["--model_name", str(model_dir), "--samples_per_prompt", "3", "--max_new_tokens", "5",
+                            "--model_dtype", "bfloat16", "--max_seq_length", "64", *common])
+    new = parse_train_args(["--model_name_or_path", str(model_dir), "--num_generations", "3",
+                            "--max_completion_length", "5", "--dtype", "bfloat16", "--max_length", "64", *common])
+    for run in (old, new):
+        assert (run.model.model_name, run.generation.samples_per_prompt, run.generation.max_new_tokens,
+                run.model.model_dtype, run.loop.max_seq_length) == (str(model_dir), 3, 5, "bfloat16", 64)
+
+
+def test_yaml_accepts_old_and_trl_keys_but_refuses_both_for_one_setting(model_dir, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model_name_or_path: {model_dir}\nmax_seq_length: 32\n")
+    run = parse_train_args(["--config", str(cfg), *base(model_dir, tmp_path)[2:]])
+    assert (run.model.model_name, run.loop.max_seq_length) == (str(model_dir), 32)
+    cfg.write_text(f"model_name_or_path: {model_dir}\nmodel_name: {model_dir}\n")
+    with pytest.raises(UsageError, match="model_name and model_name_or_path name the same setting"):
+        parse_train_args(["--config", str(cfg), *base(model_dir, tmp_path)[2:]])
+
+
+def test_a_missing_model_names_the_trl_flag(tmp_path):
+    with pytest.raises(UsageError, match=r"^--model_name_or_path .* does not exist"):
+        parse_train_args(["--model_name", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "out"),
+                          "--train_file", str(tmp_path)])

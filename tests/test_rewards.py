@@ -64,7 +64,7 @@ def test_none_means_not_scored_and_a_wrong_count_is_an_error():
 def test_a_failing_reward_function_is_a_usage_error_at_launch_naming_it(tmp_path, monkeypatch):
     (tmp_path / "bad_reward.py").write_text("def score(prompts, completions, **kw):\n    raise KeyError('answer')\n")
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(UsageError, match=r"--reward_fn bad_reward:score failed the launch check \(2 prompts x 4 "
+    with pytest.raises(UsageError, match=r"--reward_funcs bad_reward:score failed the launch check \(2 prompts x 4 "
                                          r"samples\).*raised KeyError"):
         check_reward(load_reward_fn("bad_reward:score"), ROWS)
 
@@ -79,7 +79,7 @@ def test_a_failing_reward_function_is_a_usage_error_at_launch_naming_it(tmp_path
 ])
 def test_launch_check_names_what_a_batched_reward_returned_for_how_many_completions(returns, expected):
     fn = eval(f"lambda prompts, completions, **kwargs: {returns}")
-    with pytest.raises(UsageError, match=r"^--reward_fn r:fn .*" + expected):
+    with pytest.raises(UsageError, match=r"^--reward_funcs r:fn .*" + expected):
         check_reward(RewardFunction(fn, "r:fn", batched=True), ROWS, samples_per_prompt=3)
 
 

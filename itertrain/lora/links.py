@@ -110,13 +110,13 @@ def check_links(root: Path, plan: Any, base_model: str) -> dict[str, str]:
                 raise RecoveryRefused(
                     f"{rel} is a LoRA adapter of the base model {record.get('path')} (weights fingerprint "
                     f"{record.get('id')}), which is missing (no weights at {now['path']}). Put the original base "
-                    "model back (at --model_name), or start a new experiment in another --output_dir."
+                    "model back (at --model_name_or_path), or start a new experiment in another --output_dir."
                 )
             if now["base"]:
                 raise RecoveryRefused(
                     f"{rel} is a LoRA adapter of the base model {record.get('path')} (weights fingerprint "
                     f"{record.get('id')}), but the base model {now['path']} now has weights fingerprint {now['id']}: "
-                    "the adapter would apply to a different model. Put the original base model back (at --model_name), "
+                    "the adapter would apply to a different model. Put the original base model back (at --model_name_or_path), "
                     "or start a new experiment in another --output_dir."
                 )
             failures[rel] = (f"its LoRA adapter applies to {now['path']}, whose weights changed since it was trained "

@@ -85,13 +85,17 @@ class Strategy:
         """Everything about `iteration` that can be checked before anything is written (data files,
         reward functions); raise UsageError. Default: the training (and eval) rows of an iteration
         that does not generate its own data are read and checked."""
+        from itertrain import chat
         from itertrain.data import check_rows
 
         if not self.generates(iteration):
-            check_rows(_user_rows(self.train_rows, iteration), self.rows_source(iteration))
+            rows, source = _user_rows(self.train_rows, iteration), self.rows_source(iteration)
+            check_rows(rows, source)
+            chat.check_rows(rows, self.ctx.tokenizer, source)
         rows = _user_rows(self.eval_rows, iteration)
         if rows is not None:
             check_rows(rows, f"{type(self).__qualname__}.eval_rows({iteration})")
+            chat.check_rows(rows, self.ctx.tokenizer, f"{type(self).__qualname__}.eval_rows({iteration})")
 
     # ---- data ------------------------------------------------------------------------------------------
     def generates(self, iteration: int) -> bool:

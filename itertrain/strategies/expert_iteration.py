@@ -1,8 +1,8 @@
 """`--strategy expert_iteration`: rejection-sampling fine-tuning (STaR / ReST-EM style).
 
 Iteration 0 is supervised fine-tuning on labeled data. Every later iteration K:
-generate (sample --samples_per_prompt completions per prompt from the previous iteration's model, as
-the recovery plan names it) -> score (exact match with the reference answer, or --reward_fn) ->
+generate (sample --num_generations completions per prompt from the previous iteration's model, as
+the recovery plan names it) -> score (exact match with the reference answer, or --reward_funcs) ->
 filter (keep reward >= threshold, dedupe) -> commit data/iter_K/ -> train on it
 (--data_policy fresh|cumulative).
 
@@ -12,11 +12,12 @@ relaunch reuses it only when both match, so the data can never silently come fro
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
 
-from itertrain import distributed
+from itertrain import chat, distributed
 from itertrain.artifacts.manifest import ManifestError, fingerprint, read_manifest
 from itertrain.data import read_jsonl, resolve_path, write_jsonl
 from itertrain.errors import TrainingFailed, UsageError
@@ -43,13 +44,13 @@ class SampledDataStrategy(SFTStrategy):
     @classmethod
     def check_arguments(cls, cfg) -> None:
         loop, gen = cfg.loop, cfg.generation
-        if not loop.task and not (gen.prompts_file and loop.train_file):
+        if not loop.task and not (gen.prompts_file and (loop.train_file or loop.dataset_name)):
             raise UsageError(
-                f"--strategy {cls.name} needs --task arithmetic, or --train_file (labeled data for iteration 0) "
-                "and --prompts_file (prompt/answer JSONL to sample from)"
+                f"--strategy {cls.name} needs --task arithmetic, or --train_file or --dataset_name (labeled data for "
+                "iteration 0) and --prompts_file (prompt/answer JSONL to sample from)"
             )
         if gen.samples_per_prompt < 1 or gen.generation_batch_size < 1 or gen.max_new_tokens < 1:
-            raise UsageError("--samples_per_prompt, --generation_batch_size and --max_new_tokens must be at least 1")
+            raise UsageError("--num_generations, --generation_batch_size and --max_completion_length must be at least 1")
         if gen.min_accepted < 0:
             raise UsageError(f"--min_accepted {gen.min_accepted}: must be 0 (off) or a positive number of samples")
 
@@ -63,8 +64,9 @@ class SampledDataStrategy(SFTStrategy):
             super().preflight(iteration)
         later = [k for k in range(iteration, self.ctx.cfg.loop.num_iterations) if self.generates(k)]
         if later:
-            check_reward(self.scorer(), self.prompt_rows(later[0]), self.ctx.tokenizer,
-                         self.ctx.cfg.generation.samples_per_prompt)
+            rows = self.prompt_rows(later[0])
+            chat.check_rows(rows, self.ctx.tokenizer, self.ctx.cfg.generation.prompts_file or "the prompts")
+            check_reward(self.scorer(), rows, self.ctx.tokenizer, self.ctx.cfg.generation.samples_per_prompt)
 
     def rows_source(self, iteration: int) -> str:
         return super().rows_source(iteration) if iteration == 0 else str(self.data_dir(iteration) / ACCEPTED)
@@ -125,7 +127,8 @@ class SampledDataStrategy(SFTStrategy):
                             seed_parts=(cfg.training.seed, iteration, *purpose), desc=f"generate iter_{iteration}",
                             progress=not cfg.training.disable_tqdm)
         model_dir = Path(cfg.model.model_name) if source.path == BASE else self.ctx.root / source.path
-        return generate(cfg, self.ctx.tokenizer, [r["prompt"] for r in rows], sampling, hf_model=source.load,
+        prompts = [chat.render_prompt(r["prompt"], self.ctx.tokenizer) for r in rows]  # messages: as TRL renders them
+        return generate(cfg, self.ctx.tokenizer, prompts, sampling, hf_model=source.load,
                         engine_model=lambda: engine_model_for(model_dir, cfg))
 
     def generate(self, iteration: int, source: ModelSource) -> dict[str, Any] | None:
@@ -198,8 +201,8 @@ class SampledDataStrategy(SFTStrategy):
                 for s, (c, r) in enumerate(zip(outs, rs))]
 
     def labeled_rows(self) -> list[dict[str, Any]]:
-        loop = self.ctx.cfg.loop
-        return read_jsonl(resolve_path(loop.train_file, 0)) if loop.train_file else self.task().labeled_rows()
+        """The labeled rows of iteration 0 (--train_file, --dataset_name or the task's)."""
+        return SFTStrategy.train_rows(self, 0)
 
     def eval_rows(self, iteration: int) -> list[dict[str, Any]] | None:
         loop = self.ctx.cfg.loop
@@ -220,9 +223,10 @@ class ExpertIterationStrategy(SampledDataStrategy):
         for s in samples:
             if s["reward"] is not None and s["reward"] >= threshold:  # None: not scored, never kept
                 solved.add(s["example"])
-                if (s["prompt"], s["completion"]) not in seen:
-                    seen.add((s["prompt"], s["completion"]))
-                    accepted.append({"prompt": s["prompt"], "completion": s["completion"]})
+                key = json.dumps([s["prompt"], s["completion"]], sort_keys=True)  # a prompt may be a message list
+                if key not in seen:
+                    seen.add(key)
+                    accepted.append({"prompt": s["prompt"], "completion": chat.as_completion(s["prompt"], s["completion"])})
         n, solved = len(samples), len(solved)
         passed = sum(s["reward"] is not None and s["reward"] >= threshold for s in samples)
         # acceptance_rate counts every passing sample; `accepted` is what is kept after deduplication.
@@ -251,7 +255,7 @@ class ExpertIterationStrategy(SampledDataStrategy):
         if accepted == 0:
             raise TrainingFailed(
                 f"iteration {iteration}: the verifier accepted none of the sampled completions, so there is "
-                "nothing to train on. Raise --samples_per_prompt or --temperature, or lower --reward_threshold; "
+                "nothing to train on. Raise --num_generations or --temperature, or lower --reward_threshold; "
                 f"the samples are in {self.data_dir(iteration) / SAMPLES}"
             )
         least = self.ctx.cfg.generation.min_accepted
@@ -260,6 +264,6 @@ class ExpertIterationStrategy(SampledDataStrategy):
                 f"iteration {iteration}: the verifier kept {accepted} distinct samples, fewer than --min_accepted "
                 f"{least}, so the run stops before training on them. {data_name(iteration)} stays committed: relaunch "
                 f"with --min_accepted {accepted} (or lower) and --resume_from auto --resume_from_iteration auto to "
-                "train on it, or raise --samples_per_prompt or --temperature, or lower --reward_threshold, to sample "
+                "train on it, or raise --num_generations or --temperature, or lower --reward_threshold, to sample "
                 f"again; the samples are in {self.data_dir(iteration) / SAMPLES}")
         return rows

@@ -1,8 +1,8 @@
 """`--strategy iterative_dpo`: online / iterative DPO (RLHFlow, Self-Rewarding style) on TRL's DPOTrainer.
 
 Iteration 0 is supervised fine-tuning on labeled data, as in expert iteration. Every later iteration K:
-generate (sample --samples_per_prompt completions per prompt from the previous iteration's model, with
-expert iteration's per-sample seeds) -> score (exact match, --reward_fn or --reward_model) -> pair (per
+generate (sample --num_generations completions per prompt from the previous iteration's model, with
+expert iteration's per-sample seeds) -> score (exact match, --reward_funcs or --reward_model) -> pair (per
 prompt: chosen = the highest reward, rejected = the lowest; no pair when the margin is below
 --min_reward_margin or zero) -> commit data/iter_K (samples.jsonl, pairs.jsonl, stats.json, and the
 lineage of the model that produced them) -> train with TRL's DPOTrainer behind itertrain's recovery
@@ -42,6 +42,7 @@ if Version(trl.__version__) < Version(MIN_TRL):
                      "pip install -U 'itertrain[dpo]'")
 
 from itertrain.artifacts.manifest import ManifestError, fingerprint, read_manifest, verify_checksums  # noqa: E402
+from itertrain.chat import as_completion, explicit_prompt, render  # noqa: E402
 from itertrain.data import read_jsonl, resolve_path  # noqa: E402
 from itertrain.errors import RecoveryRefused, TrainingFailed  # noqa: E402
 from itertrain.layout import data_name  # noqa: E402
@@ -98,7 +99,8 @@ def make_pairs(rows: list[dict[str, Any]], completions: list[list[str]], rewards
         margin = best[0] - worst[0]
         if margin <= 0 or margin < min_margin or outs[best[1]] == outs[worst[1]]:
             continue
-        pairs.append({"example": i, "prompt": row["prompt"], "chosen": outs[best[1]], "rejected": outs[worst[1]],
+        chosen, rejected = (as_completion(row["prompt"], outs[s]) for s in (best[1], worst[1]))
+        pairs.append({"example": i, "prompt": row["prompt"], "chosen": chosen, "rejected": rejected,
                       "chosen_reward": best[0], "rejected_reward": worst[0], "margin": margin})
     return pairs
 
@@ -210,23 +212,26 @@ class IterativeDPOStrategy(SampledDataStrategy):
                 f"iteration {iteration}: the samples gave {len(pairs)} preference pairs, fewer than --min_pairs "
                 f"{self.dpo.min_pairs}, so the run stops before training on them. {data_name(iteration)} stays "
                 f"committed: relaunch with --min_pairs {len(pairs)} (or lower) and --resume_from auto "
-                "--resume_from_iteration auto to train on it, or raise --samples_per_prompt or --temperature, or "
+                "--resume_from_iteration auto to train on it, or raise --num_generations or --temperature, or "
                 f"lower --min_reward_margin, to sample again; the pairs are in {self.data_dir(iteration) / PAIRS}")
         return pairs
 
     def preference_dataset(self, pairs: list[dict[str, Any]]) -> Any:
         """TRL's standard explicit-prompt format. itertrain's sequences start with BOS (as in SFT and
         generation); TRL tokenizes with the tokenizer's defaults, so BOS goes into the prompt text when
-        the tokenizer does not add it itself."""
+        the tokenizer does not add it itself (nor the chat template). Conversational pairs are rendered here with
+        TRL's own `apply_chat_template`, so that the prompt is the text generation sampled from."""
         from datasets import Dataset
 
         tokenizer = self.ctx.tokenizer
         bos = tokenizer.bos_token if tokenizer.bos_token and not adds_bos(tokenizer) else ""
-        return Dataset.from_list([{"prompt": bos + p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]}
-                                  for p in pairs])
+        rows = [render({k: p[k] for k in ("prompt", "chosen", "rejected")}, tokenizer) for p in map(explicit_prompt, pairs)]
+        return Dataset.from_list([{"prompt": ("" if r["prompt"].startswith(bos) else bos) + r["prompt"],
+                                   "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows])
 
     def eval_rows(self, iteration: int) -> list[dict[str, Any]] | None:
         rows = super().eval_rows(iteration)
+        rows = [explicit_prompt(r) for r in rows] if rows else rows
         if rows and all(_is_pair(r) for r in rows):  # a preference --eval_file: the SFT loss is on its chosen answers
             return [{"prompt": r["prompt"], "completion": r["chosen"]} for r in rows]
         return rows
@@ -249,7 +254,7 @@ class IterativeDPOStrategy(SampledDataStrategy):
             dataset = super().eval_dataset(0)
             return Evaluation(dataset, "eval") if dataset is not None else None
         loop = self.ctx.cfg.loop
-        rows = read_jsonl(resolve_path(loop.eval_file, iteration)) if loop.eval_file else []
+        rows = [explicit_prompt(r) for r in read_jsonl(resolve_path(loop.eval_file, iteration))] if loop.eval_file else []
         if rows and all(_is_pair(r) for r in rows):
             return Evaluation(self.preference_dataset(rows), "eval")
         return Evaluation(self.preference_dataset(self.train_rows(iteration)[:EVAL_PAIRS]), "eval_train")

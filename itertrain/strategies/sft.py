@@ -1,11 +1,12 @@
-"""`--strategy sft`: iteration K trains on --train_file (which may contain {iteration}), or on a
-built-in task's labeled data."""
+"""`--strategy sft`: iteration K trains on --train_file (which may contain {iteration}), on --dataset_name,
+or on a built-in task's labeled data."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from itertrain.data import read_jsonl, resolve_path
+from itertrain.sources import dataset_rows, describe
 from itertrain.errors import UsageError
 from itertrain.strategies.base import Evaluation, Strategy
 
@@ -15,9 +16,10 @@ class SFTStrategy(Strategy):
 
     @classmethod
     def check_arguments(cls, cfg) -> None:
-        if not cfg.loop.train_file and not cfg.loop.task:
-            raise UsageError(f"--strategy {cls.name} needs --train_file (JSONL with prompt/completion or text) "
-                             "or --task arithmetic")
+        if not cfg.loop.train_file and not cfg.loop.dataset_name and not cfg.loop.task:
+            raise UsageError(f"--strategy {cls.name} needs --train_file (JSONL with prompt/completion, text or "
+                             "messages), --dataset_name (a dataset directory, data file or cached Hub id), or --task "
+                             "arithmetic")
 
     def task(self):
         from itertrain.tasks import get_task
@@ -28,10 +30,14 @@ class SFTStrategy(Strategy):
         loop = self.ctx.cfg.loop
         if loop.train_file:
             return read_jsonl(resolve_path(loop.train_file, iteration))
+        if loop.dataset_name:
+            return dataset_rows(loop.dataset_name, loop.dataset_config, loop.dataset_split)
         return self.task().labeled_rows()
 
     def rows_source(self, iteration: int) -> str:
         loop = self.ctx.cfg.loop
+        if loop.dataset_name:
+            return describe(loop.dataset_name, loop.dataset_config, loop.dataset_split)
         return resolve_path(loop.train_file, iteration) if loop.train_file else f"task {loop.task}"
 
     def eval_rows(self, iteration: int) -> list[dict[str, Any]] | None:

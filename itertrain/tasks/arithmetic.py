@@ -125,7 +125,7 @@ class ArithmeticTask:
 
 
 def digit_credit(prompts: list[str], completions: list[str], answer: list[str], **kwargs) -> list[float]:
-    """A shaped reward in TRL's batched form (`--reward_fn itertrain.tasks.arithmetic:digit_credit`): the
+    """A shaped reward in TRL's batched form (`--reward_funcs itertrain.tasks.arithmetic:digit_credit`): the
     share of answer digits right in their place, less the length error relative to the answer. Unlike
     exact match it ranks the wrong answers of a model that gets none right, so that such a model's
     samples still form preference pairs."""
