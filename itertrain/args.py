@@ -154,11 +154,14 @@ class GenerationArguments:
     prompts_file: str | None = field(
         default=None, metadata={"help": "JSONL prompt/answer to sample from (may contain {iteration})."}
     )
-    samples_per_prompt: int = field(default=4, metadata={"help": "Completions sampled per prompt."})
+    samples_per_prompt: int = field(default=4, metadata={"help": "Completions sampled per prompt (TRL's name: "
+                                                                 "--num_generations).", "aliases": ["--num_generations"]})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling."})
     top_k: int = field(default=0, metadata={"help": "Sample among the k most likely tokens only (0: all)."})
-    max_new_tokens: int = field(default=16, metadata={"help": "Tokens generated per sample."})
+    max_new_tokens: int = field(default=16, metadata={"help": "Tokens generated per sample (TRL's name: "
+                                                            "--max_completion_length).",
+                                                            "aliases": ["--max_completion_length"]})
     generation_batch_size: int = field(default=64, metadata={"help": (
         "Samples (prompt, sample pairs) per generate() call, or per vLLM call; batches are formed over the whole "
         "work, so they do not depend on the number of ranks.")})

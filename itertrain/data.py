@@ -44,13 +44,18 @@ def resolve_path(template: str, iteration: int) -> str:
     return template.replace("{iteration}", str(iteration))
 
 
-def check_rows(rows: list[dict[str, Any]], source: str) -> None:
-    """Training rows must exist and each have prompt+completion or text (checked before anything is written)."""
+ROW_SHAPES: tuple[tuple[str, ...], ...] = (("prompt", "completion"), ("text",))  # what SFT trains on
+
+
+def check_rows(rows: list[dict[str, Any]], source: str, shapes: tuple[tuple[str, ...], ...] = ROW_SHAPES) -> None:
+    """Training rows must exist and each have the keys of one of `shapes` (default: prompt+completion or
+    text), checked before anything is written."""
     if not rows:
         raise UsageError(f"{source}: no training examples")
     for n, row in enumerate(rows):
-        if not ("prompt" in row and "completion" in row) and "text" not in row:
-            raise UsageError(f"{source}: row {n} needs prompt+completion or text, got keys {sorted(row)}")
+        if not any(all(k in row for k in shape) for shape in shapes):
+            wanted = " or ".join("+".join(shape) for shape in shapes)
+            raise UsageError(f"{source}: row {n} needs {wanted}, got keys {sorted(row)}")
 
 
 def prompt_ids(tokenizer, text: str) -> list[int]:

@@ -62,25 +62,55 @@ def added_fields(subclass: type, taken: set[str]) -> type | None:
     return group
 
 
-def build_training_arguments(subclass: type, training: Any, added: Any) -> Any:
-    """The strategy's TrainingArguments subclass from the parsed TrainingArguments and its own fields."""
+# Off unless asked for, whatever a TrainingArguments subclass defaults to (TRL's configs turn both on):
+# itertrain's runs are fp32 and byte-reproducible on a CPU by default.
+KEPT_OFF = ("bf16", "gradient_checkpointing")
+
+
+def build_training_arguments(subclass: type, training: Any, added: Any, given: set[str] = frozenset(),
+                             shared: dict[str, Any] | None = None) -> Any:
+    """The strategy's TrainingArguments subclass from the parsed TrainingArguments and its own fields.
+    A field the subclass defaults differently (GRPOConfig's remove_unused_columns=False, say) keeps the
+    subclass's default unless `given` names it (a flag, a YAML key, or the strategy's training_defaults);
+    `shared`: the subclass's fields that take an itertrain flag's value (`Strategy.training_from`)."""
     from transformers import TrainingArguments
 
     if subclass is TrainingArguments:
         return training
-    values = {f.name: getattr(training, f.name) for f in fields(TrainingArguments) if f.init}
+    ours = {f.name: f for f in fields(subclass)}
+    values = {f.name: getattr(training, f.name) for f in fields(TrainingArguments) if f.init
+              if f.name in given or f.name in KEPT_OFF or _same_default(f, ours.get(f.name))}
     values.update({f.name: getattr(added, f.name) for f in fields(added)} if added is not None else {})
+    values.update(shared or {})
     try:
         return subclass(**values)
     except (ValueError, TypeError) as e:
         raise UsageError(f"{subclass.__name__}: {str(e).strip().splitlines()[0]}") from e
 
 
+def _same_default(base: Any, sub: Any) -> bool:
+    """Whether a TrainingArguments field has the same default in a subclass (or the subclass lacks it)."""
+    if sub is None:
+        return True
+    def default(f: Any) -> Any:
+        return f.default if f.default is not MISSING else \
+            f.default_factory() if f.default_factory is not MISSING else MISSING
+
+    return default(base) == default(sub)
+
+
+def given_flags(argv: list[str]) -> set[str]:
+    """The option names an argument list gives (`--name value` or `--name=value`)."""
+    return {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
+
+
 def _groups(strategy: type[Strategy]) -> list[type]:
     from transformers import TrainingArguments
 
     ours = [*ARGUMENT_GROUPS, *([strategy.arguments_class] if strategy.arguments_class else [])]
-    taken = {f.name for t in ours for f in fields(t)}
+    # a field's TRL-named alias (--num_generations) is itertrain's flag too: one flag, one meaning
+    taken = {name for t in ours for f in fields(t)
+             for name in (f.name, *(a.lstrip("-") for a in f.metadata.get("aliases", [])))}
     added = added_fields(strategy.training_arguments_class or TrainingArguments, taken)
     return [*ours, *([added] if added else []), TrainingArguments]
 
@@ -226,7 +256,11 @@ def parse_train_args(argv: list[str] | None = None, strategy: type[Strategy] | N
     recovery, model, loop, generation, lora, dist_args, *extra, training = groups
     strategy_args = extra.pop(0) if cls.arguments_class else None
     if cls.training_arguments_class is not None:
-        training = build_training_arguments(cls.training_arguments_class, training, extra[0] if extra else None)
+        named = {"model": model, "loop": loop, "generation": generation}
+        shared = {name: getattr(named[path.split(".")[0]], path.split(".")[1])
+                  for name, path in cls.training_from.items()}
+        training = build_training_arguments(cls.training_arguments_class, training, extra[0] if extra else None,
+                                            given_flags(full), shared)
     backend = _last_value(full, "--generation_backend")
     if generation.use_vllm and backend not in (None, "vllm"):  # TRL's alias must not silently win
         raise UsageError(f"--use_vllm true and --generation_backend {backend} conflict: --use_vllm is TRL's name "
