@@ -222,15 +222,16 @@ def reward_scorer(gen: Any, model_args: Any) -> RewardFunction | RewardModel:
     return load_reward_fn(gen.reward_fn)
 
 
-def check_reward(scorer: RewardFunction | RewardModel, example: dict[str, Any], tokenizer: Any = None) -> None:
-    """Call the reward on one example (its reference answer as the completion) before anything is
-    written (one process). UsageError naming the function or model when it fails."""
-    completion = str(example.get("answer", ""))
+def check_reward(scorer: RewardFunction | RewardModel, example: dict[str, Any], tokenizer: Any = None,
+                 samples: int = 1) -> None:
+    """Call the reward on one example (its reference answer as each of `samples` completions) before
+    anything is written (one process). UsageError naming the function or model when it fails."""
+    completions = [[str(example.get("answer", ""))] * max(samples, 1)]
     try:
         if isinstance(scorer, RewardModel):
-            scorer.score([example], [[completion]], sharded=False)
+            scorer.score([example], completions, sharded=False)
         else:
-            scorer.score([example], [[completion]], tokenizer)
+            scorer.score([example], completions, tokenizer)
     except RewardFunctionError as e:
         raise UsageError(f"--reward_fn {scorer.spec} failed on the first prompt row at launch: {e}") from e
     except UsageError:

@@ -11,6 +11,7 @@ import os
 import sys
 from typing import Any
 
+from itertrain import faults
 from itertrain.errors import UsageError
 
 MIN_TRL = "1.16"
@@ -57,6 +58,7 @@ class _ReferenceByPlan:
         old = getattr(config, "_name_or_path", None)
         if config is not None and itertrain_reference:
             config._name_or_path = itertrain_reference
+            faults.point("reference.load")  # a kill while TRL loads the reference model
         try:
             super().__init__(*args, **kwargs)
         finally:

@@ -171,8 +171,8 @@ class OnlineRLStrategy(SampledDataStrategy):
         later = [k for k in range(iteration, self.ctx.cfg.loop.num_iterations) if self.is_rl(k)]
         if later:
             row = self.prompt_rows(later[0])[0]
-            for fn in self.reward_functions():
-                check_reward(fn, row, self.ctx.tokenizer)
+            for fn in self.reward_functions():  # a group of completions, as TRL calls it: a wrong length shows
+                check_reward(fn, row, self.ctx.tokenizer, self.ctx.cfg.training.num_generations)
 
     def row_shapes(self, iteration: int) -> tuple[tuple[str, ...], ...]:
         return PROMPT_ONLY if self.is_rl(iteration) else super().row_shapes(iteration)
