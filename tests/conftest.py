@@ -171,6 +171,7 @@ EXTENDED = (
     "test_expert_iteration.py::test_two_ranks_generate_the_same_data_as_one",
     "test_expert_iteration.py::test_reward_function_errors_name_the_function_and_the_example[return",
     "test_demo.py::test_dpo_demo_runs_sft_then_dpo",
+    "test_demo.py::test_grpo_demo_runs_sft_then_grpo",
     "test_recovery_faults.py::test_damaged_newest_checkpoint_is_rejected_and_auto_falls_back_to_the_older_one[garbled",
     "test_recovery_faults.py::test_damaged_newest_checkpoint_is_rejected_and_auto_falls_back_to_the_older_one[manifest_missing",
     "test_recovery_faults.py::test_damaged_newest_checkpoint_is_rejected_and_auto_falls_back_to_the_older_one[truncated",
