@@ -111,6 +111,23 @@ def test_num_generations_not_dividing_the_generation_batch_exits_2_with_trls_rul
     assert not (tmp_path / "o").exists()
 
 
+def test_a_preemption_signal_inside_a_generation_block_stops_at_its_boundary(monkeypatch):
+    import signal
+
+    from transformers import TrainerControl
+
+    from itertrain import preemption
+
+    monkeypatch.setattr(preemption, "_state", preemption._State())
+    monkeypatch.setattr(preemption, "_arm_deadline", lambda: None)  # no grace timer in a unit test
+    preemption._state.signum = signal.SIGTERM  # arrived during step 3 of blocks of 2 steps
+    callback = preemption.PreemptionCallback(every=2)
+    control = callback.on_step_end(None, SimpleNamespace(global_step=3, max_steps=10), TrainerControl())
+    assert not control.should_save and not control.should_training_stop and preemption._state.agreed is None
+    control = callback.on_step_end(None, SimpleNamespace(global_step=4, max_steps=10), TrainerControl())
+    assert control.should_save and control.should_training_stop and preemption._state.agreed == (signal.SIGTERM, 4)
+
+
 def test_iteration_metrics_are_means_of_trls_logged_values_without_nan_or_others():
     from itertrain.strategies.online_rl import kept_metrics
 
