@@ -224,13 +224,13 @@ class OnlineRLStrategy(SampledDataStrategy):
             return super().trainer_kwargs_for(iteration, model, args, source)
         funcs = [TRLReward(fn, self.bos_text()) for fn in self.reward_functions()]
         return {"reward_funcs": funcs, "processing_class": self.ctx.tokenizer,
-                "itertrain_reference": str(reference(self.ctx, self.rl_args.ref_model, source)[2])}
+                "itertrain_reference": str(reference(self.ctx, self.rl_args.ref_model, source, iteration)[2])}
 
     def save_step_multiple(self, iteration: int, args: Any) -> int:
         return generation_block(args) if self.is_rl(iteration) else 1
 
     def iteration_lineage(self, iteration: int, source: ModelSource) -> dict[str, Any]:
-        return reference_lineage(self.ctx, self.rl_args.ref_model, source) if self.is_rl(iteration) else {}
+        return reference_lineage(self.ctx, self.rl_args.ref_model, source, iteration) if self.is_rl(iteration) else {}
 
     def check_restored(self, iteration: int, source: ModelSource, lineage: dict[str, Any], checkpoint: str) -> None:
         if self.is_rl(iteration):

@@ -17,19 +17,19 @@ from itertrain.errors import RecoveryRefused
 from itertrain.strategies.base import ModelSource, StrategyContext
 
 
-def reference(ctx: StrategyContext, choice: str, source: ModelSource) -> tuple[str, str | None, Path]:
-    """(name, fingerprint, directory) of the reference model of an iteration whose previous model is `source`;
-    `choice`: "start" or "base" (--ref_model)."""
+def reference(ctx: StrategyContext, choice: str, source: ModelSource, iteration: int = 1) -> tuple[str, str | None, Path]:
+    """(name, fingerprint, directory) of the reference model of `iteration`, whose previous model is `source`;
+    `choice`: "start" or "base" (--ref_model). Iteration 0 starts from the base model: that is its reference."""
     cfg = ctx.cfg
-    if choice == "base" or cfg.loop.iteration_init == "base":
+    if choice == "base" or cfg.loop.iteration_init == "base" or iteration == 0:
         base = Path(cfg.model.model_name)
         return f"base model {os.path.abspath(base)}", fingerprint(base), base
     return source.path, fingerprint(ctx.root / source.path), ctx.root / source.path
 
 
-def reference_lineage(ctx: StrategyContext, choice: str, source: ModelSource) -> dict[str, Any]:
+def reference_lineage(ctx: StrategyContext, choice: str, source: ModelSource, iteration: int = 1) -> dict[str, Any]:
     """The lineage entries naming the reference: {"ref_model": name, "ref_model_id": fingerprint}."""
-    name, fp, _ = reference(ctx, choice, source)
+    name, fp, _ = reference(ctx, choice, source, iteration)
     return {"ref_model": name, "ref_model_id": fp}
 
 
@@ -40,7 +40,7 @@ def check_reference(ctx: StrategyContext, choice: str, source: ModelSource, iter
     method, for the message (e.g. "DPO")."""
     if "ref_model_id" not in lineage:
         return  # a checkpoint from a tool that did not record a reference
-    name, now, directory = reference(ctx, choice, source)
+    name, now, directory = reference(ctx, choice, source, iteration)
     was = f"{lineage.get('ref_model')} (fingerprint {lineage['ref_model_id']})"
     advice = (f"Put that reference model back, or restart iteration {iteration} from its starting model "
               "(--resume_from none --resume_from_iteration auto).")
