@@ -132,6 +132,7 @@ def test_iteration_metrics_are_means_of_trls_logged_values_without_nan_or_others
     from itertrain.strategies.online_rl import kept_metrics
 
     history = [{"loss": 1.0, "reward": 1.0, "rewards/score/mean": 1.0, "kl": 0.0, "step_time": 3.0,
+                "rewards/score/std": 0.5, "clip_ratio/high_max": 1.0, "completions/max_length": 8,
                 "completions/mean_length": 4.0, "clip_ratio/region_mean": 0.5, "frac_reward_zero_std": 0.0},
                {"loss": 2.0, "reward": 2.0, "rewards/score/mean": float("nan"), "kl": 0.5, "entropy": None},
                {"train_runtime": 9.0, "train_loss": 1.5}]

@@ -32,8 +32,12 @@ from itertrain.strategies.sft import SFTStrategy
 PROMPT_ONLY = (("prompt",),)
 # TRL's per-iteration metrics worth keeping (means over the iteration's logged steps): the reward (and per
 # reward function), its spread, the share of groups with all-equal rewards, KL, completion length, clipping.
-KEPT_PREFIXES = ("reward", "rewards/", "frac_reward_zero_std", "kl", "completions/mean_length", "clip_ratio/",
-                 "entropy")
+KEPT = ("reward", "reward_std", "frac_reward_zero_std", "kl", "entropy", "completions/mean_length",
+        "clip_ratio/region_mean", "clip_ratio/low_mean", "clip_ratio/high_mean")
+
+
+def _kept(key: str) -> bool:
+    return key in KEPT or (key.startswith("rewards/") and key.endswith("/mean"))
 
 
 @dataclass
@@ -105,7 +109,7 @@ def kept_metrics(log_history: list[dict[str, Any]]) -> dict[str, float]:
     sums: dict[str, list[float]] = {}
     for entry in log_history:
         for key, value in entry.items():
-            if key.startswith(KEPT_PREFIXES) and isinstance(value, (int, float)) and math.isfinite(value):
+            if _kept(key) and isinstance(value, (int, float)) and math.isfinite(value):
                 sums.setdefault(key, []).append(float(value))
     return {key: sum(v) / len(v) for key, v in sorted(sums.items())}
 
