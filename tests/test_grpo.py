@@ -128,6 +128,26 @@ def test_a_preemption_signal_inside_a_generation_block_stops_at_its_boundary(mon
     assert control.should_save and control.should_training_stop and preemption._state.agreed == (signal.SIGTERM, 4)
 
 
+def test_a_checkpoint_inside_a_generation_block_of_this_launch_is_refused_unless_it_is_the_last_step(tmp_path):
+    pytest.importorskip("trl")
+    from itertrain.errors import RecoveryRefused
+    from itertrain.strategies.base import ModelSource, StrategyContext
+    from itertrain.strategies.grpo import GRPOStrategy
+    from itertrain.strategies.online_rl import OnlineRLArguments
+
+    training = SimpleNamespace(steps_per_generation=4, gradient_accumulation_steps=1, num_iterations=1, max_steps=10)
+    cfg = SimpleNamespace(training=training, strategy_args=OnlineRLArguments(),
+                          loop=SimpleNamespace(iteration_init="previous"), model=SimpleNamespace(model_name="m"))
+    strategy = GRPOStrategy(StrategyContext(cfg, tmp_path, None, commit_data=None, move_aside=None))
+    source = ModelSource("iter_0", None, load=lambda: None)
+    # saved every 2 steps under --steps_per_generation 2; relaunched with 4
+    with pytest.raises(RecoveryRefused, match=r"checkpoint-6 of iteration 1 is at step 6, inside a generation block "
+                                              r"of 4 step\(s\) under this launch's --steps_per_generation 4"):
+        strategy.check_restored(1, source, {}, str(tmp_path / "checkpoint-6"))
+    strategy.check_restored(1, source, {}, str(tmp_path / "checkpoint-8"))  # a boundary
+    strategy.check_restored(1, source, {}, str(tmp_path / "checkpoint-10"))  # the last step: nothing to regenerate
+
+
 def test_iteration_metrics_are_means_of_trls_logged_values_without_nan_or_others():
     from itertrain.strategies.online_rl import kept_metrics
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from itertrain import distributed
-from itertrain.errors import UsageError
+from itertrain.errors import RecoveryRefused, UsageError
 from itertrain.rewards import RewardFunction, check_reward, load_reward_fn
 from itertrain.strategies.base import Evaluation, ModelSource, Strategy
 from itertrain.strategies.expert_iteration import SampledDataStrategy
@@ -237,8 +237,21 @@ class OnlineRLStrategy(SampledDataStrategy):
         return reference_lineage(self.ctx, self.rl_args.ref_model, source, iteration) if self.is_rl(iteration) else {}
 
     def check_restored(self, iteration: int, source: ModelSource, lineage: dict[str, Any], checkpoint: str) -> None:
-        if self.is_rl(iteration):
-            check_reference(self.ctx, self.rl_args.ref_model, source, iteration, lineage, checkpoint, self.method)
+        """The reference must be the one the checkpoint was trained against, and the checkpoint at a boundary
+        of this launch's generation blocks (a changed --steps_per_generation could put it inside one)."""
+        if not self.is_rl(iteration):
+            return
+        check_reference(self.ctx, self.rl_args.ref_model, source, iteration, lineage, checkpoint, self.method)
+        t, name = self.ctx.cfg.training, os.path.basename(str(checkpoint))
+        step = int(name.rpartition("-")[2]) if name.rpartition("-")[2].isdigit() else 0
+        block = generation_block(t)
+        if step % block and step < t.max_steps:
+            raise RecoveryRefused(
+                f"{name} of iteration {iteration} is at step {step}, inside a generation block of {block} step(s) "
+                f"under this launch's --steps_per_generation {t.steps_per_generation}: a resume there cannot "
+                f"regenerate the block as the run had it. Relaunch with the --steps_per_generation and "
+                f"--gradient_accumulation_steps it was trained with, or restart iteration {iteration} "
+                "(--resume_from none --resume_from_iteration auto)")
 
     def training_metrics(self, iteration: int, state: Any) -> dict[str, float]:
         """TRL's reward, KL, completion length and clipping metrics, averaged over the iteration's logged steps;
