@@ -55,7 +55,7 @@ def test_grpo_takes_trl_flag_names_and_keeps_grpoconfigs_defaults_over_hfs(model
     from trl import GRPOConfig
 
     cfg = parse(model_dir, tmp_path, "--num_generations", "4", "--max_completion_length", "7", "--beta", "0.2",
-                "--loss_type", "grpo", "--steps_per_generation", "2", "--reward_weights", "1.0", "0.5",
+                "--loss_type", "grpo", "--steps_per_generation", "2", "--reward_funcs", "a:f", "b:g", "--reward_weights", "1.0", "0.5",
                 "--per_device_train_batch_size", "4")
     t = cfg.training
     assert isinstance(t, GRPOConfig)
@@ -72,7 +72,7 @@ def test_grpo_takes_trl_flag_names_and_keeps_grpoconfigs_defaults_over_hfs(model
 
 
 @needs_trl
-def test_save_steps_off_a_generation_block_boundary_is_refused_naming_the_block(model_dir, tmp_path):
+def test_save_steps_off_a_generation_block_boundary_and_reward_weights_of_another_count_are_refused(model_dir, tmp_path):
     from itertrain.errors import UsageError
 
     with pytest.raises(UsageError, match=r"--save_steps 3: grpo generates once per generation block of 2 optimizer "
@@ -82,6 +82,9 @@ def test_save_steps_off_a_generation_block_boundary_is_refused_naming_the_block(
     ok = parse(model_dir, tmp_path, "--num_generations", "4", "--per_device_train_batch_size", "4",
                "--steps_per_generation", "2", "--save_steps", "4")
     assert ok.training.save_steps == 4
+    with pytest.raises(UsageError, match=r"--reward_weights has 1 value\(s\) for 2 reward function\(s\) \(a:f, b:g\)"):
+        parse(model_dir, tmp_path, "--num_generations", "4", "--per_device_train_batch_size", "4",
+              "--reward_funcs", "a:f", "b:g", "--reward_weights", "1.0")
 
 
 def test_generation_block_counts_optimizer_steps_per_generation():

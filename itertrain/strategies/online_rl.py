@@ -143,6 +143,10 @@ class OnlineRLStrategy(SampledDataStrategy):
         if cfg.lora.use_peft and (cfg.lora.iteration_model != "merged" or rl.ref_model == "base"):
             raise UsageError(f"--strategy {cls.name} with --use_peft needs --iteration_model merged and --ref_model "
                              "start: TRL's reference is then the adapter switched off, which is iter_{K-1} exactly")
+        funcs = rl.reward_funcs or [gen.reward_fn or "exact match"]
+        if t.reward_weights is not None and len(t.reward_weights) != len(funcs):
+            raise UsageError(f"--reward_weights has {len(t.reward_weights)} value(s) for {len(funcs)} reward "
+                             f"function(s) ({', '.join(funcs)}): give one weight per function of --reward_funcs")
         block = generation_block(t)
         if t.save_strategy != "no" and (t.save_strategy != "steps" or t.save_steps != int(t.save_steps)
                                         or int(t.save_steps) % block):
