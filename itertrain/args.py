@@ -96,6 +96,21 @@ def shared_values(cfg_groups: list[Any], subclass: type) -> dict[str, Any]:
             if f.name in TRL_NAMES and TRL_NAMES[f.name] in names}
 
 
+def one_or_several(specs: Any) -> Any:
+    """--reward_funcs as parsed (a list: the flag takes several) as the config keeps it: one function as its
+    string (as experiments written before the flag took several hold it), several as a list, none as None."""
+    if isinstance(specs, (list, tuple)):
+        return specs[0] if len(specs) == 1 else list(specs) or None
+    return specs
+
+
+def reward_specs(value: Any) -> list[str]:
+    """The reward functions a --reward_funcs value names (none: [])."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
 @dataclass
 class RecoveryArguments:
     _argument_group_name = "recovery (the guide's flags)"
@@ -219,9 +234,10 @@ class GenerationArguments:
         "work, so they do not depend on the number of ranks.")})
     reward_fn: str | None = field(
         default=None,
+        # nargs: TRL's --reward_funcs takes several; one is kept as a string (the form itertrain.json has held)
         metadata={"help": "module:function: per sample (prompt, completion, answer) -> float, or batched in TRL's form "
                           "(prompts, completions, **kwargs) -> list[float] (default: exact match with the answer). "
-                          "Alias: --reward_fn."},
+                          "Several (grpo, rloo) are summed with --reward_weights. Alias: --reward_fn.", "nargs": "+"},
     )
     reward_model: str | None = field(
         default=None,

@@ -44,22 +44,31 @@ def resolve_path(template: str, iteration: int) -> str:
     return template.replace("{iteration}", str(iteration))
 
 
-ROW_SHAPES = "prompt+completion, text, or messages"
+ROW_SHAPES: tuple[tuple[str, ...], ...] = (("prompt", "completion"), ("text",), ("messages",))  # what SFT trains on
 
 
-def check_rows(rows: list[dict[str, Any]], source: str) -> None:
-    """Training rows must exist and each have prompt+completion, text or messages (checked before anything
-    is written); prompt, completion and messages may be message lists (rendered with the chat template)."""
+def check_rows(rows: list[dict[str, Any]], source: str, shapes: tuple[tuple[str, ...], ...] = ROW_SHAPES) -> None:
+    """Training rows must exist and each have the keys of one of `shapes` (default: prompt+completion, text or
+    messages), checked before anything is written; prompt, completion and messages may be message lists
+    (rendered with the chat template)."""
     if not rows:
         raise UsageError(f"{source}: no training examples")
     for n, row in enumerate(rows):
-        if not ("prompt" in row and "completion" in row) and "text" not in row and "messages" not in row:
-            raise UsageError(f"{source}: row {n} needs {ROW_SHAPES}, got keys {sorted(row)}")
+        if not any(all(k in row for k in shape) for shape in shapes):
+            raise UsageError(f"{source}: row {n} needs {describe_shapes(shapes)}, got keys {sorted(row)}")
         if "messages" in row and not _messages(row["messages"]):
             raise UsageError(f"{source}: row {n}: messages must be a list of {{\"role\", \"content\"}} objects")
         if "messages" in row and "text" not in row and not any(m["role"] == "assistant" for m in row["messages"]):
             raise UsageError(f"{source}: row {n} has no assistant message: a messages row is trained on its "
                              "assistant turns only, so it would train on nothing")
+
+
+def describe_shapes(shapes: tuple[tuple[str, ...], ...]) -> str:
+    """`prompt+completion, text, or messages`: the row shapes as a message names them."""
+    names = ["+".join(shape) for shape in shapes]
+    if len(names) < 3:
+        return " or ".join(names)
+    return ", ".join(names[:-1]) + ", or " + names[-1]
 
 
 def _messages(value: Any) -> bool:

@@ -6,7 +6,7 @@ from the model's pass rates, keeping the verified answers, training on them), ev
 model on held-out problems (greedy accuracy per number of digits; sampled mean reward and pass@k on
 OUTPUT_DIR/eval-prompts.jsonl), prints a per-iteration table and writes the plot. Rerunning it resumes (or reports complete).
 `--strategy iterative_dpo` runs the same iteration 0 and samples the same problems, then trains each
-later iteration with DPO on (right answer, wrong answer) pairs instead.
+later iteration with DPO on (right answer, wrong answer) pairs instead; `--strategy grpo` with GRPO.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from argparse import ArgumentParser
 from pathlib import Path
 
 from itertrain.errors import UsageError
-from itertrain.layout import DEMO_DPO_EXPERIMENT, DEMO_EXPERIMENT
+from itertrain.layout import DEMO_DPO_EXPERIMENT, DEMO_EXPERIMENT, DEMO_GRPO_EXPERIMENT
 from itertrain.tiny_model import TinyModelSpec
 
 # The demo's model: small enough for a 2-core CPU, large enough to learn multi-digit addition.
@@ -62,7 +62,22 @@ DPO_DEMO_FLAGS = [
     "--save_steps", "400",
     "--logging_steps", "100",
 ]
-STRATEGIES = {"expert_iteration": (DEMO_EXPERIMENT, DEMO_FLAGS), "iterative_dpo": (DEMO_DPO_EXPERIMENT, DPO_DEMO_FLAGS)}
+# GRPO: the same iteration 0 and problems; each later iteration is a GRPO phase on TRL's GRPOTrainer (8 completions
+# per prompt, partial credit per answer digit, a KL penalty against the iteration's starting model).
+GRPO_DEMO_FLAGS = [
+    "--strategy", "grpo",
+    *COMMON_FLAGS,
+    "--sft_max_steps", "800",
+    "--sft_learning_rate", "3e-3",
+    "--reward_funcs", "itertrain.tasks.arithmetic:digit_credit",
+    "--max_steps", "150",
+    "--learning_rate", "1e-4",
+    "--beta", "0.04",
+    "--save_steps", "50",
+    "--logging_steps", "10",
+]
+STRATEGIES = {"expert_iteration": (DEMO_EXPERIMENT, DEMO_FLAGS), "iterative_dpo": (DEMO_DPO_EXPERIMENT, DPO_DEMO_FLAGS),
+              "grpo": (DEMO_GRPO_EXPERIMENT, GRPO_DEMO_FLAGS)}
 
 
 EVAL_PER_LEVEL = 50  # held-out problems per number of digits in the demo's --eval_prompts_file
@@ -96,8 +111,9 @@ def demo(argv: list[str]) -> int:
                    help="where the model (OUTPUT_DIR/tiny-model) and the experiment (OUTPUT_DIR/experiment, "
                         "or OUTPUT_DIR/experiment-dpo for iterative_dpo) go")
     p.add_argument("--strategy", default="expert_iteration", choices=sorted(STRATEGIES),
-                   help="expert_iteration (the default) or iterative_dpo (the same iteration 0 and problems, then DPO "
-                        "on right/wrong answer pairs; needs itertrain[dpo])")
+                   help="expert_iteration (the default), iterative_dpo (the same iteration 0 and problems, then DPO "
+                        "on right/wrong answer pairs) or grpo (then GRPO on TRL's GRPOTrainer); the last two need "
+                        "itertrain[dpo]")
     ns, extra = p.parse_known_args(argv)
     root = Path(ns.output_dir)
     model_dir = root / "tiny-model"

@@ -35,6 +35,7 @@ BASE = "base"  # a weights source meaning --model_name (a plan's weights_from, a
 BASE_MODEL_DIR = "base_model"  # the guide's layout: the model of iteration 0, written by another tool
 DEMO_EXPERIMENT = "experiment"  # `itertrain demo --output_dir D` keeps its experiment in D/experiment
 DEMO_DPO_EXPERIMENT = "experiment-dpo"  # and `itertrain demo --strategy iterative_dpo` in D/experiment-dpo
+DEMO_GRPO_EXPERIMENT = "experiment-grpo"  # and `itertrain demo --strategy grpo` in D/experiment-grpo
 
 CHECKPOINT_PREFIX = "checkpoint"  # = transformers.trainer_utils.PREFIX_CHECKPOINT_DIR (guarded by a test)
 CHECKPOINT_RE = re.compile(r"^checkpoint-([0-9]+)$")
@@ -127,8 +128,8 @@ def parse_iteration_name(name: str) -> int | None:
 
 
 def experiment_dir(path: str | Path) -> Path:
-    """The experiment a user means: DIR itself, or DIR/experiment (else DIR/experiment-dpo) when DIR is a
-    demo's --output_dir."""
+    """The experiment a user means: DIR itself, or DIR/experiment (else DIR/experiment-dpo, DIR/experiment-grpo)
+    when DIR is a demo's --output_dir."""
     from itertrain.errors import UsageError
 
     root = Path(path)
@@ -136,7 +137,7 @@ def experiment_dir(path: str | Path) -> Path:
         raise UsageError(f"{root} is not a directory: pass an experiment's --output_dir")
     if (root / EXPERIMENT_RECORD).exists():
         return root
-    return next((root / name for name in (DEMO_EXPERIMENT, DEMO_DPO_EXPERIMENT)
+    return next((root / name for name in (DEMO_EXPERIMENT, DEMO_DPO_EXPERIMENT, DEMO_GRPO_EXPERIMENT)
                  if (root / name / EXPERIMENT_RECORD).exists()), root)
 
 

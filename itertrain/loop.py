@@ -296,7 +296,7 @@ def build_trainer(strategy: Strategy, manager: CheckpointManager, resolved: Reso
     _no_hf_rotation(strategy, trainer.args, "its Trainer class")
     trainer.callback_handler.callbacks.insert(0, IterationLossCallback())  # before HF's printers
     trackers.attach(trainer, root, k)  # the experiment's step axis and tracker run, not the iteration's
-    return attach(trainer, manager)
+    return attach(trainer, manager, every=strategy.save_step_multiple(k, trainer.args))
 
 
 def train(trainer: Any, resume: str | None, k: int, cfg: RunConfig) -> float:
@@ -368,6 +368,7 @@ def run_iteration(ctx: StrategyContext, strategy: Strategy, manager: CheckpointM
         prefix = evaluation.prefix
         results.update({key: v for key, v in trainer.evaluate(metric_key_prefix=prefix).items()
                         if key.startswith(prefix + "_") and not key.endswith(_TIMING)})
+    results.update(strategy.training_metrics(k, trainer.state))
     results.update(strategy.checked_task_metrics(k, trainer.model))
     results.update(heldout.evaluate(ctx, k, trainer.model))  # --eval_prompts_file: mean reward, pass@k
     results.update(gen_stats)

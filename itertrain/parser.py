@@ -15,7 +15,8 @@ from typing import Any
 
 import yaml
 
-from itertrain.args import ARGUMENT_GROUPS, TRL_NAMES, DistributedArguments, RunConfig, canonical_name, shared_values
+from itertrain.args import (ARGUMENT_GROUPS, TRL_NAMES, DistributedArguments, RunConfig, canonical_name, one_or_several,
+                            reward_specs, shared_values)
 from itertrain.errors import UsageError
 from itertrain.lora import check_settings
 from itertrain.sources import resolve_model
@@ -63,14 +64,24 @@ def added_fields(subclass: type, taken: set[str]) -> type | None:
     return group
 
 
-def build_training_arguments(subclass: type, training: Any, added: Any, shared: dict[str, Any] | None = None) -> Any:
-    """The strategy's TrainingArguments subclass from the parsed TrainingArguments and its own fields;
-    `shared`: values of its fields that an itertrain flag of the same name sets (e.g. DPOConfig.max_length)."""
+# Off unless asked for, whatever a TrainingArguments subclass defaults to (TRL's configs turn both on):
+# itertrain's runs are fp32 and byte-reproducible on a CPU by default.
+KEPT_OFF = ("bf16", "gradient_checkpointing")
+
+
+def build_training_arguments(subclass: type, training: Any, added: Any, given: set[str] = frozenset(),
+                             shared: dict[str, Any] | None = None) -> Any:
+    """The strategy's TrainingArguments subclass from the parsed TrainingArguments and its own fields.
+    A field the subclass defaults differently (GRPOConfig's remove_unused_columns=False, say) keeps the
+    subclass's default unless `given` names it (a flag, a YAML key, or the strategy's training_defaults);
+    `shared`: the subclass's fields that take an itertrain flag's value (`Strategy.training_from`)."""
     from transformers import TrainingArguments
 
     if subclass is TrainingArguments:
         return training
-    values = {f.name: getattr(training, f.name) for f in fields(TrainingArguments) if f.init}
+    ours = {f.name: f for f in fields(subclass)}
+    values = {f.name: getattr(training, f.name) for f in fields(TrainingArguments) if f.init
+              if f.name in given or f.name in KEPT_OFF or _same_default(f, ours.get(f.name))}
     values.update({f.name: getattr(added, f.name) for f in fields(added)} if added is not None else {})
     values.update({k: v for k, v in (shared or {}).items() if k in {f.name for f in fields(subclass) if f.init}})
     try:
@@ -79,11 +90,28 @@ def build_training_arguments(subclass: type, training: Any, added: Any, shared: 
         raise UsageError(f"{subclass.__name__}: {str(e).strip().splitlines()[0]}") from e
 
 
+def _same_default(base: Any, sub: Any) -> bool:
+    """Whether a TrainingArguments field has the same default in a subclass (or the subclass lacks it)."""
+    if sub is None:
+        return True
+    def default(f: Any) -> Any:
+        return f.default if f.default is not MISSING else \
+            f.default_factory() if f.default_factory is not MISSING else MISSING
+
+    return default(base) == default(sub)
+
+
+def given_flags(argv: list[str]) -> set[str]:
+    """The option names an argument list gives (`--name value` or `--name=value`)."""
+    return {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
+
+
 def _groups(strategy: type[Strategy]) -> list[type]:
     from transformers import TrainingArguments
 
     ours = [*ARGUMENT_GROUPS, *([strategy.arguments_class] if strategy.arguments_class else [])]
-    taken = {f.name for t in ours for f in fields(t)}
+    taken = {name for t in ours for f in fields(t)
+             for name in (f.name, *(a.lstrip("-") for a in f.metadata.get("aliases", [])))}
     taken |= {TRL_NAMES[n] for n in taken if n in TRL_NAMES}  # a flag under TRL's name is taken by that name too
     added = added_fields(strategy.training_arguments_class or TrainingArguments, taken)
     return [*ours, *([added] if added else []), TrainingArguments]
@@ -242,11 +270,15 @@ def parse_train_args(argv: list[str] | None = None, strategy: type[Strategy] | N
         raise UsageError(f"unrecognized arguments: {' '.join(remaining)} (see `itertrain train --help`; "
                          "flags are never abbreviated)")
     recovery, model, loop, generation, lora, dist_args, *extra, training = groups
+    generation.reward_fn = one_or_several(generation.reward_fn)
     strategy_args = extra.pop(0) if cls.arguments_class else None
     if cls.training_arguments_class is not None:
+        named = {"model": model, "loop": loop, "generation": generation}
         shared = shared_values([recovery, model, loop, generation, lora, dist_args], cls.training_arguments_class)
+        shared |= {name: getattr(named[path.split(".")[0]], path.split(".")[1])
+                   for name, path in cls.training_from.items()}
         training = build_training_arguments(cls.training_arguments_class, training, extra[0] if extra else None,
-                                            shared)
+                                            given_flags(full), shared)
     backend = _last_value(full, "--generation_backend")
     if generation.use_vllm and backend not in (None, "vllm"):  # TRL's alias must not silently win
         raise UsageError(f"--use_vllm true and --generation_backend {backend} conflict: --use_vllm is TRL's name "
@@ -308,8 +340,9 @@ def validate(cfg: RunConfig) -> None:
         if value and "{iteration}" not in value and not Path(value).is_file():
             raise UsageError(f"--{name} {value}: no such file")
     gen = cfg.generation
-    if gen.reward_fn and ":" not in gen.reward_fn:
-        raise UsageError(f"--reward_funcs {gen.reward_fn!r}: expected module:function")
+    for spec in reward_specs(gen.reward_fn):
+        if ":" not in spec:
+            raise UsageError(f"--reward_funcs {spec!r}: expected module:function")
     if gen.reward_fn and gen.reward_model:
         raise UsageError("--reward_funcs and --reward_model both score samples: pass one of them")
     if gen.reward_model and not _is_local_model(gen.reward_model):

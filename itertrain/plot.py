@@ -45,7 +45,8 @@ def _cell(row: dict[str, Any], key: str, fmt: str = "") -> str:
 
 def metrics_table(exp_dir: Path) -> str:
     """Markdown table: the prompts' difficulties (adaptive curriculum); samples; acceptance rate and distinct
-    samples kept (expert iteration) or mean reward and preference pairs (iterative DPO); train loss;
+    samples kept (expert iteration), mean reward and preference pairs (iterative DPO), or mean reward and KL
+    (grpo, rloo); train loss;
     held-out accuracy per difficulty; wall time."""
     rows = read_metrics(exp_dir)
     acc = _accuracy_keys(rows)
@@ -56,6 +57,8 @@ def metrics_table(exp_dir: Path) -> str:
             columns += [("mean reward", "mean_reward", ".3f"), ("pairs", "pairs", "")]
         else:
             columns += [("accepted", "acceptance_rate", ".1%"), ("kept", "accepted", "")]
+    if any("reward" in r and "kl" in r for r in rows):  # online RL (grpo, rloo): TRL's means over the iteration
+        columns += [("mean reward", "reward", ".3f"), ("kl", "kl", ".4f")]
     mixed = any("curriculum" in r for r in rows)  # the task's adaptive curriculum: prompts per number of digits
     passes = _pass_keys(rows)
     passes = list(dict.fromkeys(passes[:1] + passes[-1:]))  # pass@1 and pass@n (the plot draws every k)

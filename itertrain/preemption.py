@@ -284,7 +284,11 @@ def failure_message(e: BaseException) -> str:
 
 class PreemptionCallback(TrainerCallback):
     """The step-boundary agreement (added after itertrain's CommitCallback, so that at train end the
-    last checkpoint's manifest has landed before the final agreement)."""
+    last checkpoint's manifest has landed before the final agreement). `every`: the ranks agree only at
+    multiples of this many steps (and the last), where a checkpoint holds everything a resume needs."""
+
+    def __init__(self, every: int = 1):
+        self.every = max(int(every), 1)
 
     def on_train_begin(self, args, state, control, **kwargs):
         with _state.lock:
@@ -294,7 +298,8 @@ class PreemptionCallback(TrainerCallback):
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
-        if _state.agreed is None and agree(state.global_step):
+        boundary = state.global_step % self.every == 0 or state.global_step >= state.max_steps
+        if _state.agreed is None and boundary and agree(state.global_step):
             signum, step = _state.agreed  # type: ignore[misc]
             if distributed.is_main():
                 print(f"⏸️  {_name(signum)}: every rank stops at step {step}; committing checkpoint-{step}", flush=True)

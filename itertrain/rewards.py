@@ -236,6 +236,10 @@ def reward_scorer(gen: Any, model_args: Any) -> RewardFunction | RewardModel:
     if gen.reward_model:
         return RewardModel(gen.reward_model, model_args.model_dtype, model_args.trust_remote_code,
                            gen.generation_batch_size)
+    if isinstance(gen.reward_fn, list):
+        raise UsageError(f"--reward_funcs {' '.join(gen.reward_fn)}: several reward functions are combined by "
+                         "--strategy grpo and rloo (with --reward_weights); sampling, its selection and the held-out "
+                         "evaluation score with one: pass one module:function")
     return load_reward_fn(gen.reward_fn)
 
 

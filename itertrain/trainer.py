@@ -158,8 +158,9 @@ def with_recovery_hooks(trainer_class: type) -> type:
     return trainer_class
 
 
-def attach(trainer: Any, manager: CheckpointManager) -> Any:
-    """Give a constructed trainer its CheckpointManager and the commit callback; refuse one without the hooks."""
+def attach(trainer: Any, manager: CheckpointManager, every: int = 1) -> Any:
+    """Give a constructed trainer its CheckpointManager and the commit callback; refuse one without the hooks.
+    `every`: a preemption stops at the next multiple of this many steps (`Strategy.save_step_multiple`)."""
     if not isinstance(trainer, RecoveryHooks):
         raise UsageError(
             f"the strategy's trainer is a {type(trainer).__qualname__}, without itertrain's RecoveryHooks: "
@@ -170,7 +171,7 @@ def attach(trainer: Any, manager: CheckpointManager) -> Any:
     trainer.itertrain_checkpoints = manager
     trainer.add_callback(CommitCallback(manager))
     if preemption.enabled():
-        trainer.add_callback(PreemptionCallback())  # after CommitCallback: see PreemptionCallback
+        trainer.add_callback(PreemptionCallback(every))  # after CommitCallback: see PreemptionCallback
     return trainer
 
 

@@ -15,6 +15,7 @@
     python scripts/chaos.py --ci --async_save            # the killed runs save with --async_save (the
                                                          # reference does not): kills inside the background writer
     python scripts/chaos.py --ci --strategy iterative_dpo   # the same for iterative DPO (TRL's DPOTrainer)
+    python scripts/chaos.py --ci --strategy grpo         # GRPO iterations (or rloo): kills inside generation blocks
     python scripts/chaos.py --ci --lora adapter          # the same with LoRA adapters (or --lora merged)
     python scripts/chaos.py --ci --generation_backend vllm   # sampling on vLLM (.venv-vllm): fewer kills
 
@@ -62,6 +63,7 @@ POINTS = {
     "generation.batch": "during generation, between batches",
     "manifest.data.write": "inside the generated-data commit",
     "train.step": "during training, after an optimizer step",
+    "reference.load": "grpo/rloo: while TRL's trainer loads the reference model",
 }
 # With --async_save: points inside the background writer (besides checkpoint.optimizer, reached there
 # too, and checkpoint.commit / manifest.*, reached from the writer's commit).
@@ -113,8 +115,21 @@ VLLM_CI_SEQUENCE = [
     ("manifest.data.write", 1),  # inside the commit of data/iter_1
     ("train.step", 6),  # training iteration 1 on its committed data
 ]
-# What each strategy's data/iter_K must hold identically to the reference.
-DATA_FILES = {"expert_iteration": ("accepted.jsonl",), "iterative_dpo": ("samples.jsonl", "pairs.jsonl")}
+# grpo / rloo: iteration 0 is SFT (12 steps); RL iterations (12 steps) generate every 2 steps and save every 4
+# (block boundaries). Launch counters restart at each relaunch.
+GRPO_CI_SEQUENCE = [
+    ("train.step", 19),  # RL iteration 1, step 7: inside the generation block of steps 7-8, checkpoint-4 committed
+    ("checkpoint.optimizer", 1),  # resumed at 4: inside the save of checkpoint-8 (weights written, optimizer not)
+    ("reference.load", 1),  # resumed at 4: while TRL loads the reference model (iter_0)
+    ("manifest.trainer_checkpoint.write", 1),  # inside checkpoint-8's manifest
+    ("iteration.after_manifest", 1),  # iter_1 committed, its checkpoints not retired yet
+    ("train.step", 5),  # RL iteration 2, step 5: inside a generation block
+    ("timer", 0),  # a random moment of what is left
+]
+# What each strategy's data/iter_K must hold identically to the reference (grpo, rloo: none, they sample inside
+# training).
+DATA_FILES = {"expert_iteration": ("accepted.jsonl",), "iterative_dpo": ("samples.jsonl", "pairs.jsonl"),
+              "grpo": (), "rloo": ()}
 # With --lora: the same save paths, plus a fallback past a corrupt newest adapter checkpoint.
 CORRUPT = "corrupt"  # third element: after the kill, damage the newest committed checkpoint's adapter file
 LORA_CI_SEQUENCE = [
@@ -202,6 +217,9 @@ def prepare(work: Path, iterations: int, strategy: str = "expert_iteration", lor
     # (exact match would give none).
     scoring = (["--reward_threshold", "0", "--samples_per_prompt", "2"] if strategy == "expert_iteration" else
                ["--reward_fn", "itertrain.tasks.arithmetic:digit_credit", "--samples_per_prompt", "3"])
+    if strategy in ("grpo", "rloo"):  # 4 completions per prompt, a generation every 2 steps, a KL reference
+        scoring = ["--reward_funcs", "itertrain.tasks.arithmetic:digit_credit", "--num_generations", "4",
+                   "--steps_per_generation", "2", "--beta", "0.1"]
     return [
         "--model_name", str(model), "--strategy", strategy, "--train_file", str(train),
         "--prompts_file", str(prompts), "--temperature", "1.0",
@@ -262,6 +280,8 @@ def schedule(kills: int, seed: int, ci: bool, strategy: str = "expert_iteration"
     if ci:
         if async_save:
             return list(CI_SEQUENCE_ASYNC)
+        if strategy in ("grpo", "rloo"):
+            return list(GRPO_CI_SEQUENCE)
         return list(LORA_CI_SEQUENCE if lora else DPO_CI_SEQUENCE if strategy == "iterative_dpo" else CI_SEQUENCE)
     rng = random.Random(seed)
     names = sorted({**POINTS, **(ASYNC_POINTS if async_save else {})})
@@ -340,7 +360,8 @@ def main() -> int:
     p.add_argument("--async_save", action="store_true",
                    help="the killed runs save with --async_save (the reference does not); kill points inside its writer")
     p.add_argument("--strategy", default="expert_iteration", choices=sorted(DATA_FILES),
-                   help="the experiment to kill: expert_iteration, or iterative_dpo (DPO iterations on TRL)")
+                   help="the experiment to kill: expert_iteration, iterative_dpo (DPO iterations on TRL), or grpo / "
+                        "rloo (online RL iterations on TRL)")
     p.add_argument("--lora", default=None, choices=["merged", "adapter"],
                    help="train LoRA adapters (--use_peft) with this --iteration_model")
     p.add_argument("--generation_backend", default="hf", choices=["hf", "vllm"],
@@ -348,8 +369,8 @@ def main() -> int:
     p.add_argument("--workdir", default=None)
     p.add_argument("--report", default=None, help="also write the JSON summary here")
     ns = p.parse_args()
-    if ns.async_save and (ns.lora or ns.strategy == "iterative_dpo"):  # itertrain refuses these (exit 2)
-        p.error("--async_save does not combine with --lora or --strategy iterative_dpo (itertrain refuses it)")
+    if ns.async_save and (ns.lora or ns.strategy != "expert_iteration"):  # itertrain refuses these (exit 2)
+        p.error("--async_save is exercised here with expert iteration only, without --lora")
     work = Path(ns.workdir) if ns.workdir else Path(tempfile.mkdtemp(prefix="itertrain-chaos-"))
     # named kills fire early in a launch, so a soak needs about one iteration of work per kill
     iterations = ns.iterations or (3 if ns.ci else max(3, ns.kills))

@@ -116,3 +116,20 @@ def test_dpo_demo_runs_sft_then_dpo_on_the_same_problems_and_prints_its_pairs_ta
                                f"{rows[1]['mean_reward']:.3f} | {rows[1]['pairs']} |")
     assert (exp / "runs" / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (tmp_path / "demo" / "experiment").exists()  # expert iteration's demo directory is its own
+
+
+GRPO_SHORT = ["--num_iterations", "2", "--sft_max_steps", "6", "--max_steps", "4", "--save_steps", "2",
+              "--logging_steps", "2", "--disable_tqdm", "true"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="needs itertrain[dpo] (TRL)")
+def test_grpo_demo_runs_sft_then_grpo_and_prints_reward_kl_and_accuracy(tmp_path: Path) -> None:
+    r = itertrain("demo", "--strategy", "grpo", "--output_dir", str(tmp_path / "demo"), *GRPO_SHORT, timeout=900)
+    assert r.returncode == 0, r.output
+    exp = tmp_path / "demo" / "experiment-grpo"
+    rows = [json.loads(line) for line in (exp / "runs" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["iteration"] for row in rows] == [0, 1] and "reward" in rows[1] and "kl" in rows[1]
+    assert manifest(exp / "iter_1")["lineage"]["ref_model"] == "iter_0"
+    table = [line for line in r.stdout.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| iter | mean reward | kl | train loss | 3digit acc")
+    assert table[2].startswith(f"| 1 | {rows[1]['reward']:.3f} | {rows[1]['kl']:.4f} |")

@@ -64,6 +64,10 @@ class Strategy:
         training_arguments_class: a TrainingArguments subclass (e.g. trl.DPOConfig): its own fields become
             flags under their own names (those itertrain already has keep itertrain's meaning).
         training_defaults: TrainingArguments defaults of this strategy (the YAML file and flags override them).
+            Otherwise the fields `training_arguments_class` defaults differently from HF's keep its defaults
+            (bf16 and gradient_checkpointing excepted: off unless asked for).
+        training_from: fields of `training_arguments_class` that take the value of an itertrain flag of the
+            same meaning, as {field: "group.field"} (e.g. {"num_generations": "generation.samples_per_prompt"}).
     """
 
     name: ClassVar[str] = ""
@@ -71,6 +75,7 @@ class Strategy:
     arguments_class: ClassVar[type | None] = None
     training_arguments_class: ClassVar[type | None] = None
     training_defaults: ClassVar[dict[str, Any]] = {}
+    training_from: ClassVar[dict[str, str]] = {}
     eval_prefix: ClassVar[str] = "eval"  # metric prefix of the loss on eval_rows() (per iteration: `evaluation`)
 
     def __init__(self, ctx: StrategyContext):
@@ -90,7 +95,7 @@ class Strategy:
 
         if not self.generates(iteration):
             rows, source = _user_rows(self.train_rows, iteration), self.rows_source(iteration)
-            check_rows(rows, source)
+            check_rows(rows, source, self.row_shapes(iteration))
             chat.check_rows(rows, self.ctx.tokenizer, source)
         rows = _user_rows(self.eval_rows, iteration)
         if rows is not None:
@@ -115,6 +120,13 @@ class Strategy:
     def eval_rows(self, iteration: int) -> list[dict[str, Any]] | None:
         """Rows for the held-out loss, None for none."""
         return None
+
+    def row_shapes(self, iteration: int) -> tuple[tuple[str, ...], ...]:
+        """The keys a row of `train_rows(iteration)` must have, one tuple per accepted shape (default:
+        prompt+completion, or text). A prompt-only strategy (GRPO) returns (("prompt",),)."""
+        from itertrain.data import ROW_SHAPES
+
+        return ROW_SHAPES
 
     def rows_source(self, iteration: int) -> str:
         """Where `train_rows(iteration)` come from, for error messages (a file name, say)."""
@@ -185,6 +197,17 @@ class Strategy:
         """`trainer_kwargs` for `iteration`, whose previous model is `source` (default: `trainer_kwargs`).
         Override when the trainer needs a model the plan names, as iterative_dpo's reference model."""
         return self.trainer_kwargs(iteration, model, args)
+
+    def save_step_multiple(self, iteration: int, args: Any) -> int:
+        """Checkpoints of `iteration` are taken only at multiples of this many optimizer steps (a preemption
+        too stops at the next one): state that no checkpoint holds, such as GRPO's buffered generations,
+        is then empty at every checkpoint. Default 1 (any step)."""
+        return 1
+
+    def training_metrics(self, iteration: int, state: Any) -> dict[str, float]:
+        """Metrics of `iteration` from its trainer's state once training ended (e.g. means over
+        `state.log_history`, which a checkpoint keeps across a resume). Called on every rank."""
+        return {}
 
     def task_metrics(self, iteration: int, model: Any) -> dict[str, float]:
         """Extra held-out metrics (e.g. exact-match accuracy). Called on every rank."""

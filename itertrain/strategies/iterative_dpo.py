@@ -41,14 +41,14 @@ if Version(trl.__version__) < Version(MIN_TRL):
     raise UsageError(f"--strategy iterative_dpo needs trl>={MIN_TRL}, found {trl.__version__}: "
                      "pip install -U 'itertrain[dpo]'")
 
-from itertrain.artifacts.manifest import ManifestError, fingerprint, read_manifest, verify_checksums  # noqa: E402
 from itertrain.chat import as_completion, explicit_prompt, render  # noqa: E402
 from itertrain.data import read_jsonl, resolve_path  # noqa: E402
-from itertrain.errors import RecoveryRefused, TrainingFailed  # noqa: E402
+from itertrain.errors import TrainingFailed  # noqa: E402
 from itertrain.layout import data_name  # noqa: E402
 from itertrain.rewards import Rewards, why_no_pairs  # noqa: E402
 from itertrain.strategies.base import Evaluation, ModelSource  # noqa: E402
 from itertrain.strategies.expert_iteration import SAMPLES, SampledDataStrategy  # noqa: E402
+from itertrain.strategies.reference import check_reference, reference, reference_lineage  # noqa: E402
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")  # TRL's trainers report usage unless told not to
 PAIRS = "pairs.jsonl"
@@ -293,37 +293,11 @@ class IterativeDPOStrategy(SampledDataStrategy):
     # ---- the reference model -------------------------------------------------------------------------------
     def reference(self, source: ModelSource) -> tuple[str, str | None, Path]:
         """(name, fingerprint, directory) of the reference model of an iteration whose previous model is `source`."""
-        cfg = self.ctx.cfg
-        if self.dpo.ref_model == "base" or cfg.loop.iteration_init == "base":
-            base = Path(cfg.model.model_name)
-            return f"base model {os.path.abspath(base)}", fingerprint(base), base
-        return source.path, fingerprint(self.ctx.root / source.path), self.ctx.root / source.path
+        return reference(self.ctx, self.dpo.ref_model, source)
 
     def iteration_lineage(self, iteration: int, source: ModelSource) -> dict[str, Any]:
-        if iteration == 0:
-            return {}
-        name, fp, _ = self.reference(source)
-        return {"ref_model": name, "ref_model_id": fp}
+        return {} if iteration == 0 else reference_lineage(self.ctx, self.dpo.ref_model, source)
 
     def check_restored(self, iteration: int, source: ModelSource, lineage: dict[str, Any], checkpoint: str) -> None:
-        if iteration == 0 or "ref_model_id" not in lineage:
-            return  # SFT, or a checkpoint from a tool that did not record a reference
-        name, now, directory = self.reference(source)
-        was = f"{lineage.get('ref_model')} (fingerprint {lineage['ref_model_id']})"
-        advice = (f"Put that reference model back, or restart iteration {iteration} from its starting model "
-                  "(--resume_from none --resume_from_iteration auto).")
-        if not directory.is_dir():
-            raise RecoveryRefused(f"{checkpoint} of iteration {iteration} was trained against the reference model "
-                                  f"{was}, which is gone ({directory}). {advice}")
-        if now != lineage["ref_model_id"]:
-            raise RecoveryRefused(f"{checkpoint} of iteration {iteration} was trained against the reference model "
-                                  f"{was}, but this launch's reference is {name} (fingerprint {now}): DPO would "
-                                  f"continue against a different model. {advice}")
-        try:
-            manifest = read_manifest(directory)
-        except ManifestError as e:
-            raise RecoveryRefused(f"the reference model {name} cannot be verified: {e}. {advice}") from e
-        problems = verify_checksums(directory, manifest) if manifest is not None else []
-        if problems:
-            raise RecoveryRefused(f"the reference model {name} of {checkpoint} is damaged: {'; '.join(problems)}. "
-                                  f"{advice}")
+        if iteration > 0:  # iteration 0 is SFT: no reference
+            check_reference(self.ctx, self.dpo.ref_model, source, iteration, lineage, checkpoint, "DPO")

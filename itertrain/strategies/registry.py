@@ -22,6 +22,8 @@ BUILTIN = {
     "sft": "itertrain.strategies.sft:SFTStrategy",
     "expert_iteration": "itertrain.strategies.expert_iteration:ExpertIterationStrategy",
     "iterative_dpo": "itertrain.strategies.iterative_dpo:IterativeDPOStrategy",
+    "grpo": "itertrain.strategies.grpo:GRPOStrategy",
+    "rloo": "itertrain.strategies.grpo:RLOOStrategy",
 }
 _registered: dict[str, type[Strategy]] = {}
 
