@@ -5,7 +5,6 @@ itertrain's groups first and HF's TrainingArguments (or the strategy's subclass 
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from argparse import SUPPRESS, ArgumentParser, Namespace
@@ -13,10 +12,10 @@ from dataclasses import MISSING, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from itertrain.args import (ARGUMENT_GROUPS, TRL_NAMES, DistributedArguments, RunConfig, canonical_name, one_or_several,
                             reward_specs, shared_values)
+from itertrain.config_file import read_yaml, yaml_to_argv
 from itertrain.errors import UsageError
 from itertrain.lora import check_settings
 from itertrain.sources import resolve_model
@@ -167,54 +166,15 @@ def make_parser(strategy: type[Strategy]):
     return parser, types
 
 
-def _read_yaml(path: str) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"--config {path}: no such file")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UsageError(f"--config {path} is not valid YAML: {str(e).splitlines()[0]}") from e
-    if not isinstance(data, dict):
-        raise UsageError(f"--config {path} must hold a mapping of flag names to values")
-    return data
-
-
-def _yaml_to_argv(data: dict[str, Any], known: set[str], path: str) -> list[str]:
-    """YAML keys as flags; a key that is not exactly a flag's name is refused (no prefix matching)."""
-    unknown = sorted(str(k) for k in data if str(k) not in known)
-    both = [(old, new) for old, new in TRL_NAMES.items() if old in data and new in data]
-    if both:
-        raise UsageError(f"--config {path}: {', '.join(f'{o} and {n}' for o, n in both)} name the same setting; "
-                         f"keep {', '.join(n for _, n in both)} (TRL's name)")
-    if unknown:
-        import difflib
-
-        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, known, n=1)) else k for k in unknown]
-        raise UsageError(f"--config {path}: unknown key(s) {', '.join(hints)}")
-    argv: list[str] = []
-    for key, value in data.items():
-        flag = f"--{key}"
-        if isinstance(value, bool):
-            argv += [flag, str(value).lower()]
-        elif isinstance(value, (list, tuple)):
-            argv += [flag, *map(str, value)]
-        elif isinstance(value, dict):
-            argv += [flag, json.dumps(value)]
-        elif value is not None:
-            argv += [flag, str(value)]
-    return argv
-
-
 def early_flags(argv: list[str]) -> DistributedArguments:
     """The flags needed before the full parse, from the command line over `--config`: the process group
     is created, and the signals are caught, before HF's TrainingArguments exist (building them would
     create the process group itself). The full parse reads the same values again."""
     config, _ = _pre_parse(argv)
-    data = _read_yaml(config) if config else {}
+    data = read_yaml(config) if config else {}
     names = {f.name for f in fields(DistributedArguments)}
     pre = _hf_parser([DistributedArguments])
-    given = [a for k, v in data.items() if k in names for a in _yaml_to_argv({k: v}, names, str(config))]
+    given = [a for k, v in data.items() if k in names for a in yaml_to_argv({k: v}, names, str(config))]
     picked: list[str] = []
     for i, a in enumerate(argv):  # only our flags (and a value that follows): the rest is parsed later
         flag = a.split("=", 1)[0]
@@ -240,7 +200,7 @@ def parse_train_args(argv: list[str] | None = None, strategy: type[Strategy] | N
     Strategy class to run (its name is then the --strategy value)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     config, spec = _pre_parse(argv)
-    data = _read_yaml(config) if config else {}
+    data = read_yaml(config) if config else {}
     if strategy is not None:
         from itertrain.strategies import register_strategy
 
@@ -258,7 +218,7 @@ def parse_train_args(argv: list[str] | None = None, strategy: type[Strategy] | N
     rest = [a for i, a in enumerate(argv) if a != "--config" and (i == 0 or argv[i - 1] != "--config")
             and not a.startswith("--config=")]
     defaults = [a for k, v in cls.training_defaults.items() for a in (f"--{k}", str(v))]
-    full = _platform_defaults() + defaults + (_yaml_to_argv(data, known, config) if config else []) + rest
+    full = _platform_defaults() + defaults + (yaml_to_argv(data, known, config) if config else []) + rest
     check_sharding(full)  # before HF reads a DeepSpeed config (which needs deepspeed installed)
     try:
         *groups, remaining = parser.parse_args_into_dataclasses(args=full, return_remaining_strings=True)
