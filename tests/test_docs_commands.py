@@ -9,6 +9,7 @@ small: the slow test below must stay under 2 minutes on an idle 2-core machine.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -130,3 +131,22 @@ def test_the_architecture_page_names_every_module():
     named = {m for m in modules if f"`{m}`" in page or f"`{m.rsplit('/', 1)[-1]}`" in page}
     missing = [m for m in modules if m not in named and m.rsplit("/", 1)[-1] not in ("__init__.py", "__main__.py")]
     assert not missing, f"docs/architecture.md does not name {missing}: add each to the module map"
+
+
+@pytest.mark.slow
+def test_the_readmes_strategy_on_trls_kto_trainer_runs_as_written_for_two_iterations(tmp_path, tiny_model):
+    pytest.importorskip("trl")
+    from conftest import FAST_FLAGS, itertrain, manifest
+
+    readme = (REPO / "README.md").read_text()
+    block = re.search(r"<!-- --8<-- \[start:kto\] -->\n```python\n(.*?)^```", readme, re.M | re.S).group(1)
+    (tmp_path / "kto_strategy.py").write_text(block)
+    rows = [{"prompt": f"{a}+{b}=", "completion": str(a + b if (a + b) % 3 else a + b + 1),
+             "label": bool((a + b) % 3)} for a in range(8) for b in range(8)]
+    (tmp_path / "kto.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "exp"
+    r = itertrain("train", "--strategy", "kto_strategy:KTO", "--model_name_or_path", str(tiny_model),
+                  "--output_dir", str(out), "--train_file", str(tmp_path / "kto.jsonl"), "--num_iterations", "2",
+                  *FAST_FLAGS, cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)})
+    assert r.returncode == 0, r.output
+    assert [manifest(out / f"iter_{k}")["iteration"] for k in (0, 1)] == [0, 1]  # both committed
