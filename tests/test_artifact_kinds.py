@@ -101,3 +101,10 @@ def test_an_unregistered_kind_is_invisible_and_a_manifest_of_another_kind_is_cor
     assert evals[0].status == Status.CORRUPT and "expected 'eval_scores'" in evals[0].problem
     with pytest.raises(ValueError, match="already registered"):
         kinds.register(EvalScores())
+
+
+def test_the_built_in_kinds_keep_the_manifest_kind_strings_existing_experiments_hold():
+    """Experiments committed before the kinds were classes name these strings in their manifests: a
+    renamed kind would make every one of them corrupt."""
+    assert [(k.name, k.group) for k in kinds.registered()] == [
+        ("iteration_model", "iteration_models"), ("trainer_checkpoint", "checkpoints"), ("data", "data")]
