@@ -152,7 +152,7 @@ class Entry:
     """An artifact directory found by name: what it is by its place, before anything is read."""
 
     rel: str  # relative to the output dir, posix
-    kind: Kind
+    kind: Kind | str  # a registered artifact kind's name for kinds beyond these (recovery/kinds.py)
     number: int  # step of a checkpoint, iteration of a model or data
     symlink: bool  # the entry itself is a symbolic link (listed, used read-only, never written through)
 

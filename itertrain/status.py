@@ -15,19 +15,19 @@ from pathlib import Path
 from typing import Any
 
 from itertrain import data_lineage
-from itertrain.artifacts.manifest import ManifestError, read_manifest
+from itertrain.artifacts.manifest import ManifestError
 from itertrain.errors import ItertrainError, UsageError
 from itertrain.experiment import load_record
-from itertrain.layout import ADAPTER_CONFIG_NAME, SUPERSEDED_DIR, experiment_dir
+from itertrain.layout import SUPERSEDED_DIR, experiment_dir
 from itertrain.lock import describe_holder, live_holder
 from itertrain.lora.links import base_model_problems, check_links
 from itertrain.metrics import committed_metrics
+from itertrain.recovery import kinds
 from itertrain.recovery.decide import decide
 from itertrain.recovery.discover import Inventory, Status, discover, missing_aux
 from itertrain.recovery.flags import RecoveryFlags
 from itertrain.recovery.report import inventory_to_json, plan_to_json, render
 from itertrain.recovery.resolve import verify_chosen, with_missing_aux
-from itertrain.recovery.verify import deep_problems
 
 STATUS_SCHEMA = 2
 IN_FLIGHT = "being written"
@@ -107,16 +107,9 @@ def status(argv: list[str]) -> int:
     if holder is not None:
         print(f"  🔒 a run is alive here: {describe_holder(holder)}; the plan below is what a relaunch would do "
               "after it stops")
-    for m in inv.iteration_models:
-        extra = f" — {m.problem}" if m.problem else ""
-        aux = f" (missing {', '.join(m.missing_aux)}: {_recreated_from(m.missing_aux)} on resume)" if m.missing_aux else ""
-        print(f"  🎯 {m.path:<24} iteration {m.iteration:<4} {_label(m, flying)}{aux}{extra}")
-    for c in inv.checkpoints:
-        extra = f" — {c.problem}" if c.problem and c.path not in flying else ""
-        it = str(c.iteration) if c.iteration >= 0 else "?"  # a save without a manifest (yet) says no iteration
-        print(f"  📁 {c.path:<24} iteration {it:<4} step {c.step:<7} {_label(c, flying)}{extra}")
-    for d in inv.data:
-        print(f"  📦 {d.path:<24} iteration {d.iteration:<4} {_label(d, flying)}")
+    for kind in kinds.registered():
+        for a in inv.group(kind.group):
+            print(kind.describe(a, _label(a, flying), a.path in flying))
     for a in aside:
         print(f"  🗄️  {a['path'] + '/':<24} moved aside: {', '.join(a['artifacts']) or 'empty'} (never used by "
               "recovery; kept for you to inspect or delete)")
@@ -143,8 +136,8 @@ def _status_json(root: Path, record: dict, inv: Inventory, plan, error, holder: 
                  target: int) -> dict[str, Any]:
     absolute = os.path.abspath(root)
     inventory = inventory_to_json(inv)
-    for group in ("iteration_models", "checkpoints", "data"):
-        for a in inventory[group]:
+    for kind in kinds.registered():
+        for a in inventory[kind.group]:
             a["absolute_path"] = os.path.join(absolute, a["path"])
             if a["path"] in flying:
                 a["status"] = "in_flight"
@@ -175,34 +168,9 @@ def verify(argv: list[str]) -> int:
     flying = _in_flight(inv, holder)
     results = []
     bad = 0
-    for artifact, kind in (
-        *((m, "iteration_model") for m in inv.iteration_models),
-        *((c, "trainer_checkpoint") for c in inv.checkpoints),
-        *((d, "data") for d in inv.data),
-    ):
-        problems: list[str] = []
-        if artifact.path in flying:
-            results.append({"path": artifact.path, "kind": kind, "status": "in_flight", "ok": None, "problems": []})
-            continue
-        if artifact.status == Status.TORN:  # never committed: recovery never uses it, the next launch removes it
-            results.append({"path": artifact.path, "kind": kind, "status": "torn", "ok": None, "leftover": True,
-                            "problems": [f"{artifact.problem or 'no manifest'}: a save that never completed; "
-                                         "never used, the next launch removes it"]})
-            continue
-        if artifact.status in (Status.CORRUPT, Status.INVALID):
-            problems = [artifact.problem or artifact.status.value]
-        else:
-            try:
-                manifest = None if getattr(artifact, "foreign", False) else read_manifest(root / artifact.path)
-                problems = deep_problems(root / artifact.path, manifest, kind)
-            except ManifestError as e:
-                problems = [str(e)]
-            if kind == "iteration_model":
-                problems += list(base_model_problems(root, [artifact.path]).values())
-        ok = not problems
-        bad += not ok
-        results.append({"path": artifact.path, "kind": kind, "status": artifact.status.value, "ok": ok,
-                        "problems": problems, "symlink": getattr(artifact, "symlink", False)})
+    for kind, artifact in ((k, a) for k in kinds.registered() for a in inv.group(k.group)):
+        results.append(_verified(root, kind, artifact, flying))
+        bad += results[-1]["ok"] is False
     checked = [r for r in results if r["ok"] is not None]
     leftovers = sum(bool(r.get("leftover")) for r in results)
     if ns.json:
@@ -223,6 +191,26 @@ def verify(argv: list[str]) -> int:
     return 1 if bad else 0
 
 
+def _verified(root: Path, kind: kinds.ArtifactKind, artifact: Any, flying: set[str]) -> dict[str, Any]:
+    """One artifact's line of `itertrain verify`, by its kind's deep check."""
+    if artifact.path in flying:
+        return {"path": artifact.path, "kind": kind.name, "status": "in_flight", "ok": None, "problems": []}
+    if artifact.status == Status.TORN:  # never committed: recovery never uses it, the next launch removes it
+        return {"path": artifact.path, "kind": kind.name, "status": "torn", "ok": None, "leftover": True,
+                "problems": [f"{artifact.problem or 'no manifest'}: a save that never completed; "
+                             "never used, the next launch removes it"]}
+    if artifact.status in (Status.CORRUPT, Status.INVALID):
+        problems = [artifact.problem or artifact.status.value]
+    else:
+        try:
+            problems = kind.verify(root, artifact)
+        except ManifestError as e:
+            problems = [str(e)]
+        problems += kind.link_problems(root, artifact)
+    return {"path": artifact.path, "kind": kind.name, "status": artifact.status.value, "ok": not problems,
+            "problems": problems, "symlink": getattr(artifact, "symlink", False)}
+
+
 def superseded(root: Path) -> list[dict[str, Any]]:
     """What was moved aside into superseded/<time>/ (by --overwrite_output_dir or a rebuild), oldest first."""
     base = root / SUPERSEDED_DIR
@@ -230,14 +218,3 @@ def superseded(root: Path) -> list[dict[str, Any]]:
         return []
     return [{"path": f"{SUPERSEDED_DIR}/{d.name}", "artifacts": sorted(p.name for p in d.iterdir())}
             for d in sorted(base.iterdir()) if d.is_dir() and not d.is_symlink()]
-
-
-def _recreated_from(missing: list[str] | tuple[str, ...]) -> str:
-    """Where resume recreates missing small files from: adapter_config.json from the LoRA settings the
-    manifest records, the others (config, tokenizer) from the base model."""
-    sources = []
-    if ADAPTER_CONFIG_NAME in missing:
-        sources.append(f"{ADAPTER_CONFIG_NAME} recreated from the recorded LoRA settings")
-    if any(n != ADAPTER_CONFIG_NAME for n in missing):
-        sources.append("the others from the base model" if sources else "recreated from the base model")
-    return ", ".join(sources)

@@ -288,11 +288,11 @@ def test_newest_usable_skips_rejected_torn_and_stale_marks_alike_and_takes_the_n
     inv = inventory(model("iter_0", 0), model("iter_1", 1), ckpt("checkpoint-8", 1), ckpt("checkpoint-4", 2),
                     ckpt("checkpoint-12", 2, status=Status.TORN), ckpt("checkpoint-8x", 2, step=8))
     auto = flags("auto", "auto")
-    chosen, chosen_model, _ = newest_usable(auto, inv, {})
-    assert (chosen.path, chosen_model.path) == ("checkpoint-8x", "iter_1")
-    chosen, chosen_model, _ = newest_usable(auto, inv, {"checkpoint-8x": "verification failed", "iter_1": "load failed"})
-    assert (chosen.path, chosen_model.path) == ("checkpoint-4", "iter_0")
+    pick = newest_usable(auto, inv, {})
+    assert (pick.checkpoint.path, pick.model.path) == ("checkpoint-8x", "iter_1")
+    pick = newest_usable(auto, inv, {"checkpoint-8x": "verification failed", "iter_1": "load failed"})
+    assert (pick.checkpoint.path, pick.model.path) == ("checkpoint-4", "iter_0")
     assert inv.checkpoints[0].status == Status.STALE and inv.checkpoints[0].path == "checkpoint-8"
     gone = {"checkpoint-8x": "x", "checkpoint-4": "x", "iter_1": "x"}
-    assert newest_usable(auto, inv, gone)[0].path == "checkpoint-8"  # marked stale, still usable
-    assert newest_usable(flags("auto", "none"), inv, {})[0].path == "checkpoint-8x"
+    assert newest_usable(auto, inv, gone).checkpoint.path == "checkpoint-8"  # marked stale, still usable
+    assert newest_usable(flags("auto", "none"), inv, {}).checkpoint.path == "checkpoint-8x"

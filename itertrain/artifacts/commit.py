@@ -24,7 +24,7 @@ from itertrain.layout import Kind
 @dataclass(frozen=True)
 class CommitJob:
     directory: Path
-    kind: Kind
+    kind: Kind | str  # the manifest's kind string (an artifact kind's `name`)
     iteration: int
     step: int
     lineage: Mapping[str, Any] = field(default_factory=dict)
@@ -104,7 +104,7 @@ class CommitWorker:
             job.before()
         try:
             manifest = commit_directory(
-                job.directory, kind=job.kind.value, iteration=job.iteration, step=job.step,
+                job.directory, kind=str(getattr(job.kind, "value", job.kind)), iteration=job.iteration, step=job.step,
                 lineage=dict(job.lineage), world_size=self.world_size, extra=dict(job.extra), fsync=self.fsync,
                 written=job.written,
             )

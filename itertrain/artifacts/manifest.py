@@ -25,7 +25,12 @@ from itertrain.layout import MANIFEST_NAME, Kind
 
 SCHEMA_VERSION = 1
 _CHUNK = 64 << 20  # hash a mapped file in 64 MiB slices
-KINDS = tuple(k.value for k in Kind)
+_KINDS = {k.value for k in Kind}  # the kinds a manifest may name; recovery/kinds.py's register adds one
+
+
+def allow_kind(name: str, allowed: bool = True) -> None:
+    """Let manifests name the artifact kind `name` (or, `allowed` False, no longer): its registration."""
+    (_KINDS.add if allowed else _KINDS.discard)(name)
 
 
 class ManifestError(Exception):
@@ -75,7 +80,7 @@ class Manifest:
             raise ManifestError("not an itertrain manifest (missing format marker)")
         if d.get("schema") != SCHEMA_VERSION:
             raise ManifestError(f"unsupported manifest schema {d.get('schema')!r}")
-        if d.get("kind") not in KINDS:
+        if d.get("kind") not in _KINDS:
             raise ManifestError(f"unknown artifact kind {d.get('kind')!r}")
         for rel in d.get("files") or {}:
             why = entry_problem(str(rel))

@@ -9,11 +9,11 @@ rules, in order:
    boundary only the optimizer moments carry over;
 4. `auto` only considers candidates consistent with an explicit value on the other flag.
 
-`newest_usable` is the one place that says which artifacts are newest and usable. `decide` is
-called again with `rejected` growing when verification or loading of a chosen artifact fails (auto
-only), and retries itself when the plan cannot serve the chosen checkpoint: that is the fallback to
-the next older candidate. A rejected iteration model no longer counts as done: the checkpoints of its
-iteration may rebuild it.
+`newest_usable` is the one place that says which artifacts are newest and usable (`skip_reason` its
+one usability rule). `decide` is called again with `rejected` growing when verification or loading
+of a chosen artifact fails (auto only), and asks `newest_usable` again itself when the plan cannot
+serve the chosen checkpoint: that is the fallback to the next older candidate. A rejected iteration
+model no longer counts as done: the checkpoints of its iteration may rebuild it.
 """
 
 from __future__ import annotations
@@ -29,28 +29,36 @@ from itertrain.recovery.plan import Mode, Rejection, RecoveryPlan
 
 
 @dataclass
-class _Candidates:
+class Pick:
+    """`newest_usable`'s answer: the checkpoint and the iteration model a launch continues from (None:
+    none), the usable candidates they were chosen among, and every artifact skipped with why."""
+
+    checkpoint: TrainerCheckpoint | None = None
+    model: IterationModel | None = None
     checkpoints: list[TrainerCheckpoint] = field(default_factory=list)
     models: list[IterationModel] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
 
 
-def _candidates(inv: Inventory, rejected: Mapping[str, str]) -> _Candidates:
-    c = _Candidates()
-    for model in inv.iteration_models:
-        if model.path in rejected:
-            c.rejected.append(Rejection(model.path, rejected[model.path]))
-        elif model.status.usable:
-            c.models.append(model)
+def skip_reason(artifact: TrainerCheckpoint | IterationModel, rejected: Mapping[str, str]) -> str | None:
+    """Why `artifact` cannot be continued from, None when it can: the one usability rule. A later check
+    that failed (deep verification, loading on a rank, a plan that cannot serve it) says so in `rejected`;
+    otherwise its discovered status decides (a stale mark is only shown: stale ones are usable)."""
+    if artifact.path in rejected:
+        return rejected[artifact.path]
+    return None if artifact.status.usable else f"{artifact.status.value}: {artifact.problem}"
+
+
+def _candidates(inv: Inventory, rejected: Mapping[str, str]) -> Pick:
+    c = Pick()
+    for artifact in (*inv.iteration_models, *inv.checkpoints):
+        why = skip_reason(artifact, rejected)
+        if why is not None:
+            c.rejected.append(Rejection(artifact.path, why))
+        elif isinstance(artifact, IterationModel):
+            c.models.append(artifact)
         else:
-            c.rejected.append(Rejection(model.path, f"{model.status.value}: {model.problem}"))
-    for ckpt in inv.checkpoints:  # a stale checkpoint (its iteration's model exists) is usable as any other
-        if ckpt.path in rejected:
-            c.rejected.append(Rejection(ckpt.path, rejected[ckpt.path]))
-        elif ckpt.status.usable:
-            c.checkpoints.append(ckpt)
-        else:
-            c.rejected.append(Rejection(ckpt.path, f"{ckpt.status.value}: {ckpt.problem}"))
+            c.checkpoints.append(artifact)
     return c
 
 
@@ -94,17 +102,17 @@ def _explicit_checkpoint(value: str, inv: Inventory, rejected: Mapping[str, str]
     return max(usable, key=checkpoint_order)
 
 
-def _done(cands: _Candidates) -> int:
+def _done(cands: Pick) -> int:
     """The newest iteration with a usable (not rejected) model; -1 when none."""
     return max((m.iteration for m in cands.models), default=-1)
 
 
-def _model_of(cands: _Candidates, iteration: int) -> str | None:
+def _model_of(cands: Pick, iteration: int) -> str | None:
     found = [m for m in cands.models if m.iteration == iteration]
     return max(found, key=model_order).path if found else None
 
 
-def _superseded(inv: Inventory, cands: _Candidates, iteration: int, step: int, keep: str | None) -> tuple[str, ...]:
+def _superseded(inv: Inventory, cands: Pick, iteration: int, step: int, keep: str | None) -> tuple[str, ...]:
     """Committed work this run replaces, moved aside before it starts (never overwritten): the
     iteration models of `iteration` and later (the guide's "continue from a given iteration"), the
     data of later iterations, and top-level checkpoints of this iteration past `step` or of later ones."""
@@ -117,21 +125,28 @@ def _superseded(inv: Inventory, cands: _Candidates, iteration: int, step: int, k
 
 
 def decide(flags: RecoveryFlags, inv: Inventory, rejected: Mapping[str, str] | None = None) -> RecoveryPlan:
-    """The recovery plan for these flags and this inventory. Raises RecoveryRefused."""
+    """The recovery plan for these flags and this inventory. Raises RecoveryRefused.
+
+    A plan that cannot serve the checkpoint `newest_usable` picked rejects it, and the pick is asked
+    again (auto) or the launch refused (explicit): the same path as a failed verification or load."""
     rejected = dict(rejected or {})
     while True:
-        plan = _decide(flags, inv, rejected)
-        # A checkpoint kept inside an iteration model this run replaces cannot be read once that
-        # model moved aside: take the next candidate (auto), or refuse (explicit).
-        inside = next((p for p in plan.supersedes if plan.state_from and plan.state_from.startswith(p + "/")), None)
-        why = f"kept inside {inside}, which this run replaces" if inside else None
-        if why is None:
-            plan, why = with_lora(plan, flags)
+        plan, why = _served(_decide(flags, inv, rejected), flags)
         if why is None:
             return plan
         if flags.resume_from != AUTO:
             raise _refuse_explicit("--resume_from", flags.resume_from, f"{plan.state_from} is {why}", inv)
         rejected[plan.state_from] = why  # type: ignore[index]
+
+
+def _served(plan: RecoveryPlan, flags: RecoveryFlags) -> tuple[RecoveryPlan, str | None]:
+    """The plan completed with its LoRA halves, or why it cannot use its checkpoint: one kept inside an
+    iteration model this run replaces cannot be read once that model moved aside; a merged LoRA adapter
+    needs the model it was trained on."""
+    inside = next((p for p in plan.supersedes if plan.state_from and plan.state_from.startswith(p + "/")), None)
+    if inside:
+        return plan, f"kept inside {inside}, which this run replaces"
+    return with_lora(plan, flags)
 
 
 def with_lora(plan: RecoveryPlan, flags: RecoveryFlags) -> tuple[RecoveryPlan, str | None]:
@@ -156,15 +171,15 @@ def with_lora(plan: RecoveryPlan, flags: RecoveryFlags) -> tuple[RecoveryPlan, s
     return plan.with_(lora=flags.lora, adapter_base=applies_to, adapter_from=restored), None
 
 
-def newest_usable(flags: RecoveryFlags, inv: Inventory, rejected: Mapping[str, str]
-                  ) -> tuple[TrainerCheckpoint | None, IterationModel | None, _Candidates]:
+def newest_usable(flags: RecoveryFlags, inv: Inventory, rejected: Mapping[str, str]) -> Pick:
     """Which trainer checkpoint and which iteration model this launch continues from: the one answer to
-    "which artifact is newest and usable". Usable: its status allows it (committed, stale, or adopted from
-    another tool and structurally sound) and nothing rejected it; newest: the layout's one ordering
-    (`checkpoint_order`, `model_order`). Rules 1 and 4 of the module docstring apply here. Everything
-    that finds an artifact unusable later (deep verification, loading on every rank, a plan it cannot
-    serve) adds it to `rejected` and asks again: that is the whole fallback."""
-    cands = _candidates(inv, rejected)
+    "which artifact is newest and usable", with every artifact skipped and why. Usable: `skip_reason`
+    finds nothing against it (its status allows it: committed, stale, or adopted from another tool and
+    structurally sound; nothing rejected it); newest: the layout's one ordering (`checkpoint_order`,
+    `model_order`). Rules 1 and 4 of the module docstring apply here. Everything that finds an artifact
+    unusable later (deep verification, loading on every rank, a plan it cannot serve) adds it to
+    `rejected` and asks again: that is the whole fallback."""
+    pick = _candidates(inv, rejected)
     rf, ri = flags.resume_from, flags.resume_from_iteration
 
     # Rule 1: explicit values are obeyed as written (errors if missing, torn or failed).
@@ -173,24 +188,26 @@ def newest_usable(flags: RecoveryFlags, inv: Inventory, rejected: Mapping[str, s
 
     # Rule 4: auto only considers candidates consistent with an explicit value on the other flag.
     if ri == AUTO:
-        models = cands.models
+        models = pick.models
         if ckpt is not None:
             models = [m for m in models if m.iteration >= ckpt.iteration - 1]
         model = max(models, key=model_order, default=None)
     if rf == AUTO:
-        ckpts = cands.checkpoints
+        ckpts = pick.checkpoints
         if model is not None and ri != AUTO:
             ckpts = [c for c in ckpts if c.iteration <= model.iteration + 1]
         if ri == NONE:
             # Without an iteration model, a checkpoint of an already committed iteration cannot be
             # continued without retraining (and replacing) that iteration's model.
-            ckpts = [c for c in ckpts if c.iteration > _done(cands)]
+            ckpts = [c for c in ckpts if c.iteration > _done(pick)]
         ckpt = max(ckpts, key=checkpoint_order, default=None)
-    return ckpt, model, cands
+    pick.checkpoint, pick.model = ckpt, model
+    return pick
 
 
 def _decide(flags: RecoveryFlags, inv: Inventory, rejected: dict[str, str]) -> RecoveryPlan:
-    ckpt, model, cands = newest_usable(flags, inv, rejected)
+    cands = newest_usable(flags, inv, rejected)
+    ckpt, model = cands.checkpoint, cands.model
     plan = _table(flags, inv, cands, ckpt, model)
     if plan.mode != Mode.COMPLETE and plan.iteration >= flags.num_iterations:
         plan = RecoveryPlan.complete(plan.iteration, flags.num_iterations, weights_from=plan.weights_from,
@@ -210,7 +227,7 @@ def _decide(flags: RecoveryFlags, inv: Inventory, rejected: dict[str, str]) -> R
     return plan.with_(warnings=plan.warnings + warnings, rejected=tuple(cands.rejected))
 
 
-def _table(flags: RecoveryFlags, inv: Inventory, cands: _Candidates, ckpt: TrainerCheckpoint | None,
+def _table(flags: RecoveryFlags, inv: Inventory, cands: Pick, ckpt: TrainerCheckpoint | None,
            model: IterationModel | None) -> RecoveryPlan:
     """The decision table, one branch per row."""
     base_init = flags.iteration_init == "base"
@@ -254,7 +271,7 @@ def _table(flags: RecoveryFlags, inv: Inventory, cands: _Candidates, ckpt: Train
     return _both(flags, inv, cands, ckpt, model, weights, init_note)
 
 
-def _both(flags: RecoveryFlags, inv: Inventory, cands: _Candidates, ckpt: TrainerCheckpoint, model: IterationModel,
+def _both(flags: RecoveryFlags, inv: Inventory, cands: Pick, ckpt: TrainerCheckpoint, model: IterationModel,
           weights: str, init_note: str) -> RecoveryPlan:
     """The decision table's rows with both a checkpoint and an iteration model (rows 4 to 6)."""
     k, base_init = model.iteration, flags.iteration_init == "base"

@@ -7,6 +7,7 @@ import time
 from dataclasses import asdict
 from typing import Any
 
+from itertrain.recovery import kinds
 from itertrain.recovery.discover import Inventory
 from itertrain.recovery.flags import BASE, RecoveryFlags
 from itertrain.recovery.plan import Mode, RecoveryPlan, StateScope
@@ -116,13 +117,9 @@ def plan_to_json(plan: RecoveryPlan) -> dict[str, Any]:
 
 
 def inventory_to_json(inv: Inventory) -> dict[str, Any]:
-    return {
-        "output_dir": inv.output_dir,
-        "is_experiment": inv.is_experiment,
-        "iteration_models": [{**asdict(m), "status": m.status.value} for m in inv.iteration_models],
-        "checkpoints": [{**asdict(c), "status": c.status.value} for c in inv.checkpoints],
-        "data": [{**asdict(d), "status": d.status.value} for d in inv.data],
-    }
+    """The inventory, one list per registered artifact kind (its `group`)."""
+    groups = {kind.group: [kind.to_json(a) for a in inv.group(kind.group)] for kind in kinds.registered()}
+    return {"output_dir": inv.output_dir, "is_experiment": inv.is_experiment, **groups}
 
 
 def report_json(

@@ -16,7 +16,7 @@ from typing import Any
 from itertrain import distributed
 from itertrain.errors import RecoveryRefused
 from itertrain.artifacts.manifest import ManifestError, read_manifest
-from itertrain.layout import Kind
+from itertrain.recovery import kinds
 from itertrain.lora.links import check_links
 from itertrain.recovery.decide import decide
 from itertrain.recovery.discover import Inventory, IterationModel, discover, missing_aux
@@ -31,7 +31,6 @@ from itertrain.recovery.restore import (
     weights_dir,
     with_base_configs,
 )
-from itertrain.recovery.verify import deep_problems
 from itertrain.weights import holds_adapter_only
 
 
@@ -67,29 +66,14 @@ class LoadOptions:
     fsdp: bool = False  # HF restores FSDP-sharded optimizer state only under --fsdp
 
 
-def _kind_of(inv: Inventory, rel: str) -> tuple[str, Any]:
-    for m in inv.iteration_models:
-        if m.path == rel:
-            return Kind.ITERATION_MODEL.value, m
-    for c in inv.checkpoints:
-        if c.path == rel:
-            return Kind.TRAINER_CHECKPOINT.value, c
-    raise KeyError(rel)
-
-
 def verify_artifact(root: Path, inv: Inventory, rel: str, artifact: Any = None) -> str | None:
-    """Deep-verify one artifact of the inventory (every byte against its manifest, or the structural
-    check for one written by another tool). The reason it fails, None when it passes."""
-    kind, found = _kind_of(inv, rel)
-    artifact = artifact or found
+    """Deep-verify one artifact of the inventory with its kind's check (every byte against its manifest,
+    or the structural check for one written by another tool). The reason it fails, None when it passes."""
+    kind, found = kinds.kind_of_path({k.group: inv.group(k.group) for k in kinds.registered()}, rel)
     try:
-        manifest = None if getattr(artifact, "foreign", False) else read_manifest(root / rel)
+        problems = kind.verify(root, artifact or found)
     except ManifestError as e:
         return f"manifest unreadable: {e}"
-    if manifest is not None and isinstance(artifact, IterationModel) and artifact.missing_aux:
-        files = {k: v for k, v in manifest.files.items() if k not in artifact.missing_aux}
-        manifest = dataclasses.replace(manifest, files=files)
-    problems = deep_problems(root / rel, manifest, kind)
     return "verification failed: " + "; ".join(problems) if problems else None
 
 
