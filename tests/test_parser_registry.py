@@ -178,6 +178,20 @@ def test_yaml_accepts_old_and_trl_keys_but_refuses_both_for_one_setting(model_di
         parse_train_args(["--config", str(cfg), *base(model_dir, tmp_path)[2:]])
 
 
+def test_old_and_trl_flag_names_of_one_setting_on_the_command_line_are_refused_but_one_flag_twice_is_last_wins(
+        model_dir, tmp_path):
+    other = tmp_path / "other_model"
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    with pytest.raises(UsageError, match=r"^--model_name and --model_name_or_path name the same setting; keep "
+                                         r"--model_name_or_path \(TRL's name\)"):
+        parse_train_args(base(model_dir, tmp_path, "--model_name_or_path", str(other)))
+    with pytest.raises(UsageError, match=r"^--samples_per_prompt and --num_generations name the same setting"):
+        parse_train_args(base(model_dir, tmp_path, "--samples-per-prompt", "2", "--num_generations=4"))
+    run = parse_train_args(base(model_dir, tmp_path, "--model_name", str(other)))
+    assert run.model.model_name == str(other)
+
+
 def test_a_missing_model_names_the_trl_flag(tmp_path):
     with pytest.raises(UsageError, match=r"^--model_name_or_path .* does not exist"):
         parse_train_args(["--model_name", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "out"),
