@@ -17,6 +17,7 @@ from itertrain.args import (ARGUMENT_GROUPS, TRL_NAMES, DistributedArguments, Ru
                             reward_specs, shared_values)
 from itertrain.config_file import check_one_name, read_yaml, yaml_to_argv
 from itertrain.errors import UsageError
+from itertrain.flag_checks import check_dataset_flags, check_finite
 from itertrain.lora import check_settings
 from itertrain.sources import resolve_model
 from itertrain.strategies import available, load_strategy
@@ -249,6 +250,8 @@ def parse_train_args(argv: list[str] | None = None, strategy: type[Strategy] | N
     if model.tokenizer_name:
         model.tokenizer_name = resolve_model(model.tokenizer_name, "--tokenizer_name", need=None)
     cfg = RunConfig(model, loop, generation, recovery, training, strategy_args, argv, lora, dist_args)
+    check_finite(cfg.groups()[:-1], training)
+    check_dataset_flags(loop)
     validate(cfg)
     cls.check_arguments(cfg)
     from itertrain.generation import check_backend  # imports transformers: only once a run is parsed

@@ -3,6 +3,7 @@ strategy registry (built in, registered, module:Class, entry points, refusals)."
 
 from __future__ import annotations
 
+import re
 import sys
 import textwrap
 
@@ -190,6 +191,26 @@ def test_old_and_trl_flag_names_of_one_setting_on_the_command_line_are_refused_b
         parse_train_args(base(model_dir, tmp_path, "--samples-per-prompt", "2", "--num_generations=4"))
     run = parse_train_args(base(model_dir, tmp_path, "--model_name", str(other)))
     assert run.model.model_name == str(other)
+
+
+@pytest.mark.parametrize("extra,expected", [
+    (("--reward_threshold", "nan"), "--reward_threshold nan: must be a finite number, not nan"),
+    (("--reward_threshold=-inf",), "--reward_threshold -inf: must be a finite number"),
+    (("--strategy", "grpo", "--beta", "inf"), "--beta inf: must be a finite number"),
+    (("--strategy", "grpo", "--reward_funcs", "m:a", "m:b", "--reward_weights", "1", "nan"),
+     "--reward_weights [1.0, nan]: must be a finite number, not nan"),
+    (("--strategy", "iterative_dpo", "--min_reward_margin", "inf"), "--min_reward_margin inf: must be a finite"),
+], ids=["threshold_nan", "threshold_-inf", "beta", "reward_weights", "min_reward_margin"])
+def test_a_non_finite_number_for_a_float_flag_exits_2_naming_the_flag(model_dir, tmp_path, extra, expected):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    with pytest.raises(UsageError, match="^" + re.escape(expected)):
+        parse_train_args(base(model_dir, tmp_path, "--prompts_file", str(prompts), *extra))
+
+
+def test_dataset_config_without_dataset_name_exits_2(model_dir, tmp_path):
+    with pytest.raises(UsageError, match=r"^--dataset_config en without --dataset_name"):
+        parse_train_args(base(model_dir, tmp_path, "--dataset_config", "en"))
 
 
 def test_a_missing_model_names_the_trl_flag(tmp_path):
