@@ -227,3 +227,16 @@ def test_a_hub_model_id_from_a_local_cache_trains_offline_with_the_snapshots_fin
     assert r.returncode == 0, r.output
     lineage = manifest(out / "iter_0")["lineage"]
     assert lineage["weights_from"] == "base" and lineage["weights_id"] == fingerprint(snapshot)
+
+
+def test_a_dataset_config_is_refused_for_a_save_to_disk_directory_and_a_data_file_which_have_none(tmp_path):
+    from itertrain.errors import UsageError
+    from itertrain.sources import dataset_rows
+
+    _save_rows(tmp_path / "saved", [{"text": "hello"}])
+    with pytest.raises(UsageError, match=r"^--dataset_config en: .*saved is a save_to_disk directory, which has no "
+                                         "configurations; drop --dataset_config"):
+        dataset_rows(str(tmp_path / "saved"), "en")
+    (tmp_path / "rows.jsonl").write_text('{"text": "hello"}\n')
+    with pytest.raises(UsageError, match="is a data file, which has no configurations"):
+        dataset_rows(str(tmp_path / "rows.jsonl"), "en")
