@@ -85,7 +85,7 @@ def test_heldout_figures_per_iteration_are_identical_after_a_sigkill_during_eval
     assert [row["iteration"] for row in expected] == [0, 1]
     for row in expected:
         assert set(row) == {"iteration", "heldout_mean_reward", "heldout_scored", "heldout_pass_at_1",
-                            "heldout_pass_at_2", "heldout_pass_at_4"}
+                            "heldout_pass_at_2", "heldout_pass_at_4", "heldout_prompts"}
         assert row["heldout_pass_at_1"] <= row["heldout_pass_at_2"] <= row["heldout_pass_at_4"]
     assert "📈 iter_1: " in r.stdout and "heldout_pass_at_4=" in r.stdout
 
