@@ -48,9 +48,20 @@ def check_template(tokenizer: Any, source: str) -> None:
 
 
 def check_rows(rows: list[dict[str, Any]], tokenizer: Any, source: str) -> None:
-    """Before anything is written: conversational rows meet a tokenizer with a chat template."""
-    if any(isinstance(r, dict) and is_conversational(r) for r in rows):
-        check_template(tokenizer, source)
+    """Before anything is written: conversational rows meet a tokenizer with a chat template, and each renders
+    with it (once, as training renders it); UsageError naming the source, the row and the tokenizer."""
+    conversational = [(n, r) for n, r in enumerate(rows) if isinstance(r, dict) and is_conversational(r)]
+    if not conversational:
+        return
+    check_template(tokenizer, source)
+    for n, row in conversational:
+        try:
+            render(explicit_prompt(row), tokenizer)
+        except UsageError as e:
+            where = getattr(tokenizer, "name_or_path", "") or "the model"
+            raise UsageError(f"{source}: row {n} cannot be rendered with the chat template of {where}'s tokenizer: "
+                             f"{e.__cause__ or e}. Fix the row (each message a role and a string content) or use "
+                             "a model (or --tokenizer_name) whose template renders it") from e
 
 
 def render(row: dict[str, Any], tokenizer: Any) -> dict[str, Any]:

@@ -27,6 +27,16 @@ def read_yaml(path: str) -> dict[str, Any]:
     return data
 
 
+def check_one_name(given: set[str]) -> None:
+    """UsageError (exit 2) when the command line gives one setting under both its names (itertrain's older one
+    and TRL's), which would otherwise silently keep the last; the same flag twice is argparse's last-wins."""
+    names = {g.replace("-", "_") for g in given}
+    both = [(old, new) for old, new in TRL_NAMES.items() if old in names and new in names]
+    if both:
+        raise UsageError(f"{', '.join(f'--{o} and --{n}' for o, n in both)} name the same setting; keep "
+                         f"{', '.join(f'--{n}' for _, n in both)} (TRL's name)")
+
+
 def yaml_to_argv(data: dict[str, Any], known: set[str], path: str) -> list[str]:
     """YAML keys as flags; a key that is not exactly a flag's name is refused (no prefix matching)."""
     unknown = sorted(str(k) for k in data if str(k) not in known)

@@ -44,6 +44,7 @@ def resolve_path(template: str, iteration: int) -> str:
     return template.replace("{iteration}", str(iteration))
 
 
+ROLES = ("system", "user", "assistant", "tool")  # the roles of TRL's conversational rows
 ROW_SHAPES: tuple[tuple[str, ...], ...] = (("prompt", "completion"), ("text",), ("messages",))  # what SFT trains on
 
 
@@ -59,8 +60,11 @@ def check_rows(rows: list[dict[str, Any]], source: str, shapes: tuple[tuple[str,
         if "messages" in row and not _messages(row["messages"]):
             raise UsageError(f"{source}: row {n}: messages must be a list of {{\"role\", \"content\"}} objects")
         if "messages" in row and "text" not in row and not any(m["role"] == "assistant" for m in row["messages"]):
-            raise UsageError(f"{source}: row {n} has no assistant message: a messages row is trained on its "
-                             "assistant turns only, so it would train on nothing")
+            unknown = sorted({str(m["role"]) for m in row["messages"]} - set(ROLES))
+            raise UsageError(f"{source}: row {n} has no assistant message"
+                             + (f" (the role {', '.join(map(repr, unknown))} is none of {', '.join(ROLES)})"
+                                if unknown else "")
+                             + ": a messages row is trained on its assistant turns only, so it would train on nothing")
 
 
 def describe_shapes(shapes: tuple[tuple[str, ...], ...]) -> str:

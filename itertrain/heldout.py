@@ -11,7 +11,10 @@ model (its manifest, runs/metrics.jsonl, the trackers):
 - `heldout_pass_at_K` for K = 1, 2, 4, ... up to n: the unbiased pass@k estimator of Chen et al. (2021),
   1 - C(n-c, k) / C(n, k) for a prompt with c passing samples of n, averaged over the prompts; a sample
   passes when its reward is at least --reward_threshold (None, "not scored", never passes);
-- `heldout_scored`: the share of samples the reward scored.
+- `heldout_scored`: the share of samples the reward scored;
+- `heldout_prompts`: the fingerprint of the held-out rows the figures are of (xxh3-128 of the rows, as the
+  training data's). A relaunch whose --eval_prompts_file rows differ from those of the committed iterations
+  it keeps is refused (exit 2, unless --allow_config_change): their figures would not be comparable.
 
 Every sample draws its randomness from (seed, "heldout", example, sample): the same numbers in every
 iteration (iterations differ by their model only) and in every launch. A launch stopped during the
@@ -23,15 +26,19 @@ model is not evaluated (iteration 0 is the first row).
 from __future__ import annotations
 
 from math import comb
+from pathlib import Path
 from typing import Any
 
 from itertrain import chat, distributed, faults
 from itertrain.data import read_jsonl
-from itertrain.errors import UsageError
+from itertrain.data_lineage import rows_fingerprint
+from itertrain.errors import RecoveryRefused, UsageError
+from itertrain.metrics import committed_metrics
 from itertrain.generation import Sampling, sample_trained
 from itertrain.rewards import RewardModel, check_reward, reward_scorer
 
 PREFIX = "heldout_"
+FINGERPRINT = PREFIX + "prompts"  # the metrics key: which held-out rows the figures are of
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -89,6 +96,29 @@ def preflight(cfg, tokenizer: Any) -> None:
     check_reward(reward_scorer(gen, cfg.model), rows, tokenizer, gen.num_generations_eval)
 
 
+def check_unchanged(cfg, root: Any, before: int) -> list[str]:
+    """Before anything is written (rank 0), for a launch that keeps the committed iterations before `before`:
+    refuse (RecoveryRefused, exit 2) when their held-out figures are of other rows than --eval_prompts_file
+    holds now, or with --allow_config_change return the warning that says the figures will mix."""
+    path = cfg.generation.eval_prompts_file
+    if not path:
+        return []
+    kept = [r for r in committed_metrics(root) if r.get("iteration", 0) < before and r.get(FINGERPRINT)]
+    now = rows_fingerprint(prompt_rows(cfg))
+    if not kept or kept[-1][FINGERPRINT] == now:
+        return []
+    was, k = kept[-1][FINGERPRINT], kept[-1]["iteration"]
+    what = (f"--eval_prompts_file {path} changed: its rows now have fingerprint {now}, the held-out figures of "
+            f"iter_{k} are of rows with fingerprint {was}")
+    if cfg.recovery.allow_config_change:
+        return [f"{what} (the new iterations' held-out figures are of other prompts, allowed by "
+                "--allow_config_change; runs/metrics.jsonl's heldout_prompts tells them apart)"]
+    raise RecoveryRefused(
+        f"{what}; the figures of the iterations this launch adds would not be comparable. Restore the file, "
+        f"or start a new experiment on them: a new --output_dir (with --model_name_or_path {Path(root) / f'iter_{k}'}"
+        " to continue from that iteration's model), or pass --allow_config_change to mix them.")
+
+
 def evaluate(ctx: Any, iteration: int, model: Any) -> dict[str, float]:
     """The held-out figures of the model `iteration` trained (every rank calls it and gets them); {} without
     --eval_prompts_file."""
@@ -109,4 +139,4 @@ def evaluate(ctx: Any, iteration: int, model: Any) -> dict[str, float]:
         rewards = scorer.score(rows, completions)
     else:  # user code, called once (rank 0), as the strategies score their samples
         rewards = distributed.run_on_main(scorer.score, rows, completions, ctx.tokenizer)
-    return summarize(rewards, gen.reward_threshold)
+    return {**summarize(rewards, gen.reward_threshold), FINGERPRINT: rows_fingerprint(rows)}

@@ -99,6 +99,8 @@ def run_experiment(cfg: RunConfig) -> int:
                 with_recovery_hooks(strategy.trainer_class_for(k))  # one that would bypass the hooks: exit 2
             distributed.run_on_main(strategy.preflight, plan.iteration)
             distributed.run_on_main(heldout.preflight, cfg, ctx.tokenizer)  # --eval_prompts_file and its reward
+            # the committed iterations it keeps must have figures of the same held-out prompts
+            config_warnings.extend(distributed.run_on_main(heldout.check_unchanged, cfg, root, plan.iteration))
             restored = distributed.run_on_main(restored_lineage, root, plan)
             if restored is not None:  # what the checkpoint depends on but does not hold must be as it was
                 source = plan_source(ctx, plan, restored)

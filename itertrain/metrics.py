@@ -73,7 +73,7 @@ def describe_row(row: dict[str, Any]) -> str:
     """One iteration's metrics as `name=value` pairs; a count next to a rate is shown as a fraction with its
     percentage (passed=7/280 (2.5 %)), so a count is never read as a rate or the other way round."""
     shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
-             if k not in ("iteration", "prompts", "prompts_solved")}
+             if k not in ("iteration", "prompts", "prompts_solved", "heldout_prompts")}
     samples, rate = row.get("samples"), row.get("acceptance_rate")
     if isinstance(samples, int) and isinstance(rate, (int, float)):
         # acceptance_rate counts every passing sample; `accepted` is what was kept after deduplication

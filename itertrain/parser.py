@@ -15,8 +15,9 @@ from typing import Any
 
 from itertrain.args import (ARGUMENT_GROUPS, TRL_NAMES, DistributedArguments, RunConfig, canonical_name, one_or_several,
                             reward_specs, shared_values)
-from itertrain.config_file import read_yaml, yaml_to_argv
+from itertrain.config_file import check_one_name, read_yaml, yaml_to_argv
 from itertrain.errors import UsageError
+from itertrain.flag_checks import check_dataset_flags, check_finite
 from itertrain.lora import check_settings
 from itertrain.sources import resolve_model
 from itertrain.strategies import available, load_strategy
@@ -217,6 +218,7 @@ def parse_train_args(argv: list[str] | None = None, strategy: type[Strategy] | N
     known |= {TRL_NAMES[n] for n in known if n in TRL_NAMES}
     rest = [a for i, a in enumerate(argv) if a != "--config" and (i == 0 or argv[i - 1] != "--config")
             and not a.startswith("--config=")]
+    check_one_name(given_flags(rest))
     defaults = [a for k, v in cls.training_defaults.items() for a in (f"--{k}", str(v))]
     full = _platform_defaults() + defaults + (yaml_to_argv(data, known, config) if config else []) + rest
     check_sharding(full)  # before HF reads a DeepSpeed config (which needs deepspeed installed)
@@ -248,6 +250,8 @@ def parse_train_args(argv: list[str] | None = None, strategy: type[Strategy] | N
     if model.tokenizer_name:
         model.tokenizer_name = resolve_model(model.tokenizer_name, "--tokenizer_name", need=None)
     cfg = RunConfig(model, loop, generation, recovery, training, strategy_args, argv, lora, dist_args)
+    check_finite(cfg.groups()[:-1], training)
+    check_dataset_flags(loop)
     validate(cfg)
     cls.check_arguments(cfg)
     from itertrain.generation import check_backend  # imports transformers: only once a run is parsed

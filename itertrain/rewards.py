@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
+import numbers
 import os
 import sys
 from dataclasses import dataclass
@@ -67,6 +68,23 @@ def _unflatten(values: list[Any], completions: list[list[str]]) -> Rewards:
     return out
 
 
+def plain(value: Any) -> Any:
+    """A reward as a Python number, as TRL takes it: a numpy scalar or 0-d tensor or array by `.item()`, any
+    other real number (Fraction, ...) by float(); anything else as it is (for the checks to name)."""
+    if isinstance(value, (bool, int, float)) or value is None:
+        return value
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # np.float32, np.bool_, torch.tensor(1.)
+        return value.item()
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return value
+
+
+def _why_not(value: Any) -> str:
+    """Why `value` is not a reward: the words of the refusal."""
+    return f"{type(value).__name__}, " + ("not finite" if isinstance(value, (int, float)) else "not a number")
+
+
 @dataclass
 class RewardFunction:
     """A reward function of either form, called on batches: `score(rows, completions) -> rewards`."""
@@ -82,12 +100,13 @@ class RewardFunction:
         return _unflatten([self._number(v, i, row, c) for v, (i, row, c) in zip(values, flat)], completions)
 
     def values(self, rows: list[dict[str, Any]], completions: list[list[str]], tokenizer: Any = None) -> list[Any]:
-        """What the function returned, one value per completion in row order, unchecked (RewardFunctionError
-        when it raised, or when a batched call returned another number of values)."""
+        """What the function returned, one value per completion in row order, numbers made plain (`plain`)
+        but otherwise unchecked (RewardFunctionError when it raised, or when a batched call returned another
+        number of values)."""
         flat = _flatten(rows, completions)
         if self.batched:
-            return self._batched(flat, tokenizer)
-        return [self._one(i, row, c) for i, row, c in flat]
+            return [plain(v) for v in self._batched(flat, tokenizer)]
+        return [plain(self._one(i, row, c)) for i, row, c in flat]
 
     def _batched(self, flat: list[tuple[int, dict[str, Any], str]], tokenizer: Any) -> list[Any]:
         texts = [c for _, _, c in flat]
@@ -117,12 +136,10 @@ class RewardFunction:
     def _number(self, value: Any, index: int, row: dict[str, Any], completion: str) -> float | None:
         if value is None:
             return None
-        if isinstance(value, bool):
-            return float(value)
         # inf too: the samples' JSON would hold a non-standard `Infinity`, and a margin of inf - inf is NaN
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not _valid(value):
             raise RewardFunctionError(
-                f"reward function {self.spec} returned {value!r} ({type(value).__name__}) on example {index} "
+                f"reward function {self.spec} returned {value!r} ({_why_not(value)}) on example {index} "
                 f"(prompt {row['prompt']!r}, completion {completion!r}); it must return a finite number or None"
             )
         return float(value)
@@ -251,6 +268,10 @@ def _valid(value: Any) -> bool:
     return value is None or isinstance(value, bool) or (isinstance(value, (int, float)) and math.isfinite(value))
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def check_reward_function(fn: RewardFunction | Callable[..., Any], prompts: list[str], completions: list[list[str]],
                           *, tokenizer: Any = None, **columns: list[Any]) -> None:
     """Call a reward function once on a whole small batch, in the call shape sampling uses (`completions[i]`:
@@ -261,14 +282,14 @@ def check_reward_function(fn: RewardFunction | Callable[..., Any], prompts: list
         fn = RewardFunction(fn, getattr(fn, "__qualname__", repr(fn)), _is_batched(fn))
     rows = [{"prompt": p, **{k: v[i] for k, v in columns.items()}} for i, p in enumerate(prompts)]
     n = sum(map(len, completions))
-    shape = f"{len(rows)} prompts x {max(map(len, completions), default=0)} samples"
+    shape = f"{_count(len(rows), 'prompt')} x {_count(max(map(len, completions), default=0), 'sample')}"
     try:
         values = fn.values(rows, completions, tokenizer)
     except RewardFunctionError as e:
         raise UsageError(f"--reward_funcs {fn.spec} failed the launch check ({shape}): {e}") from e
     bad = [v for v in values if not _valid(v)]
     if bad:
-        raise UsageError(f"--reward_funcs {fn.spec} returned {bad[0]!r} ({type(bad[0]).__name__}) for {len(bad)} of {n} "
+        raise UsageError(f"--reward_funcs {fn.spec} returned {bad[0]!r} ({_why_not(bad[0])}) for {len(bad)} of {n} "
                          f"completions at launch ({shape}); it must return a finite number (or None: not scored) "
                          "for each")
     if n and all(v is None for v in values):

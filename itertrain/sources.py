@@ -49,7 +49,12 @@ def load(name: str, config: str | None, split: str) -> Any:
     datasets.disable_progress_bars()
     what = describe(name, config, split)
     path = Path(name).expanduser()
-    if path.is_dir() and any((path / f).is_file() for f in _SAVED):
+    saved = path.is_dir() and any((path / f).is_file() for f in _SAVED)
+    if config and (saved or path.is_file()):  # load_from_disk and a lone data file have no configurations
+        raise UsageError(f"--dataset_config {config}: {name} is a "
+                         f"{'save_to_disk directory' if saved else 'data file'}, which has no configurations; drop "
+                         "--dataset_config (it is for a Hub dataset or a dataset folder that defines them)")
+    if saved:
         return _from_disk(path, split, what)
     if looks_like_path(name) and not path.exists():
         raise UsageError(f"--dataset_name {name} does not exist: pass a dataset directory (save_to_disk output or "

@@ -141,7 +141,7 @@ def test_reward_function_errors_name_the_function_and_the_example(tmp_path, ei_a
      "completions"),
     # A verdict string instead of a number, for the completions that are not the reference answer.
     ("return [1.0 if c == a else 'wrong' for c, a in zip(completions, kwargs['answer'])]",
-     "returned 'wrong' (str) for 8 of 12 completions at launch (4 prompts x 3 samples)"),
+     "returned 'wrong' (str, not a number) for 8 of 12 completions at launch (4 prompts x 3 samples)"),
 ], ids=["raises", "wrong_length", "non_numeric"])
 def test_launch_check_catches_a_bad_reward_function_before_iteration_0_trains(tmp_path, ei_args, body, expected):
     (tmp_path / "my_rewards.py").write_text(f"def score(prompts, completions, **kwargs):\n    {body}\n")

@@ -85,7 +85,7 @@ def test_heldout_figures_per_iteration_are_identical_after_a_sigkill_during_eval
     assert [row["iteration"] for row in expected] == [0, 1]
     for row in expected:
         assert set(row) == {"iteration", "heldout_mean_reward", "heldout_scored", "heldout_pass_at_1",
-                            "heldout_pass_at_2", "heldout_pass_at_4"}
+                            "heldout_pass_at_2", "heldout_pass_at_4", "heldout_prompts"}
         assert row["heldout_pass_at_1"] <= row["heldout_pass_at_2"] <= row["heldout_pass_at_4"]
     assert "📈 iter_1: " in r.stdout and "heldout_pass_at_4=" in r.stdout
 
@@ -130,3 +130,25 @@ def test_expert_iteration_warns_when_under_1_percent_of_samples_pass_unless_min_
     assert ("⚠️  only 0.33% of the samples passed: iteration 1 trains on 1 distinct samples. Pass --min_accepted N "
             "to stop instead when fewer are kept") in select(0)
     assert "⚠️" not in select(5)
+
+
+@pytest.mark.slow
+def test_relaunch_with_changed_heldout_prompts_is_refused_and_figures_record_which_prompts(
+        tmp_path, sft_args, eval_prompts):
+    from itertrain.data import read_jsonl
+    from itertrain.data_lineage import rows_fingerprint
+
+    prompts = tmp_path / "eval_prompts.jsonl"
+    prompts.write_text(eval_prompts.read_text())
+    out = tmp_path / "exp"
+    flags = ("--eval_prompts_file", str(prompts), "--num_generations_eval", "2", "--max_new_tokens", "2")
+    r = itertrain("train", *sft_args(out, *flags, iterations=1))
+    assert r.returncode == 0, r.output
+    (row,) = [json.loads(line) for line in (out / "runs" / "metrics.jsonl").read_text().splitlines()]
+    assert row["heldout_prompts"] == rows_fingerprint(read_jsonl(prompts))
+
+    prompts.write_text(prompts.read_text().replace('"prompt": "', '"prompt": "Q: '))
+    r = itertrain("train", *sft_args(out, *flags, *RESUME, iterations=2))
+    assert r.returncode == 2, r.output
+    assert f"--eval_prompts_file {prompts} changed" in r.stderr and "Restore the file" in r.stderr, r.stderr
+    assert not (out / "iter_1").exists()

@@ -18,7 +18,7 @@ FLOORS: list[tuple[str, set[str]]] = [
     ("ground: no itertrain imports", {"errors", "console", "faults", "launcher", "tasks"}),
     ("conversational rows", {"chat"}),
     ("names and configuration", {"layout", "args", "data", "fsutil", "tiny_model", "failures", "sources"}),
-    ("the configuration file", {"config_file"}),
+    ("the configuration file, flag value checks", {"config_file", "flag_checks"}),
     ("processes, weights on disk, the record", {"distributed", "weights", "experiment", "lock", "plot"}),
     ("writing artifacts, generation, signals", {"artifacts", "generation", "preemption", "shared_dir"}),
     ("adapters, metrics, rewards, the trainer mixin", {"lora", "metrics", "rewards", "trainer", "data_lineage"}),

@@ -3,6 +3,7 @@ strategy registry (built in, registered, module:Class, entry points, refusals)."
 
 from __future__ import annotations
 
+import re
 import sys
 import textwrap
 
@@ -176,6 +177,40 @@ def test_yaml_accepts_old_and_trl_keys_but_refuses_both_for_one_setting(model_di
     cfg.write_text(f"model_name_or_path: {model_dir}\nmodel_name: {model_dir}\n")
     with pytest.raises(UsageError, match="model_name and model_name_or_path name the same setting"):
         parse_train_args(["--config", str(cfg), *base(model_dir, tmp_path)[2:]])
+
+
+def test_old_and_trl_flag_names_of_one_setting_on_the_command_line_are_refused_but_one_flag_twice_is_last_wins(
+        model_dir, tmp_path):
+    other = tmp_path / "other_model"
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    with pytest.raises(UsageError, match=r"^--model_name and --model_name_or_path name the same setting; keep "
+                                         r"--model_name_or_path \(TRL's name\)"):
+        parse_train_args(base(model_dir, tmp_path, "--model_name_or_path", str(other)))
+    with pytest.raises(UsageError, match=r"^--samples_per_prompt and --num_generations name the same setting"):
+        parse_train_args(base(model_dir, tmp_path, "--samples-per-prompt", "2", "--num_generations=4"))
+    run = parse_train_args(base(model_dir, tmp_path, "--model_name", str(other)))
+    assert run.model.model_name == str(other)
+
+
+@pytest.mark.parametrize("extra,expected", [
+    (("--reward_threshold", "nan"), "--reward_threshold nan: must be a finite number, not nan"),
+    (("--reward_threshold=-inf",), "--reward_threshold -inf: must be a finite number"),
+    (("--strategy", "grpo", "--beta", "inf"), "--beta inf: must be a finite number"),
+    (("--strategy", "grpo", "--reward_funcs", "m:a", "m:b", "--reward_weights", "1", "nan"),
+     "--reward_weights [1.0, nan]: must be a finite number, not nan"),
+    (("--strategy", "iterative_dpo", "--min_reward_margin", "inf"), "--min_reward_margin inf: must be a finite"),
+], ids=["threshold_nan", "threshold_-inf", "beta", "reward_weights", "min_reward_margin"])
+def test_a_non_finite_number_for_a_float_flag_exits_2_naming_the_flag(model_dir, tmp_path, extra, expected):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    with pytest.raises(UsageError, match="^" + re.escape(expected)):
+        parse_train_args(base(model_dir, tmp_path, "--prompts_file", str(prompts), *extra))
+
+
+def test_dataset_config_without_dataset_name_exits_2(model_dir, tmp_path):
+    with pytest.raises(UsageError, match=r"^--dataset_config en without --dataset_name"):
+        parse_train_args(base(model_dir, tmp_path, "--dataset_config", "en"))
 
 
 def test_a_missing_model_names_the_trl_flag(tmp_path):

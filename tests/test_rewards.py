@@ -73,8 +73,8 @@ def test_a_failing_reward_function_is_a_usage_error_at_launch_naming_it(tmp_path
     # one reward per prompt instead of one per completion: only a batch of several prompts x samples shows it
     ("[1.0 for _ in set(prompts)]", r"failed the launch check \(2 prompts x 3 samples\): reward function r:fn "
                                     r"returned 2 rewards for 6 completions"),
-    ("['yes' if c else 0.0 for c in completions]", r"returned 'yes' \(str\) for 4 of 6 completions at launch"),
-    ("[float('nan')] * len(completions)", r"returned nan \(float\) for 6 of 6 completions"),
+    ("['yes' if c else 0.0 for c in completions]", r"returned 'yes' \(str, not a number\) for 4 of 6 completions at launch"),
+    ("[float('nan')] * len(completions)", r"returned nan \(float, not finite\) for 6 of 6 completions"),
     ("[None] * len(completions)", r"returned None \(not scored\) for all 6 completions"),
 ])
 def test_launch_check_names_what_a_batched_reward_returned_for_how_many_completions(returns, expected):
@@ -142,6 +142,32 @@ def test_an_infinite_reward_is_refused_naming_the_function_so_samples_json_stays
     fn = RewardFunction(lambda prompts, completions, **kw: [1.0, float("inf"), 0, 0, 0], "m:inf", batched=True)
     with pytest.raises(RewardFunctionError, match=r"m:inf returned inf .* it must return a finite number or None"):
         fn.score(ROWS, COMPLETIONS)
+
+
+@pytest.mark.parametrize("make", [
+    lambda np, torch: [np.float32(0.5), np.int64(2), np.bool_(True), torch.tensor(0.25), None],
+    lambda np, torch: torch.tensor([0.5, 2.0, 1.0, 0.25, 0.0]),  # a 1-d tensor as the whole return
+    lambda np, torch: np.array([0.5, 2.0, 1.0, 0.25, 0.0], dtype=np.float32),
+], ids=["numpy_and_0d_tensor_scalars", "1d_tensor", "1d_ndarray"])
+def test_numpy_and_torch_rewards_are_accepted_at_launch_and_scored_as_the_same_floats(make):
+    import numpy as np
+    import torch
+
+    from itertrain.rewards import check_reward_function
+
+    fn = RewardFunction(lambda prompts, completions, **kw: make(np, torch), "m:np", batched=True)
+    check_reward_function(fn, [r["prompt"] for r in ROWS], COMPLETIONS, answer=[r["answer"] for r in ROWS])
+    got = fn.score(ROWS, COMPLETIONS)
+    assert got[0] == [0.5, 2.0] and got[1][:2] == [1.0, 0.25] and all(type(v) is float for v in got[0])
+    per_sample = RewardFunction(lambda prompt, completion, answer: np.float32(completion == answer), "m:one", False)
+    assert per_sample.score(ROWS, COMPLETIONS) == [[1.0, 0.0], [1.0, 0.0, 0.0]]
+
+
+def test_launch_check_says_one_prompt_and_why_a_value_is_not_a_reward():
+    fn = RewardFunction(lambda prompts, completions, **kw: [2.0, "x"], "m:s", batched=True)
+    with pytest.raises(UsageError, match=r"returned 'x' \(str, not a number\) for 1 of 2 completions at launch "
+                                         r"\(1 prompt x 2 samples\)"):
+        check_reward(fn, ROWS[:1], samples_per_prompt=2)
 
 
 def test_no_pairs_is_explained_by_what_happened_to_the_rewards():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,42 @@ def test_a_messages_row_is_trained_on_its_assistant_turns_only():
 
     with pytest.raises(UsageError, match="row 0 has no assistant message"):  # it would train on nothing
         check_rows([{"messages": [USER]}], "chat.jsonl")
+
+
+@pytest.mark.parametrize("row,expected", [
+    ({"messages": [USER, {"role": "assistant"}]}, "has no attribute 'content'"),
+    ({"prompt": [USER], "completion": [{"role": "assistant", "content": ["5"]}]}, "can only concatenate str"),
+], ids=["assistant_without_content", "list_content"])
+def test_a_row_the_chat_template_cannot_render_is_refused_naming_the_source_row_and_tokenizer(row, expected):
+    from itertrain.errors import UsageError
+
+    tokenizer = build_tokenizer()
+    tokenizer.name_or_path = "tiny-model"
+    good = {"messages": [USER, {"role": "assistant", "content": "5"}]}
+    with pytest.raises(UsageError, match=r"^chat.jsonl: row 1 cannot be rendered with the chat template of "
+                                         r"tiny-model's tokenizer: .*" + re.escape(expected)):
+        chat.check_rows([good, row], tokenizer, "chat.jsonl")
+
+
+def test_a_messages_row_with_an_unknown_role_and_no_assistant_names_the_role():
+    from itertrain.data import check_rows
+    from itertrain.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"row 0 has no assistant message \(the role 'wizard' is none of system, "
+                                         r"user, assistant, tool\)"):
+        check_rows([{"messages": [USER, {"role": "wizard", "content": "5"}]}], "chat.jsonl")
+
+
+@pytest.mark.slow
+def test_an_unrenderable_row_exits_2_before_anything_is_written(tmp_path, tiny_model):
+    train = tmp_path / "chat.jsonl"
+    train.write_text(json.dumps({"messages": [USER, {"role": "assistant", "content": "5"}]}) + "\n"
+                     + json.dumps({"messages": [USER, {"role": "assistant"}]}) + "\n")
+    r = itertrain("train", "--model_name_or_path", str(tiny_model), "--output_dir", str(tmp_path / "exp"),
+                  "--train_file", str(train), *FAST_FLAGS)
+    assert r.returncode == 2, r.output
+    assert f"{train}: row 1 cannot be rendered with the chat template of {tiny_model}" in r.stderr, r.stderr
+    assert not (tmp_path / "exp").exists()
 
 
 def _conversation_files(d: Path) -> tuple[Path, Path]:
@@ -227,3 +264,16 @@ def test_a_hub_model_id_from_a_local_cache_trains_offline_with_the_snapshots_fin
     assert r.returncode == 0, r.output
     lineage = manifest(out / "iter_0")["lineage"]
     assert lineage["weights_from"] == "base" and lineage["weights_id"] == fingerprint(snapshot)
+
+
+def test_a_dataset_config_is_refused_for_a_save_to_disk_directory_and_a_data_file_which_have_none(tmp_path):
+    from itertrain.errors import UsageError
+    from itertrain.sources import dataset_rows
+
+    _save_rows(tmp_path / "saved", [{"text": "hello"}])
+    with pytest.raises(UsageError, match=r"^--dataset_config en: .*saved is a save_to_disk directory, which has no "
+                                         "configurations; drop --dataset_config"):
+        dataset_rows(str(tmp_path / "saved"), "en")
+    (tmp_path / "rows.jsonl").write_text('{"text": "hello"}\n')
+    with pytest.raises(UsageError, match="is a data file, which has no configurations"):
+        dataset_rows(str(tmp_path / "rows.jsonl"), "en")

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 from itertrain import distributed
 from itertrain.args import reward_specs
 from itertrain.errors import RecoveryRefused, UsageError
-from itertrain.rewards import RewardFunction, check_reward, load_reward_fn
+from itertrain.rewards import RewardFunction, check_reward, load_reward_fn, plain
 from itertrain.strategies.base import Evaluation, ModelSource, Strategy
 from itertrain.strategies.expert_iteration import SampledDataStrategy
 from itertrain.strategies.reference import check_reference, reference, reference_lineage
@@ -73,7 +73,7 @@ class TRLReward:
         else:
             answers = kwargs.get("answer") or [None] * len(prompts)
             values = [self.fn.fn(prompt=p, completion=c, answer=a) for p, c, a in zip(prompts, completions, answers)]
-        return [None if v is None else float(v) for v in values]
+        return [None if v is None else float(plain(v)) for v in values]
 
 
 def generation_block(args: Any) -> int:
