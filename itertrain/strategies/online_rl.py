@@ -84,6 +84,34 @@ def generation_block(args: Any) -> int:
     return micro * ga // math.gcd(micro, ga) // ga
 
 
+# TRL's settings that shape every step of an RL iteration: a resume inside an iteration must train with the
+# values its first steps had, or the iteration model mixes two settings (recorded in the lineage).
+RL_SETTINGS = ("num_generations", "beta", "loss_type", "max_completion_length", "temperature", "top_p", "top_k",
+               "epsilon", "epsilon_high", "scale_rewards", "reward_weights")
+
+
+def rl_settings(args: Any) -> dict[str, Any]:
+    """The values of RL_SETTINGS that this TRL config has (RLOO's lacks some of GRPO's)."""
+    return {name: getattr(args, name) for name in RL_SETTINGS if hasattr(args, name)}
+
+
+def changed_rl_settings(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """`--flag old -> new` for each setting recorded at the iteration's start that this launch changes."""
+    return [f"--{k} {recorded[k]} -> {now[k]}" for k in sorted(recorded.keys() & now.keys()) if recorded[k] != now[k]]
+
+
+def recorded_total_steps(checkpoint: Any) -> int | None:
+    """The iteration's total optimizer steps as the checkpoint's trainer state records it (HF computes it for
+    epoch-based runs, where --max_steps is -1); None when unreadable."""
+    import json
+
+    try:
+        value = json.loads((checkpoint / "trainer_state.json").read_text()).get("max_steps")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and value > 0 else None
+
+
 def check_generation_batch(args: Any) -> None:
     """TRL's rule, explained with the flags that make the batch (before TRL's own, terser ValueError)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -234,18 +262,36 @@ class OnlineRLStrategy(SampledDataStrategy):
         return generation_block(args) if self.is_rl(iteration) else 1
 
     def iteration_lineage(self, iteration: int, source: ModelSource) -> dict[str, Any]:
-        return reference_lineage(self.ctx, self.rl_args.ref_model, source, iteration) if self.is_rl(iteration) else {}
+        if not self.is_rl(iteration):
+            return {}
+        return {**reference_lineage(self.ctx, self.rl_args.ref_model, source, iteration),
+                "rl_settings": rl_settings(self.ctx.cfg.training)}
 
     def check_restored(self, iteration: int, source: ModelSource, lineage: dict[str, Any], checkpoint: str) -> None:
-        """The reference must be the one the checkpoint was trained against, and the checkpoint at a boundary
-        of this launch's generation blocks (a changed --steps_per_generation could put it inside one)."""
+        """The reference and TRL's RL settings must be those the checkpoint was trained with, and the checkpoint
+        at a boundary of this launch's generation blocks (a changed --steps_per_generation could put it inside
+        one)."""
         if not self.is_rl(iteration):
             return
         check_reference(self.ctx, self.rl_args.ref_model, source, iteration, lineage, checkpoint, self.method)
-        t, name = self.ctx.cfg.training, os.path.basename(str(checkpoint))
+        name = os.path.basename(str(checkpoint))
+        changed = changed_rl_settings(lineage.get("rl_settings") or {}, rl_settings(self.ctx.cfg.training))
+        start = f"iter_{iteration - 1}" if iteration else "the base model"
+        if changed:
+            raise RecoveryRefused(
+                f"{name} of iteration {iteration} was trained with other {self.method} settings than this launch's "
+                f"({'; '.join(changed)}): continuing it would mix two settings in one iteration model. Relaunch "
+                f"with the values it was trained with, or restart iteration {iteration} from {start} with the new ones "
+                "(--resume_from none --resume_from_iteration auto)")
+        self._check_block(iteration, name, self.ctx.root / checkpoint)
+
+    def _check_block(self, iteration: int, name: str, checkpoint: Any) -> None:
+        """Refuse a checkpoint inside a generation block of this launch, unless it is the iteration's last step."""
+        t = self.ctx.cfg.training
         step = int(name.rpartition("-")[2]) if name.rpartition("-")[2].isdigit() else 0
         block = generation_block(t)
-        if step % block and step < t.max_steps:
+        total = t.max_steps if t.max_steps > 0 else recorded_total_steps(checkpoint)
+        if step % block and (total is None or step < total):
             raise RecoveryRefused(
                 f"{name} of iteration {iteration} is at step {step}, inside a generation block of {block} step(s) "
                 f"under this launch's --steps_per_generation {t.steps_per_generation}: a resume there cannot "
