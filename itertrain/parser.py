@@ -248,6 +248,7 @@ def parse_train_args(argv: list[str] | None = None, strategy: type[Strategy] | N
     if model.tokenizer_name:
         model.tokenizer_name = resolve_model(model.tokenizer_name, "--tokenizer_name", need=None)
     cfg = RunConfig(model, loop, generation, recovery, training, strategy_args, argv, lora, dist_args)
+    cls.check_unsupported(cfg)
     validate(cfg)
     cls.check_arguments(cfg)
     from itertrain.generation import check_backend  # imports transformers: only once a run is parsed

@@ -66,10 +66,13 @@ def test_grpo_takes_trl_flag_names_and_keeps_grpoconfigs_defaults_over_hfs(model
 def test_save_steps_off_a_generation_block_boundary_and_reward_weights_of_another_count_are_refused(model_dir, tmp_path):
     from itertrain.errors import UsageError
 
-    with pytest.raises(UsageError, match=r"--save_steps 3: grpo generates once per generation block of 2 optimizer "
-                                         r"step\(s\).*a multiple of 2"):
+    with pytest.raises(UsageError, match=r"^--save_strategy steps --save_steps 3: grpo generates once per generation "
+                                         r"block of 2 optimizer step\(s\).*a multiple of 2"):
         parse(model_dir, tmp_path, "--num_generations", "4", "--per_device_train_batch_size", "4",
               "--steps_per_generation", "2", "--save_steps", "3")
+    with pytest.raises(UsageError, match=r"^--save_strategy epoch: grpo generates once per generation block"):
+        parse(model_dir, tmp_path, "--num_generations", "4", "--per_device_train_batch_size", "4",
+              "--steps_per_generation", "2", "--save_strategy", "epoch")
     ok = parse(model_dir, tmp_path, "--num_generations", "4", "--per_device_train_batch_size", "4",
                "--steps_per_generation", "2", "--save_steps", "4")
     assert ok.training.save_steps == 4
@@ -103,6 +106,34 @@ def test_num_generations_not_dividing_the_generation_batch_exits_2_with_trls_rul
             "4 × 1 process(es) × --steps_per_generation 1)") in err
     assert "whole groups of --num_generations completions per prompt" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("case", ["rloo with one generation", "grpo with a reward model"])
+def test_flags_rl_cannot_use_exit_2_with_one_itertrain_line_naming_the_flag(case, model_dir, tmp_path, capsys):
+    pytest.importorskip("trl")
+    from itertrain.cli import main
+
+    extra = (["--strategy", "rloo", "--num_generations", "1"] if case.startswith("rloo") else
+             ["--strategy", "grpo", "--reward_funcs", "a:f", "--reward_model", str(model_dir)])
+    code = main(["train", "--model_name", str(model_dir), "--output_dir", str(tmp_path / "o"), "--task", "arithmetic",
+                 "--per_device_train_batch_size", "4", *extra])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    if case.startswith("rloo"):
+        assert "--num_generations 1: RLOO compares each completion's reward with the others of its prompt's group, " \
+               "so it needs at least 2 completions per prompt" in err and "Config" not in err
+    else:  # the strategy's refusal, not "--reward_funcs and --reward_model both score samples"
+        assert "--reward_model is not supported by it" in err and "both" not in err
+    assert "Traceback" not in err and not (tmp_path / "o").exists()
+
+
+def test_demo_help_names_grpo_and_its_experiment_folder(capsys):
+    from itertrain.demo import demo
+
+    with pytest.raises(SystemExit):
+        demo(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--strategy iterative_dpo or grpo, iterative DPO or GRPO" in out and "OUTPUT_DIR/experiment-grpo for grpo" in out
 
 
 def test_a_preemption_signal_inside_a_generation_block_stops_at_its_boundary(monkeypatch):
@@ -313,6 +344,21 @@ def test_resuming_grpo_against_a_different_reference_model_is_refused_naming_bot
            f"{fingerprint(out / 'iter_0')})" in r.stderr
     assert f"this launch's reference is base model {tiny_model}" in r.stderr and "GRPO would continue" in r.stderr
     assert tree_hash(out) == before  # refused before anything was written
+
+
+@pytest.mark.slow
+@needs_trl
+def test_resuming_grpo_mid_iteration_with_a_changed_beta_exits_2_naming_it_and_writes_nothing(tmp_path, tiny_model,
+                                                                                            rl_files, killed_in_block):
+    out = tmp_path / "exp"
+    shutil.copytree(killed_in_block, out)
+    before = tree_hash(out)
+    args = [a if a != "0.1" else "0.5" for a in rl_args(tiny_model, rl_files, out)]  # --beta 0.1 -> 0.5
+    r = itertrain("train", *args, *RESUME, cwd=rl_files)
+    assert r.returncode == 2, r.output
+    assert "checkpoint-2 of iteration 1 was trained with other GRPO settings than this launch's (--beta 0.1 -> 0.5)" \
+        in r.stderr and "Traceback" not in r.stderr
+    assert tree_hash(out) == before
 
 
 @pytest.mark.slow

@@ -118,11 +118,15 @@ def check_generation_batch(args: Any) -> None:
     spg = args.steps_per_generation or (None if args.generation_batch_size else args.gradient_accumulation_steps)
     batch = args.generation_batch_size or args.per_device_train_batch_size * world * spg
     n = args.num_generations
-    if n is not None and n >= 1 and batch % n:
+    if n is not None and n < 2:
+        method = "RLOO" if "RLOO" in type(args).__name__ else "GRPO"
+        raise UsageError(f"--num_generations {n}: {method} compares each completion's reward with the others of its "
+                         "prompt's group, so it needs at least 2 completions per prompt: use --num_generations 2 or more")
+    if n is not None and batch % n:
         made = "--generation_batch_size" if args.generation_batch_size else (
             f"--per_device_train_batch_size {args.per_device_train_batch_size} × {world} process(es) × "
             f"--steps_per_generation {spg}")
-        raise ValueError(
+        raise UsageError(
             f"--num_generations {n} does not divide the generation batch of {batch} completions ({made}): TRL "
             f"samples whole groups of --num_generations completions per prompt into each generation batch, so the "
             f"batch must be a multiple of it. Choose --num_generations dividing {batch}, or change the batch")
@@ -150,6 +154,14 @@ class OnlineRLStrategy(SampledDataStrategy):
                      "top_p": "generation.top_p", "top_k": "generation.top_k"}
 
     @classmethod
+    def check_unsupported(cls, cfg) -> None:
+        gen = cfg.generation
+        if gen.reward_model or gen.backend == "vllm":
+            raise UsageError(f"--strategy {cls.name} samples inside TRL's trainer with HF generate(): "
+                             f"{'--reward_model' if gen.reward_model else '--generation_backend vllm'} is not "
+                             "supported by it; pass reward functions (--reward_funcs module:function ...)")
+
+    @classmethod
     def check_arguments(cls, cfg) -> None:
         loop, gen, t, rl = cfg.loop, cfg.generation, cfg.training, cfg.strategy_args
         sft = rl.sft_max_steps != 0
@@ -157,10 +169,6 @@ class OnlineRLStrategy(SampledDataStrategy):
             raise UsageError(f"--strategy {cls.name} needs --task arithmetic, or --prompts_file (prompt rows, with any "
                              "columns the reward functions read) and --train_file (labeled data for the SFT iteration "
                              "0; --sft_max_steps 0 skips it)")
-        if gen.reward_model or gen.backend == "vllm":
-            raise UsageError(f"--strategy {cls.name} samples inside TRL's trainer with HF generate(): "
-                             f"{'--reward_model' if gen.reward_model else '--generation_backend vllm'} is not "
-                             "supported by it; pass reward functions (--reward_funcs module:function ...)")
         if t.sync_ref_model:
             raise UsageError(f"--sync_ref_model is not supported by {cls.name}: the synced reference would not be in "
                              "the checkpoints; each iteration's reference is its starting model or the base model")
@@ -174,8 +182,9 @@ class OnlineRLStrategy(SampledDataStrategy):
         block = generation_block(t)
         if t.save_strategy != "no" and (t.save_strategy != "steps" or t.save_steps != int(t.save_steps)
                                         or int(t.save_steps) % block):
+            save = str(getattr(t.save_strategy, "value", t.save_strategy))  # the value typed, not the enum
             raise UsageError(
-                f"--save_strategy {t.save_strategy} --save_steps {t.save_steps}: {cls.name} generates once per "
+                f"--save_strategy {save}{f' --save_steps {t.save_steps}' if save == 'steps' else ''}: {cls.name} generates once per "
                 f"generation block of {block} optimizer step(s) (--steps_per_generation), and keeps the block's "
                 "completions in memory only; checkpoints are taken at block boundaries so that a resume regenerates "
                 f"the block exactly. Use --save_strategy steps with --save_steps a multiple of {block}")
