@@ -102,14 +102,15 @@ def write_eval_prompts(root: Path, seed: int) -> Path:
 def demo(argv: list[str]) -> int:
     p = ArgumentParser(
         prog="itertrain demo", allow_abbrev=False,
-        description="The built-in demo: expert iteration (or, with --strategy iterative_dpo, iterative DPO) on the "
+        description="The built-in demo: expert iteration (or, with --strategy iterative_dpo or grpo, iterative DPO or "
+                    "GRPO) on the "
                     "arithmetic task with a tiny model, on CPU. Every `itertrain train` flag passes through and "
                     "overrides the demo's own (e.g. --num_iterations 5, --seed 1, --max_steps 400); "
                     "`itertrain train --help` lists them.",
     )
     p.add_argument("--output_dir", default="itertrain-demo",
                    help="where the model (OUTPUT_DIR/tiny-model) and the experiment (OUTPUT_DIR/experiment, "
-                        "or OUTPUT_DIR/experiment-dpo for iterative_dpo) go")
+                        "OUTPUT_DIR/experiment-dpo for iterative_dpo, OUTPUT_DIR/experiment-grpo for grpo) go")
     p.add_argument("--strategy", default="expert_iteration", choices=sorted(STRATEGIES),
                    help="expert_iteration (the default), iterative_dpo (the same iteration 0 and problems, then DPO "
                         "on right/wrong answer pairs) or grpo (then GRPO on TRL's GRPOTrainer); the last two need "

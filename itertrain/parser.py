@@ -252,6 +252,7 @@ def parse_train_args(argv: list[str] | None = None, strategy: type[Strategy] | N
     cfg = RunConfig(model, loop, generation, recovery, training, strategy_args, argv, lora, dist_args)
     check_finite(cfg.groups()[:-1], training)
     check_dataset_flags(loop)
+    cls.check_unsupported(cfg)
     validate(cfg)
     cls.check_arguments(cfg)
     from itertrain.generation import check_backend  # imports transformers: only once a run is parsed

@@ -176,7 +176,6 @@ EXTENDED = (
     # grpo: RLOO's twin of the GRPO kill inside a generation block, the second bad-reward case, LoRA (CI's budget)
     "test_grpo.py::test_rloo_killed_inside_a_generation_block_resumes_byte_identical",
     "test_grpo.py::test_reward_function_failing_or_of_the_wrong_length_exits_2_at_launch_naming_it[wrong",
-    "test_grpo.py::test_grpo_on_lora_adapters_trains_against_the_previous_iteration_model",
     "test_recovery_faults.py::test_damaged_newest_checkpoint_is_rejected_and_auto_falls_back_to_the_older_one[garbled",
     "test_recovery_faults.py::test_damaged_newest_checkpoint_is_rejected_and_auto_falls_back_to_the_older_one[manifest_missing",
     "test_recovery_faults.py::test_damaged_newest_checkpoint_is_rejected_and_auto_falls_back_to_the_older_one[truncated",

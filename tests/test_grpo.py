@@ -66,10 +66,13 @@ def test_grpo_takes_trl_flag_names_and_keeps_grpoconfigs_defaults_over_hfs(model
 def test_save_steps_off_a_generation_block_boundary_and_reward_weights_of_another_count_are_refused(model_dir, tmp_path):
     from itertrain.errors import UsageError
 
-    with pytest.raises(UsageError, match=r"--save_steps 3: grpo generates once per generation block of 2 optimizer "
-                                         r"step\(s\).*a multiple of 2"):
+    with pytest.raises(UsageError, match=r"^--save_strategy steps --save_steps 3: grpo generates once per generation "
+                                         r"block of 2 optimizer step\(s\).*a multiple of 2"):
         parse(model_dir, tmp_path, "--num_generations", "4", "--per_device_train_batch_size", "4",
               "--steps_per_generation", "2", "--save_steps", "3")
+    with pytest.raises(UsageError, match=r"^--save_strategy epoch: grpo generates once per generation block"):
+        parse(model_dir, tmp_path, "--num_generations", "4", "--per_device_train_batch_size", "4",
+              "--steps_per_generation", "2", "--save_strategy", "epoch")
     ok = parse(model_dir, tmp_path, "--num_generations", "4", "--per_device_train_batch_size", "4",
                "--steps_per_generation", "2", "--save_steps", "4")
     assert ok.training.save_steps == 4
@@ -103,6 +106,34 @@ def test_num_generations_not_dividing_the_generation_batch_exits_2_with_trls_rul
             "4 × 1 process(es) × --steps_per_generation 1)") in err
     assert "whole groups of --num_generations completions per prompt" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("case", ["rloo with one generation", "grpo with a reward model"])
+def test_flags_rl_cannot_use_exit_2_with_one_itertrain_line_naming_the_flag(case, model_dir, tmp_path, capsys):
+    pytest.importorskip("trl")
+    from itertrain.cli import main
+
+    extra = (["--strategy", "rloo", "--num_generations", "1"] if case.startswith("rloo") else
+             ["--strategy", "grpo", "--reward_funcs", "a:f", "--reward_model", str(model_dir)])
+    code = main(["train", "--model_name", str(model_dir), "--output_dir", str(tmp_path / "o"), "--task", "arithmetic",
+                 "--per_device_train_batch_size", "4", *extra])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    if case.startswith("rloo"):
+        assert "--num_generations 1: RLOO compares each completion's reward with the others of its prompt's group, " \
+               "so it needs at least 2 completions per prompt" in err and "Config" not in err
+    else:  # the strategy's refusal, not "--reward_funcs and --reward_model both score samples"
+        assert "--reward_model is not supported by it" in err and "both" not in err
+    assert "Traceback" not in err and not (tmp_path / "o").exists()
+
+
+def test_demo_help_names_grpo_and_its_experiment_folder(capsys):
+    from itertrain.demo import demo
+
+    with pytest.raises(SystemExit):
+        demo(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--strategy iterative_dpo or grpo, iterative DPO or GRPO" in out and "OUTPUT_DIR/experiment-grpo for grpo" in out
 
 
 def test_a_preemption_signal_inside_a_generation_block_stops_at_its_boundary(monkeypatch):
@@ -140,6 +171,52 @@ def test_a_checkpoint_inside_a_generation_block_of_this_launch_is_refused_unless
         strategy.check_restored(1, source, {}, str(tmp_path / "checkpoint-6"))
     strategy.check_restored(1, source, {}, str(tmp_path / "checkpoint-8"))  # a boundary
     strategy.check_restored(1, source, {}, str(tmp_path / "checkpoint-10"))  # the last step: nothing to regenerate
+
+
+def test_a_checkpoint_inside_a_generation_block_of_an_epoch_based_run_is_refused_unless_it_is_the_last_step(tmp_path):
+    """--max_steps -1: the iteration's total is the one HF computed and the checkpoint's trainer state records."""
+    pytest.importorskip("trl")
+    from itertrain.errors import RecoveryRefused
+    from itertrain.strategies.base import ModelSource, StrategyContext
+    from itertrain.strategies.grpo import GRPOStrategy
+    from itertrain.strategies.online_rl import OnlineRLArguments
+
+    training = SimpleNamespace(steps_per_generation=4, gradient_accumulation_steps=1, num_iterations=1, max_steps=-1)
+    cfg = SimpleNamespace(training=training, strategy_args=OnlineRLArguments(),
+                          loop=SimpleNamespace(iteration_init="previous"), model=SimpleNamespace(model_name="m"))
+    strategy = GRPOStrategy(StrategyContext(cfg, tmp_path, None, commit_data=None, move_aside=None))
+    source = ModelSource("iter_0", None, load=lambda: None)
+    for step in (6, 10):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}/trainer_state.json").write_text(json.dumps({"global_step": step,
+                                                                                     "max_steps": 10}))
+    with pytest.raises(RecoveryRefused, match=r"checkpoint-6 of iteration 1 is at step 6, inside a generation block"):
+        strategy.check_restored(1, source, {}, "checkpoint-6")
+    strategy.check_restored(1, source, {}, "checkpoint-10")  # the iteration's last step
+
+
+@needs_trl
+def test_resuming_inside_an_rl_iteration_with_changed_grpo_settings_is_refused_naming_each(model_dir, tmp_path):
+    """A mix of two --beta / --num_generations in one iteration model is refused; the recorded values win."""
+    from itertrain.errors import RecoveryRefused
+    from itertrain.strategies.base import ModelSource, StrategyContext
+    from itertrain.strategies.grpo import GRPOStrategy
+    from itertrain.strategies.online_rl import rl_settings
+
+    flags = ("--per_device_train_batch_size", "4", "--steps_per_generation", "2", "--max_steps", "6")
+    was = parse(model_dir, tmp_path, "--num_generations", "4", "--beta", "0.1", *flags)
+    now = parse(model_dir, tmp_path, "--num_generations", "2", "--beta", "0.5", *flags)
+    source = ModelSource("iter_0", None, load=lambda: None)
+    lineage = json.loads(json.dumps({"rl_settings": rl_settings(was.training)}))  # as the manifest holds it
+    strategy = GRPOStrategy(StrategyContext(now, tmp_path, None, commit_data=None, move_aside=None))
+    with pytest.raises(RecoveryRefused) as e:
+        strategy.check_restored(1, source, lineage, "checkpoint-2")
+    assert ("checkpoint-2 of iteration 1 was trained with other GRPO settings than this launch's (--beta 0.1 -> 0.5; "
+            "--num_generations 4 -> 2)") in str(e.value)
+    assert "restart iteration 1 from iter_0 with the new ones (--resume_from none --resume_from_iteration auto)" \
+        in str(e.value)
+    GRPOStrategy(StrategyContext(was, tmp_path, None, commit_data=None, move_aside=None)).check_restored(
+        1, source, lineage, "checkpoint-2")  # the same settings: continues
 
 
 def test_iteration_metrics_are_means_of_trls_logged_values_without_nan_or_others():
@@ -271,6 +348,21 @@ def test_resuming_grpo_against_a_different_reference_model_is_refused_naming_bot
 
 @pytest.mark.slow
 @needs_trl
+def test_resuming_grpo_mid_iteration_with_a_changed_beta_exits_2_naming_it_and_writes_nothing(tmp_path, tiny_model,
+                                                                                            rl_files, killed_in_block):
+    out = tmp_path / "exp"
+    shutil.copytree(killed_in_block, out)
+    before = tree_hash(out)
+    args = [a if a != "0.1" else "0.5" for a in rl_args(tiny_model, rl_files, out)]  # --beta 0.1 -> 0.5
+    r = itertrain("train", *args, *RESUME, cwd=rl_files)
+    assert r.returncode == 2, r.output
+    assert "checkpoint-2 of iteration 1 was trained with other GRPO settings than this launch's (--beta 0.1 -> 0.5)" \
+        in r.stderr and "Traceback" not in r.stderr
+    assert tree_hash(out) == before
+
+
+@pytest.mark.slow
+@needs_trl
 def test_rloo_killed_inside_a_generation_block_resumes_byte_identical(tmp_path, tiny_model, rl_files):
     ref, out = tmp_path / "ref", tmp_path / "killed"
     r = torchrun(*rl_args(tiny_model, rl_files, ref, strategy="rloo"), cwd=rl_files)
@@ -316,19 +408,27 @@ def test_all_equal_rewards_warn_naming_the_iteration_and_metrics_show_it(tmp_pat
 @pytest.mark.slow
 @needs_trl
 @pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="needs itertrain[lora] (PEFT)")
-def test_grpo_on_lora_adapters_trains_against_the_previous_iteration_model(tmp_path, tiny_model, rl_files):
-    """--use_peft (merged iteration models): iteration 1 trains a fresh adapter on iter_0, and TRL's reference
-    (the adapter switched off) is iter_0 exactly, as the lineage records."""
+def test_grpo_on_lora_adapters_killed_mid_iteration_resumes_byte_identical_against_the_adapter_off(
+        tmp_path, tiny_model, rl_files):
+    """--use_peft (merged iteration models): iteration 1 trains a fresh adapter on iter_0 against TRL's
+    reference, the adapter switched off = iter_0, also after a kill and relaunch (TRL copies the adapter
+    as it is at construction: after a resume, the checkpoint's trained one, unless itertrain switches it off)."""
     from itertrain.artifacts.manifest import fingerprint
 
-    out = tmp_path / "exp"
-    r = itertrain("train", *rl_args(tiny_model, rl_files, out, "--use_peft", "--lora_r", "4"), cwd=rl_files,
-                  timeout=600)
+    lora = ("--use_peft", "--lora_r", "4")
+    ref, out = tmp_path / "ref", tmp_path / "killed"
+    r = torchrun(*rl_args(tiny_model, rl_files, ref, *lora), cwd=rl_files)
     assert r.returncode == 0, r.output
-    lineage = manifest(out / "iter_1")["lineage"]
-    assert (lineage["ref_model"], lineage["ref_model_id"]) == ("iter_0", fingerprint(out / "iter_0"))
-    assert (out / "iter_1/model.safetensors").read_bytes() != (out / "iter_0/model.safetensors").read_bytes()
-    assert manifest(out / "iter_1")["extra"]["metrics"]["kl"] > 0
+    lineage = manifest(ref / "iter_1")["lineage"]
+    assert (lineage["ref_model"], lineage["ref_model_id"]) == ("iter_0", fingerprint(ref / "iter_0"))
+    assert (ref / "iter_1/model.safetensors").read_bytes() != (ref / "iter_0/model.safetensors").read_bytes()
+    r = torchrun(*rl_args(tiny_model, rl_files, out, *lora), fault="train.step=kill#11", cwd=rl_files)
+    assert r.returncode != 0 and manifest(out / "checkpoint-2")["iteration"] == 1
+    r = torchrun(*rl_args(tiny_model, rl_files, out, *lora), *RESUME, cwd=rl_files)
+    assert r.returncode == 0, r.output
+    assert "Continuing at: iteration 1, step 2" in r.stdout
+    assert (out / "iter_1/model.safetensors").read_bytes() == (ref / "iter_1/model.safetensors").read_bytes()
+    assert manifest(out / "iter_1")["extra"]["metrics"]["kl"] == manifest(ref / "iter_1")["extra"]["metrics"]["kl"]
     r = itertrain("train", *rl_args(tiny_model, rl_files, tmp_path / "a", "--use_peft", "--iteration_model",
                                     "adapter"), cwd=rl_files)
     assert r.returncode == 2 and "--iteration_model merged" in r.stderr, r.output

@@ -86,6 +86,11 @@ class Strategy:
     def check_arguments(cls, cfg: RunConfig) -> None:
         """Flag combinations this strategy needs; raise itertrain.errors.UsageError (exit 2)."""
 
+    @classmethod
+    def check_unsupported(cls, cfg: RunConfig) -> None:
+        """Flags this strategy does not take at all, refused (UsageError) before the checks of how flags
+        combine, which would otherwise speak of a flag the strategy never uses."""
+
     def preflight(self, iteration: int) -> None:
         """Everything about `iteration` that can be checked before anything is written (data files,
         reward functions); raise UsageError. Default: the training (and eval) rows of an iteration

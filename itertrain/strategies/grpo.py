@@ -64,6 +64,21 @@ class _ReferenceByPlan:
         finally:
             if config is not None:
                 config._name_or_path = old
+        adapter_off_reference(self.model)
+
+
+def adapter_off_reference(model: Any) -> None:
+    """TRL's reference for a PEFT model is a frozen "ref" copy of the adapter as it is when the trainer is
+    built: fresh (a no-op) at an iteration's start, but the checkpoint's trained adapter after a resume.
+    itertrain's reference (--iteration_model merged, --ref_model start) is the adapter switched off, on
+    every path: the copy's lora_B is zeroed, so it adds exactly nothing."""
+    import torch
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            parts = name.split(".")
+            if "ref" in parts and ("lora_B" in parts or "lora_embedding_B" in parts):
+                param.zero_()
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         """TRL writes a model card README.md into output_dir at every save: the experiment root is itertrain's."""

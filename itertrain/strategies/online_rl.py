@@ -84,17 +84,49 @@ def generation_block(args: Any) -> int:
     return micro * ga // math.gcd(micro, ga) // ga
 
 
+# TRL's settings that shape every step of an RL iteration: a resume inside an iteration must train with the
+# values its first steps had, or the iteration model mixes two settings (recorded in the lineage).
+RL_SETTINGS = ("num_generations", "beta", "loss_type", "max_completion_length", "temperature", "top_p", "top_k",
+               "epsilon", "epsilon_high", "scale_rewards", "reward_weights")
+
+
+def rl_settings(args: Any) -> dict[str, Any]:
+    """The values of RL_SETTINGS that this TRL config has (RLOO's lacks some of GRPO's)."""
+    return {name: getattr(args, name) for name in RL_SETTINGS if hasattr(args, name)}
+
+
+def changed_rl_settings(recorded: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """`--flag old -> new` for each setting recorded at the iteration's start that this launch changes."""
+    return [f"--{k} {recorded[k]} -> {now[k]}" for k in sorted(recorded.keys() & now.keys()) if recorded[k] != now[k]]
+
+
+def recorded_total_steps(checkpoint: Any) -> int | None:
+    """The iteration's total optimizer steps as the checkpoint's trainer state records it (HF computes it for
+    epoch-based runs, where --max_steps is -1); None when unreadable."""
+    import json
+
+    try:
+        value = json.loads((checkpoint / "trainer_state.json").read_text()).get("max_steps")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and value > 0 else None
+
+
 def check_generation_batch(args: Any) -> None:
     """TRL's rule, explained with the flags that make the batch (before TRL's own, terser ValueError)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     spg = args.steps_per_generation or (None if args.generation_batch_size else args.gradient_accumulation_steps)
     batch = args.generation_batch_size or args.per_device_train_batch_size * world * spg
     n = args.num_generations
-    if n is not None and n >= 1 and batch % n:
+    if n is not None and n < 2:
+        method = "RLOO" if "RLOO" in type(args).__name__ else "GRPO"
+        raise UsageError(f"--num_generations {n}: {method} compares each completion's reward with the others of its "
+                         "prompt's group, so it needs at least 2 completions per prompt: use --num_generations 2 or more")
+    if n is not None and batch % n:
         made = "--generation_batch_size" if args.generation_batch_size else (
             f"--per_device_train_batch_size {args.per_device_train_batch_size} × {world} process(es) × "
             f"--steps_per_generation {spg}")
-        raise ValueError(
+        raise UsageError(
             f"--num_generations {n} does not divide the generation batch of {batch} completions ({made}): TRL "
             f"samples whole groups of --num_generations completions per prompt into each generation batch, so the "
             f"batch must be a multiple of it. Choose --num_generations dividing {batch}, or change the batch")
@@ -122,6 +154,14 @@ class OnlineRLStrategy(SampledDataStrategy):
                      "top_p": "generation.top_p", "top_k": "generation.top_k"}
 
     @classmethod
+    def check_unsupported(cls, cfg) -> None:
+        gen = cfg.generation
+        if gen.reward_model or gen.backend == "vllm":
+            raise UsageError(f"--strategy {cls.name} samples inside TRL's trainer with HF generate(): "
+                             f"{'--reward_model' if gen.reward_model else '--generation_backend vllm'} is not "
+                             "supported by it; pass reward functions (--reward_funcs module:function ...)")
+
+    @classmethod
     def check_arguments(cls, cfg) -> None:
         loop, gen, t, rl = cfg.loop, cfg.generation, cfg.training, cfg.strategy_args
         sft = rl.sft_max_steps != 0
@@ -129,10 +169,6 @@ class OnlineRLStrategy(SampledDataStrategy):
             raise UsageError(f"--strategy {cls.name} needs --task arithmetic, or --prompts_file (prompt rows, with any "
                              "columns the reward functions read) and --train_file (labeled data for the SFT iteration "
                              "0; --sft_max_steps 0 skips it)")
-        if gen.reward_model or gen.backend == "vllm":
-            raise UsageError(f"--strategy {cls.name} samples inside TRL's trainer with HF generate(): "
-                             f"{'--reward_model' if gen.reward_model else '--generation_backend vllm'} is not "
-                             "supported by it; pass reward functions (--reward_funcs module:function ...)")
         if t.sync_ref_model:
             raise UsageError(f"--sync_ref_model is not supported by {cls.name}: the synced reference would not be in "
                              "the checkpoints; each iteration's reference is its starting model or the base model")
@@ -146,8 +182,9 @@ class OnlineRLStrategy(SampledDataStrategy):
         block = generation_block(t)
         if t.save_strategy != "no" and (t.save_strategy != "steps" or t.save_steps != int(t.save_steps)
                                         or int(t.save_steps) % block):
+            save = str(getattr(t.save_strategy, "value", t.save_strategy))  # the value typed, not the enum
             raise UsageError(
-                f"--save_strategy {t.save_strategy} --save_steps {t.save_steps}: {cls.name} generates once per "
+                f"--save_strategy {save}{f' --save_steps {t.save_steps}' if save == 'steps' else ''}: {cls.name} generates once per "
                 f"generation block of {block} optimizer step(s) (--steps_per_generation), and keeps the block's "
                 "completions in memory only; checkpoints are taken at block boundaries so that a resume regenerates "
                 f"the block exactly. Use --save_strategy steps with --save_steps a multiple of {block}")
@@ -234,18 +271,36 @@ class OnlineRLStrategy(SampledDataStrategy):
         return generation_block(args) if self.is_rl(iteration) else 1
 
     def iteration_lineage(self, iteration: int, source: ModelSource) -> dict[str, Any]:
-        return reference_lineage(self.ctx, self.rl_args.ref_model, source, iteration) if self.is_rl(iteration) else {}
+        if not self.is_rl(iteration):
+            return {}
+        return {**reference_lineage(self.ctx, self.rl_args.ref_model, source, iteration),
+                "rl_settings": rl_settings(self.ctx.cfg.training)}
 
     def check_restored(self, iteration: int, source: ModelSource, lineage: dict[str, Any], checkpoint: str) -> None:
-        """The reference must be the one the checkpoint was trained against, and the checkpoint at a boundary
-        of this launch's generation blocks (a changed --steps_per_generation could put it inside one)."""
+        """The reference and TRL's RL settings must be those the checkpoint was trained with, and the checkpoint
+        at a boundary of this launch's generation blocks (a changed --steps_per_generation could put it inside
+        one)."""
         if not self.is_rl(iteration):
             return
         check_reference(self.ctx, self.rl_args.ref_model, source, iteration, lineage, checkpoint, self.method)
-        t, name = self.ctx.cfg.training, os.path.basename(str(checkpoint))
+        name = os.path.basename(str(checkpoint))
+        changed = changed_rl_settings(lineage.get("rl_settings") or {}, rl_settings(self.ctx.cfg.training))
+        start = f"iter_{iteration - 1}" if iteration else "the base model"
+        if changed:
+            raise RecoveryRefused(
+                f"{name} of iteration {iteration} was trained with other {self.method} settings than this launch's "
+                f"({'; '.join(changed)}): continuing it would mix two settings in one iteration model. Relaunch "
+                f"with the values it was trained with, or restart iteration {iteration} from {start} with the new ones "
+                "(--resume_from none --resume_from_iteration auto)")
+        self._check_block(iteration, name, self.ctx.root / checkpoint)
+
+    def _check_block(self, iteration: int, name: str, checkpoint: Any) -> None:
+        """Refuse a checkpoint inside a generation block of this launch, unless it is the iteration's last step."""
+        t = self.ctx.cfg.training
         step = int(name.rpartition("-")[2]) if name.rpartition("-")[2].isdigit() else 0
         block = generation_block(t)
-        if step % block and step < t.max_steps:
+        total = t.max_steps if t.max_steps > 0 else recorded_total_steps(checkpoint)
+        if step % block and (total is None or step < total):
             raise RecoveryRefused(
                 f"{name} of iteration {iteration} is at step {step}, inside a generation block of {block} step(s) "
                 f"under this launch's --steps_per_generation {t.steps_per_generation}: a resume there cannot "
