@@ -4,6 +4,7 @@ strategy registry (built in, registered, module:Class, entry points, refusals)."
 from __future__ import annotations
 
 import re
+import importlib.util
 import sys
 import textwrap
 
@@ -13,6 +14,8 @@ from itertrain import Strategy, register_strategy
 from itertrain.errors import UsageError
 from itertrain.parser import parse_train_args
 from itertrain.strategies import available, load_strategy
+
+needs_trl = pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="needs itertrain[dpo] (TRL)")
 
 
 def base(model_dir, tmp_path, *extra):
@@ -196,10 +199,11 @@ def test_old_and_trl_flag_names_of_one_setting_on_the_command_line_are_refused_b
 @pytest.mark.parametrize("extra,expected", [
     (("--reward_threshold", "nan"), "--reward_threshold nan: must be a finite number, not nan"),
     (("--reward_threshold=-inf",), "--reward_threshold -inf: must be a finite number"),
-    (("--strategy", "grpo", "--beta", "inf"), "--beta inf: must be a finite number"),
-    (("--strategy", "grpo", "--reward_funcs", "m:a", "m:b", "--reward_weights", "1", "nan"),
-     "--reward_weights [1.0, nan]: must be a finite number, not nan"),
-    (("--strategy", "iterative_dpo", "--min_reward_margin", "inf"), "--min_reward_margin inf: must be a finite"),
+    pytest.param(("--strategy", "grpo", "--beta", "inf"), "--beta inf: must be a finite number", marks=needs_trl),
+    pytest.param(("--strategy", "grpo", "--reward_funcs", "m:a", "m:b", "--reward_weights", "1", "nan"),
+                 "--reward_weights [1.0, nan]: must be a finite number, not nan", marks=needs_trl),
+    pytest.param(("--strategy", "iterative_dpo", "--min_reward_margin", "inf"),
+                 "--min_reward_margin inf: must be a finite", marks=needs_trl),
 ], ids=["threshold_nan", "threshold_-inf", "beta", "reward_weights", "min_reward_margin"])
 def test_a_non_finite_number_for_a_float_flag_exits_2_naming_the_flag(model_dir, tmp_path, extra, expected):
     prompts = tmp_path / "prompts.jsonl"
@@ -219,24 +223,33 @@ def test_a_missing_model_names_the_trl_flag(tmp_path):
                           "--train_file", str(tmp_path)])
 
 
-def test_reward_funcs_takes_one_function_for_every_strategy_and_several_only_where_they_are_combined(model_dir,
-                                                                                                    tmp_path):
+def test_reward_funcs_takes_one_function_for_every_strategy_and_refuses_several_where_one_scores(model_dir,
+                                                                                               tmp_path):
     from itertrain.rewards import reward_scorer
 
-    data = tmp_path / "p.jsonl"
-    data.write_text('{"prompt": "1+1=", "answer": "2"}\n')
-    common = ["--model_name_or_path", str(model_dir), "--output_dir", str(tmp_path / "out"), "--prompts_file",
-              str(data), "--train_file", str(data)]
+    common = reward_args(model_dir, tmp_path)
     one = parse_train_args([*common, "--strategy", "expert_iteration", "--reward_funcs", "m:f"])
     assert one.generation.reward_fn == "m:f"  # a string, as itertrain.json has always held it
     assert parse_train_args([*common, "--strategy", "expert_iteration", "--reward_fn", "m:f"]).generation.reward_fn \
         == "m:f"
+    several = parse_train_args([*common, "--strategy", "expert_iteration", "--reward_funcs", "m:f", "m:g"])
+    with pytest.raises(UsageError, match="several reward functions are combined by --strategy grpo and rloo"):
+        reward_scorer(several.generation, several.model)
+
+
+@needs_trl
+def test_grpo_takes_several_reward_funcs_from_the_command_line_or_yaml_each_a_module_function(model_dir, tmp_path):
+    common = reward_args(model_dir, tmp_path)
     cfg = tmp_path / "run.yaml"
     cfg.write_text("reward_funcs: [m:f, m:g]\nreward_weights: [1.0, 0.5]\n")
     grpo = parse_train_args([*common, "--strategy", "grpo", "--config", str(cfg)])
     assert grpo.generation.reward_fn == ["m:f", "m:g"] and list(grpo.training.reward_weights) == [1.0, 0.5]
-    several = parse_train_args([*common, "--strategy", "expert_iteration", "--reward_funcs", "m:f", "m:g"])
-    with pytest.raises(UsageError, match="several reward functions are combined by --strategy grpo and rloo"):
-        reward_scorer(several.generation, several.model)
     with pytest.raises(UsageError, match="--reward_funcs 'g': expected module:function"):
         parse_train_args([*common, "--strategy", "grpo", "--reward_funcs", "m:f", "g"])
+
+
+def reward_args(model_dir, tmp_path) -> list[str]:
+    data = tmp_path / "p.jsonl"
+    data.write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    return ["--model_name_or_path", str(model_dir), "--output_dir", str(tmp_path / "out"), "--prompts_file",
+            str(data), "--train_file", str(data)]
