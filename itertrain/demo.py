@@ -14,6 +14,7 @@ from __future__ import annotations
 from argparse import ArgumentParser
 from pathlib import Path
 
+from itertrain.args import TRL_NAMES
 from itertrain.errors import UsageError
 from itertrain.layout import DEMO_DPO_EXPERIMENT, DEMO_EXPERIMENT, DEMO_GRPO_EXPERIMENT
 from itertrain.tiny_model import TinyModelSpec
@@ -99,6 +100,25 @@ def write_eval_prompts(root: Path, seed: int) -> Path:
     return path
 
 
+def _setting(arg: str) -> str:
+    """The setting a flag names, under TRL's name (`--samples_per_prompt` and `--num_generations`: one)."""
+    name = arg[2:].split("=", 1)[0].replace("-", "_")
+    return TRL_NAMES.get(name, name)
+
+
+def without_overridden(own: list[str], extra: list[str]) -> list[str]:
+    """The demo's own flags (each with its values) less the settings the user's flags give under either name:
+    the user's value wins, and the parser refuses one setting given under both of its names."""
+    given = {_setting(a) for a in extra if a.startswith("--")}
+    kept, dropping = [], False
+    for arg in own:
+        if arg.startswith("--"):
+            dropping = _setting(arg) in given
+        if not dropping:
+            kept.append(arg)
+    return kept
+
+
 def demo(argv: list[str]) -> int:
     p = ArgumentParser(
         prog="itertrain demo", allow_abbrev=False,
@@ -130,7 +150,8 @@ def demo(argv: list[str]) -> int:
     from itertrain.loop import run_experiment
     from itertrain.parser import parse_train_args
 
-    cfg = parse_train_args(["--model_name", str(model_dir), "--output_dir", str(exp_dir), *flags, *extra])
+    own = ["--model_name_or_path", str(model_dir), "--output_dir", str(exp_dir), *flags]
+    cfg = parse_train_args([*without_overridden(own, extra), *extra])
     if cfg.generation.eval_prompts_file is None:  # the held-out figures of the demo's table (unless given)
         cfg.generation.eval_prompts_file = str(write_eval_prompts(root, cfg.training.seed))
     code = run_experiment(cfg)

@@ -133,3 +133,13 @@ def test_grpo_demo_runs_sft_then_grpo_and_prints_reward_kl_and_accuracy(tmp_path
     table = [line for line in r.stdout.splitlines() if line.startswith("| ")]
     assert table[0].startswith("| iter | mean reward | kl | train loss | 3digit acc")
     assert table[2].startswith(f"| 1 | {rows[1]['reward']:.3f} | {rows[1]['kl']:.4f} |")
+
+
+def test_a_demo_flag_overridden_under_either_name_keeps_the_users_value_and_is_not_named_twice() -> None:
+    from itertrain.demo import without_overridden
+
+    own = ["--model_name_or_path", "m", "--num_generations", "8", "--loss_type", "sigmoid", "sft", "--seed", "0"]
+    assert without_overridden(own, ["--samples_per_prompt", "1", "--loss-type=ipo", "--max_steps", "5"]) == \
+        ["--model_name_or_path", "m", "--seed", "0"]
+    assert without_overridden(own, ["--model_name", "mine"]) == own[2:]
+    assert without_overridden(own, []) == own

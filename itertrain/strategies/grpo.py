@@ -66,6 +66,9 @@ class _ReferenceByPlan:
                 config._name_or_path = old
         adapter_off_reference(self.model)
 
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        """TRL writes a model card README.md into output_dir at every save: the experiment root is itertrain's."""
+
 
 def adapter_off_reference(model: Any) -> None:
     """TRL's reference for a PEFT model is a frozen "ref" copy of the adapter as it is when the trainer is
@@ -79,9 +82,6 @@ def adapter_off_reference(model: Any) -> None:
             parts = name.split(".")
             if "ref" in parts and ("lora_B" in parts or "lora_embedding_B" in parts):
                 param.zero_()
-
-    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
-        """TRL writes a model card README.md into output_dir at every save: the experiment root is itertrain's."""
 
 
 class ItertrainGRPOTrainer(_ReferenceByPlan, GRPOTrainer):
