@@ -215,6 +215,8 @@ EXTENDED = (
     "test_expert_iteration.py::test_launch_check_catches_a_bad_reward_function_before_iteration_0_trains[non_numeric",
     "test_expert_iteration.py::test_reward_function_errors_name_the_function_and_the_example[return 'yes'",
     "test_your_data.py::test_a_hub_dataset_id_not_in_the_local_cache_exits_2_naming_it_and_how_to_fetch_it",
+    "test_small_outcomes.py::test_a_finished_experiment_on_a_read_only_directory_is_reported_complete_under_two_ranks",
+    "test_peer_errors.py::test_a_user_runtime_error_saying_eof_is_the_users_one_line_and_torchrun_does_not_repeat_it",
 )
 
 
