@@ -17,7 +17,8 @@ from typing import Any
 
 from itertrain import distributed, faults
 from itertrain.artifacts.async_save import AsyncSaver
-from itertrain.artifacts.commit import CommitJob, CommitWorker
+from itertrain.artifacts.commit import CommitWorker
+from itertrain.artifacts.kind import DATA, ITERATION_MODEL, TRAINER_CHECKPOINT
 from itertrain.artifacts.manifest import Manifest, ManifestError, read_header, read_manifest
 from itertrain.artifacts.retention import Action, Event, ListedCheckpoint, Op, RetentionPolicy, plan_retention
 from itertrain.artifacts.writer import write_iteration_model
@@ -171,7 +172,7 @@ class CheckpointManager:
         `extra`: recorded in the manifest (e.g. that this is a preemption checkpoint)."""
         distributed.barrier()  # every rank's files are on disk
         if distributed.is_main():
-            self.worker.submit(self._checkpoint_job(step, best, self.iteration, dict(self.lineage), extra))
+            self._commit_checkpoint(step, best, self.iteration, dict(self.lineage), extra, background=True)
         if not self.config.async_commit:
             # Rank 0 hashed every file inline: the others wait here, on itertrain's long-timeout group,
             # rather than in training's next collective (whose timeout is meant for training steps).
@@ -184,20 +185,22 @@ class CheckpointManager:
         iteration, lineage = self.iteration, dict(self.lineage)
 
         def commit(best: str | None) -> None:
-            self.worker.commit(self._checkpoint_job(step, best, iteration, lineage, extra))
+            self._commit_checkpoint(step, best, iteration, lineage, extra)
 
         return commit
 
-    def _checkpoint_job(self, step: int, best: str | None, iteration: int, lineage: dict[str, Any],
-                        extra: dict[str, Any] | None = None) -> CommitJob:
+    def _commit_checkpoint(self, step: int, best: str | None, iteration: int, lineage: dict[str, Any],
+                           extra: dict[str, Any] | None = None, *, background: bool = False) -> None:
+        """Commit `checkpoint-step` through its kind (on the worker's thread when `background`), then retention."""
         directory = self.root / checkpoint_name(step)
         protect = frozenset({directory.name} | ({Path(best).name} if best else set()))
 
         def retain(_: Manifest) -> None:
             self._apply_retention(Event.CHECKPOINT_COMMITTED, iteration, protect)
 
-        return CommitJob(directory, Kind.TRAINER_CHECKPOINT, iteration, step, lineage, dict(extra or {}),
-                         before=lambda: faults.point("checkpoint.commit"), after=retain)
+        commit = TRAINER_CHECKPOINT.submit if background else TRAINER_CHECKPOINT.commit
+        commit(directory, worker=self.worker, iteration=iteration, step=step, lineage=lineage, extra=extra,
+               before=lambda: faults.point("checkpoint.commit"), after=retain)
 
     # ---- iteration models --------------------------------------------------------------------------
     def commit_iteration_model(self, model, tokenizer, iteration: int, step: int, *, last: bool,
@@ -220,8 +223,8 @@ class CheckpointManager:
             if (directory / MANIFEST_NAME).exists():
                 raise ArtifactWriteError(f"{directory} is already committed; refusing to overwrite it")
             write_iteration_model(model, tokenizer, directory, max_shard_size=max_shard_size, state_dict=state_dict)
-            self.worker.commit(CommitJob(directory, Kind.ITERATION_MODEL, iteration, step, dict(self.lineage),
-                                         {"metrics": metrics, KEPT_CHECKPOINTS: keep, **(extra or {})}))
+            ITERATION_MODEL.commit(directory, worker=self.worker, iteration=iteration, step=step, lineage=self.lineage,
+                                   extra={"metrics": metrics, KEPT_CHECKPOINTS: keep, **(extra or {})})
             for name in rescued:  # back where they were: the carry for iteration K+1, or the user's kept ones
                 safe_move(self.root / name, directory / name, self.root)
             faults.point("iteration.after_manifest")
@@ -258,7 +261,7 @@ class CheckpointManager:
     def commit_data(self, directory: Path, iteration: int, lineage: dict[str, Any],
                     extra: dict[str, Any]) -> Manifest:
         """Commit a generated-data directory (rank 0 only; the caller arranges the barrier)."""
-        return self.worker.commit(CommitJob(Path(directory), Kind.DATA, iteration, 0, lineage, extra))
+        return DATA.commit(directory, worker=self.worker, iteration=iteration, lineage=lineage, extra=extra)
 
     # ---- retention and housekeeping ----------------------------------------------------------------------
     def _apply_retention(self, event: Event, iteration: int, protect: frozenset[str], *, last: bool = False,

@@ -23,9 +23,13 @@ from typing import Mapping
 
 from itertrain.errors import RecoveryRefused
 from itertrain.layout import checkpoint_order, is_top_level, model_order
-from itertrain.recovery.discover import Inventory, IterationModel, Status, TrainerCheckpoint
+from itertrain.recovery import kinds
+from itertrain.recovery.discover import Inventory, IterationModel, TrainerCheckpoint
 from itertrain.recovery.flags import AUTO, BASE, NONE, RecoveryFlags
 from itertrain.recovery.plan import Mode, Rejection, RecoveryPlan
+
+
+_CHOSEN = ("iteration_models", "checkpoints")  # the kinds the plan chooses among: their rules are its own
 
 
 @dataclass
@@ -114,14 +118,16 @@ def _model_of(cands: Pick, iteration: int) -> str | None:
 
 def _superseded(inv: Inventory, cands: Pick, iteration: int, step: int, keep: str | None) -> tuple[str, ...]:
     """Committed work this run replaces, moved aside before it starts (never overwritten): the
-    iteration models of `iteration` and later (the guide's "continue from a given iteration"), the
-    data of later iterations, and top-level checkpoints of this iteration past `step` or of later ones."""
+    iteration models of `iteration` and later (the guide's "continue from a given iteration"), what
+    every other kind says a restart of `iteration` replaces (`ArtifactKind.superseded`: the data of
+    later iterations, ...), and top-level checkpoints of this iteration past `step` or of later ones."""
     models = [m.path for m in cands.models if m.iteration >= iteration and not m.foreign]
-    data = [d.path for d in inv.data if d.iteration > iteration and d.status == Status.COMMITTED]
+    others = [a.path for kind in kinds.registered() if kind.group not in _CHOSEN
+              for a in inv.group(kind.group) if kind.superseded(a, iteration, step)]
     ckpts = [c.path for c in inv.checkpoints
              if is_top_level(c.path) and c.path != keep and c.status.usable
              and (c.iteration > iteration or (c.iteration == iteration and c.step > step))]
-    return tuple(models + data + ckpts)
+    return tuple(models + others + ckpts)
 
 
 def decide(flags: RecoveryFlags, inv: Inventory, rejected: Mapping[str, str] | None = None) -> RecoveryPlan:

@@ -1,12 +1,19 @@
 """Artifact kinds: one class per kind of artifact directory, and the registry the rest iterates over.
 
 A kind says where its directories are (`entries`: its scan pattern), what one found directory is
-(`classify`: from its manifest header, or a structural `check` for one another tool wrote), how it is
-committed (`commit`: through the commit worker, which owns the invariants - files fsynced, manifest
-written to a temporary name, fsynced, renamed last) and how it is shown (`describe`: its status
-line). Discovery, `itertrain status`, `itertrain verify`, resolve's deep verification and the
-reports iterate over `registered()`; a new kind is one subclass and one `register` call. The
-`name` is the `kind` string written into manifests: on disk forever, never renamed.
+(`classify`: from its manifest header, or a structural `check` for one another tool wrote), what a
+restart replaces (`superseded`), how it is committed (`commit`, inherited from the artifacts floor's
+`CommitKind`, which `CheckpointManager` commits through: the commit worker owns the invariants -
+files fsynced, manifest written to a temporary name, fsynced, renamed last) and how it is shown
+(`describe`: its status line). Discovery, `itertrain status`, `itertrain verify`, resolve's deep
+verification, the plan's superseded list, `--overwrite_output_dir` and the reports iterate over
+`registered()`; a new kind is one subclass and one `register` call. The `name` is the `kind` string
+written into manifests: on disk forever, never renamed.
+
+The layout's scanner knows only the built-in names (`iter_K`, `checkpoint-S`, `data/iter_K`): a new
+kind overrides `entries` (its scan pattern). Its directories without a manifest are torn, as data's
+are (removed by the next launch), never adopted as another tool's work: whoever registers a kind
+owns its names (override `classify` to adopt such directories instead).
 """
 
 from __future__ import annotations
@@ -14,9 +21,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from itertrain.artifacts.commit import CommitJob, CommitWorker
+from itertrain.artifacts.kind import CommitKind, DataCommit, IterationModelCommit, TrainerCheckpointCommit
 from itertrain.artifacts.manifest import (
     Manifest,
     ManifestError,
@@ -32,7 +39,6 @@ from itertrain.layout import (
     CONFIG_NAME,
     TRAINER_STATE_NAME,
     Entry,
-    Kind,
     is_top_level,
     model_order,
 )
@@ -60,18 +66,22 @@ class Scan:
         return not self.is_experiment or rel in self.adopted
 
 
-class ArtifactKind:
+class ArtifactKind(CommitKind):
     """One kind of artifact directory. Subclasses set the class attributes and override the hooks; the
-    public methods below keep the invariants (manifest kind checked, commit through the worker)."""
+    public methods keep the invariants (manifest kind checked, commit through the worker: `CommitKind`).
+    `name` (the manifest's `kind` string) comes from `CommitKind`."""
 
-    name: str = ""  # the manifest's `kind` string
     group: str = ""  # its place in an Inventory and in status/report JSON
     icon: str = "📦"
     progress: bool = False  # committed ones count as progress (never silently trained over)
+    # Its artifact of iteration K is made from iteration K's model (an evaluation of iter_K): retraining
+    # K replaces it. False: made before K trains and reused by a restart of K (data/iter_K).
+    follows_training: bool = False
 
     # ---- the scan pattern --------------------------------------------------------------------------
     def entries(self, scan: Scan) -> list[Entry]:
-        """This kind's directories: by default those the layout's scanner names with this kind."""
+        """This kind's directories (its scan pattern; the hook a new kind overrides): by default those
+        the layout's scanner names with this kind, which are only the built-in kinds'."""
         return [e for e in scan.entries if getattr(e.kind, "value", e.kind) == self.name]
 
     # ---- discovery -----------------------------------------------------------------------------------
@@ -126,15 +136,14 @@ class ArtifactKind:
         """What `itertrain verify` adds beyond the bytes (a hook: what an artifact needs elsewhere)."""
         return []
 
-    # ---- the commit ----------------------------------------------------------------------------------
-    def commit(self, directory: Path, *, iteration: int, step: int = 0, lineage: dict[str, Any] | None = None,
-               extra: dict[str, Any] | None = None, world_size: int = 1, fsync: bool = True,
-               worker: CommitWorker | None = None, after: Callable[[Manifest], None] | None = None) -> Manifest:
-        """Commit a written directory of this kind (rank 0): through the commit worker, which hashes and
-        fsyncs its files and writes the manifest last, atomically. Until then the directory is torn."""
-        worker = worker or CommitWorker(fsync=fsync, world_size=world_size)
-        return worker.commit(CommitJob(Path(directory), self.name, iteration, step, dict(lineage or {}),
-                                       dict(extra or {}), after=after))
+    # ---- what a restart replaces -------------------------------------------------------------------------
+    def superseded(self, artifact: Any, iteration: int, step: int) -> bool:
+        """Whether a run that trains `iteration` from `step` replaces `artifact`: the plan moves it to
+        superseded/ before training (never overwritten). Default: committed artifacts of later
+        iterations, and of `iteration` itself when the kind `follows_training`. Trainer checkpoints
+        and iteration models are the plan's own choice (`decide`), not asked here."""
+        first = iteration if self.follows_training else iteration + 1
+        return artifact.status == Status.COMMITTED and artifact.iteration >= first
 
     # ---- how it is shown ---------------------------------------------------------------------------------
     def describe(self, artifact: Any, label: str, in_flight: bool = False) -> str:
@@ -147,10 +156,10 @@ class ArtifactKind:
         return {**asdict(artifact), "status": artifact.status.value}
 
 
-class IterationModelKind(ArtifactKind):
+class IterationModelKind(ArtifactKind, IterationModelCommit):
     """`iter_K/` (and the guide's `base_model/` as iteration 0): the weights an iteration ends with."""
 
-    name, group, icon, progress = Kind.ITERATION_MODEL.value, "iteration_models", "🎯", True
+    group, icon, progress = "iteration_models", "🎯", True
 
     def classify(self, entry: Entry, scan: Scan) -> IterationModel:
         directory = scan.root / entry.rel
@@ -190,10 +199,10 @@ class IterationModelKind(ArtifactKind):
         return f"  {self.icon} {artifact.path:<24} iteration {artifact.iteration:<4} {label}{aux}{extra}"
 
 
-class TrainerCheckpointKind(ArtifactKind):
+class TrainerCheckpointKind(ArtifactKind, TrainerCheckpointCommit):
     """`checkpoint-S/` (top level, or kept inside an `iter_K/` of ours): HF Trainer's full state."""
 
-    name, group, icon, progress = Kind.TRAINER_CHECKPOINT.value, "checkpoints", "📁", True
+    group, icon, progress = "checkpoints", "📁", True
 
     def entries(self, scan: Scan) -> list[Entry]:
         """Checkpoints kept inside an iteration model are listed when that model is one of ours."""
@@ -229,10 +238,10 @@ class TrainerCheckpointKind(ArtifactKind):
         return f"  {self.icon} {artifact.path:<24} iteration {it:<4} step {artifact.step:<7} {label}{extra}"
 
 
-class DataKind(ArtifactKind):
-    """`data/iter_K/`: the data an iteration generated and trained on."""
+class DataKind(ArtifactKind, DataCommit):
+    """`data/iter_K/`: the data an iteration generated and trained on (a restart of K reuses it)."""
 
-    name, group, icon = Kind.DATA.value, "data", "📦"
+    group, icon = "data", "📦"
 
 
 _REGISTRY: list[ArtifactKind] = [IterationModelKind(), TrainerCheckpointKind(), DataKind()]

@@ -29,6 +29,8 @@ from itertrain.layout import (
     is_top_level,
     iteration_name,
 )
+from itertrain.recovery import kinds
+from itertrain.recovery.discover import Inventory
 from itertrain.recovery.flags import flags_of
 from itertrain.recovery.plan import Mode, RecoveryPlan, StateScope
 from itertrain.recovery.report import render, report_json
@@ -151,8 +153,8 @@ def prepare_output_dir(cfg: RunConfig, resolved: Resolved, record: dict, manager
     plan, inv, root = resolved.plan, resolved.inventory, cfg.output_dir
     notes = list(resolved.notes)
     if plan.mode == Mode.FRESH and inv.has_committed_progress:
-        old = [p.name for p in sorted(root.iterdir()) if p.name.startswith(("iter_", "checkpoint-"))
-               or p.name in (DATA_DIR, BASE_MODEL_DIR, EXPERIMENT_RECORD)]
+        ours = {DATA_DIR, BASE_MODEL_DIR, EXPERIMENT_RECORD, *artifact_dirs(inv)}
+        old = [p.name for p in sorted(root.iterdir()) if p.name.startswith(("iter_", "checkpoint-")) or p.name in ours]
         dest = manager.move_aside(old)
         notes.append(f"--overwrite_output_dir: moved {len(old)} previous artifact(s) to {dest}")
         record = {}
@@ -177,6 +179,12 @@ def prepare_output_dir(cfg: RunConfig, resolved: Resolved, record: dict, manager
                "step": plan.step, "weights_from": plan.weights_from, "state_from": plan.state_from,
                **launcher.launch_summary()}
     return record_launch(root, record, cfg, summary)
+
+
+def artifact_dirs(inv: Inventory) -> set[str]:
+    """The top-level directories holding the artifacts of every registered kind (a kind beyond the
+    built-in ones keeps its own, e.g. `evals/`): what `--overwrite_output_dir` moves aside with them."""
+    return {a.path.split("/", 1)[0] for kind in kinds.registered() for a in inv.group(kind.group)}
 
 
 def _requeue_warning(cfg: RunConfig, moved_aside: bool) -> list[str]:
