@@ -34,7 +34,8 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")  # TRL's trainers report 
 
 
 class _BatchRuleExplained:
-    """TRL's config, its fields and defaults unchanged; TRL's batch rule is explained with the flags."""
+    """In front of a TRL config: TRL's batch rule checked, and explained with the flags that make the batch,
+    before TRL's own terser check (`check_generation_batch`)."""
 
     def __post_init__(self):
         check_generation_batch(self)
