@@ -27,24 +27,10 @@ import json
 import os
 import subprocess
 
-from benchmarks.common import (
-    PY,
-    REPO,
-    Figure,
-    Settings,
-    child_env,
-    hf_cmd,
-    itertrain_cmd,
-    job_flags,
-    log,
-    make_data,
-    make_model,
-    median,
-    ratio_figure,
-    rmtree,
-)
+from benchmarks.common import (MANIFEST, PY, REPO, Figure, Settings, child_env, hf_cmd, itertrain_cmd, log, make_model,
+                               median, ratio_figure, rmtree, scratch_job)
 from benchmarks.monitor import RunResult, check_ok, run_monitored, save_log
-from benchmarks.train_overhead import MANIFEST, train_time
+from benchmarks.train_overhead import train_time
 
 ASYNC = ("--async_save",)
 VARIANTS = ("hf", "async")
@@ -67,13 +53,9 @@ def _gaps(r: RunResult) -> list[float]:
 
 
 def one_run(s: Settings, variant: str, case: str, tag: str, max_steps: int, save_steps: int) -> RunResult:
-    model = make_model(s.model, s.work)
-    data = make_data(s.work, s.seq_chars)
-    out = s.work / "scratch" / f"async-{case}-{variant}-{tag}"
-    rmtree(out)
     # --save_total_limit 2 in both: the save-heavy case would otherwise keep 6 x 1.23 GB per run
-    flags = job_flags(s, model, data, out, max_steps=max_steps, save_steps=save_steps, logging_steps=1,
-                      extra=("--save_total_limit", "2"))
+    out, flags = scratch_job(s, f"async-{case}-{variant}-{tag}", max_steps=max_steps, save_steps=save_steps,
+                             logging_steps=1, extra=("--save_total_limit", "2"))
     cmd = itertrain_cmd(flags) + list(ASYNC) if variant == "async" else hf_cmd(flags)
     r = run_monitored(cmd, env=child_env(), watch_dir=out, window_end=MANIFEST if variant == "async" else None)
     save_log(s, f"async-{case}-{variant}-{tag}", r)

@@ -19,6 +19,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 HF_SCRIPT = Path(__file__).resolve().parent / "hf_train.py"
+MANIFEST = "itertrain.manifest.json"  # itertrain's commit record, written last: a save is committed when it appears
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,6 +149,14 @@ def job_flags(s: Settings, model: Path, data: Path, output_dir: Path, *, max_ste
         "--learning_rate", "1e-4", "--seed", "42", "--disable_tqdm", "true", "--report_to", "none",
         "--use_cpu", "true", "--dataloader_pin_memory", "false", *extra,
     ]
+
+
+def scratch_job(s: Settings, name: str, **job: Any) -> tuple[Path, list[str]]:
+    """The output dir `name` under the scratch root, emptied, and the flags of a job on the benchmark's model and
+    data that writes into it (`job`: `job_flags`'s keywords)."""
+    out = s.work / "scratch" / name
+    rmtree(out)
+    return out, job_flags(s, make_model(s.model, s.work), make_data(s.work, s.seq_chars), out, **job)
 
 
 def itertrain_cmd(flags: list[str]) -> list[str]:

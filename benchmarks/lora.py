@@ -21,34 +21,21 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from benchmarks.common import (
-    Figure,
-    Settings,
-    child_env,
-    dir_bytes,
-    hf_cmd,
-    itertrain_cmd,
-    job_flags,
-    log,
-    make_data,
-    make_model,
-    median,
-    ratio_figure,
-    rmtree,
-)
+from benchmarks.common import (MANIFEST, Figure, Settings, child_env, dir_bytes, hf_cmd, itertrain_cmd, log, median,
+                               ratio_figure, rmtree, scratch_job)
 from benchmarks.monitor import RunResult, check_ok, run_monitored, save_log
 
-MANIFEST = "itertrain.manifest.json"
 VARIANTS = ("lora", "full", "hf_peft")
 SAVE_STEP = 2
 LORA_FLAGS = ("--use_peft", "true", "--lora_r", "16", "--lora_alpha", "32", "--lora_dropout", "0.05")
 MARKS = {"step1": r"'loss'"}
 
 
-def _flags(s: Settings, out: Path, variant: str) -> list[str]:
-    flags = job_flags(s, make_model(s.model, s.work), make_data(s.work, s.seq_chars), out, max_steps=50,
-                      save_steps=SAVE_STEP, logging_steps=1, extra=("--log_level", "info"))
-    return flags + list(LORA_FLAGS if variant != "full" else ())
+def _job(s: Settings, variant: str, tag: str) -> tuple[Path, list[str]]:
+    """The emptied output dir of one variant's job, and its flags."""
+    out, flags = scratch_job(s, f"lora-{variant}-{tag}", max_steps=50, save_steps=SAVE_STEP, logging_steps=1,
+                             extra=("--log_level", "info"))
+    return out, flags + list(LORA_FLAGS if variant != "full" else ())
 
 
 def _cmd(variant: str, flags: list[str], resume: bool) -> list[str]:
@@ -59,9 +46,7 @@ def _cmd(variant: str, flags: list[str], resume: bool) -> list[str]:
 
 def one_pair(s: Settings, variant: str, tag: str) -> tuple[RunResult, RunResult, int]:
     """(save run, resume run, checkpoint bytes) of one variant."""
-    out = s.work / "scratch" / f"lora-{variant}-{tag}"
-    rmtree(out)
-    flags = _flags(s, out, variant)
+    out, flags = _job(s, variant, tag)
     itertrain = variant != "hf_peft"
     save = run_monitored(_cmd(variant, flags, False), env=child_env(), watch_dir=out,
                          window_end=MANIFEST if itertrain else None, stop_after_windows=1, timeout=1800)

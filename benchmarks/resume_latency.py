@@ -27,6 +27,7 @@ import os
 from pathlib import Path
 
 from benchmarks.common import (
+    MANIFEST,
     Figure,
     Settings,
     child_env,
@@ -44,7 +45,6 @@ from benchmarks.common import (
 )
 from benchmarks.monitor import RunResult, check_ok, run_monitored, save_log
 
-MANIFEST = "itertrain.manifest.json"
 RESUME_STEP = 2
 RESUME_MAX_STEPS = 50
 MARKS = {

@@ -20,24 +20,10 @@ from __future__ import annotations
 import os
 import re
 
-from benchmarks.common import (
-    Figure,
-    Settings,
-    child_env,
-    hf_cmd,
-    itertrain_cmd,
-    job_flags,
-    log,
-    make_data,
-    make_model,
-    median,
-    ratio_figure,
-    rmtree,
-    spread,
-)
+from benchmarks.common import (MANIFEST, Figure, Settings, child_env, hf_cmd, itertrain_cmd, log, median, ratio_figure,
+                               rmtree, scratch_job, spread)
 from benchmarks.monitor import RunResult, check_ok, run_monitored, save_log
 
-MANIFEST = "itertrain.manifest.json"
 _RUNTIME_RE = re.compile(r"'train_runtime':\s*'?([0-9.]+)")
 
 
@@ -74,11 +60,8 @@ def _step_time(r: RunResult, logging_steps: int) -> float:
 
 
 def one_run(s: Settings, variant: str, tag: str, *, max_steps: int, save_steps: int) -> RunResult:
-    model = make_model(s.model, s.work)
-    data = make_data(s.work, s.seq_chars)
-    out = s.work / "scratch" / f"train-{variant}-{tag}"
-    rmtree(out)
-    flags = job_flags(s, model, data, out, max_steps=max_steps, save_steps=save_steps, logging_steps=s.logging_steps)
+    out, flags = scratch_job(s, f"train-{variant}-{tag}", max_steps=max_steps, save_steps=save_steps,
+                             logging_steps=s.logging_steps)
     cmd = itertrain_cmd(flags) if variant == "itertrain" else hf_cmd(flags)
     r = run_monitored_job(cmd, out, variant)
     save_log(s, f"train-{variant}-{tag}", r)

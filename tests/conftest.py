@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -104,6 +105,30 @@ def manifest(directory: Path) -> dict:
     return json.loads((Path(directory) / "itertrain.manifest.json").read_text())
 
 
+def arithmetic_files(d: Path, prompts: int, top: int) -> tuple[Path, Path]:
+    """`labeled.jsonl` (64 `a+b=` rows with their completion, a and b up to 50) and `prompts.jsonl` (`prompts`
+    rows with their `answer`, a and b up to `top`) written into d, from random.Random(1): the data the
+    strategies that sample train and sample on."""
+    rng = random.Random(1)
+    train, prompt_rows = d / "labeled.jsonl", d / "prompts.jsonl"
+    train.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "completion": str(a + b)}) + "\n"
+                             for a, b in ((rng.randint(0, 50), rng.randint(0, 50)) for _ in range(64))))
+    prompt_rows.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) + "\n"
+                                   for a, b in ((rng.randint(0, top), rng.randint(0, top)) for _ in range(prompts))))
+    return train, prompt_rows
+
+
+def relaunched_with_base_reference(killed: Path, out: Path, *args: str, cwd: Path) -> Result:
+    """A copy of `killed` (a run killed inside iteration 1) at `out`, relaunched with ARGS and --ref_model base,
+    a reference its checkpoint was not trained against: exit 2, nothing written. The result, for its messages."""
+    shutil.copytree(killed, out)
+    before = tree_hash(out)
+    r = itertrain("train", *args, "--ref_model", "base", "--allow_config_change", cwd=cwd)
+    assert r.returncode == 2, r.output
+    assert tree_hash(out) == before  # refused before anything was written
+    return r
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("model") / "tiny"
@@ -174,8 +199,8 @@ EXTENDED = (
     "test_demo.py::test_dpo_demo_runs_sft_then_dpo",
     "test_demo.py::test_grpo_demo_runs_sft_then_grpo",
     # grpo: RLOO's twin of the GRPO kill inside a generation block, the second bad-reward case, LoRA (CI's budget)
-    "test_grpo.py::test_rloo_killed_inside_a_generation_block_resumes_byte_identical",
-    "test_grpo.py::test_reward_function_failing_or_of_the_wrong_length_exits_2_at_launch_naming_it[wrong",
+    "test_grpo_runs.py::test_rloo_killed_inside_a_generation_block_resumes_byte_identical",
+    "test_grpo_runs.py::test_reward_function_failing_or_of_the_wrong_length_exits_2_at_launch_naming_it[wrong",
     "test_recovery_faults.py::test_damaged_newest_checkpoint_is_rejected_and_auto_falls_back_to_the_older_one[garbled",
     "test_recovery_faults.py::test_damaged_newest_checkpoint_is_rejected_and_auto_falls_back_to_the_older_one[manifest_missing",
     "test_recovery_faults.py::test_damaged_newest_checkpoint_is_rejected_and_auto_falls_back_to_the_older_one[truncated",

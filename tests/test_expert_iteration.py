@@ -3,26 +3,18 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 
-from conftest import FAST_FLAGS, itertrain, manifest, torchrun
+from conftest import FAST_FLAGS, arithmetic_files, itertrain, manifest, torchrun
 
 pytestmark = pytest.mark.slow  # real processes: torchrun, training, kills
 
 
 @pytest.fixture(scope="module")
 def ei_files(tmp_path_factory) -> tuple[Path, Path]:
-    d = tmp_path_factory.mktemp("ei")
-    rng = random.Random(1)
-    train, prompts = d / "labeled.jsonl", d / "prompts.jsonl"
-    train.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "completion": str(a + b)}) + "\n"
-                             for a, b in ((rng.randint(0, 50), rng.randint(0, 50)) for _ in range(64))))
-    prompts.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) + "\n"
-                               for a, b in ((rng.randint(0, 500), rng.randint(0, 500)) for _ in range(20))))
-    return train, prompts
+    return arithmetic_files(tmp_path_factory.mktemp("ei"), prompts=20, top=500)
 
 
 @pytest.fixture

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import random
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import FAST_FLAGS, itertrain, manifest, torchrun, tree_hash
+from conftest import FAST_FLAGS, arithmetic_files, itertrain, manifest, relaunched_with_base_reference, torchrun
 
 RESUME = ("--resume_from", "auto", "--resume_from_iteration", "auto")
 # TRL is the extra itertrain[dpo]: the lower-bound check (scripts/check_lowest.sh) runs without it.
@@ -104,11 +103,7 @@ def test_iterative_dpo_without_trl_exits_2_naming_the_extra(model_dir, tmp_path,
 @pytest.fixture(scope="module")
 def dpo_files(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("dpo")
-    rng = random.Random(1)
-    (d / "labeled.jsonl").write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "completion": str(a + b)}) + "\n"
-                                             for a, b in ((rng.randint(0, 50), rng.randint(0, 50)) for _ in range(64))))
-    (d / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) + "\n"
-                                             for a, b in ((rng.randint(0, 500), rng.randint(0, 500)) for _ in range(20))))
+    arithmetic_files(d, prompts=20, top=500)
     (d / "dpo_reward.py").write_text(REWARD)
     return d
 
@@ -188,15 +183,10 @@ def test_resuming_dpo_against_a_different_reference_model_is_refused_naming_both
     from itertrain.artifacts.manifest import fingerprint
 
     out = tmp_path / "exp"
-    shutil.copytree(killed_in_dpo, out)
-    before = tree_hash(out)
-    r = itertrain("train", *dpo_args(tiny_model, dpo_files, out), *RESUME, "--ref_model", "base",
-                  "--allow_config_change", cwd=dpo_files)
-    assert r.returncode == 2, r.output
+    r = relaunched_with_base_reference(killed_in_dpo, out, *dpo_args(tiny_model, dpo_files, out), *RESUME, cwd=dpo_files)
     assert "checkpoint-4 of iteration 1 was trained against the reference model iter_0 (fingerprint " \
            f"{fingerprint(out / 'iter_0')})" in r.stderr
     assert f"this launch's reference is base model {tiny_model} (fingerprint {fingerprint(tiny_model)})" in r.stderr
-    assert tree_hash(out) == before  # refused before anything was written
 
 
 @pytest.mark.slow

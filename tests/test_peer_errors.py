@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -38,22 +39,30 @@ EOF_COLLATOR = textwrap.dedent("""
 """)
 
 
-def torchrun_with(launcher_flags: list[str], args: list[str], cwd) -> tuple[int, str]:
-    cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+def torchrun_with(launcher_flags: list[str], args: list[str], cwd, nproc: int = 2) -> tuple[int, str]:
+    cmd = [PY, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
            *launcher_flags, "-m", "itertrain", "train", *args]
     r = _run(cmd, base_env(), 600, cwd)
     return r.returncode, r.output
 
 
-def test_a_user_runtime_error_saying_eof_is_the_users_one_line_and_torchrun_does_not_repeat_it(tmp_path,
-                                                                                               tiny_model):
+def run_plugin(tmp_path: Path, tiny_model: Path, strategy: str, source: str, *args: str,
+               launcher: tuple[str, ...] = (), nproc: int = 2) -> tuple[int, str, Path]:
+    """One iteration of `--strategy module:Class` under torchrun, in a project folder holding the strategy's
+    source as module.py, into tmp_path/exp: the exit code, the output and the output dir."""
     work = tmp_path / "project"
     work.mkdir()
-    (work / "eofmod.py").write_text(EOF_COLLATOR)
+    (work / f"{strategy.partition(':')[0]}.py").write_text(source)
     out = tmp_path / "exp"
-    rc, output = torchrun_with(["--max-restarts=2"], [
-        "--model_name", str(tiny_model), "--output_dir", str(out), "--strategy", "eofmod:EofStrategy",
-        "--num_iterations", "1", *FAST_FLAGS], work)
+    rc, output = torchrun_with(list(launcher), ["--model_name", str(tiny_model), "--output_dir", str(out), *args,
+                                                "--strategy", strategy, "--num_iterations", "1", *FAST_FLAGS],
+                               work, nproc)
+    return rc, output, out
+
+
+def test_a_user_runtime_error_saying_eof_is_the_users_one_line_and_torchrun_does_not_repeat_it(tmp_path,
+                                                                                               tiny_model):
+    rc, output, _ = run_plugin(tmp_path, tiny_model, "eofmod:EofStrategy", EOF_COLLATOR, launcher=("--max-restarts=2",))
     assert rc == 1, output
     line = "RuntimeError: unexpected EOF while decoding sample 17"
     assert f"itertrain: error: training of iteration 0 failed: {line} (on rank 1)" in output, output
@@ -92,12 +101,7 @@ RAISING_ROWS = textwrap.dedent("""
 
 
 def test_a_plugin_whose_train_rows_raise_gives_one_line_and_exit_2_before_anything_is_written(tmp_path, tiny_model):
-    work = tmp_path / "project"
-    work.mkdir()
-    (work / "brokenmod.py").write_text(RAISING_ROWS)
-    out = tmp_path / "exp"
-    rc, output = torchrun_with([], ["--model_name", str(tiny_model), "--output_dir", str(out), "--strategy",
-                                    "brokenmod:Broken", "--num_iterations", "1", *FAST_FLAGS], work)
+    rc, output, out = run_plugin(tmp_path, tiny_model, "brokenmod:Broken", RAISING_ROWS)
     assert "itertrain: error: Broken.train_rows(0) raised KeyError: 'prompt_column'. Nothing was written" in output, \
         output
     assert output.count("itertrain: error:") == 1 and "brokenmod.py" not in output, output  # no traceback
@@ -125,13 +129,8 @@ SAVE_FAILS_ON_RANK_1 = textwrap.dedent("""
 
 def test_a_rank_that_fails_while_saving_leaves_the_checkpoint_uncommitted_and_its_error_is_reported(
         tmp_path, tiny_model, train_file):
-    work = tmp_path / "project"
-    work.mkdir()
-    (work / "badsave.py").write_text(SAVE_FAILS_ON_RANK_1)
-    out = tmp_path / "exp"
-    rc, output = torchrun_with([], ["--model_name", str(tiny_model), "--output_dir", str(out), "--train_file",
-                                    str(train_file), "--strategy", "badsave:BadSave", "--num_iterations", "1",
-                                    *FAST_FLAGS], work)
+    rc, output, out = run_plugin(tmp_path, tiny_model, "badsave:BadSave", SAVE_FAILS_ON_RANK_1,
+                                 "--train_file", str(train_file))
     assert rc == 1, output
     assert "failed: RuntimeError: user bug in rank-1 save (on rank 1)" in output, output
     assert "lost contact" not in output, output
@@ -159,13 +158,8 @@ ERROR_AFTER_BACKWARD_ON_RANK_1 = textwrap.dedent("""
 
 def test_a_users_error_on_rank_1_while_rank_0_checks_for_preemption_is_reported_as_that_error_not_retried(
         tmp_path, tiny_model, train_file):
-    work = tmp_path / "project"
-    work.mkdir()
-    (work / "postbwd.py").write_text(ERROR_AFTER_BACKWARD_ON_RANK_1)
-    out = tmp_path / "exp"
-    rc, output = torchrun_with(["--max-restarts=1"], [
-        "--model_name", str(tiny_model), "--output_dir", str(out), "--train_file", str(train_file),
-        "--strategy", "postbwd:PostBwd", "--num_iterations", "1", *FAST_FLAGS], work)
+    rc, output, _ = run_plugin(tmp_path, tiny_model, "postbwd:PostBwd", ERROR_AFTER_BACKWARD_ON_RANK_1,
+                               "--train_file", str(train_file), launcher=("--max-restarts=1",))
     assert rc == 1, output
     assert "itertrain: error: training of iteration 0 failed: ValueError: user bug after backward on rank 1 " \
            "(on rank 1)" in output, output
@@ -184,13 +178,8 @@ FAILING_METRIC = textwrap.dedent("""
 
 def test_a_plugin_whose_task_metrics_raise_gives_one_line_naming_the_method_and_torchrun_does_not_repeat_it(
         tmp_path, tiny_model, train_file):
-    work = tmp_path / "project"
-    work.mkdir()
-    (work / "badmetric.py").write_text(FAILING_METRIC)
-    out = tmp_path / "exp"
-    rc, output = torchrun_with(["--max-restarts=1"], [
-        "--model_name", str(tiny_model), "--output_dir", str(out), "--train_file", str(train_file),
-        "--strategy", "badmetric:BadMetric", "--num_iterations", "1", *FAST_FLAGS], work)
+    rc, output, out = run_plugin(tmp_path, tiny_model, "badmetric:BadMetric", FAILING_METRIC,
+                                 "--train_file", str(train_file), launcher=("--max-restarts=1",))
     assert rc == 1, output
     assert "itertrain: error: BadMetric.task_metrics(0) raised KeyError: 'accuracy'. Iteration 0 trained" in output, \
         output
@@ -210,13 +199,8 @@ LONG_USAGE_ERROR = textwrap.dedent("""
 
 def test_one_worker_under_torchrun_is_not_restarted_on_a_usage_error_and_the_repeated_line_keeps_its_remedy(
         tmp_path, tiny_model):
-    work = tmp_path / "project"
-    work.mkdir()
-    (work / "brokenmod.py").write_text(LONG_USAGE_ERROR)
-    cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={free_port()}",
-           "--max-restarts=1", "-m", "itertrain", "train", "--model_name", str(tiny_model), "--output_dir",
-           str(tmp_path / "exp"), "--strategy", "brokenmod:Broken", "--num_iterations", "1", *FAST_FLAGS]
-    output = _run(cmd, base_env(), 600, work).output
+    _, output, _ = run_plugin(tmp_path, tiny_model, "brokenmod:Broken", LONG_USAGE_ERROR, launcher=("--max-restarts=1",),
+                              nproc=1)
     # the restart stops at once with the whole line (remedy included), and torchrun's restarts end there
     assert "relaunch the same command (attempt 0 of this torchrun launch ended on it; not retried" in output, output
     assert output.count("raised KeyError") == 2, output

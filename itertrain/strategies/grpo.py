@@ -33,20 +33,21 @@ from itertrain.strategies.online_rl import OnlineRLStrategy, check_generation_ba
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")  # TRL's trainers report usage unless told not to
 
 
-class ItertrainGRPOConfig(GRPOConfig):
+class _BatchRuleExplained:
+    """In front of a TRL config: TRL's batch rule checked, and explained with the flags that make the batch,
+    before TRL's own terser check (`check_generation_batch`)."""
+
+    def __post_init__(self):
+        check_generation_batch(self)
+        super().__post_init__()
+
+
+class ItertrainGRPOConfig(_BatchRuleExplained, GRPOConfig):
     """TRL's GRPOConfig, its fields and defaults unchanged; TRL's batch rule is explained with the flags."""
 
-    def __post_init__(self):
-        check_generation_batch(self)
-        super().__post_init__()
 
-
-class ItertrainRLOOConfig(RLOOConfig):
+class ItertrainRLOOConfig(_BatchRuleExplained, RLOOConfig):
     """TRL's RLOOConfig, its fields and defaults unchanged; TRL's batch rule is explained with the flags."""
-
-    def __post_init__(self):
-        check_generation_batch(self)
-        super().__post_init__()
 
 
 class _ReferenceByPlan:
@@ -96,15 +97,11 @@ class GRPOStrategy(OnlineRLStrategy):
     name = "grpo"
     method = "GRPO"
     training_arguments_class = ItertrainGRPOConfig
-
-    def trainer_class(self) -> type:
-        return ItertrainGRPOTrainer
+    rl_trainer_class = ItertrainGRPOTrainer
 
 
 class RLOOStrategy(OnlineRLStrategy):
     name = "rloo"
     method = "RLOO"
     training_arguments_class = ItertrainRLOOConfig
-
-    def trainer_class(self) -> type:
-        return ItertrainRLOOTrainer
+    rl_trainer_class = ItertrainRLOOTrainer

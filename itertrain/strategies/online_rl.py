@@ -148,6 +148,7 @@ class OnlineRLStrategy(SampledDataStrategy):
     defining_fields = ("prompts_file", "reward_fn", "ref_model")
     arguments_class = OnlineRLArguments
     method: ClassVar[str] = "GRPO"
+    rl_trainer_class: ClassVar[type | None] = None  # TRL's trainer, with the plan's reference (grpo.py)
     # TRL's config fields that itertrain already has a flag for, under TRL's name as an alias.
     training_from = {"num_generations": "generation.samples_per_prompt",
                      "max_completion_length": "generation.max_new_tokens", "temperature": "generation.temperature",
@@ -247,6 +248,10 @@ class OnlineRLStrategy(SampledDataStrategy):
         return None if self.is_rl(iteration) else super().evaluation(iteration)
 
     # ---- training ------------------------------------------------------------------------------------------
+    def trainer_class(self) -> type:
+        """TRL's RL trainer the subclass names (`rl_trainer_class`)."""
+        return self.rl_trainer_class or super().trainer_class()
+
     def trainer_class_for(self, iteration: int) -> type:
         from transformers import Trainer
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from itertrain.generation.vllm import version as vllm_version
-from conftest import FAST_FLAGS, itertrain, manifest, torchrun
+from conftest import FAST_FLAGS, arithmetic_files, itertrain, manifest, torchrun
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow,
               pytest.mark.skipif(vllm_version() is None, reason="vLLM is not installed")]
@@ -21,16 +21,7 @@ TIMEOUT = 900  # each launch starts an engine per rank and generate stage (tens 
 
 @pytest.fixture(scope="module")
 def ei_files(tmp_path_factory) -> tuple[Path, Path]:
-    import random
-
-    d = tmp_path_factory.mktemp("ei")
-    rng = random.Random(1)
-    train, prompts = d / "labeled.jsonl", d / "prompts.jsonl"
-    train.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "completion": str(a + b)}) + "\n"
-                             for a, b in ((rng.randint(0, 50), rng.randint(0, 50)) for _ in range(64))))
-    prompts.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) + "\n"
-                               for a, b in ((rng.randint(0, 500), rng.randint(0, 500)) for _ in range(20))))
-    return train, prompts
+    return arithmetic_files(tmp_path_factory.mktemp("ei"), prompts=20, top=500)
 
 
 def ei_args(model: Path, files: tuple[Path, Path], out: Path, *extra: str) -> list[str]:
