@@ -80,3 +80,53 @@ def test_grpo_curriculum_iteration_killed_mid_block_relaunches_to_the_same_promp
     ours, theirs = (manifest(d / "iter_1")["lineage"] for d in (out, reference))
     assert ours["train_data"] == theirs["train_data"] and ours["curriculum"] == theirs["curriculum"]
     assert metrics_rows(out)[1]["curriculum"] == metrics_rows(reference)[1]["curriculum"]
+
+
+# ---- the decision within a launch (no model: the probe is replaced by a recorded outcome) ---------------------
+def grpo_strategy(model_dir: Path, tmp_path: Path, *extra: str):
+    from itertrain.parser import parse_train_args
+    from itertrain.strategies import StrategyContext, load_strategy
+
+    cfg = parse_train_args(["--model_name", str(model_dir), "--output_dir", str(tmp_path / "o"), "--task",
+                            "arithmetic", "--strategy", "grpo", "--seed", "0", *extra])
+    return load_strategy("grpo")(StrategyContext(cfg, tmp_path / "o", None, commit_data=None, move_aside=None))
+
+
+@needs_trl
+def test_an_rl_iterations_curriculum_is_probed_once_per_launch_and_its_rows_wait_for_the_probe(model_dir, tmp_path):
+    from itertrain import data_lineage
+    from itertrain.strategies.base import ModelSource
+    from itertrain.strategies.online_rl import CurriculumPending
+
+    strategy = grpo_strategy(model_dir, tmp_path)
+    task = strategy.task()
+    probes = []
+
+    def probe(iteration, source):  # the probe's outcome: 5 digits seen solved once
+        probes.append((iteration, source.path))
+        return task.curriculum(iteration, [0.3] * 64 + [1 / 8] + [0.0] * 127)
+
+    strategy.iteration_prompts = probe
+    with pytest.raises(CurriculumPending):  # at launch, before the starting model is loaded: no rows yet
+        strategy.train_rows(1)
+    assert data_lineage.current(strategy, 1) is None  # so the launch's data check leaves it to the probe
+    source = ModelSource("iter_0", "f0", load=lambda: None)
+    lineage = strategy.iteration_lineage(1, source)
+    assert lineage["curriculum"]["prompt_mix"] == {"4": 3111, "5": 889}
+    rows = strategy.train_rows(1)
+    assert rows == task.mix_rows(1, {4: 3111, 5: 889}) and rows != task.prompts(1)
+    strategy.iteration_lineage(1, source)
+    assert strategy.train_rows(1) is rows and probes == [(1, "iter_0")]  # decided once, read by every caller
+
+
+@needs_trl
+def test_a_continued_checkpoint_whose_rows_the_probe_no_longer_picks_is_refused_naming_both(model_dir, tmp_path):
+    from itertrain.errors import RecoveryRefused
+    from itertrain.strategies.base import ModelSource
+
+    strategy = grpo_strategy(model_dir, tmp_path)
+    task = strategy.task()
+    strategy.iteration_prompts = lambda iteration, source: task.curriculum(iteration, [0.0] * 192)
+    strategy._restored[1] = ({"source": "task arithmetic", "fingerprint": "0123"}, "checkpoint-2")
+    with pytest.raises(RecoveryRefused, match=r"checkpoint-2 of iteration 1 cannot be continued.*4:4000.*0123"):
+        strategy.iteration_lineage(1, ModelSource("iter_0", "f0", load=lambda: None))
