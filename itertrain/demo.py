@@ -63,8 +63,9 @@ DPO_DEMO_FLAGS = [
     "--save_steps", "400",
     "--logging_steps", "100",
 ]
-# GRPO: the same iteration 0 and problems; each later iteration is a GRPO phase on TRL's GRPOTrainer (8 completions
-# per prompt, partial credit per answer digit, a KL penalty against the iteration's starting model).
+# GRPO: the same iteration 0 and problems, at the difficulties the curriculum picks from the starting model's pass
+# rates; each later iteration is a GRPO phase on TRL's GRPOTrainer (8 completions per prompt, partial credit per
+# answer digit, a KL penalty against the iteration's starting model).
 GRPO_DEMO_FLAGS = [
     "--strategy", "grpo",
     *COMMON_FLAGS,
@@ -72,7 +73,7 @@ GRPO_DEMO_FLAGS = [
     "--sft_learning_rate", "3e-3",
     "--reward_funcs", "itertrain.tasks.arithmetic:digit_credit",
     "--max_steps", "150",
-    "--learning_rate", "1e-4",
+    "--learning_rate", "3e-4",  # 1e-4 reached 20% on 4 digits after 3 iterations, 3e-4 34% (same iter_0, same time)
     "--beta", "0.04",
     "--save_steps", "50",
     "--logging_steps", "10",

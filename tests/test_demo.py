@@ -131,8 +131,10 @@ def test_grpo_demo_runs_sft_then_grpo_and_prints_reward_kl_and_accuracy(tmp_path
     assert [row["iteration"] for row in rows] == [0, 1] and "reward" in rows[1] and "kl" in rows[1]
     assert manifest(exp / "iter_1")["lineage"]["ref_model"] == "iter_0"
     table = [line for line in r.stdout.splitlines() if line.startswith("| ")]
-    assert table[0].startswith("| iter | mean reward | kl | train loss | 3digit acc")
-    assert table[2].startswith(f"| 1 | {rows[1]['reward']:.3f} | {rows[1]['kl']:.4f} |")
+    # the GRPO iteration's prompts came from the curriculum: its decision is the table's second column
+    assert table[0].startswith("| iter | prompts by digits | mean reward | kl | train loss | 3digit acc")
+    mix = " ".join(f"{d}:{n}" for d, n in rows[1]["curriculum"]["prompt_mix"].items())
+    assert table[2].startswith(f"| 1 | {mix} | {rows[1]['reward']:.3f} | {rows[1]['kl']:.4f} |")
 
 
 def test_a_demo_flag_overridden_under_either_name_keeps_the_users_value_and_is_not_named_twice() -> None:

@@ -153,7 +153,7 @@ class SampledDataStrategy(SFTStrategy):
         from itertrain.tasks.curriculum import describe
 
         probe = task.probe_rows(iteration)
-        rewards = self.score(probe, self.sample(iteration, source, probe, ("probe",)))
+        rewards = self.probe_score(probe, self.sample(iteration, source, probe, ("probe",)))
         threshold = self.ctx.cfg.generation.reward_threshold
         passed = [sum(r is not None and r >= threshold for r in rs) / max(len(rs), 1) for rs in rewards]
         rows, decided = task.curriculum(iteration, passed)
@@ -164,6 +164,10 @@ class SampledDataStrategy(SFTStrategy):
 
     def scorer(self) -> RewardFunction | RewardModel:
         return reward_scorer(self.ctx.cfg.generation, self.ctx.cfg.model)
+
+    def probe_score(self, rows: list[dict[str, Any]], completions: list[list[str]]) -> Rewards:
+        """The rewards that decide the curriculum's pass rates (default: the iteration's own scorer)."""
+        return self.score(rows, completions)
 
     def score(self, rows: list[dict[str, Any]], completions: list[list[str]]) -> Rewards:
         """`rewards[i][s]` on every rank: a reward model scores sharded over the ranks, a reward function

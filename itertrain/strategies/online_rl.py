@@ -12,6 +12,12 @@ holds. itertrain takes checkpoints only at generation-block boundaries (`save_st
 must be a multiple of the block, and a preemption stops at the next boundary), where that buffer is empty: a
 resume then regenerates the next block from the restored RNG and data position exactly as the uninterrupted
 run did. The design and its limits: docs/strategies/grpo.md.
+
+With `--task` (a task with a curriculum) and no `--prompts_file`, an RL iteration's prompts come from the task's
+adaptive curriculum, as expert iteration's do: the iteration's starting model (the plan's source, never a
+checkpoint) is probed with the iteration's seeds, once per launch, as the iteration's training starts; the decision
+is printed, recorded in the iteration's lineage and metrics, and covered by the data fingerprint (a relaunch after
+a kill probes the same model with the same seeds, so it decides the same; one that decides otherwise is refused).
 """
 
 from __future__ import annotations
@@ -21,10 +27,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from itertrain import distributed
+from itertrain import data_lineage, distributed
 from itertrain.args import reward_specs
-from itertrain.errors import RecoveryRefused, UsageError
-from itertrain.rewards import RewardFunction, check_reward, load_reward_fn, plain
+from itertrain.errors import RecoveryRefused, TrainingFailed, UsageError
+from itertrain.rewards import RewardFunction, Rewards, check_reward, load_reward_fn, plain
 from itertrain.strategies.base import Evaluation, ModelSource, Strategy
 from itertrain.strategies.expert_iteration import SampledDataStrategy
 from itertrain.strategies.reference import check_reference, reference, reference_lineage
@@ -35,6 +41,11 @@ PROMPT_ONLY = (("prompt",),)
 # reward function), its spread, the share of groups with all-equal rewards, KL, completion length, clipping.
 KEPT = ("reward", "reward_std", "frac_reward_zero_std", "kl", "entropy", "completions/mean_length",
         "clip_ratio/region_mean", "clip_ratio/low_mean", "clip_ratio/high_mean")
+
+
+class CurriculumPending(TrainingFailed):
+    """An RL iteration's curriculum rows were asked for before its starting model was probed (at launch, on rank 0
+    only, where the probe cannot run): the data fingerprint is then compared once the probe decided."""
 
 
 def _kept(key: str) -> bool:
@@ -190,6 +201,12 @@ class OnlineRLStrategy(SampledDataStrategy):
                 "completions in memory only; checkpoints are taken at block boundaries so that a resume regenerates "
                 f"the block exactly. Use --save_strategy steps with --save_steps a multiple of {block}")
 
+    def __init__(self, ctx: Any):
+        super().__init__(ctx)
+        self._decided: dict[int, tuple[tuple[str, str | None], list[dict[str, Any]], dict[str, Any]]] = {}
+        self._restored: dict[int, tuple[dict[str, Any] | None, str]] = {}  # rank 0: the checkpoint's data entry
+        self._fixed_schedule = False  # preflight reads the task's fixed schedule (no model is loaded yet)
+
     @property
     def rl_args(self) -> OnlineRLArguments:
         return self.ctx.cfg.strategy_args
@@ -201,6 +218,44 @@ class OnlineRLStrategy(SampledDataStrategy):
     def generates(self, iteration: int) -> bool:
         return False  # TRL's trainer samples inside training
 
+    def uses_curriculum(self, iteration: int) -> bool:
+        """Whether RL iteration `iteration`'s prompts come from the task's curriculum (--task, no --prompts_file)."""
+        cfg = self.ctx.cfg
+        return (self.is_rl(iteration) and bool(cfg.loop.task) and not cfg.generation.prompts_file
+                and hasattr(self.task(), "curriculum"))
+
+    def decide(self, iteration: int, source: ModelSource) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """The curriculum's rows and decision for `iteration`, probed on `source` (its starting model) on every
+        rank, once per launch: preflight, the data fingerprint and the dataset all read the same rows."""
+        key = (source.path, source.fingerprint)
+        cached = self._decided.get(iteration)
+        if cached is None or cached[0] != key:
+            rows, decided = self.iteration_prompts(iteration, source)
+            distributed.run_on_main(self._check_decision, iteration, rows, decided)
+            self._decided[iteration] = cached = (key, rows, decided)
+        return cached[1], cached[2]
+
+    def _check_decision(self, iteration: int, rows: list[dict[str, Any]], decided: dict[str, Any]) -> None:
+        """Rank 0, when this launch continues a checkpoint of `iteration`: refuse rows other than those it was
+        trained on (the launch's own data check could not see them: they exist once the probe ran)."""
+        recorded, checkpoint = self._restored.pop(iteration, (None, ""))
+        now = {"source": self.rows_source(iteration), "fingerprint": data_lineage.rows_fingerprint(rows)}
+        what = data_lineage.changed(recorded, now)
+        if what is None:
+            return
+        from itertrain.tasks.curriculum import describe
+
+        if not self.ctx.cfg.recovery.allow_config_change:
+            raise RecoveryRefused(
+                f"{checkpoint} of iteration {iteration} cannot be continued: the curriculum now picks other prompts "
+                f"({describe(decided['curriculum'])}), {what}. Restart iteration {iteration} from its starting model "
+                "(--resume_from none --resume_from_iteration auto), or pass --allow_config_change to continue on them")
+        print(f"   ⚠️  {what} (continuing {checkpoint} on the new data, allowed by --allow_config_change)", flush=True)
+
+    def probe_score(self, rows: list[dict[str, Any]], completions: list[list[str]]) -> Rewards:
+        """The task's own verifier (exact match) decides the pass rates, whatever --reward_funcs trains on."""
+        return distributed.run_on_main(load_reward_fn(None).score, rows, completions, self.ctx.tokenizer)
+
     # ---- data and rewards ----------------------------------------------------------------------------------
     def reward_functions(self) -> list[RewardFunction]:
         specs = reward_specs(self.ctx.cfg.generation.reward_fn) or [None]
@@ -209,7 +264,11 @@ class OnlineRLStrategy(SampledDataStrategy):
     def preflight(self, iteration: int) -> None:
         """The rows of `iteration` (labeled for SFT, prompt-only for RL) and every reward function, tried on
         the first prompt rows of the first RL iteration of this launch (`check_reward`)."""
-        Strategy.preflight(self, iteration)
+        self._fixed_schedule = True  # a curriculum's rows wait for the probe: check the task's rows of this shape
+        try:
+            Strategy.preflight(self, iteration)
+        finally:
+            self._fixed_schedule = False
         later = [k for k in range(iteration, self.ctx.cfg.loop.num_iterations) if self.is_rl(k)]
         if later:
             rows = self.prompt_rows(later[0])
@@ -226,7 +285,13 @@ class OnlineRLStrategy(SampledDataStrategy):
         return gen.prompts_file or f"task {self.ctx.cfg.loop.task}"
 
     def train_rows(self, iteration: int) -> list[dict[str, Any]]:
-        return self.prompt_rows(iteration) if self.is_rl(iteration) else self.labeled_rows()
+        if not self.is_rl(iteration):
+            return self.labeled_rows()
+        if self._fixed_schedule or not self.uses_curriculum(iteration):
+            return self.prompt_rows(iteration)
+        if iteration not in self._decided:
+            raise CurriculumPending(f"iteration {iteration}'s prompts are decided by probing its starting model")
+        return self._decided[iteration][1]
 
     def bos_text(self) -> str:
         """BOS as text in front of each prompt when the tokenizer does not add it (TRL tokenizes with the
@@ -278,8 +343,9 @@ class OnlineRLStrategy(SampledDataStrategy):
     def iteration_lineage(self, iteration: int, source: ModelSource) -> dict[str, Any]:
         if not self.is_rl(iteration):
             return {}
+        decided = self.decide(iteration, source)[1] if self.uses_curriculum(iteration) else {}
         return {**reference_lineage(self.ctx, self.rl_args.ref_model, source, iteration),
-                "rl_settings": rl_settings(self.ctx.cfg.training)}
+                "rl_settings": rl_settings(self.ctx.cfg.training), **decided}
 
     def check_restored(self, iteration: int, source: ModelSource, lineage: dict[str, Any], checkpoint: str) -> None:
         """The reference and TRL's RL settings must be those the checkpoint was trained with, and the checkpoint
@@ -287,6 +353,7 @@ class OnlineRLStrategy(SampledDataStrategy):
         one)."""
         if not self.is_rl(iteration):
             return
+        self._restored[iteration] = (lineage.get(data_lineage.KEY), os.path.basename(str(checkpoint)))
         check_reference(self.ctx, self.rl_args.ref_model, source, iteration, lineage, checkpoint, self.method)
         name = os.path.basename(str(checkpoint))
         changed = changed_rl_settings(lineage.get("rl_settings") or {}, rl_settings(self.ctx.cfg.training))
@@ -313,12 +380,14 @@ class OnlineRLStrategy(SampledDataStrategy):
                 f"--gradient_accumulation_steps it was trained with, or restart iteration {iteration} "
                 "(--resume_from none --resume_from_iteration auto)")
 
-    def training_metrics(self, iteration: int, state: Any) -> dict[str, float]:
-        """TRL's reward, KL, completion length and clipping metrics, averaged over the iteration's logged steps;
-        a warning naming the iteration when every group's rewards were equal (all advantages zero)."""
+    def training_metrics(self, iteration: int, state: Any) -> dict[str, Any]:
+        """TRL's reward, KL, completion length and clipping metrics, averaged over the iteration's logged steps,
+        and the curriculum's decision; a warning naming the iteration when every group's rewards were equal."""
         if not self.is_rl(iteration):
             return {}
-        metrics = kept_metrics(state.log_history)
+        metrics: dict[str, Any] = kept_metrics(state.log_history)
+        if iteration in self._decided:
+            metrics.update(self._decided[iteration][2])
         if metrics.get("frac_reward_zero_std") == 1.0 and distributed.is_main():
             print(f"⚠️  iteration {iteration}: every prompt's {self.ctx.cfg.generation.samples_per_prompt} completions "
                   f"got the same reward, so every advantage was zero and {self.method} learned nothing from the "

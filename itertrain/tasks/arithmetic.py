@@ -110,9 +110,12 @@ class ArithmeticTask:
         n = self.probe_per_level
         rates = {d: sum(passed[i * n:(i + 1) * n]) / n for i, d in enumerate(self.levels())}
         mix = prompt_mix(rates, self.prompts_per_iteration, self.rule)
+        return self.mix_rows(iteration, mix), decision(rates, mix, self.rule)
+
+    def mix_rows(self, iteration: int, mix: dict[int, int]) -> list[dict[str, str]]:
+        """The prompts of iteration `iteration` for a mix of {digits: count} (what a recorded decision names)."""
         seen = self._heldout_prompts()
-        rows = [r for d, k in mix.items() for r in self._level_problems(self._rng("prompts", iteration, d), k, d, seen)]
-        return rows, decision(rates, mix, self.rule)
+        return [r for d, k in mix.items() for r in self._level_problems(self._rng("prompts", iteration, d), k, d, seen)]
 
     def eval_rows(self) -> list[dict[str, str]]:
         """Labeled held-out rows for the eval loss (base difficulty)."""
