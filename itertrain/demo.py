@@ -26,7 +26,6 @@ DEMO_MODEL = TinyModelSpec(hidden_size=128, intermediate_size=384, num_hidden_la
 # The demo's flags: read as an ordinary `itertrain train` command line.
 COMMON_FLAGS = [
     "--task", "arithmetic",
-    "--num_iterations", "4",
     "--num_generations", "8",
     "--temperature", "1.0",
     "--max_completion_length", "8",
@@ -42,10 +41,12 @@ COMMON_FLAGS = [
 DEMO_FLAGS = [
     "--strategy", "expert_iteration",
     *COMMON_FLAGS,
+    "--num_iterations", "6",
     "--data_policy", "cumulative",
-    "--max_steps", "800",
+    "--sft_max_steps", "800",
+    "--max_steps", "400",
     "--learning_rate", "3e-3",
-    "--save_steps", "400",
+    "--save_steps", "200",
     "--logging_steps", "100",
 ]
 # Iteration 0 is the expert-iteration demo's (same steps, rate and seed: the same iter_0); the DPO
@@ -54,6 +55,7 @@ DEMO_FLAGS = [
 DPO_DEMO_FLAGS = [
     "--strategy", "iterative_dpo",
     *COMMON_FLAGS,
+    "--num_iterations", "4",
     "--sft_max_steps", "800",
     "--sft_learning_rate", "3e-3",
     "--max_steps", "300",
@@ -69,6 +71,7 @@ DPO_DEMO_FLAGS = [
 GRPO_DEMO_FLAGS = [
     "--strategy", "grpo",
     *COMMON_FLAGS,
+    "--num_iterations", "4",
     "--sft_max_steps", "800",
     "--sft_learning_rate", "3e-3",
     "--reward_funcs", "itertrain.tasks.arithmetic:digit_credit",

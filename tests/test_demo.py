@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow  # real processes: torchrun, training, kills
 
 # The demo's own flags, cut down to seconds: 2 iterations of a few steps, one sample per prompt. A model
 # trained for 6 steps solves no 4-digit addition, so every sample is kept (threshold 0) to have data.
-SHORT = ["--num_iterations", "2", "--max_steps", "6", "--save_steps", "3", "--logging_steps", "3",
+SHORT = ["--num_iterations", "2", "--sft_max_steps", "4", "--max_steps", "6", "--save_steps", "3", "--logging_steps", "3",
          "--samples_per_prompt", "1", "--reward_threshold", "0", "--disable_tqdm", "true"]
 
 
@@ -34,6 +34,7 @@ def test_demo_creates_model_runs_expert_iteration_prints_table_and_plot(short_de
     assert (root / "tiny-model" / "config.json").exists()
     rows = [json.loads(line) for line in (exp / "runs" / "metrics.jsonl").read_text().splitlines()]
     assert [row["iteration"] for row in rows] == [0, 1]
+    assert [row["steps"] for row in rows] == [4, 6]  # --sft_max_steps for the SFT iteration 0, --max_steps after
     # one sample per prompt, as many prompts as the task's fixed schedule has
     assert rows[1]["samples"] == len(ArithmeticTask(seed=0).prompts(1))
     assert {"accuracy_3digit", "accuracy_4digit", "accuracy_5digit", "accuracy_6digit"} <= rows[1].keys()
@@ -43,15 +44,17 @@ def test_demo_creates_model_runs_expert_iteration_prints_table_and_plot(short_de
     # the curriculum's decision (threshold 0: every probe sample passes, so every level counts as passed and
     # the hardest gets most prompts) is in the data manifest and the metrics, and printed
     decided = manifest(exp / "data" / "iter_1")["extra"]["stats"]["curriculum"]
-    assert decided == rows[1]["curriculum"] == {"pass_rates": {"4": 1.0, "5": 1.0, "6": 1.0}, "frontier": 6,
-                                                "prompt_mix": {"4": 250, "5": 250, "6": 3500}}
-    assert "🎯 data/iter_1 curriculum: prompts per digits 4:250 5:250 6:3500 (pass 4:100% 5:100% 6:100%)" in r.stdout
+    every = {"4s": 1.0, "4": 1.0, "5s": 1.0, "5": 1.0, "6s": 1.0, "6": 1.0}
+    assert decided == rows[1]["curriculum"] == {"pass_rates": every, "frontier": "6", "prompt_mix": {
+        "4s": 100, "4": 100, "5s": 100, "5": 100, "6s": 100, "6": 3500}}
+    assert ("🎯 data/iter_1 curriculum: prompts per digits 4s:100 4:100 5s:100 5:100 6s:100 6:3500 "
+            "(pass 4s:100% 4:100% 5s:100% 5:100% 6s:100% 6:100%)") in r.stdout
     # the table printed at the end has one line per iteration, with the prompts' digits and sample count
     table = [line for line in r.stdout.splitlines() if line.startswith("| ")]
     assert table[0].startswith("| iter | prompts by digits | samples | accepted | kept | train loss | 3digit acc")
     assert "| heldout reward | heldout pass@1 | heldout pass@4 | wall s |" in table[0]
     assert table[1].startswith("| 0 | — | — |")
-    assert table[2].startswith(f"| 1 | 4:250 5:250 6:3500 | {rows[1]['samples']} |")
+    assert table[2].startswith(f"| 1 | 4s:100 4:100 5s:100 5:100 6s:100 6:3500 | {rows[1]['samples']} |")
     png = exp / "runs" / "metrics.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (exp / "data" / "iter_1" / "itertrain.manifest.json").exists()
@@ -94,7 +97,7 @@ def test_demo_refuses_a_model_directory_that_holds_something_else(tmp_path: Path
 
 # The DPO demo, cut down the same way. A model trained for 6 steps gets no answer right, so exact match
 # would give no pair: partial credit (a batched reward in TRL's form) ranks its wrong answers.
-DPO_SHORT = ["--num_iterations", "2", "--sft_max_steps", "6", "--max_steps", "6", "--save_steps", "3",
+DPO_SHORT = ["--num_iterations", "2", "--sft_max_steps", "4", "--max_steps", "6", "--save_steps", "3",
              "--logging_steps", "3", "--samples_per_prompt", "2", "--reward_fn", "itertrain.tasks.arithmetic:digit_credit",
              "--disable_tqdm", "true"]
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,20 @@ ACCEPTED = "accepted.jsonl"
 SAMPLES = "samples.jsonl"
 STATS = "stats.json"
 LOW_ACCEPTANCE = 0.01  # below this share of samples passing, a run without --min_accepted is warned
+
+
+@dataclass
+class IterationZeroArguments:
+    """Flags of the supervised iteration 0 of a strategy whose later iterations learn from sampled data."""
+
+    _argument_group_name = "expert_iteration"
+
+    sft_learning_rate: float | None = field(
+        default=None, metadata={"help": "Learning rate of the SFT iteration 0 (unset: --learning_rate)."}
+    )
+    sft_max_steps: int | None = field(
+        default=None, metadata={"help": "--max_steps of the SFT iteration 0 (unset: --max_steps)."}
+    )
 
 
 class SampledDataStrategy(SFTStrategy):
@@ -162,6 +177,16 @@ class SampledDataStrategy(SFTStrategy):
                   flush=True)
         return rows, decided
 
+    def training_arguments(self, iteration: int, args: Any) -> Any:
+        """Iteration 0 (SFT on labeled rows) takes --sft_learning_rate / --sft_max_steps where given."""
+        zero = self.ctx.cfg.strategy_args
+        if iteration == 0 and isinstance(zero, IterationZeroArguments):
+            if zero.sft_learning_rate is not None:
+                args.learning_rate = zero.sft_learning_rate
+            if zero.sft_max_steps is not None:
+                args.max_steps = zero.sft_max_steps
+        return args
+
     def scorer(self) -> RewardFunction | RewardModel:
         return reward_scorer(self.ctx.cfg.generation, self.ctx.cfg.model)
 
@@ -217,6 +242,7 @@ class SampledDataStrategy(SFTStrategy):
 
 class ExpertIterationStrategy(SampledDataStrategy):
     name = "expert_iteration"
+    arguments_class = IterationZeroArguments
     defining_fields = ("prompts_file", "reward_fn", "reward_model", "data_policy")
 
     def select_and_commit(self, iteration: int, rows, completions, rewards: Rewards, source: ModelSource,

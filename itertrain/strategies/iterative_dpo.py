@@ -47,7 +47,7 @@ from itertrain.errors import TrainingFailed  # noqa: E402
 from itertrain.layout import data_name  # noqa: E402
 from itertrain.rewards import Rewards, why_no_pairs  # noqa: E402
 from itertrain.strategies.base import Evaluation, ModelSource  # noqa: E402
-from itertrain.strategies.expert_iteration import SAMPLES, SampledDataStrategy  # noqa: E402
+from itertrain.strategies.expert_iteration import SAMPLES, IterationZeroArguments, SampledDataStrategy  # noqa: E402
 from itertrain.strategies.reference import check_reference, reference, reference_lineage  # noqa: E402
 
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")  # TRL's trainers report usage unless told not to
@@ -59,7 +59,7 @@ _KEPT_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chose
 
 
 @dataclass
-class DPOArguments:
+class DPOArguments(IterationZeroArguments):
     _argument_group_name = "iterative_dpo"
 
     ref_model: str = field(
@@ -79,10 +79,6 @@ class DPOArguments:
                           "this; the sampled data stays committed, so a relaunch with a lower value trains on it "
                           "(0: train on any number above 0)."},
     )
-    sft_learning_rate: float | None = field(
-        default=None, metadata={"help": "Learning rate of the SFT iteration 0 (default: --learning_rate)."}
-    )
-    sft_max_steps: int | None = field(default=None, metadata={"help": "--max_steps of the SFT iteration 0."})
 
 
 def make_pairs(rows: list[dict[str, Any]], completions: list[list[str]], rewards: Rewards,
@@ -265,14 +261,6 @@ class IterativeDPOStrategy(SampledDataStrategy):
 
     def trainer_class_for(self, iteration: int) -> type:
         return super().trainer_class() if iteration == 0 else self.trainer_class()
-
-    def training_arguments(self, iteration: int, args: Any) -> Any:
-        if iteration == 0:
-            if self.dpo.sft_learning_rate is not None:
-                args.learning_rate = self.dpo.sft_learning_rate
-            if self.dpo.sft_max_steps is not None:
-                args.max_steps = self.dpo.sft_max_steps
-        return args
 
     def trainer_kwargs_for(self, iteration: int, model: Any, args: Any, source: ModelSource) -> dict[str, Any]:
         if iteration == 0:

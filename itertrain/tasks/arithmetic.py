@@ -90,12 +90,18 @@ class ArithmeticTask:
         return self._problems(self._rng("prompts", iteration), self.prompts_per_iteration, (d, d),
                               self._heldout_prompts(), other=(1, d))
 
-    def levels(self) -> list[int]:
-        """The difficulties expert iteration may sample (digits of the longer operand)."""
-        return list(range(self.base_digits + 1, self.base_digits + self.heldout_levels))
+    def levels(self) -> list[str]:
+        """The difficulties expert iteration may sample, easiest first: for each number of digits d past
+        the labeled ones, `ds` (a d-digit number plus a shorter one) then `d` (two d-digit numbers, the
+        held-out set's problems)."""
+        return [f"{d}{s}" for d in range(self.base_digits + 1, self.base_digits + self.heldout_levels)
+                for s in ("s", "")]
 
-    def _level_problems(self, rng: random.Random, n: int, d: int, seen: set[str]) -> list[dict[str, str]]:
-        return self._problems(rng, n, (d, d), seen, other=(1, d))
+    def _level_problems(self, rng: random.Random, n: int, level: str, seen: set[str]) -> list[dict[str, str]]:
+        d = int(level.rstrip("s"))
+        if level.endswith("s"):  # a d-digit number and a shorter one: the step before d-digit pairs
+            return self._problems(rng, n, (d, d), seen, other=(1, d - 1))
+        return self._problems(rng, n, (d, d), seen)  # two d-digit numbers, as the held-out set of d digits
 
     def probe_rows(self, iteration: int) -> list[dict[str, str]]:
         """The problems that measure the sampling model's pass rate per level before iteration `iteration`:
