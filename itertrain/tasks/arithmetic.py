@@ -118,8 +118,8 @@ class ArithmeticTask:
         mix = prompt_mix(rates, self.prompts_per_iteration, self.rule)
         return self.mix_rows(iteration, mix), decision(rates, mix, self.rule)
 
-    def mix_rows(self, iteration: int, mix: dict[int, int]) -> list[dict[str, str]]:
-        """The prompts of iteration `iteration` for a mix of {digits: count} (what a recorded decision names)."""
+    def mix_rows(self, iteration: int, mix: dict[str, int]) -> list[dict[str, str]]:
+        """The prompts of iteration `iteration` for a mix of {rung: count} (what a recorded decision names)."""
         seen = self._heldout_prompts()
         return [r for d, k in mix.items() for r in self._level_problems(self._rng("prompts", iteration, d), k, d, seen)]
 
