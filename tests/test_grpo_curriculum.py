@@ -50,12 +50,12 @@ def test_grpo_iteration_trains_on_the_prompts_the_curriculum_picked_and_records_
     metrics = metrics_rows(out)
     assert "curriculum" not in metrics[0]  # iteration 0 is SFT on labeled rows
     decided = metrics[1]["curriculum"]
-    assert set(decided["pass_rates"]) == {"4", "5", "6"} and sum(decided["prompt_mix"].values()) == 4000
+    assert set(decided["pass_rates"]) == set(ArithmeticTask().levels()) and sum(decided["prompt_mix"].values()) == 4000
     assert "🎯" in stdout and "curriculum: prompts per digits" in stdout
     lineage = manifest(out / "iter_1")["lineage"]
     assert lineage["curriculum"] == decided  # the iteration's lineage holds the same decision
     task = ArithmeticTask(seed=0)  # --seed 0
-    picked = task.mix_rows(1, {int(d): n for d, n in decided["prompt_mix"].items()})
+    picked = task.mix_rows(1, decided["prompt_mix"])  # keys sorted as text, as JSON gives them back
     # the rows trained on (the data fingerprint) are the decision's, not the fixed schedule's (3+K)-digit problems
     assert lineage["train_data"]["fingerprint"] == rows_fingerprint(picked)
     assert rows_fingerprint(task.prompts(1)) != rows_fingerprint(picked)
@@ -102,9 +102,9 @@ def test_an_rl_iterations_curriculum_is_probed_once_per_launch_and_its_rows_wait
     task = strategy.task()
     probes = []
 
-    def probe(iteration, source):  # the probe's outcome: 5 digits seen solved once
+    def probe(iteration, source):  # the probe's outcome: two 4-digit numbers seen added right once
         probes.append((iteration, source.path))
-        return task.curriculum(iteration, [0.3] * 64 + [1 / 8] + [0.0] * 127)
+        return task.curriculum(iteration, [0.3] * 64 + [1 / 8] + [0.0] * 319)
 
     strategy.iteration_prompts = probe
     with pytest.raises(CurriculumPending):  # at launch, before the starting model is loaded: no rows yet
@@ -112,9 +112,9 @@ def test_an_rl_iterations_curriculum_is_probed_once_per_launch_and_its_rows_wait
     assert data_lineage.current(strategy, 1) is None  # so the launch's data check leaves it to the probe
     source = ModelSource("iter_0", "f0", load=lambda: None)
     lineage = strategy.iteration_lineage(1, source)
-    assert lineage["curriculum"]["prompt_mix"] == {"4": 3111, "5": 889}
+    assert lineage["curriculum"]["prompt_mix"] == {"4s": 3111, "4": 889}
     rows = strategy.train_rows(1)
-    assert rows == task.mix_rows(1, {4: 3111, 5: 889}) and rows != task.prompts(1)
+    assert rows == task.mix_rows(1, {"4s": 3111, "4": 889}) and rows != task.prompts(1)
     strategy.iteration_lineage(1, source)
     assert strategy.train_rows(1) is rows and probes == [(1, "iter_0")]  # decided once, read by every caller
 
@@ -126,7 +126,7 @@ def test_a_continued_checkpoint_whose_rows_the_probe_no_longer_picks_is_refused_
 
     strategy = grpo_strategy(model_dir, tmp_path)
     task = strategy.task()
-    strategy.iteration_prompts = lambda iteration, source: task.curriculum(iteration, [0.0] * 192)
+    strategy.iteration_prompts = lambda iteration, source: task.curriculum(iteration, [0.0] * 384)
     strategy._restored[1] = ({"source": "task arithmetic", "fingerprint": "0123"}, "checkpoint-2")
-    with pytest.raises(RecoveryRefused, match=r"checkpoint-2 of iteration 1 cannot be continued.*4:4000.*0123"):
+    with pytest.raises(RecoveryRefused, match=r"checkpoint-2 of iteration 1 cannot be continued.*4s:4000.*0123"):
         strategy.iteration_lineage(1, ModelSource("iter_0", "f0", load=lambda: None))

@@ -119,9 +119,11 @@ class ArithmeticTask:
         return self.mix_rows(iteration, mix), decision(rates, mix, self.rule)
 
     def mix_rows(self, iteration: int, mix: dict[str, int]) -> list[dict[str, str]]:
-        """The prompts of iteration `iteration` for a mix of {rung: count} (what a recorded decision names)."""
+        """The prompts of iteration `iteration` for a mix of {rung: count} (what a recorded decision names), in
+        the ladder's order whatever the mapping's (a decision read back from JSON has its keys sorted as text)."""
         seen = self._heldout_prompts()
-        return [r for d, k in mix.items() for r in self._level_problems(self._rng("prompts", iteration, d), k, d, seen)]
+        return [r for d in self.levels() if mix.get(d)
+                for r in self._level_problems(self._rng("prompts", iteration, d), mix[d], d, seen)]
 
     def eval_rows(self) -> list[dict[str, str]]:
         """Labeled held-out rows for the eval loss (base difficulty)."""
