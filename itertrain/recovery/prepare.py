@@ -120,11 +120,11 @@ def check_writes(plan: RecoveryPlan, root: Path, cfg: RunConfig, data_iterations
     for k in range(plan.iteration, cfg.loop.num_iterations):
         written.append(iteration_name(k))
         written += [checkpoint_name(s) for s in _save_steps(cfg, plan.step if k == plan.iteration else 0)]
-    moved = list(plan.supersedes)
+    moved, listed = list(plan.supersedes), []
     if plan.mode == Mode.FRESH and root.is_dir():
-        moved += [n for n in os.listdir(root) if n.startswith(("iter_", "checkpoint-")) or n == BASE_MODEL_DIR]
+        listed = [n for n in os.listdir(root) if n.startswith(("iter_", "checkpoint-")) or n == BASE_MODEL_DIR]
         moved += overwritten(root, discover(root))  # what --overwrite_output_dir moves aside (evals/, data/, ...)
-    linked = sorted({n for n in written + moved if _through_link(root, n)})
+    linked = sorted({n for n in written + moved + listed if _through_link(root, n)})
     if linked:
         raise RecoveryRefused(
             f"this run would have to write, move or delete {', '.join(linked)} in {root}, and "
@@ -132,12 +132,17 @@ def check_writes(plan: RecoveryPlan, root: Path, cfg: RunConfig, data_iterations
             "writes through a symlink). Replace the link with a real directory, or resume from an earlier point "
             "(--resume_from / --resume_from_iteration) that does not need it."
         )
-    files = sorted({n for n in written if n not in moved and _file_on_the_way(root, n)})
+    files = sorted({n for n in written if not _below(n, moved) and _file_on_the_way(root, n)})
     if files:
         raise RecoveryRefused(
             f"this run saves directories at {', '.join(files)} in {root}, and a plain file is in the way "
             "(not a directory; no artifact of any kind). Move it elsewhere, then run again."
         )
+
+
+def _below(rel: str, moved: list[str]) -> bool:
+    """Whether `rel` is one of `moved` or inside one (moved aside before the run writes)."""
+    return any(rel == m or rel.startswith(m + "/") for m in moved)
 
 
 def _file_on_the_way(root: Path, rel: str) -> bool:
