@@ -89,7 +89,9 @@ def train(trainer: Any, resume: str | None, k: int, cfg: RunConfig) -> float:
         if finished is not None:
             # The checkpoint is the iteration's last step: nothing is left to train (HF Trainer would
             # run one extra step when resumed at max_steps). An iteration model rebuilt this way is
-            # byte-identical to the one the iteration committed.
+            # byte-identical to the one the iteration committed. No rank trains, so nothing else holds
+            # rank 0 back: every rank reads the checkpoint before rank 0's commit moves it into iter_K.
+            distributed.barrier()
             trainer.state = finished
             return iteration_train_loss(finished, float("nan"))
         return trainer.train(resume_from_checkpoint=resume).training_loss

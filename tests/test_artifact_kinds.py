@@ -244,3 +244,26 @@ def test_a_registered_kinds_directories_are_never_adopted_as_another_tools_work(
     (tmp_path / "evals" / "iter_0" / "scores.json").write_text("{}")
     assert foreign_dirs(tmp_path) == ["iter_0"]
     assert [(a.path, a.status) for a in discover(tmp_path).group("evals")] == [("evals/iter_0", Status.TORN)]
+
+
+def test_overwrite_output_dir_refuses_a_symlinked_registered_kind_directory_before_moving_anything(
+        tmp_path, toy_kind, model_dir):
+    """`evals/` a symlink to elsewhere: `--overwrite_output_dir` cannot move it aside (never through a
+    link), so the launch's up-front check refuses it (exit 2), as it does a symlinked `iter_K`; nothing
+    may be moved first (data/ gone, iter_K left: half of an experiment moved aside)."""
+    from itertrain.errors import RecoveryRefused
+    from itertrain.parser import parse_train_args
+    from itertrain.recovery.prepare import check_writes
+
+    root = tmp_path / "exp"
+    _finished(root, toy_kind, iterations=2)
+    (root / "evals").rename(tmp_path / "evals-elsewhere")
+    (root / "evals").symlink_to(tmp_path / "evals-elsewhere")
+    before = sorted(p.name for p in root.iterdir())
+    cfg = parse_train_args(["--model_name", str(model_dir), "--output_dir", str(root), "--strategy", "sft",
+                            "--train_file", str(model_dir / "config.json"), "--num_iterations", "3",
+                            "--overwrite_output_dir", "--resume_from", "none", "--resume_from_iteration", "none"])
+    plan, _ = decide_verified(root, flags_of(cfg), {}, load_record(root))
+    with pytest.raises(RecoveryRefused, match="evals"):
+        check_writes(plan, root, cfg, [])  # the launch's check, before anything is written
+    assert sorted(p.name for p in root.iterdir()) == before and (root / "evals" / "iter_1" / MANIFEST_NAME).exists()

@@ -188,3 +188,32 @@ def test_manifest_entry_outside_its_artifact_is_malformed_and_auto_falls_back(mi
     assert "Continuing at: iteration 1, step 4" in r.stdout
     assert manifest(out / "iter_1")["lineage"]["state_from"] == "checkpoint-4"
     assert list((out / "superseded").glob("*/checkpoint-8"))  # moved aside when its name was needed, not deleted
+
+
+def test_overwrite_output_dir_with_a_symlinked_data_directory_is_refused_before_anything_moves(
+        mid_state, copy_of, tmp_path):
+    """data/ is moved aside whole by --overwrite_output_dir (as a registered kind's directory is): a link
+    there was found only half-way through the moves (checkpoint-4, checkpoint-8 already aside, a traceback)."""
+    out, args = copy_of(mid_state)
+    (tmp_path / "elsewhere-data").mkdir()
+    (tmp_path / "elsewhere-data" / "notes.txt").write_text("the user's\n")
+    os.symlink(tmp_path / "elsewhere-data", out / "data")
+    before, names, outside = tree_hash(out), sorted(os.listdir(out)), tree_hash(tmp_path / "elsewhere-data")
+    r = itertrain("train", *args, "--overwrite_output_dir", "true", "--resume_from", "none",
+                  "--resume_from_iteration", "none")
+    assert_refused_unchanged(r, out, before, "data")
+    assert sorted(os.listdir(out)) == names  # nothing moved, half or whole
+    assert tree_hash(tmp_path / "elsewhere-data") == outside
+
+
+def test_a_file_where_the_run_must_write_an_iteration_model_is_refused_up_front(mid_state, copy_of):
+    """A plain file named iter_1 (no artifact: status does not list it) where iteration 1's model goes:
+    refused before anything is written (exit 2), not found by the commit after a whole iteration of training."""
+    out, args = copy_of(mid_state)
+    (out / "iter_1").write_text("not a model\n")
+    before = tree_hash(out)
+    r = itertrain("train", *args, *AUTO)
+    assert r.returncode == 2, r.output
+    assert r.stderr.count("itertrain: error:") == 1 and "Traceback" not in r.output, r.stderr
+    assert "iter_1" in r.stderr and "not a directory" in r.stderr, r.stderr
+    assert tree_hash(out) == before

@@ -159,3 +159,32 @@ def test_hf_jit_checkpoint_and_sharding_on_cpu_are_refused_before_anything_is_wr
     assert "exitcode  : 2" in r.stderr, r.output
     assert r.output.count(text) == 1 and "itertrain: error:" in r.stderr
     assert not out.exists()
+
+
+def test_a_relaunch_at_an_iterations_final_step_waits_for_every_rank_before_the_commit_moves_the_checkpoint(
+        tmp_path, tiny_model, train_file):
+    """SIGTERM while checkpoint-12 (iteration 0's last step, --async_save) commits: the job stops there,
+    committed. The relaunch trains nothing (every rank reads that checkpoint's trainer state) and rank 0's
+    commit of iter_0 moves checkpoint-12 into it: rank 1 must have read it first (it failed with ENOENT)."""
+    out = tmp_path / "exp"
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"{a}+{a}=", "answer": str(2 * a)}) + "\n" for a in range(8)))
+    flags = ["--model_name", str(tiny_model), "--output_dir", str(out), "--train_file", str(train_file),
+             "--strategy", "expert_iteration", "--prompts_file", str(prompts), "--reward_threshold", "0",
+             "--samples_per_prompt", "2", "--max_new_tokens", "4", "--temperature", "1.0", "--num_iterations", "2",
+             "--max_steps", "12", "--save_steps", "4", "--logging_steps", "2", "--per_device_train_batch_size", "4",
+             "--learning_rate", "1e-3", "--disable_tqdm", "true", "--report_to", "none"]
+    job = Job(torchrun_cmd([*flags, "--async_save"], port=free_port()),
+              env(**{"ITERTRAIN_FAULT": "checkpoint.commit=sleep:6#2"}))
+    try:
+        job.wait_for(LOSS, count=4, timeout=240)  # step 8 logged: checkpoint-8's commit is held 6 s
+        time.sleep(0.5)
+        job.signal_agent(signal.SIGTERM)
+        job.wait(timeout=240)
+    finally:
+        job.kill()
+    assert (out / "checkpoint-12" / "itertrain.manifest.json").exists() and not (out / "iter_0").exists(), job.output
+    r = torchrun(*flags, "--resume_from", "auto", "--resume_from_iteration", "auto", env=env())
+    assert r.returncode == 0, r.output
+    assert "Continuing at: iteration 0, step 12" in r.stdout
+    assert (out / "iter_1" / "itertrain.manifest.json").exists()

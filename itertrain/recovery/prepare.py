@@ -30,7 +30,7 @@ from itertrain.layout import (
     iteration_name,
 )
 from itertrain.recovery import kinds
-from itertrain.recovery.discover import Inventory
+from itertrain.recovery.discover import Inventory, discover
 from itertrain.recovery.flags import flags_of
 from itertrain.recovery.plan import Mode, RecoveryPlan, StateScope
 from itertrain.recovery.report import render, report_json
@@ -109,20 +109,22 @@ def _save_steps(cfg: RunConfig, from_step: int) -> list[int]:
 
 
 def check_writes(plan: RecoveryPlan, root: Path, cfg: RunConfig, data_iterations: list[int]) -> None:
-    """Refuse up front a plan that would have to write, move or delete through a symbolic link:
-    the run's own directories, the artifacts it replaces, the names it saves into.
+    """Refuse up front a plan that would have to write, move or delete through a symbolic link (the
+    run's own directories, the artifacts it replaces, the names it saves into), or that would find a
+    plain file where it saves a directory (found otherwise by the commit, after a whole iteration).
     `data_iterations`: the iterations whose generated data the run writes."""
     if plan.mode == Mode.COMPLETE:
         return
     root = Path(root)
-    names = [RUNS_DIR, SUPERSEDED_DIR, *plan.supersedes, *(data_name(k) for k in data_iterations)]
+    written = [RUNS_DIR, SUPERSEDED_DIR, *(data_name(k) for k in data_iterations)]
     for k in range(plan.iteration, cfg.loop.num_iterations):
-        names.append(iteration_name(k))
-        names += [checkpoint_name(s) for s in _save_steps(cfg, plan.step if k == plan.iteration else 0)]
-    if plan.mode == Mode.FRESH:
-        names += [n for n in os.listdir(root) if n.startswith(("iter_", "checkpoint-")) or n == BASE_MODEL_DIR] \
-            if root.is_dir() else []
-    linked = sorted({n for n in names if _through_link(root, n)})
+        written.append(iteration_name(k))
+        written += [checkpoint_name(s) for s in _save_steps(cfg, plan.step if k == plan.iteration else 0)]
+    moved, listed = list(plan.supersedes), []
+    if plan.mode == Mode.FRESH and root.is_dir():
+        listed = [n for n in os.listdir(root) if n.startswith(("iter_", "checkpoint-")) or n == BASE_MODEL_DIR]
+        moved += overwritten(root, discover(root))  # what --overwrite_output_dir moves aside (evals/, data/, ...)
+    linked = sorted({n for n in written + moved + listed if _through_link(root, n)})
     if linked:
         raise RecoveryRefused(
             f"this run would have to write, move or delete {', '.join(linked)} in {root}, and "
@@ -130,6 +132,27 @@ def check_writes(plan: RecoveryPlan, root: Path, cfg: RunConfig, data_iterations
             "writes through a symlink). Replace the link with a real directory, or resume from an earlier point "
             "(--resume_from / --resume_from_iteration) that does not need it."
         )
+    files = sorted({n for n in written if not _below(n, moved) and _file_on_the_way(root, n)})
+    if files:
+        raise RecoveryRefused(
+            f"this run saves directories at {', '.join(files)} in {root}, and a plain file is in the way "
+            "(not a directory; no artifact of any kind). Move it elsewhere, then run again."
+        )
+
+
+def _below(rel: str, moved: list[str]) -> bool:
+    """Whether `rel` is one of `moved` or inside one (moved aside before the run writes)."""
+    return any(rel == m or rel.startswith(m + "/") for m in moved)
+
+
+def _file_on_the_way(root: Path, rel: str) -> bool:
+    """Whether `rel` or a directory above it (below `root`) exists as something other than a directory."""
+    path = root
+    for part in rel.split("/"):
+        path = path / part
+        if os.path.lexists(path) and not path.is_dir():
+            return True
+    return False
 
 
 def _through_link(root: Path, rel: str) -> bool:
@@ -153,8 +176,7 @@ def prepare_output_dir(cfg: RunConfig, resolved: Resolved, record: dict, manager
     plan, inv, root = resolved.plan, resolved.inventory, cfg.output_dir
     notes = list(resolved.notes)
     if plan.mode == Mode.FRESH and inv.has_committed_progress:
-        ours = {DATA_DIR, BASE_MODEL_DIR, EXPERIMENT_RECORD, *artifact_dirs(inv)}
-        old = [p.name for p in sorted(root.iterdir()) if p.name.startswith(("iter_", "checkpoint-")) or p.name in ours]
+        old = overwritten(root, inv)
         dest = manager.move_aside(old)
         notes.append(f"--overwrite_output_dir: moved {len(old)} previous artifact(s) to {dest}")
         record = {}
@@ -179,6 +201,16 @@ def prepare_output_dir(cfg: RunConfig, resolved: Resolved, record: dict, manager
                "step": plan.step, "weights_from": plan.weights_from, "state_from": plan.state_from,
                **launcher.launch_summary()}
     return record_launch(root, record, cfg, summary)
+
+
+def overwritten(root: Path, inv: Inventory) -> list[str]:
+    """What `--overwrite_output_dir` moves aside before a fresh run (nothing without committed progress):
+    every artifact's top-level directory, data/, base_model/ and the record. `check_writes` refuses the
+    launch up front when one is a symlink, rather than failing half-way through the moves."""
+    if not inv.has_committed_progress:
+        return []
+    ours = {DATA_DIR, BASE_MODEL_DIR, EXPERIMENT_RECORD, *artifact_dirs(inv)}
+    return [p.name for p in sorted(root.iterdir()) if p.name.startswith(("iter_", "checkpoint-")) or p.name in ours]
 
 
 def artifact_dirs(inv: Inventory) -> set[str]:
