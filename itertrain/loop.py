@@ -34,7 +34,7 @@ from itertrain.recovery.prepare import check_writes, hyperparameters, prepare_ou
 from itertrain.recovery.resolve import LoadOptions, Resolved, resolve, restored_lineage
 from itertrain.shared_dir import check_same_output_dir
 from itertrain.strategies import ModelSource, Strategy, StrategyContext, load_strategy
-from itertrain.train_stage import build_trainer, train
+from itertrain.train_stage import build_trainer, iteration_config, train
 from itertrain.trainer import gathered_weights, with_recovery_hooks
 
 
@@ -77,7 +77,7 @@ def run_experiment(cfg: RunConfig) -> int:
                 raise ArtifactWriteError(f"iteration {plan.iteration} cannot run: {read_only}")
             if plan.mode != Mode.FRESH:
                 changed = distributed.run_on_main(check_resume, record, cfg, defining)
-                applies = distributed.run_on_main(resume_changes, plan, root, cfg)
+                applies = distributed.run_on_main(resume_changes, plan, root, iteration_config(cfg, strategy, plan.iteration))
                 # A change that resume_changes explains (what applies now, what from the next
                 # iteration) is said once, that way, not also as a bare "argument changed".
                 explained = tuple(f"argument changed: {line.split(' ', 1)[0]}: " for line in applies)
@@ -257,7 +257,8 @@ def run_iteration(ctx: StrategyContext, strategy: Strategy, manager: CheckpointM
     manager.start_iteration(k, {
         "weights_from": plan.weights_from, "weights_id": weights_id, "state_from": plan.state_from,
         "state_scope": plan.state_scope.value, "previous_model": source.path, "previous_id": source.fingerprint,
-        "experiment_id": record.get("experiment_id"), "hyperparameters": hyperparameters(cfg, resolved.restored),
+        "experiment_id": record.get("experiment_id"),
+        "hyperparameters": hyperparameters(iteration_config(cfg, strategy, k), resolved.restored),
         **strategy.iteration_lineage(k, source),
         **_data_entry(strategy, k),
         **lora,

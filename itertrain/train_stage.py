@@ -6,6 +6,7 @@ training itself, with a library's failure turned into the ItertrainError a user 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from typing import Any
 
@@ -35,6 +36,13 @@ def iteration_training_args(cfg: RunConfig, iteration: int):
     args.save_total_limit = None  # rotation runs after our commit, never on uncommitted checkpoints
     args.push_to_hub = False  # itertrain pushes each committed iteration model itself (itertrain.hub)
     return args
+
+
+def iteration_config(cfg: RunConfig, strategy: Strategy, iteration: int) -> RunConfig:
+    """`cfg` as iteration `iteration` trains with it: the strategy's own values for that iteration (an SFT
+    iteration 0's --sft_max_steps / --sft_learning_rate) in place of the flags they override, so that what is
+    recorded and reported as the iteration's hyperparameters is what it trains with."""
+    return dataclasses.replace(cfg, training=strategy.training_arguments(iteration, copy.copy(cfg.training)))
 
 
 def _no_hf_rotation(strategy: Strategy, args: Any, hook: str) -> None:
