@@ -3,6 +3,8 @@ model's pass rates (pure functions; the demo's tests run it end to end)."""
 
 from __future__ import annotations
 
+import json
+
 from itertrain.tasks.arithmetic import ArithmeticTask
 from itertrain.tasks.curriculum import CurriculumRule, prompt_mix
 
@@ -73,3 +75,12 @@ def test_the_decision_follows_the_probe_and_is_recorded_with_its_pass_rates():
     # a relaunch decides the same from the same outcome: same prompts, same order
     again, decided_again = ArithmeticTask(seed=0).curriculum(2, passed)
     assert again == rows and decided_again == decided
+
+
+def test_a_decision_read_back_with_its_keys_sorted_as_text_names_the_same_prompts_in_the_same_order():
+    task = ArithmeticTask(seed=0)
+    n = task.probe_per_level
+    rows, decided = task.curriculum(2, [0.9] * n + [0.4] * n + [0.05] * n + [0.0] * (3 * n))
+    recorded = json.loads(json.dumps(decided, sort_keys=True))["curriculum"]["prompt_mix"]  # as metrics.jsonl has it
+    assert list(recorded) == ["4", "4s", "5s"]
+    assert task.mix_rows(2, recorded) == rows
