@@ -130,3 +130,15 @@ def test_a_continued_checkpoint_whose_rows_the_probe_no_longer_picks_is_refused_
     strategy._restored[1] = ({"source": "task arithmetic", "fingerprint": "0123"}, "checkpoint-2")
     with pytest.raises(RecoveryRefused, match=r"checkpoint-2 of iteration 1 cannot be continued.*4s:4000.*0123"):
         strategy.iteration_lineage(1, ModelSource("iter_0", "f0", load=lambda: None))
+
+
+@needs_trl
+def test_grpo_probe_pass_rates_are_exact_match_whatever_reward_threshold_says(model_dir, tmp_path):
+    from itertrain.strategies.base import ModelSource
+
+    # --reward_threshold is expert iteration's; a GRPO probe's answers are all wrong, so no rung is passed
+    strategy = grpo_strategy(model_dir, tmp_path, "--reward_threshold", "0")
+    strategy.sample = lambda iteration, source, rows, purpose=(): [["x"] * 4 for _ in rows]
+    _, decided = strategy.iteration_prompts(1, ModelSource("iter_0", "f0", load=lambda: None))
+    assert decided["curriculum"]["pass_rates"] == {d: 0.0 for d in ("4s", "4", "5s", "5", "6s", "6")}
+    assert decided["curriculum"]["prompt_mix"] == {"4s": 4000}

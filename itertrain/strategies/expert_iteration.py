@@ -169,7 +169,7 @@ class SampledDataStrategy(SFTStrategy):
 
         probe = task.probe_rows(iteration)
         rewards = self.probe_score(probe, self.sample(iteration, source, probe, ("probe",)))
-        threshold = self.ctx.cfg.generation.reward_threshold
+        threshold = self.probe_threshold()
         passed = [sum(r is not None and r >= threshold for r in rs) / max(len(rs), 1) for rs in rewards]
         rows, decided = task.curriculum(iteration, passed)
         if distributed.is_main():
@@ -193,6 +193,10 @@ class SampledDataStrategy(SFTStrategy):
     def probe_score(self, rows: list[dict[str, Any]], completions: list[list[str]]) -> Rewards:
         """The rewards that decide the curriculum's pass rates (default: the iteration's own scorer)."""
         return self.score(rows, completions)
+
+    def probe_threshold(self) -> float:
+        """The reward at which a probe sample counts as solved (default: --reward_threshold, as for the data)."""
+        return self.ctx.cfg.generation.reward_threshold
 
     def score(self, rows: list[dict[str, Any]], completions: list[list[str]]) -> Rewards:
         """`rewards[i][s]` on every rank: a reward model scores sharded over the ranks, a reward function

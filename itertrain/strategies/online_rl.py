@@ -256,6 +256,10 @@ class OnlineRLStrategy(SampledDataStrategy):
         """The task's own verifier (exact match) decides the pass rates, whatever --reward_funcs trains on."""
         return distributed.run_on_main(load_reward_fn(None).score, rows, completions, self.ctx.tokenizer)
 
+    def probe_threshold(self) -> float:
+        """Exact match's reward for a right answer: --reward_threshold (expert iteration's filter) does not apply."""
+        return 1.0
+
     # ---- data and rewards ----------------------------------------------------------------------------------
     def reward_functions(self) -> list[RewardFunction]:
         specs = reward_specs(self.ctx.cfg.generation.reward_fn) or [None]
