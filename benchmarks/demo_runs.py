@@ -25,6 +25,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from itertrain.tasks.curriculum import describe  # noqa: E402 - the repository, not an installed copy
+
 KERNELS = {"default": {}, "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
 EXPERIMENT = {"expert_iteration": "experiment", "iterative_dpo": "experiment-dpo", "grpo": "experiment-grpo"}
 # What every run must reach after its last iteration, on 2 cores. The DPO demo's goal is to be set from its
@@ -55,8 +59,13 @@ def run_one(work: Path, strategy: str, kernels: str, seed: int, extra: list[str]
     last = rows[-1] if rows else {}
     return {"strategy": strategy, "kernels": kernels, "seed": seed, "exit_code": code, "wall_s": round(wall, 1),
             "iterations": len(rows), **{k: v for k, v in last.items() if k.startswith("accuracy_")},
-            "decisions": [" ".join(f"{d}:{n}" for d, n in r["curriculum"]["prompt_mix"].items())
-                          for r in rows if "curriculum" in r]}
+            "decisions": decisions(rows)}
+
+
+def decisions(rows: list[dict]) -> list[str]:
+    """The curriculum's prompts per rung of each iteration that has one, as the demo's table prints them:
+    metrics.jsonl sorts keys as text (4 before 4s), describe() puts the rungs back in ladder order."""
+    return [describe(r["curriculum"], rates=False) for r in rows if "curriculum" in r]
 
 
 def meets(result: dict, goal: dict | None) -> bool | None:

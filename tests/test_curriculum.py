@@ -84,3 +84,15 @@ def test_a_decision_read_back_with_its_keys_sorted_as_text_names_the_same_prompt
     recorded = json.loads(json.dumps(decided, sort_keys=True))["curriculum"]["prompt_mix"]  # as metrics.jsonl has it
     assert list(recorded) == ["4", "4s", "5s"]
     assert task.mix_rows(2, recorded) == rows
+
+
+def test_the_demo_benchmark_table_lists_each_decision_in_ladder_order_as_the_demo_prints_it():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "demo_runs.py"
+    spec = importlib.util.spec_from_file_location("demo_runs", path)
+    demo_runs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo_runs)
+    row = json.loads(json.dumps({"curriculum": {"prompt_mix": {"4s": 400, "4": 2800, "5s": 800}}}, sort_keys=True))
+    assert demo_runs.decisions([{"iteration": 0}, row]) == ["4s:400 4:2800 5s:800"]
