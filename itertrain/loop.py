@@ -84,7 +84,8 @@ def run_experiment(cfg: RunConfig) -> int:
                 config_warnings[:] = [w for w in changed if not w.startswith(explained)] + applies
                 distributed.run_on_main(trackers.check_recorded_ids, root, record, cfg.training)
             iterations = range(plan.iteration, cfg.loop.num_iterations)
-            distributed.run_on_main(check_writes, plan, root, cfg, [k for k in iterations if strategy.generates(k)])
+            distributed.run_on_main(check_writes, plan, root, cfg, [k for k in iterations if strategy.generates(k)],
+                                    lambda k: iteration_config(cfg, strategy, k))
             for k in iterations:
                 with_recovery_hooks(strategy.trainer_class_for(k))  # one that would bypass the hooks: exit 2
             distributed.run_on_main(strategy.preflight, plan.iteration)

@@ -46,3 +46,16 @@ def test_iteration_zero_records_and_reports_the_sft_max_steps_and_learning_rate_
     assert (used["1"]["hyperparameters"]["max_steps"], used["1"]["hyperparameters"]["learning_rate"]) == (3, 1e-3)
     metrics = [json.loads(x) for x in (out / "runs" / "metrics.jsonl").read_text().splitlines()]
     assert [m["steps"] for m in metrics] == [6, 3]
+
+
+def test_a_file_where_iteration_zero_saves_a_checkpoint_past_max_steps_is_refused_up_front(tmp_path, tiny_model):
+    # iteration 0 runs 8 steps (--sft_max_steps) and saves checkpoint-6 and -8, which the later iterations'
+    # --max_steps 4 never reaches: the launch's check must know iteration 0's own length
+    out = tmp_path / "exp"
+    out.mkdir()
+    (out / "checkpoint-6").write_text("not a checkpoint")
+    r = itertrain("train", *ei_args(tiny_model, tmp_path, out, "--sft_max_steps", "8"), *AUTO)
+    assert r.returncode == 2, r.output
+    assert "checkpoint-6" in r.output and "a plain file is in the way" in r.output
+    assert "stage: train" not in r.stdout  # refused before iteration 0 trained
+    assert (out / "checkpoint-6").read_text() == "not a checkpoint"

@@ -9,7 +9,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from itertrain import console, distributed, launcher
 from itertrain.args import RESUME_ENV, RunConfig
@@ -108,18 +108,21 @@ def _save_steps(cfg: RunConfig, from_step: int) -> list[int]:
     return steps + ([last] if last not in steps else [])
 
 
-def check_writes(plan: RecoveryPlan, root: Path, cfg: RunConfig, data_iterations: list[int]) -> None:
+def check_writes(plan: RecoveryPlan, root: Path, cfg: RunConfig, data_iterations: list[int],
+                 config_of: Callable[[int], RunConfig] | None = None) -> None:
     """Refuse up front a plan that would have to write, move or delete through a symbolic link (the
     run's own directories, the artifacts it replaces, the names it saves into), or that would find a
     plain file where it saves a directory (found otherwise by the commit, after a whole iteration).
-    `data_iterations`: the iterations whose generated data the run writes."""
+    `data_iterations`: the iterations whose generated data the run writes; `config_of(k)`: the config
+    iteration k trains with (an SFT iteration 0's --sft_max_steps), `cfg` for every iteration if not given."""
     if plan.mode == Mode.COMPLETE:
         return
     root = Path(root)
     written = [RUNS_DIR, SUPERSEDED_DIR, *(data_name(k) for k in data_iterations)]
     for k in range(plan.iteration, cfg.loop.num_iterations):
         written.append(iteration_name(k))
-        written += [checkpoint_name(s) for s in _save_steps(cfg, plan.step if k == plan.iteration else 0)]
+        written += [checkpoint_name(s) for s in _save_steps(config_of(k) if config_of else cfg,
+                                                           plan.step if k == plan.iteration else 0)]
     moved, listed = list(plan.supersedes), []
     if plan.mode == Mode.FRESH and root.is_dir():
         listed = [n for n in os.listdir(root) if n.startswith(("iter_", "checkpoint-")) or n == BASE_MODEL_DIR]
