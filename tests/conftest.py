@@ -179,6 +179,10 @@ EXTENDED = (
     "test_resilience.py::test_failed_write_exits_1_keeps_committed_artifacts_and_the_next_launch_resumes[checkpoint.save",
     "test_chaos.py::test_chaos_kills_with_lora_including_a_damaged_newest_checkpoint_give_byte_identical_iteration_"
     "models[merged]",
+    # chaos for DPO and GRPO (4 min of one worker): CI keeps a kill-and-relaunch of each (test_iterative_dpo,
+    # test_grpo_curriculum, test_grpo_runs) and the chaos of the save paths both strategies commit through
+    "test_chaos.py::test_iterative_dpo_kills_anywhere_give_byte_identical_iteration_models_and_pairs",
+    "test_chaos.py::test_grpo_kills_inside_generation_blocks_give_byte_identical_iteration_models",
     "test_resilience.py::test_failed_write_exits_1_keeps_committed_artifacts_and_the_next_launch_resumes[checkpoint."
     "optimizer-enospc-the disk is full (ENOSPC)-extra4]",
     "test_resilience.py::test_second_ctrl_c_abandons_the_async_write",
@@ -243,6 +247,18 @@ EXTENDED = (
     "test_small_outcomes.py::test_a_finished_experiment_on_a_read_only_directory_is_reported_complete_under_two_ranks",
     "test_peer_errors.py::test_a_user_runtime_error_saying_eof_is_the_users_one_line_and_torchrun_does_not_repeat_it",
 )
+
+
+def pytest_configure(config) -> None:
+    """One intra-op thread for what trains inside the pytest process itself (the real processes get
+    OMP_NUM_THREADS=1 from `base_env`). With torch's default of one thread per core, each xdist worker's
+    OpenMP threads spin-wait for cores that other processes hold: measured, a 7-step in-process train()
+    beside two busy loops took 40 s with two threads and 24 s with one, and 9 minutes in a suite run beside
+    two demos. Not through OMP_NUM_THREADS: the children inherit the environment, and tests check what the
+    user's environment passes to them."""
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items) -> None:
