@@ -55,14 +55,13 @@ def cmd_train(argv: list[str], strategy=None) -> int:
     from itertrain import launcher
 
     launcher.die_with_launcher()  # first: a worker whose torchrun agent dies must not train on as an orphan
-    from itertrain import console, distributed, preemption
+    from itertrain import console, distributed
 
     if os.environ.get("RANK", "0") == "0":
         console.capture()  # rank 0's console also goes to runs/train-<time>.log once the run may write
-    from itertrain.parser import early_flags, parse_train_args
+    from itertrain.parser import parse_train_args
 
-    early = early_flags(argv)
-    preemption.install(early.preemption, early.preemption_grace_s)
+    early = _catch_stop_signals(argv)
     # Before the flags are parsed: building HF's TrainingArguments would create the process group itself.
     distributed.init(early.dist_timeout_s, early.dist_io_timeout_s)
     from itertrain.loop import run_experiment
@@ -113,6 +112,17 @@ def cmd_init_model(argv: list[str]) -> int:
     return 0
 
 
+def _catch_stop_signals(argv: list[str]):
+    """SIGTERM/SIGUSR1 -> a checkpoint at the next step and exit 143 (itertrain.preemption), with the run's
+    --preemption and --preemption_grace_s; returns the flags read before the full parse."""
+    from itertrain import preemption
+    from itertrain.parser import early_flags
+
+    early = early_flags(argv)
+    preemption.install(early.preemption, early.preemption_grace_s)
+    return early
+
+
 def cmd_demo(argv: list[str]) -> int:
     from itertrain import console
 
@@ -120,6 +130,7 @@ def cmd_demo(argv: list[str]) -> int:
     from itertrain.demo import demo
 
     console.capture()
+    _catch_stop_signals(argv)  # the demo is a train run: a SIGTERM stops it as it stops `itertrain train`
     return demo(argv)
 
 

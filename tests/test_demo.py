@@ -148,3 +148,39 @@ def test_a_demo_flag_overridden_under_either_name_keeps_the_users_value_and_is_n
         ["--model_name_or_path", "m", "--seed", "0"]
     assert without_overridden(own, ["--model_name", "mine"]) == own[2:]
     assert without_overridden(own, []) == own
+
+
+def test_sigterm_to_the_demo_commits_the_step_it_stopped_and_the_rerun_finishes_byte_identical(
+        tmp_path: Path, short_demo) -> None:
+    """The demo is a train run: SIGTERM inside training commits a checkpoint at the step and exits 143 with one
+    line (it used to die at once, taking the steps since the last periodic checkpoint with it)."""
+    import signal
+    import time
+
+    from conftest import PY, base_env
+    from jobs import Job
+
+    ref, _ = short_demo
+    out = tmp_path / "demo"
+    release = tmp_path / "release"
+    cmd = [PY, "-m", "itertrain", "demo", "--output_dir", str(out), *SHORT, "--logging_steps", "1"]
+    # iteration 0 holds its third step until released: the signal lands inside training, whatever the machine's speed
+    with Job(cmd, base_env({"ITERTRAIN_FAULT": f"train.step=hold:{release}#3"})) as job:
+        job.wait_for(r"\{'loss': ", 2)
+        job.signal_agent(signal.SIGTERM)
+        time.sleep(1)  # the watcher thread records it; the held step then ends and training stops at its boundary
+        release.touch()
+        code = job.wait(300)
+        output = job.output
+    assert code == 143, output
+    assert output.count("itertrain: preempted: SIGTERM") == 1, output
+    (checkpoint,) = [p for p in out.glob("experiment/checkpoint-*") if (p / "itertrain.manifest.json").exists()]
+    assert manifest(checkpoint)["extra"]["preemption"]["signal"] == "SIGTERM"
+    step = int(checkpoint.name.split("-")[1])
+    assert step < 4 and not (out / "experiment" / "iter_0").exists()  # iteration 0 (4 steps) stopped inside
+
+    r = itertrain("demo", "--output_dir", str(out), *SHORT, "--logging_steps", "1", timeout=600)
+    assert r.returncode == 0, r.output
+    assert f"Continuing at: iteration 0, step {step}" in r.stdout
+    for name in ("iter_0/model.safetensors", "iter_1/model.safetensors"):
+        assert (out / "experiment" / name).read_bytes() == (ref / "experiment" / name).read_bytes(), name
